@@ -1,0 +1,191 @@
+"""Reading and writing checkpoints: safetensors (memory-mapped, split files), `.pth` (weights_only), prefixes,
+meta-device construction and strict loading with readable reports, and atomic writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+logger = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+M = TypeVar("M", bound=torch.nn.Module)
+
+# Prefixes seen on Wan checkpoints (ComfyUI's unet_prefix_from_state_dict accepts the same family).
+KNOWN_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.model.", "net.", "model.")
+_SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<idx>\d{5})-of-(?P<total>\d{5})\.safetensors$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: missing, corrupt, or of an unknown layout."""
+
+
+def expand_split_files(path: str | os.PathLike) -> list[Path]:
+    """`x-00001-of-00003.safetensors` -> all three parts (each must exist); other paths -> [path]."""
+    path = Path(path)
+    match = _SPLIT_RE.match(path.name)
+    if not match:
+        return [path]
+    total = int(match["total"])
+    parts = [path.with_name(f"{match['stem']}-{i:05d}-of-{total:05d}.safetensors") for i in range(1, total + 1)]
+    missing = [p.name for p in parts if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"split checkpoint {path.name} is incomplete: missing {', '.join(missing)}")
+    return parts
+
+
+def _check_safetensors_header(path: Path) -> dict:
+    """Validate the header and the declared data size, so truncated files fail with a clear message."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path} is not a safetensors file: only {size} bytes")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > size - 8 or header_len > 100_000_000:
+            raise CheckpointError(f"{path} is not a valid safetensors file (header length {header_len}, "
+                                  f"file size {size}); the file is corrupt or truncated")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path} has a corrupt safetensors header: {exc}") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise CheckpointError(f"{path} is truncated: its header declares {8 + header_len + end} bytes but the file "
+                              f"has {size}; download it again")
+    return header
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file (first part of a split file); {} for `.pth`."""
+    path = expand_split_files(_existing(path))[0]
+    if path.suffix != ".safetensors" and not _looks_like_safetensors(path):
+        return {}
+    return dict(_check_safetensors_header(path).get("__metadata__") or {})
+
+
+def _existing(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; pass the path of a .safetensors or .pth file")
+    return path
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu",
+                    keys: Callable[[str], bool] | None = None) -> StateDict:
+    """Load tensors from a `.safetensors` (memory-mapped; split files expanded) or `.pth`/`.pt`/`.bin` file.
+
+    `keys` optionally filters which tensors are read (others are never touched, which matters for mmap).
+    """
+    path = _existing(path)
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
+        out: StateDict = {}
+        for part in expand_split_files(path):
+            _check_safetensors_header(part)
+            with safe_open(str(part), framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    if keys is None or keys(key):
+                        out[key] = f.get_tensor(key)
+        return out
+    return _load_pth(path, device, keys)
+
+
+def _load_pth(path: Path, device: str | torch.device, keys: Callable[[str], bool] | None) -> StateDict:
+    try:
+        data = torch.load(path, map_location=device, weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {exc}") from None
+        data = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # pickle errors, zip errors, weights_only refusals
+        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint (loaded with weights_only=True): "
+                              f"{type(exc).__name__}: {exc}") from None
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(data, dict) and wrapper in data and isinstance(data[wrapper], dict):
+            data = data[wrapper]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"{path} does not hold a flat dict of tensors")
+    return {k: v for k, v in data.items() if keys is None or keys(k)}
+
+
+def strip_prefix(sd: Mapping[str, torch.Tensor], sentinel: str,
+                 prefixes: Iterable[str] = KNOWN_PREFIXES) -> StateDict:
+    """Remove the first known prefix under which `sentinel` is found (e.g. `model.diffusion_model.`)."""
+    if sentinel in sd:
+        return dict(sd)
+    for prefix in prefixes:
+        if prefix + sentinel in sd:
+            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return dict(sd)
+
+
+def build_on_meta(factory: Callable[[], M]) -> M:
+    """Construct a module without allocating or initialising its parameters."""
+    with torch.device("meta"):
+        return factory()
+
+
+def load_into(model: M, sd: Mapping[str, torch.Tensor], *, what: str = "model", strict: bool = True) -> M:
+    """`load_state_dict(assign=True)` with a readable report of missing / unexpected / mis-shaped keys.
+
+    Buffers that are not in the state dict (computed ones such as RoPE tables) must be re-materialised by the
+    caller; parameters are taken as they are (no copy), so peak memory stays about one copy of the weights.
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    wrong = [(k, tuple(sd[k].shape), tuple(expected[k].shape)) for k in expected
+             if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    if wrong:
+        k, got, want = wrong[0]
+        raise CheckpointError(f"{what}: key {k!r} has shape {list(got)} but the model expects {list(want)}"
+                              + (f" (and {len(wrong) - 1} more mismatches)" if len(wrong) > 1 else ""))
+    if strict and (missing or unexpected):
+        raise CheckpointError(f"{what}: the checkpoint does not match the architecture: "
+                              f"{_preview('missing', missing)}{_preview('unexpected', unexpected)}")
+    model.load_state_dict(dict(sd), strict=False, assign=True)
+    return model
+
+
+def _preview(label: str, keys: list[str], n: int = 5) -> str:
+    if not keys:
+        return ""
+    more = f" ... (+{len(keys) - n})" if len(keys) > n else ""
+    return f"{len(keys)} {label} key(s): {', '.join(keys[:n])}{more}; "
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: Mapping[str, str] | None = None) -> Path:
+    """Write atomically: a temporary file in the same folder, then rename (an interrupted run leaves no file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        save_file(tensors, tmp, metadata=dict(metadata) if metadata else None)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
