@@ -299,6 +299,10 @@ class WanModel(nn.Module):
             x = torch.cat([x, y.to(x.dtype)], dim=1)
         if x.shape[1] != cfg.in_dim:
             raise ValueError(f"the model takes {cfg.in_dim} input channels (noise + conditioning), got {x.shape[1]}")
+        _, ph, pw = cfg.patch_size
+        if x.shape[-2] % ph or x.shape[-1] % pw:
+            raise ValueError(f"latent size {x.shape[-2]}x{x.shape[-1]} is not divisible by the patch size {ph}x{pw}: "
+                             f"the video height and width must be multiples of 16")
         batch = x.shape[0]
         tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # [B, C, F, H/2, W/2]
         grid = tuple(tokens.shape[2:])
