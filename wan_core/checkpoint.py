@@ -91,6 +91,23 @@ def _looks_like_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
+def peek_shapes(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Key -> meta tensor of the stored shape and dtype, without reading any data (safetensors headers; `.pth`
+    files are memory-mapped)."""
+    path = _existing(path)
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
+        dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                  "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                  "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+        out = {}
+        for part in expand_split_files(path):
+            for key, info in _check_safetensors_header(part).items():
+                if key != "__metadata__":
+                    out[key] = torch.empty(info["shape"], dtype=dtypes.get(info["dtype"], torch.uint8), device="meta")
+        return out
+    return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in _load_pth(path, "cpu", None).items()}
+
+
 def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu",
                     keys: Callable[[str], bool] | None = None) -> StateDict:
     """Load tensors from a `.safetensors` (memory-mapped; split files expanded) or `.pth`/`.pt`/`.bin` file.

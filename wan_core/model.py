@@ -369,24 +369,28 @@ def checkpoint_dtype(sd: dict[str, torch.Tensor]) -> torch.dtype:
     return next(v.dtype for v in sd.values() if v.is_floating_point())
 
 
-def dit_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a DiT file in any supported layout and return (official-named state dict, metadata)."""
-    from .checkpoint import load_state_dict, read_metadata, strip_prefix
+def normalize_dit_keys(sd: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """Any supported DiT key layout (official, prefixed, diffusers) -> official names."""
+    from .checkpoint import strip_prefix
     from .convert import DIT_DIFFUSERS, DIT_DIFFUSERS_SENTINEL, rename
 
-    sd = load_state_dict(path)
-    metadata = read_metadata(path)
     if DIT_DIFFUSERS_SENTINEL not in sd and any(k.endswith(DIT_DIFFUSERS_SENTINEL) for k in sd):
         sd = strip_prefix(sd, DIT_DIFFUSERS_SENTINEL, ("transformer.", "model.", "diffusion_model."))
     if DIT_DIFFUSERS_SENTINEL in sd:
-        sd = rename(sd, DIT_DIFFUSERS, to_ours=True, what=f"DiT {Path(path).name} (diffusers layout)")
-    else:
-        sd = strip_prefix(sd, "head.modulation")
+        return rename(sd, DIT_DIFFUSERS, to_ours=True, what=f"DiT {name} (diffusers layout)")
+    sd = strip_prefix(sd, "head.modulation")
     if "head.modulation" not in sd:
         sample = ", ".join(list(sd)[:3])
-        raise ValueError(f"{path} is not a Wan2.1 DiT checkpoint: no 'head.modulation' key under any known prefix "
+        raise ValueError(f"{name} is not a Wan2.1 DiT checkpoint: no 'head.modulation' key under any known prefix "
                          f"(first keys: {sample})")
-    return sd, metadata
+    return sd
+
+
+def dit_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a DiT file in any supported layout and return (official-named state dict, metadata)."""
+    from .checkpoint import load_state_dict, read_metadata
+
+    return normalize_dit_keys(load_state_dict(path), str(path)), read_metadata(path)
 
 
 def load_dit(path: str | Path, task: str | None = None, dtype: torch.dtype | None = None,
