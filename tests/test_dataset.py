@@ -324,11 +324,13 @@ def test_source_fps_drops_frames_to_16fps_end_to_end(tmp_path):
 
 def test_control_videos_pair_by_stem_and_repeat_their_last_frame(tmp_path):
     videos, controls = tmp_path / "videos", tmp_path / "controls"
-    for name in ("a", "b", "c"):
+    for name in ("a", "b", "c", "d"):
         write_video(videos / f"{name}.mp4", 17)
         write_text(videos / f"{name}.txt", name)
     write_video(controls / "a.mov", 13)  # another extension, shorter
     write_frames_dir(controls / "b", 17)  # a directory of frames
+    write_video(controls / "d.mov", 17)
+    write_video(controls / "d.mkv", 17)  # musubi tries .mkv before .mov
     extra = f'control_directory = "{controls}"\ntarget_frames = [17]\n'
     scan = scan_dataset_group(group([video_dataset(videos, extra)]))
     reports = {r.media_path.stem: r for r in scan.files}
@@ -337,7 +339,24 @@ def test_control_videos_pair_by_stem_and_repeat_their_last_frame(tmp_path):
     assert a.windows[0].control_indices == (*range(13), 12, 12, 12, 12)
     assert reports["b"].control_path == controls / "b" and reports["b"].windows[0].control_indices == tuple(range(17))
     assert reports["c"].drops[0].reason == DropReason.NO_CONTROL
-    assert {i.media_path.stem: i.control_path for i in scan.items} == {"a": controls / "a.mov", "b": controls / "b"}
+    assert {i.media_path.stem: i.control_path for i in scan.items} == {
+        "a": controls / "a.mov", "b": controls / "b", "d": controls / "d.mkv"}
+
+
+def test_jsonl_control_paths(tmp_path):
+    clip = write_video(tmp_path / "clip.mp4", 9)
+    control = write_video(tmp_path / "control.mp4", 9)
+    lines = [{"video_path": str(clip), "control_path": str(control), "caption": "with control"},
+             {"video_path": str(clip), "caption": "without"},
+             {"video_path": str(clip), "control_path": str(tmp_path / "gone.mp4"), "caption": "gone"}]
+    jsonl = write_text(tmp_path / "meta.jsonl", "\n".join(json.dumps(line) for line in lines))
+    dataset = f'[[datasets]]\nvideo_jsonl_file = "{jsonl}"\ncache_directory = "{tmp_path / "c"}"\n' \
+              "resolution = [64, 48]\ntarget_frames = [9]\n"
+    scan = scan_dataset_group(group([dataset]))
+    assert [r.drops[0].reason if r.drops else None for r in scan.files] == [None, DropReason.NO_CONTROL,
+                                                                           DropReason.NO_CONTROL]
+    (item,) = scan.items
+    assert item.control_path == control and item.control_frame_indices == tuple(range(9))
 
 
 def test_image_directory_scan(tmp_path):

@@ -42,6 +42,7 @@ from training.dataset_config import (
     round_frames_4n1,
 )
 from training.media import (
+    VIDEO_EXTENSIONS,
     MediaReadError,
     image_size,
     inspect_video,
@@ -288,18 +289,30 @@ def _read_caption(path: Path) -> tuple[str | None, Drop | None]:
     return caption, None
 
 
-def _control_candidates(control_dir: Path, media: Path, is_video: bool) -> list[Path]:
-    """musubi's matching: the same file name; for videos then a directory named like the stem; then the same stem
-    with any video (or image) extension."""
-    exact = control_dir / media.name
-    if exact.exists():
-        return [exact]
-    if is_video:
-        frames_dir = control_dir / media.stem
-        if frames_dir.is_dir():
-            return [frames_dir]
-        return [p for p in list_videos(control_dir) if p.stem == media.stem]
-    return [p for p in list_images(control_dir) if p.stem == media.stem]
+class _ControlIndex:
+    """musubi's control matching, with the control directory listed once: the same file name; for videos then a
+    directory named like the stem; then a file with the same stem and a video (or image) extension."""
+
+    def __init__(self, control_dir: Path, is_video: bool) -> None:
+        if not control_dir.is_dir():
+            raise FileNotFoundError(f"control_directory not found: {control_dir}")
+        self.directory, self.is_video = control_dir, is_video
+        entries = sorted(control_dir.iterdir())
+        self.by_name = {p.name: p for p in entries}
+        files = list_videos(control_dir) if is_video else list_images(control_dir)
+        if is_video:  # musubi tries the extensions in this order
+            files.sort(key=lambda p: VIDEO_EXTENSIONS.index(p.suffix.lower()))
+        self.by_stem: dict[str, Path] = {}
+        for path in files:
+            self.by_stem.setdefault(path.stem, path)
+
+    def find(self, media: Path) -> Path | None:
+        if media.name in self.by_name:
+            return self.by_name[media.name]
+        frames_dir = self.by_name.get(media.stem)
+        if self.is_video and frames_dir is not None and frames_dir.is_dir():
+            return frames_dir
+        return self.by_stem.get(media.stem)
 
 
 def _directory_sources(cfg: DatasetConfig) -> list[_Source]:
@@ -307,19 +320,19 @@ def _directory_sources(cfg: DatasetConfig) -> list[_Source]:
     if not directory.is_dir():
         kind = "video" if cfg.is_video else "image"
         raise FileNotFoundError(f"{cfg.label}: {kind}_directory not found: {directory}")
-    control_dir = Path(cfg.control_directory) if cfg.control_directory else None
-    if control_dir is not None and not control_dir.is_dir():
-        raise FileNotFoundError(f"{cfg.label}: control_directory not found: {control_dir}")
+    try:
+        controls = _ControlIndex(Path(cfg.control_directory), cfg.is_video) if cfg.control_directory else None
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{cfg.label}: {error}") from error
     media = list_videos(directory) if cfg.is_video else list_images(directory)
     sources = []
     for path in media:
         caption, drop = _read_caption(path.with_name(path.stem + cfg.caption_extension))
         control = None
-        if control_dir is not None and drop is None:
-            matches = _control_candidates(control_dir, path, cfg.is_video)
-            control = matches[0] if matches else None
+        if controls is not None and drop is None:
+            control = controls.find(path)
             if control is None:
-                drop = Drop(DropReason.NO_CONTROL, f"no control with stem {path.stem!r} in {control_dir}")
+                drop = Drop(DropReason.NO_CONTROL, f"no control with stem {path.stem!r} in {controls.directory}")
         sources.append(_Source(path, caption, control, drop))
     return sources
 

@@ -106,7 +106,7 @@ def _dataset_header(cfg: DatasetConfig) -> list[str]:
     source = f"{kind}_directory {cfg.directory}" if cfg.directory else f"{kind}_jsonl_file {cfg.jsonl_file}"
     lines = [
         f"datasets[{cfg.index}]: {kind} dataset, {source}",
-        f"  cache {cfg.resolved_cache_directory}, captions {cfg.caption_extension or 'from JSONL'}"
+        f"  cache {cfg.resolved_cache_directory}, captions {'from JSONL' if cfg.jsonl_file else cfg.caption_extension}"
         + (f", control_directory {cfg.control_directory}" if cfg.control_directory else ""),
         f"  resolution {_size(cfg.resolution)}, enable_bucket {cfg.enable_bucket}, "
         f"bucket_no_upscale {cfg.bucket_no_upscale}, batch_size {cfg.batch_size}, num_repeats {cfg.num_repeats}",
