@@ -26,7 +26,7 @@ from training.dataset import (
     summarize,
 )
 from training.dataset_config import DatasetGroupConfig, parse_dataset_config
-from training.media import MediaReadError, inspect_video, read_image, read_video, resize_to_bucket
+from wan_core.media import MediaReadError, inspect_video, read_image, read_video, resize_to_bucket
 
 if sys.version_info >= (3, 11):
     import tomllib

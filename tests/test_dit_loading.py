@@ -164,6 +164,10 @@ def test_bad_files_fail_clearly(tmp_path, reference):
     garbage.write_bytes(b"\x00" * 64)
     with pytest.raises(CheckpointError):
         load_dit(garbage)
+    junk_pth = tmp_path / "junk.pth"
+    junk_pth.write_bytes(b"\x80garbage" * 10)
+    with pytest.raises(CheckpointError, match="cannot read .*junk.pth as a PyTorch checkpoint"):
+        load_dit(junk_pth)
     other = _save(tmp_path, "other.safetensors", {"encoder.conv1.weight": torch.zeros(2, 2)})
     with pytest.raises(ValueError, match="not a Wan2.1 DiT checkpoint"):
         load_dit(other)

@@ -41,7 +41,7 @@ from training.dataset_config import (
     check_dataset_group,
     round_frames_4n1,
 )
-from training.media import (
+from wan_core.media import (
     VIDEO_EXTENSIONS,
     MediaReadError,
     image_size,

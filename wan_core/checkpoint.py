@@ -128,13 +128,17 @@ def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu",
 
 
 def _load_pth(path: Path, device: str | torch.device, keys: Callable[[str], bool] | None) -> StateDict:
+    def load(mmap: bool) -> object:
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+
     try:
-        data = torch.load(path, map_location=device, weights_only=True, mmap=True)
-    except RuntimeError as exc:
-        if "mmap" not in str(exc):
-            raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {exc}") from None
-        data = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # pickle errors, zip errors, weights_only refusals
+        try:
+            data = load(mmap=True)
+        except RuntimeError as exc:  # old (non-zip) serialisation cannot be memory-mapped
+            if "mmap" not in str(exc):
+                raise
+            data = load(mmap=False)
+    except Exception as exc:  # pickle, zip and weights_only refusals, garbage files
         raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint (loaded with weights_only=True): "
                               f"{type(exc).__name__}: {exc}") from None
     for wrapper in ("state_dict", "model", "module"):

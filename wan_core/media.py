@@ -1,4 +1,5 @@
-"""Reading training media: video files (PyAV), directories of frame images and single images (PIL).
+"""Media files: reading videos (PyAV), frame directories and images (PIL) for training and generation; writing
+mp4 (H.264 yuv420p) and PNG frames. Writes go to a temporary name in the target folder and are renamed.
 
 Frames are uint8 RGB arrays, [T, H, W, 3] for videos and [H, W, 3] for images. Frame counts come from decoding every
 frame, never from the container's duration or frame-count metadata, which are often wrong.
@@ -12,12 +13,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import av
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
@@ -204,3 +208,71 @@ def resize_to_bucket(image: np.ndarray, bucket: tuple[int, int]) -> np.ndarray:
     resized = np.asarray(Image.fromarray(image).resize((new_width, new_height), resample))
     left, top = (new_width - bucket_width) // 2, (new_height - bucket_height) // 2
     return resized[top : top + bucket_height, left : left + bucket_width]
+
+
+def to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """[T, H, W, 3] float in [0, 1] -> uint8 array."""
+    if frames.dim() != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be [T, H, W, 3], got {list(frames.shape)}")
+    return (frames.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+def _temp_path(target: Path, suffix: str) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_video(frames: torch.Tensor, path: str | Path, fps: int, crf: int | None = None) -> Path:
+    """mp4 with libx264 / yuv420p (4 Mbit/s like musubi, or constant quality `crf`). Odd sizes are padded by one
+    pixel (yuv420p needs even sides)."""
+    path = Path(path)
+    data = to_uint8(frames)
+    if data.shape[1] % 2 or data.shape[2] % 2:
+        data = np.pad(data, ((0, 0), (0, data.shape[1] % 2), (0, data.shape[2] % 2), (0, 0)), mode="edge")
+    tmp = _temp_path(path, ".mp4")
+    try:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=int(fps))
+            stream.width, stream.height = data.shape[2], data.shape[1]
+            stream.pix_fmt = "yuv420p"
+            if crf is None:
+                stream.bit_rate = 4_000_000
+            else:
+                stream.options = {"crf": str(crf)}
+            for frame in data:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_png_frames(frames: torch.Tensor, folder: str | Path) -> Path:
+    """One PNG per frame (`frame_0000.png`, ...) in `folder`, written to a temporary folder then renamed."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        for i, frame in enumerate(to_uint8(frames)):
+            Image.fromarray(frame).save(tmp / f"frame_{i:04d}.png")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] -> [3, H, W] float in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> [T, 3, H, W] float in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)

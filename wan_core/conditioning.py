@@ -1,0 +1,173 @@
+"""Conditioning inputs of the Wan2.1 tasks: sizes, masks and latent layouts for T2V/T2I, I2V (+ end image),
+FLF2V and Fun-Control. Facts: inference.md section 7 (official image2video.py / first_last_frame2video.py,
+musubi's end image and Fun-Control layouts).
+
+Every builder takes tensors (images [3, H, W] in [-1, 1], frames [T, 3, H, W] in [-1, 1]) and the encoders, and
+returns a `Conditioning` for the denoiser: `y` (concatenated to the noise on channels) and `clip_fea`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+VAE_SPATIAL = 8
+PATCH = 2
+
+
+class VAELike(Protocol):
+    def encode(self, video: torch.Tensor) -> torch.Tensor: ...
+
+
+class CLIPLike(Protocol):
+    def encode(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class Conditioning:
+    """What the DiT needs besides noise and text: y [1, C_y, F_lat, h, w] and clip_fea [1, N, 1280]."""
+
+    height: int
+    width: int
+    frames: int  # pixel frames the latent decodes to (before trimming)
+    latent_frames: int
+    y: torch.Tensor | None = None
+    clip_fea: torch.Tensor | None = None
+
+    def latent_shape(self, channels: int = 16) -> tuple[int, int, int, int, int]:
+        return (1, channels, self.latent_frames, self.height // VAE_SPATIAL, self.width // VAE_SPATIAL)
+
+
+def latent_frames(frames: int) -> int:
+    """Pixel frames (4n+1) -> latent frames n+1."""
+    return (frames - 1) // 4 + 1
+
+
+def validate_video_size(height: int, width: int, frames: int) -> None:
+    """Raise a ValueError saying what to change when a size cannot be generated."""
+    problems = []
+    for name, value in (("height", height), ("width", width)):
+        if value <= 0 or value % 16:
+            lower, upper = max(16, value // 16 * 16), (value // 16 + 1) * 16
+            problems.append(f"{name} must be a positive multiple of 16 (got {value}; try {lower} or {upper})")
+    if frames < 1 or (frames - 1) % 4:
+        lower, upper = max(1, (frames - 1) // 4 * 4 + 1), ((frames - 1) // 4 + 1) * 4 + 1
+        problems.append(f"video length must be 4n+1 frames, e.g. 1, 5, 9, ..., 81 "
+                        f"(got {frames}; try {lower} or {upper})")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def size_for_image(image_hw: tuple[int, int], area: int) -> tuple[int, int]:
+    """Official I2V output size: the image's aspect ratio at `area` pixels, latent sides even (pixels % 16 == 0)."""
+    aspect = image_hw[0] / image_hw[1]
+    lat_h = int(math.sqrt(area * aspect) // VAE_SPATIAL // PATCH * PATCH)
+    lat_w = int(math.sqrt(area / aspect) // VAE_SPATIAL // PATCH * PATCH)
+    if lat_h < PATCH or lat_w < PATCH:
+        raise ValueError(f"area {area} is too small for an image of aspect {aspect:.3f}")
+    return lat_h * VAE_SPATIAL, lat_w * VAE_SPATIAL
+
+
+def resize_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[3, H, W] -> [3, height, width] with bicubic interpolation (as the official I2V code)."""
+    return F.interpolate(image[None].float(), size=(height, width), mode="bicubic", align_corners=False)[0]
+
+
+def cover_crop(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Scale [.., H, W] by the larger ratio to cover (height, width), then centre-crop (official FLF2V last frame)."""
+    h, w = image.shape[-2:]
+    scale = max(height / h, width / w)
+    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+    lead = image.shape[:-3]
+    resized = F.interpolate(image.reshape(-1, *image.shape[-3:]).float(), size=(new_h, new_w), mode="bicubic",
+                            align_corners=False)
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    return resized[..., top:top + height, left:left + width].reshape(*lead, image.shape[-3], height, width)
+
+
+def frame_mask(frames: int, height: int, width: int, known: tuple[int, ...]) -> torch.Tensor:
+    """The 4-channel mask [4, F_lat, h, w]: pixel frames in `known` are 1; frame 0's value is repeated 4 times and
+    the frames regrouped into latent frames of 4 (official image2video.py)."""
+    h, w = height // VAE_SPATIAL, width // VAE_SPATIAL
+    msk = torch.zeros(frames, h, w)
+    msk[list(known)] = 1.0
+    msk = torch.cat([msk[:1].repeat(4, 1, 1), msk[1:]])  # [F + 3, h, w]
+    return msk.view(-1, 4, h, w).transpose(0, 1)  # [4, F_lat, h, w]
+
+
+def _encode(vae: VAELike, video: torch.Tensor) -> torch.Tensor:
+    """[3, T, H, W] in [-1, 1] -> normalized latents [16, T_lat, h, w] (float32, CPU)."""
+    return vae.encode(video[None])[0].float().cpu()
+
+
+def text_to_video(height: int, width: int, frames: int) -> Conditioning:
+    validate_video_size(height, width, frames)
+    return Conditioning(height, width, frames, latent_frames(frames))
+
+
+def image_to_video(vae: VAELike, clip: CLIPLike | None, image: torch.Tensor, frames: int, height: int, width: int,
+                   end_image: torch.Tensor | None = None) -> Conditioning:
+    """I2V (official layout): y = [mask 4 | VAE(image, F−1 grey frames) 16]; CLIP of the original image.
+
+    `end_image` (musubi's unofficial option for non-FLF2V models) appends one latent frame encoded from the end
+    image alone with mask 1; the decoded video gets 4 extra tail frames (trim them with trim_tail_frames).
+    """
+    validate_video_size(height, width, frames)
+    first = resize_image(image, height, width)
+    video = torch.cat([first[:, None], first.new_zeros(3, frames - 1, height, width)], dim=1)
+    y = torch.cat([frame_mask(frames, height, width, known=(0,)), _encode(vae, video)])
+    n_lat = latent_frames(frames)
+    if end_image is not None:
+        end = _encode(vae, resize_image(end_image, height, width)[:, None])  # [16, 1, h, w]
+        end_mask = torch.ones(4, 1, height // VAE_SPATIAL, width // VAE_SPATIAL)
+        y = torch.cat([y, torch.cat([end_mask, end])], dim=1)
+        n_lat += 1
+    clip_fea = None if clip is None else clip.encode(image[None])
+    return Conditioning(height, width, 1 + 4 * (n_lat - 1), n_lat, y=y[None], clip_fea=clip_fea)
+
+
+def first_last_to_video(vae: VAELike, clip: CLIPLike, first: torch.Tensor, last: torch.Tensor, frames: int,
+                        height: int, width: int) -> Conditioning:
+    """FLF2V (official layout): VAE([first, F−2 grey, last]) with mask 1 on the first and last pixel frames;
+    CLIP of both frames concatenated to 514 tokens. The last frame is cover-cropped to the first frame's size."""
+    validate_video_size(height, width, frames)
+    if frames < 5:
+        raise ValueError(f"first-last-frame video needs at least 5 frames, got {frames}")
+    first_r = resize_image(first, height, width)
+    last_r = cover_crop(last, height, width)
+    video = torch.cat([first_r[:, None], first_r.new_zeros(3, frames - 2, height, width), last_r[:, None]], dim=1)
+    y = torch.cat([frame_mask(frames, height, width, known=(0, frames - 1)), _encode(vae, video)])
+    feats = clip.encode(torch.stack([first, cover_crop(last, *first.shape[-2:])]))  # [2, 257, 1280]
+    return Conditioning(height, width, frames, latent_frames(frames), y=y[None],
+                        clip_fea=feats.reshape(1, -1, feats.shape[-1]))
+
+
+def fun_control(vae: VAELike, clip: CLIPLike | None, control: torch.Tensor, frames: int, height: int, width: int,
+                image: torch.Tensor | None = None, end_image: torch.Tensor | None = None) -> Conditioning:
+    """Fun-Control: y = [VAE(control video) 16 | start-image latent in latent frame 0, zeros elsewhere 16].
+
+    `control` is [T, 3, H, W] in [-1, 1] with T >= frames (+1 with an end image); it is cover-cropped to the size.
+    Without a start image the CLIP context is left to the model (zeros)."""
+    validate_video_size(height, width, frames)
+    needed = frames + (1 if end_image is not None else 0)
+    if control.shape[0] < needed:
+        raise ValueError(f"the control video has {control.shape[0]} frames but {needed} are needed "
+                         f"(video length {frames}{' + 1 for the end image' if end_image is not None else ''})")
+    control_lat = _encode(vae, cover_crop(control[:frames], height, width).transpose(0, 1))  # [16, F_lat, h, w]
+    image_lat = torch.zeros_like(control_lat)
+    clip_fea = None
+    if image is not None:
+        image_lat[:, :1] = _encode(vae, resize_image(image, height, width)[:, None])
+        clip_fea = None if clip is None else clip.encode(image[None])
+    y = torch.cat([control_lat, image_lat])
+    n_lat = latent_frames(frames)
+    if end_image is not None:  # one more latent frame: the next control frame and the end image, each alone
+        extra_control = _encode(vae, cover_crop(control[frames], height, width)[:, None])
+        extra_image = _encode(vae, resize_image(end_image, height, width)[:, None])
+        y = torch.cat([y, torch.cat([extra_control, extra_image])], dim=1)
+        n_lat += 1
+    return Conditioning(height, width, 1 + 4 * (n_lat - 1), n_lat, y=y[None], clip_fea=clip_fea)
