@@ -1,0 +1,150 @@
+"""Which model files to use, and loading them lazily so that a batch run holds only what each phase needs.
+
+With no paths given, the embedded toy model set (wan_core/toy_models/) is used.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import read_metadata
+
+logger = logging.getLogger(__name__)
+
+TOY_MODEL_DIR = Path(__file__).resolve().parent / "toy_models"
+TOY_FILES = {
+    "dit": "wan21_toy_t2v_dit.safetensors",
+    "dit_i2v": "wan21_toy_i2v_dit.safetensors",
+    "vae": "wan21_toy_vae.safetensors",
+    "t5": "wan21_toy_umt5.safetensors",
+    "clip": "wan21_toy_clip_vision.safetensors",
+}
+SAMPLING_METADATA_KEY = "wantuner_sampling"  # JSON of default settings stored in a DiT file (the toy models)
+
+
+def toy_path(kind: str) -> Path:
+    return TOY_MODEL_DIR / TOY_FILES[kind]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Paths and options of a model set (what the CLI flags describe)."""
+
+    dit: str | None = None
+    vae: str | None = None
+    t5: str | None = None
+    clip: str | None = None
+    tokenizer: str | None = None
+    task: str | None = None
+    device: str | None = None
+    attn: str = "sdpa"
+    vae_dtype: torch.dtype | None = None
+    vae_cache_cpu: bool = False
+    vae_tiling: bool | None = None
+    fp8: str | None = None  # None, "fp8", "fp8_scaled", "fp8_fast"
+    fp8_t5: bool = False
+    blocks_to_swap: int | str | None = None
+    compile: bool = False
+    loras: tuple[tuple[str, float, str | None, str | None], ...] = ()  # (path, multiplier, include, exclude)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def path(self, kind: str) -> Path:
+        """The file for `kind` ('dit', 'vae', 't5', 'clip'), falling back to the toy set."""
+        given = getattr(self, kind)
+        if given:
+            return Path(given)
+        if kind == "dit" and self.task and get_task_kind(self.task) == "i2v":
+            return toy_path("dit_i2v")
+        return toy_path(kind)
+
+
+def get_task_kind(task: str) -> str:
+    from .config import get_task
+
+    preset = get_task(task)
+    return "i2v" if preset.dit.model_type != "t2v" else "t2v"
+
+
+def sampling_defaults(dit_path: Path) -> dict[str, Any]:
+    """Recommended settings stored in a DiT file's metadata (steps, shift, guidance, size, frames, fps, ...)."""
+    try:
+        text = read_metadata(dit_path).get(SAMPLING_METADATA_KEY)
+    except (OSError, ValueError):
+        return {}
+    return json.loads(text) if text else {}
+
+
+class ModelSet:
+    """Loads each model on first use; `release(kind)` frees it (phases of a batch run)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.device = torch.device(spec.device) if spec.device else default_device()
+        self._models: dict[str, Any] = {}
+
+    def _check(self, kind: str) -> Path:
+        path = self.spec.path(kind)
+        if not path.exists():
+            hint = (" (the embedded toy models are missing: rebuild them with `python -m wan_core.toy.recipe`)"
+                    if path.parent == TOY_MODEL_DIR else "")
+            raise FileNotFoundError(f"{kind} checkpoint not found: {path}{hint}")
+        return path
+
+    def get(self, kind: str) -> Any:
+        if kind not in self._models:
+            path = self._check(kind)
+            logger.info("loading %s from %s", kind, path)
+            self._models[kind] = getattr(self, f"_load_{kind}")(path)
+        return self._models[kind]
+
+    def release(self, kind: str) -> None:
+        if self._models.pop(kind, None) is not None:
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _load_dit(self, path: Path) -> torch.nn.Module:
+        from .prepare import prepare_dit
+
+        return prepare_dit(path, self.spec, self.device)
+
+    def _load_vae(self, path: Path) -> Any:
+        from .vae import load_vae
+
+        vae = load_vae(path, dtype=self.spec.vae_dtype, device=self.device)
+        return configure_vae(vae, self.spec)
+
+    def _load_t5(self, path: Path) -> Any:
+        from .t5 import load_t5
+
+        t5 = load_t5(path, tokenizer=self.spec.tokenizer, device=self.device)
+        if self.spec.fp8_t5:
+            from .fp8 import fp8_t5
+
+            fp8_t5(t5)
+        return t5
+
+    def _load_clip(self, path: Path) -> Any:
+        from .clip import load_clip_vision
+
+        return load_clip_vision(path, device=self.device)
+
+
+def configure_vae(vae: Any, spec: ModelSpec) -> Any:
+    """Apply the VAE memory options (feature cache on the CPU, spatial tiling)."""
+    if spec.vae_cache_cpu:
+        vae.cache_device = torch.device("cpu")
+    if spec.vae_tiling is not None:
+        vae.tiling = spec.vae_tiling
+    return vae
