@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import attention, resolve_backend
 from .config import DiTConfig
-from .ops import CastLinear, Fp32Linear
+from .ops import CastLinear, Fp32Linear, compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ class WanModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.blocks[0].self_attn.q.weight.dtype
+        return compute_dtype(self.blocks[0].self_attn.q)
 
     # -- forward ----------------------------------------------------------------------------------------------
 
@@ -394,12 +394,16 @@ def dit_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
 
 
 def load_dit(path: str | Path, task: str | None = None, dtype: torch.dtype | None = None,
-             device: str | torch.device = "cpu", attn: str = "sdpa", config: DiTConfig | None = None) -> WanModel:
+             device: str | torch.device = "cpu", attn: str = "sdpa", config: DiTConfig | None = None,
+             fp8: str | None = None) -> WanModel:
     """Load a Wan2.1 DiT from an official / ComfyUI / diffusers file (bf16, fp16, fp8, ComfyUI scaled fp8).
 
     The architecture comes from `config` if given, else from the file's `wantuner_config` metadata, else from the
     tensor shapes. An explicit `task` must agree with the weights (a ValueError names the key and both shapes).
-    `dtype` defaults to the checkpoint's dtype (bf16 for fp8 files; use wan_core.fp8 to keep fp8 storage).
+    `dtype` is the compute dtype; it defaults to the checkpoint's dtype (bf16 for fp8 files).
+    `fp8` (a `wan_core.fp8.FP8_MODES` name) stores the block Linear weights in fp8; pre-quantised files keep their
+    stored fp8 weights and scales. Without `fp8`, fp8 files are dequantised to `dtype`. To merge LoRAs, load
+    without `fp8`, merge, then call `wan_core.fp8.apply_fp8`.
     """
     from .checkpoint import build_on_meta, load_into
     from .config import CONFIG_METADATA_KEY, check_task, config_from_json, detect_config
@@ -409,7 +413,12 @@ def load_dit(path: str | Path, task: str | None = None, dtype: torch.dtype | Non
     source_dtype = checkpoint_dtype(sd)
     if dtype is None:
         dtype = torch.bfloat16 if source_dtype in FP8_DTYPES else source_dtype
-    if is_scaled_fp8(sd):
+    if fp8 is not None:
+        from .fp8 import drop_fp8_markers, get_fp8_mode
+
+        get_fp8_mode(fp8)
+        sd = drop_fp8_markers(sd)
+    elif is_scaled_fp8(sd):
         sd = dequantize_scaled_fp8(sd, dtype)
     if config is None and CONFIG_METADATA_KEY in metadata:
         config = config_from_json(metadata[CONFIG_METADATA_KEY])
@@ -419,9 +428,14 @@ def load_dit(path: str | Path, task: str | None = None, dtype: torch.dtype | Non
         else:
             _check_task_family(task, config)
     cfg = config or detect_config(sd)
-    model = build_on_meta(lambda: WanModel(cfg))
-    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    load_into(model, sd, what=f"DiT {Path(path).name}")
+    if fp8 is not None:
+        from .fp8 import build_fp8_dit
+
+        model = build_fp8_dit(cfg, sd, fp8, dtype, what=f"DiT {Path(path).name}")
+    else:
+        model = build_on_meta(lambda: WanModel(cfg))
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        load_into(model, sd, what=f"DiT {Path(path).name}")
     model.set_attention_backend(backend)
     logger.info("loaded DiT %s: %s, %d layers, dim %d, %s", Path(path).name, cfg.model_type, cfg.num_layers,
                 cfg.dim, dtype)

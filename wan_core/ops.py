@@ -6,6 +6,8 @@ replacing it (or its weight) with an fp8 or LoRA-wrapped variant needs no change
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,3 +33,203 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
     """The dtype a layer computes in: an explicit `compute_dtype` attribute (fp8 wrappers) or its weight dtype."""
     dtype = getattr(module, "compute_dtype", None)
     return dtype if dtype is not None else module.weight.dtype
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fp8 weight storage
+# ----------------------------------------------------------------------------------------------------------------
+
+FP8_E4M3 = torch.float8_e4m3fn
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_MAX = torch.finfo(FP8_E4M3).max  # 448
+SCALE_MIN = 1e-8  # scales are clamped from below so all-zero rows/blocks stay finite
+SCALINGS = ("none", "tensor", "channel", "block")
+_FAST_CAPABILITY = (8, 9)  # torch._scaled_mm needs Ada (sm89) or Hopper+
+
+
+def scale_layout(weight_shape: tuple[int, ...] | torch.Size, scale: torch.Tensor | None) -> tuple[str, int]:
+    """How a scale tensor maps onto a 2-D weight [out, in]: ("none"|"tensor"|"channel"|"block", block size).
+
+    tensor: 1 element; channel: [out] or [out, 1]; block: [out, in/block, 1] (block = in / scale.shape[1]).
+    """
+    if scale is None:
+        return "none", 0
+    out_features, in_features = weight_shape
+    shape = tuple(scale.shape)
+    if scale.numel() == 1:
+        return "tensor", 0
+    if shape in ((out_features,), (out_features, 1)):
+        return "channel", 0
+    if len(shape) == 3 and shape[0] == out_features and shape[2] == 1 and in_features % shape[1] == 0:
+        return "block", in_features // shape[1]
+    raise ValueError(f"a scale of shape {list(shape)} does not fit a weight of shape {[out_features, in_features]}: "
+                     f"expected [] / [1] (per tensor), [{out_features}, 1] (per channel) or "
+                     f"[{out_features}, in/block, 1] (block-wise)")
+
+
+def quantize_weight(weight: torch.Tensor, scaling: str = "block", block_size: int = 64,
+                    fp8_dtype: torch.dtype = FP8_E4M3) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weight [out, in] -> (fp8 weight [out, in], fp32 scale or None) with weight ≈ fp8 · scale.
+
+    scale = absmax / 448 (clamped to >= 1e-8), computed in fp32 over the whole tensor ([]), each output row
+    ([out, 1]) or each run of `block_size` input columns ([out, in/block_size, 1]). Block-wise falls back to per
+    channel when in_features is not a multiple of `block_size`. "none" is a plain (clamped) cast.
+    """
+    if scaling not in SCALINGS:
+        raise ValueError(f"unknown fp8 scaling {scaling!r}; expected one of {', '.join(SCALINGS)}")
+    if weight.dim() != 2:
+        raise ValueError(f"fp8 quantisation expects a 2-D Linear weight, got shape {list(weight.shape)}")
+    fmax = torch.finfo(fp8_dtype).max
+    w = weight.detach().float()
+    if scaling == "none":
+        return w.clamp(-fmax, fmax).to(fp8_dtype), None
+    out_features, in_features = w.shape
+    if scaling == "block" and in_features % block_size:
+        scaling = "channel"
+    if scaling == "tensor":
+        amax = w.abs().amax()
+    elif scaling == "channel":
+        amax = w.abs().amax(dim=1, keepdim=True)  # [out, 1]
+    else:
+        w = w.view(out_features, in_features // block_size, block_size)
+        amax = w.abs().amax(dim=2, keepdim=True)  # [out, in/bs, 1]
+    scale = (amax / fmax).clamp_min(SCALE_MIN)
+    quantized = (w / scale).clamp(-fmax, fmax).to(fp8_dtype)
+    return quantized.reshape(out_features, in_features), scale
+
+
+def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """fp8 weight [out, in] (and its scale, any layout of `scale_layout`) -> weight in `dtype`.
+
+    The product is formed in fp32 and rounded once to `dtype`; without a scale the cast is exact for bf16/fp16.
+    """
+    if scale is None:
+        return weight.to(dtype)
+    layout, block = scale_layout(weight.shape, scale)
+    w = weight.float()
+    s = scale.float()
+    if layout == "block":
+        out_features, in_features = w.shape
+        return (w.view(out_features, in_features // block, block) * s).view(out_features, in_features).to(dtype)
+    return (w * (s.reshape(-1, 1) if layout == "channel" else s.reshape(()))).to(dtype)
+
+
+def check_scaled_mm_device(device: torch.device) -> None:
+    """Raise unless `device` is a CUDA GPU of compute capability >= 8.9 (what fp8 matmuls need)."""
+    _check_scaled_mm_device(device.type, device.index)
+
+
+@functools.cache
+def _check_scaled_mm_device(device_type: str, index: int | None) -> None:
+    device = torch.device(device_type, index)
+    if device.type != "cuda":
+        raise RuntimeError(f"fp8_fast (fp8 matmuls with torch._scaled_mm) needs a CUDA GPU with compute capability "
+                           f">= 8.9 (Ada, Hopper or newer), but the model runs on {device.type!r}; use fp8_scaled")
+    capability = torch.cuda.get_device_capability(device)
+    if capability < _FAST_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        raise RuntimeError(f"fp8_fast needs compute capability >= 8.9 (Ada, Hopper or newer), but {name} has "
+                           f"{capability[0]}.{capability[1]}; use fp8_scaled")
+
+
+def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
+                     out_dtype: torch.dtype) -> torch.Tensor:
+    """y = x · (weight·scale)ᵀ + bias with an fp8 matmul (`torch._scaled_mm`, row-wise scales).
+
+    x [..., in] is quantised per row (per token: absmax/448); the weight [out, in] must be float8_e4m3fn with no
+    scale, a per-tensor or a per-channel scale (both expressed as a [1, out] row-wise scale). Block-wise scales
+    are not accepted by `_scaled_mm`. The output is computed in bf16 and returned in `out_dtype`.
+    """
+    layout, _ = scale_layout(weight.shape, scale)
+    if layout == "block":
+        raise ValueError("fp8 matmuls need per-tensor or per-channel weight scales, got block-wise scales; "
+                         "quantise with scaling='channel' (the fp8_fast mode does)")
+    if weight.dtype != FP8_E4M3:
+        raise ValueError(f"fp8 matmuls need float8_e4m3fn weights, got {weight.dtype}")
+    out_features, in_features = weight.shape
+    if in_features % 16 or out_features % 16:
+        raise ValueError(f"fp8 matmuls need in and out features divisible by 16, got {in_features} -> {out_features}")
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, in_features).float()  # [M, in]
+    x_scale = (rows.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(SCALE_MIN)  # [M, 1]
+    x_q = (rows / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_E4M3)
+    if scale is None:
+        w_scale = torch.ones(1, out_features, dtype=torch.float32, device=weight.device)
+    else:
+        w_scale = scale.float().reshape(1, -1).expand(1, out_features).contiguous()  # [1, out]
+    out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
+    out = out.to(out_dtype)
+    if bias is not None:
+        out = out + bias.to(out_dtype)
+    return out.reshape(*lead, out_features)
+
+
+class FP8Linear(nn.Module):
+    """A drop-in for `CastLinear` whose weight is stored in fp8 (optionally with a scale) and upcast per call.
+
+    `weight` is a frozen fp8 Parameter [out, in]; `scale_weight` a buffer of any `scale_layout` (or None);
+    the bias stays in `compute_dtype`. With `fast=True` the matmul itself runs in fp8 (`scaled_mm_linear`) when
+    no gradient is needed w.r.t. the input; otherwise (and for backward) the weight is dequantised.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 compute_dtype: torch.dtype = torch.bfloat16, fp8_dtype: torch.dtype = FP8_E4M3,
+                 scale_shape: tuple[int, ...] | None = None, fast: bool = False,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if fp8_dtype not in FP8_DTYPES:
+            raise ValueError(f"fp8_dtype must be one of {FP8_DTYPES}, got {fp8_dtype}")
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype, self.fast = compute_dtype, fast
+        weight = torch.empty(out_features, in_features, dtype=fp8_dtype, device=device)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device=device),
+                                 requires_grad=False) if bias else None
+        scale = None if scale_shape is None else torch.ones(scale_shape, dtype=torch.float32, device=device)
+        self.register_buffer("scale_weight", scale)
+        if scale is not None:
+            scale_layout(self.weight.shape, scale)  # validate
+        if fast and scale_layout(self.weight.shape, scale)[0] == "block":
+            raise ValueError("fp8_fast needs per-tensor or per-channel weight scales, not block-wise")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scaling: str = "block", *, block_size: int = 64,
+                    compute_dtype: torch.dtype | None = None, fast: bool = False) -> FP8Linear:
+        """Quantise an existing Linear (its weight dtype is the default compute dtype)."""
+        dtype = compute_dtype or (linear.weight.dtype if linear.weight.dtype not in FP8_DTYPES else torch.bfloat16)
+        q, scale = quantize_weight(linear.weight, scaling, block_size)
+        return cls.from_quantized(q, scale, linear.bias, compute_dtype=dtype, fast=fast)
+
+    @classmethod
+    def from_quantized(cls, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, *,
+                       compute_dtype: torch.dtype, fast: bool = False) -> FP8Linear:
+        """Wrap an already-quantised fp8 weight (e.g. from a ComfyUI scaled_fp8 file) and its scale."""
+        out_features, in_features = weight.shape
+        module = cls(in_features, out_features, bias is not None, compute_dtype=compute_dtype,
+                     fp8_dtype=weight.dtype, scale_shape=None if scale is None else tuple(scale.shape), fast=fast,
+                     device="meta")
+        module.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        if bias is not None:
+            module.bias = nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
+        module.scale_weight = None if scale is None else scale.detach().float()
+        return module
+
+    @property
+    def scaling(self) -> str:
+        return scale_layout(self.weight.shape, self.scale_weight)[0]
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize_weight(self.weight, self.scale_weight, self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias
+        if self.fast and not (torch.is_grad_enabled() and x.requires_grad):
+            check_scaled_mm_device(x.device)
+            return scaled_mm_linear(x, self.weight, self.scale_weight, bias, self.compute_dtype)
+        bias = None if bias is None else bias.to(self.compute_dtype)
+        return F.linear(x.to(self.compute_dtype), self.dequantized_weight(), bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"fp8={self.weight.dtype}, scaling={self.scaling}, compute_dtype={self.compute_dtype}, "
+                f"fast={self.fast}")
