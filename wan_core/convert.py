@@ -234,3 +234,103 @@ def clip_ours_to_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for name, chunk in zip("qkv", value.chunk(3)):
             out[f"{_HF_VM}.encoder.layers.{layer}.self_attn.{name}_proj.{kind}"] = chunk
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA module names (inference.md 11.3-11.4, training.md 9, comfyui.md 12). A LoRA targets a Linear layer by its
+# module name: official dotted names are canonical (`blocks.9.cross_attn.k`). sd-scripts/musubi write
+# `lora_unet_` + the name with every "." replaced by "_" (ComfyUI maps model key `diffusion_model.<k>.weight` the
+# same way); ComfyUI / diffusion-pipe / musubi `convert_lora --target other` write `diffusion_model.<name>`;
+# diffusers writes `transformer.<diffusers name>` (the inverse of DIT_DIFFUSERS). Used by wan_core.lora_formats.
+# ----------------------------------------------------------------------------------------------------------------
+
+# Every Linear of WanAttentionBlock (musubi's training targets; k_img/v_img exist on image models only) ...
+LORA_BLOCK_LINEARS: tuple[str, ...] = (
+    "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+    "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "cross_attn.k_img", "cross_attn.v_img",
+    "ffn.0", "ffn.2",
+)
+# ... and the other Linear layers of WanModel, which some trainers also adapt.
+LORA_OTHER_LINEARS: tuple[str, ...] = (
+    "text_embedding.0", "text_embedding.2", "time_embedding.0", "time_embedding.2", "time_projection.1",
+    "head.head", "img_emb.proj.1", "img_emb.proj.3",
+)
+LORA_MODULE_TEMPLATES: tuple[str, ...] = (*(f"blocks.{{n}}.{m}" for m in LORA_BLOCK_LINEARS), *LORA_OTHER_LINEARS)
+
+KOHYA_LORA_PREFIX = "lora_unet_"
+COMFYUI_LORA_PREFIX = "diffusion_model"
+DIFFUSERS_LORA_PREFIX = "transformer"
+
+# official module name <-> sd-scripts name; the table removes the "_" ambiguity (self_attn, k_img, ...) when no
+# model is at hand (file conversion). With a model, wan_core.lora_formats resolves against its real module list.
+LORA_KOHYA: tuple[Rule, ...] = tuple(Rule(t, KOHYA_LORA_PREFIX + t.replace(".", "_")) for t in LORA_MODULE_TEMPLATES)
+
+# Prefixes in front of module names seen in LoRA files (most specific first): ComfyUI, PEFT-wrapped, DiffSynth.
+LORA_KNOWN_PREFIXES: tuple[str, ...] = ("model.diffusion_model.", "diffusion_model.", "base_model.model.",
+                                        "transformer.", "pipe.dit.", "dit.")
+# sd-scripts-style prefixes: musubi, Wan-Fun / VideoX-Fun (double underscore, ComfyUI's convert_lora_wan_fun),
+# LyCORIS / older ai-toolkit.
+LORA_UNDERSCORE_PREFIXES: tuple[str, ...] = ("lora_unet__", "lora_unet_", "lycoris_")
+
+# Key suffix -> (role, algorithm). `lora_A.<adapter>.weight` (PEFT adapter names) is handled by LORA_PEFT_SUFFIX.
+LORA_ROLE_SUFFIXES: tuple[tuple[str, str, str], ...] = (
+    (".lora_down.weight", "down", "lora"), (".lora_up.weight", "up", "lora"),
+    (".lora_A.weight", "down", "lora"), (".lora_B.weight", "up", "lora"),
+    ("_lora.down.weight", "down", "lora"), ("_lora.up.weight", "up", "lora"),
+    (".lora.down.weight", "down", "lora"), (".lora.up.weight", "up", "lora"),
+    (".hada_w1_a", "w1_a", "loha"), (".hada_w1_b", "w1_b", "loha"),
+    (".hada_w2_a", "w2_a", "loha"), (".hada_w2_b", "w2_b", "loha"),
+    (".lokr_w1", "w1", "lokr"), (".lokr_w1_a", "w1_a", "lokr"), (".lokr_w1_b", "w1_b", "lokr"),
+    (".lokr_w2", "w2", "lokr"), (".lokr_w2_a", "w2_a", "lokr"), (".lokr_w2_b", "w2_b", "lokr"),
+    (".alpha", "alpha", ""),
+)
+LORA_PEFT_SUFFIX = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.(?P<adapter>[A-Za-z0-9_-]+)\.weight$")
+
+# Role -> key suffix when writing each format.
+LORA_WRITE_SUFFIXES: dict[str, dict[str, str]] = {
+    "musubi": {"down": ".lora_down.weight", "up": ".lora_up.weight", "alpha": ".alpha"},
+    "comfyui": {"down": ".lora_A.weight", "up": ".lora_B.weight", "alpha": ".alpha"},
+    "diffusers": {"down": ".lora_A.weight", "up": ".lora_B.weight", "alpha": ".alpha"},
+}
+LYCORIS_WRITE_SUFFIXES: dict[str, dict[str, str]] = {
+    "loha": {"w1_a": ".hada_w1_a", "w1_b": ".hada_w1_b", "w2_a": ".hada_w2_a", "w2_b": ".hada_w2_b",
+             "alpha": ".alpha"},
+    "lokr": {"w1": ".lokr_w1", "w1_a": ".lokr_w1_a", "w1_b": ".lokr_w1_b", "w2": ".lokr_w2", "w2_a": ".lokr_w2_a",
+             "w2_b": ".lokr_w2_b", "alpha": ".alpha"},
+}
+
+
+def rename_one(key: str, rules: Iterable[Rule], *, to_ours: bool) -> str | None:
+    """Rename a single key through `rules` (see `rename`); None when no rule matches."""
+    for pattern, rule in _compiled(tuple(rules), to_ours):
+        match = pattern.match(key)
+        if match:
+            return (rule.ours if to_ours else rule.theirs).format(**match.groupdict())
+    return None
+
+
+def kohya_lora_name(module: str) -> str:
+    """`blocks.9.cross_attn.k` -> `lora_unet_blocks_9_cross_attn_k` (the name include/exclude patterns search)."""
+    return KOHYA_LORA_PREFIX + module.replace(".", "_")
+
+
+def module_from_kohya(name: str) -> str | None:
+    """`lora_unet_blocks_9_cross_attn_k` -> `blocks.9.cross_attn.k` through the Wan table (None if unknown)."""
+    return rename_one(name, LORA_KOHYA, to_ours=True)
+
+
+def module_from_diffusers(name: str) -> str | None:
+    """diffusers module name (`blocks.0.attn1.to_q`) -> official (`blocks.0.self_attn.q`), via DIT_DIFFUSERS."""
+    official = rename_one(f"{name}.weight", DIT_DIFFUSERS, to_ours=True)
+    return official[: -len(".weight")] if official and official.endswith(".weight") else None
+
+
+def module_to_diffusers(module: str) -> str | None:
+    """official module name -> diffusers module name (None when diffusers has no such layer)."""
+    theirs = rename_one(f"{module}.weight", DIT_DIFFUSERS, to_ours=False)
+    return theirs[: -len(".weight")] if theirs and theirs.endswith(".weight") else None
+
+
+def is_wan_lora_module(module: str) -> bool:
+    """Whether `module` is a Linear layer name of some Wan2.1 DiT (block index free)."""
+    return rename_one(module, LORA_KOHYA, to_ours=False) is not None
