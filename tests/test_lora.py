@@ -238,3 +238,23 @@ def test_saved_lora_equals_canonical_writer() -> None:
     for fmt in ("comfyui", "diffusers"):
         written = network.state_dict_in(fmt)
         assert written.keys() == lora_state_dict(lora, fmt).keys()
+
+
+def test_trains_on_fp8_base_layers() -> None:
+    """--fp8_base: the network patches FP8Linear layers (called, never read) and only the LoRA gets gradients."""
+    from wan_core.fp8 import apply_fp8
+    from wan_core.ops import FP8Linear
+
+    model = apply_fp8(_model(), "fp8_scaled", compute_dtype=torch.float32)
+    network = LoRANetwork(model, rank=4)
+    assert all(isinstance(m.base, FP8Linear) for m in network.by_name.values()) and len(network.by_name) == 20
+    _randomize_lora(network)
+    x = torch.randn(2, 3, 64)
+    layer = model.blocks[0].self_attn.q
+    lora = network.by_name["blocks.0.self_attn.q"]
+    network.remove()
+    plain = layer(x)
+    network.apply_to()
+    torch.testing.assert_close(layer(x), plain + x @ lora.lora_down.weight.T @ lora.lora_up.weight.T * 0.25)
+    model(*_inputs()).square().mean().backward()
+    assert all(p.grad is not None for p in network.trainable_parameters())

@@ -569,11 +569,11 @@ class LoRANetwork(nn.Module):
         return {name: LowRank(m.lora_down.weight.detach(), m.lora_up.weight.detach(), float(m.alpha))
                 for name, m in self.by_name.items()}
 
-    def state_dict_in(self, fmt: str = "musubi", *, dtype: torch.dtype | None = None,
+    def state_dict_in(self, format: str = "musubi", *, dtype: torch.dtype | None = None,
                       **kwargs: object) -> dict[str, torch.Tensor]:
         """The weights in "musubi" (sd-scripts keys + alpha), "comfyui" or "diffusers" layout (see
         `wan_core.lora_formats.lora_state_dict` for `prefix`, `keep_alpha`)."""
-        tensors = lora_state_dict(self.adapters(), fmt, **kwargs)
+        tensors = lora_state_dict(self.adapters(), format, **kwargs)
         return {k: v.to(dtype) if dtype is not None and v.dim() else v for k, v in tensors.items()}
 
     def network_metadata(self) -> dict[str, str]:
@@ -585,11 +585,11 @@ class LoRANetwork(nn.Module):
                 "ss_network_alpha": str(self.alpha_value), "ss_network_dropout": str(self.dropout),
                 "ss_network_args": json.dumps(args)}
 
-    def save(self, path: str | os.PathLike, fmt: str = "musubi", *, metadata: Mapping[str, str] | None = None,
+    def save(self, path: str | os.PathLike, format: str = "musubi", *, metadata: Mapping[str, str] | None = None,
              dtype: torch.dtype | None = None, **kwargs: object) -> Path:
         """Write the LoRA atomically, with `network_metadata()` updated by `metadata` (passed through)."""
         meta = {**self.network_metadata(), **{k: str(v) for k, v in (metadata or {}).items()}}
-        return save_lora(self.adapters(), path, fmt, metadata=meta, dtype=dtype, **kwargs)
+        return save_lora(self.adapters(), path, format, metadata=meta, dtype=dtype, **kwargs)
 
     def load_weights(self, source: LoRASource) -> LoRAReport:
         """Continue from a LoRA in any format: copies down/up and takes the file's alpha (so the delta is the

@@ -419,9 +419,9 @@ def _default_prefix(fmt: str) -> str | None:
     return {"comfyui": COMFYUI_LORA_PREFIX, "diffusers": DIFFUSERS_LORA_PREFIX}.get(fmt)
 
 
-def lora_state_dict(lora: LoRA | Mapping[str, Adapter], fmt: str = "musubi", *, prefix: str | None = None,
+def lora_state_dict(lora: LoRA | Mapping[str, Adapter], format: str = "musubi", *, prefix: str | None = None,
                     keep_alpha: bool = False, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-    """Write a LoRA in `fmt`: "musubi" (alias "default"), "comfyui" (alias "other") or "diffusers".
+    """Write a LoRA in `format`: "musubi" (alias "default"), "comfyui" (alias "other") or "diffusers".
 
     musubi: `lora_unet_<name>.lora_down/.lora_up.weight` + `.alpha` (alpha = rank when the source had none).
     comfyui: `<prefix>.<official name>.lora_A/.lora_B.weight` (prefix `diffusion_model`, "" for none).
@@ -431,7 +431,7 @@ def lora_state_dict(lora: LoRA | Mapping[str, Adapter], fmt: str = "musubi", *, 
     keeps the weights and writes `.alpha` instead (bit-exact). LoHa/LoKr keep their tensors and alpha.
     `adapter_name` writes PEFT `lora_A.<adapter_name>.weight` keys.
     """
-    fmt = _normalise_format(fmt)
+    fmt = _normalise_format(format)
     prefix = _default_prefix(fmt) if prefix is None else prefix.rstrip(".")
     adapters = lora.adapters if isinstance(lora, LoRA) else lora
     out: dict[str, torch.Tensor] = {}
@@ -473,15 +473,15 @@ def safetensors_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[st
     return model_hash, legacy_hash
 
 
-def save_lora(lora: LoRA | Mapping[str, Adapter], path: str | os.PathLike, fmt: str = "musubi", *,
+def save_lora(lora: LoRA | Mapping[str, Adapter], path: str | os.PathLike, format: str = "musubi", *,
               metadata: Mapping[str, str] | None = None, dtype: torch.dtype | None = None,
               **kwargs: object) -> Path:
     """Write a LoRA file atomically (`lora_state_dict` options in kwargs); musubi files get sshs hashes."""
-    tensors = lora_state_dict(lora, fmt, **kwargs)
+    tensors = lora_state_dict(lora, format, **kwargs)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.dim() else v for k, v in tensors.items()}
     meta = {k: str(v) for k, v in (metadata or {}).items() if k not in _STALE_METADATA}
-    if _normalise_format(fmt) == "musubi":
+    if _normalise_format(format) == "musubi":
         meta["sshs_model_hash"], meta["sshs_legacy_hash"] = safetensors_hashes(tensors, meta)
     return save_safetensors(tensors, path, meta or None)
 
