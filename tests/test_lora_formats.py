@@ -394,6 +394,7 @@ def test_two_handles_stack_and_remove_independently() -> None:
     h1 = apply_loras(model, WRITERS["musubi"](first))
     h2 = apply_loras(model, WRITERS["diffusers"](second), 0.5)
     assert not isinstance(model.blocks[0].self_attn.q.base, LoRAModule)  # one wrapper, two branches
+    assert torch.equal(_run(copy.deepcopy(model)), _run(model))  # wrapped models copy (ComfyUI clones models)
     h1.remove()
     assert _rel(_run(model), _run(_manual_merge(_model(), second, 0.5))) < 2e-6
     h2.remove()

@@ -266,7 +266,9 @@ class LoRAModule(nn.Module):
     """A Linear-like layer plus LoRA branches: base(x) + Σ branch(x), in the base output's dtype.
 
     Attributes the wrapper lacks (weight, in_features, compute_dtype, ...) are read from the base layer, so
-    code that inspects the model keeps working while LoRAs are applied.
+    code that inspects the model keeps working while LoRAs are applied. The branches live inside the model, so
+    `.to()` and block swapping move them with their layer; while wrapped, the layer's weights appear in the
+    model's state dict as `<name>.base.weight` (remove the LoRAs, or merge, before saving a model).
     """
 
     def __init__(self, base: nn.Module) -> None:
@@ -285,9 +287,10 @@ class LoRAModule(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("base", "branches"):
+            base = self.__dict__.get("_modules", {}).get("base")
+            if base is None or name.startswith("__"):
                 raise
-            return getattr(self._modules["base"], name)
+            return getattr(base, name)
 
 
 _handle_ids = itertools.count()
