@@ -401,3 +401,15 @@ def test_incomplete_or_mismatched_weights(tmp_path, ref) -> None:
         load_clip_vision(path)  # a .pth has no metadata and the tiny width is not detectable
     with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
         load_clip_vision(path, config=TINY, attn="fast")
+
+
+def test_file_written_from_the_module_itself_round_trips(tmp_path) -> None:
+    """Our own files hold only the used blocks (num_layers - 1); the config in the metadata still counts all."""
+    from wan_core.checkpoint import save_safetensors
+
+    model = randomize_(CLIPVision(TINY), seed=5)
+    path = save_safetensors(model.state_dict(), tmp_path / "own.safetensors", METADATA)
+    loaded = load_clip_vision(path)
+    assert loaded.config == TINY
+    images = torch.rand(2, 3, 60, 40) * 2 - 1
+    assert torch.equal(loaded.encode(images), model.encode(images))

@@ -295,7 +295,10 @@ def clip_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], i
     names = _checkpoint_keys(path)
     layout, prefix = _detect_layout(names, path)
     num_blocks = _count_blocks(names, layout, prefix)
-    sd = load_state_dict(path, keys=_key_filter(layout, prefix, num_blocks - 1))
+    stored = _stored_config(path)
+    # a file written from a CLIPVision module holds only the used blocks: its config counts one more block
+    used = num_blocks if stored is not None and stored.num_layers == num_blocks + 1 else num_blocks - 1
+    sd = load_state_dict(path, keys=_key_filter(layout, prefix, used))
     sd = {k[len(prefix):]: v for k, v in sd.items()}
     what = f"CLIP vision {path.name} ({layout.name} layout)"
     if layout.name == "HF/ComfyUI":
@@ -360,18 +363,25 @@ def _resolve_path(path: str | os.PathLike) -> Path:
     return path
 
 
+def _stored_config(path: Path) -> CLIPVisionConfig | None:
+    metadata = read_metadata(path)
+    if CONFIG_METADATA_KEY not in metadata:
+        return None
+    config = config_from_json(metadata[CONFIG_METADATA_KEY])
+    if not isinstance(config, CLIPVisionConfig):
+        raise ValueError(f"{path} metadata holds a {type(config).__name__}, not a CLIPVisionConfig")
+    return config
+
+
 def _resolve_config(path: Path, sd: dict[str, torch.Tensor], num_blocks: int,
                     config: CLIPVisionConfig | None) -> CLIPVisionConfig:
     """config argument > `wantuner_config` metadata > config.json beside the file > tensor shapes."""
     if config is None:
-        metadata = read_metadata(path)
-        if CONFIG_METADATA_KEY in metadata:
-            config = config_from_json(metadata[CONFIG_METADATA_KEY])
-            if not isinstance(config, CLIPVisionConfig):
-                raise ValueError(f"{path} metadata holds a {type(config).__name__}, not a CLIPVisionConfig")
+        config = _stored_config(path)
     if config is None:
         config = detect_clip_config(sd, num_blocks, _hf_config_json(path))
-    if config.num_layers != num_blocks:
+    # files written from a CLIPVision module itself hold only the blocks that are used (num_layers - 1)
+    if config.num_layers not in (num_blocks, num_blocks + 1):
         raise ValueError(f"CLIP vision config has num_layers={config.num_layers} but {path.name} holds "
                          f"{num_blocks} transformer blocks")
     return config

@@ -20,13 +20,30 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def merge_spec_loras(model: WanModel, spec: ModelSpec) -> None:
+    """Merge the LoRAs of `spec` (path, multiplier, include, exclude) and log what each matched."""
+    from .lora import merge_loras
+
+    paths, multipliers, includes, excludes = zip(*spec.loras)
+    for report in merge_loras(model, list(paths), list(multipliers), include_patterns=list(includes),
+                              exclude_patterns=list(excludes)):
+        logger.info("LoRA %s", report)
+        if report.unmatched:
+            logger.warning("LoRA %s: %d keys matched no module: %s", report.source, len(report.unmatched),
+                           ", ".join(report.unmatched[:10]))
+
+
 def prepare_dit(path: str | Path, spec: ModelSpec, device: torch.device) -> WanModel:
-    staged = spec.fp8 is not None or spec.blocks_to_swap is not None
-    model = load_dit(path, task=spec.task, device="cpu" if staged else device, attn=spec.attn)
+    staged = spec.loras or spec.fp8 is not None or spec.blocks_to_swap is not None
+    # pre-quantised fp8 files keep their stored weights only when nothing has to be merged into them first
+    model = load_dit(path, task=spec.task, device="cpu" if staged else device, attn=spec.attn,
+                     fp8=spec.fp8 if not spec.loras else None)
     if spec.loras:
-        raise NotImplementedError("LoRA loading is not wired into generation yet")
-    if spec.fp8 is not None:
-        raise NotImplementedError(f"--{spec.fp8} is not available yet")
+        merge_spec_loras(model, spec)
+        if spec.fp8 is not None:
+            from .fp8 import apply_fp8
+
+            apply_fp8(model, spec.fp8, device=device)
     if spec.blocks_to_swap is not None:
         raise NotImplementedError("--blocks_to_swap is not available yet")
     if spec.compile:
