@@ -410,6 +410,6 @@ def test_file_written_from_the_module_itself_round_trips(tmp_path) -> None:
     model = randomize_(CLIPVision(TINY), seed=5)
     path = save_safetensors(model.state_dict(), tmp_path / "own.safetensors", METADATA)
     loaded = load_clip_vision(path)
-    assert loaded.config == TINY
+    assert loaded.cfg == TINY
     images = torch.rand(2, 3, 60, 40) * 2 - 1
     assert torch.equal(loaded.encode(images), model.encode(images))
