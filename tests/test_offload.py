@@ -1,0 +1,388 @@
+"""Block swap: the pure planner, the runtime on the CPU (and on CUDA when present), the memory estimate."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from tests.tiny import TINY_DIT, randomize_
+from wan_core.config import TASKS
+from wan_core.fp8 import apply_fp8
+from wan_core.model import WanModel
+from wan_core.offload import (
+    LiveTensorBytes,
+    SwapPlan,
+    choose_blocks_to_swap,
+    enable_block_swap,
+    estimate_activation_bytes,
+    estimate_peak_bytes,
+    parse_blocks_to_swap,
+    resident_weight_bytes,
+    video_tokens,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and much faster on a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+CFG = dataclasses.replace(TINY_DIT, num_layers=5)
+NUM = CFG.num_layers
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Planner
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _forward(num: int, skip: set[int] = frozenset()):
+    return [(i, "forward") for i in range(num) if i not in skip]
+
+
+def _backward(num: int, skip: set[int] = frozenset()):
+    return [(i, "backward") for i in reversed(range(num)) if i not in skip]
+
+
+def _check_invariants(plan: SwapPlan, steps, trace) -> None:
+    for (index, _), (moves, on_device) in zip(steps, trace):
+        if plan.is_swapped(index):
+            assert index in on_device and moves.wait == index
+        else:
+            assert moves.wait is None
+        assert len(on_device) <= plan.slots
+        assert all(plan.is_swapped(b) for b in on_device)
+        assert not set(moves.evict) & set(moves.fetch)
+
+
+def test_plan_validates_its_range() -> None:
+    for bad in (0, NUM, -1):
+        with pytest.raises(ValueError, match=rf"between 1 and {NUM - 1} .* got {bad}"):
+            SwapPlan(NUM, bad)
+    with pytest.raises(ValueError, match="at least 2 blocks"):
+        SwapPlan(1, 1)
+    with pytest.raises(ValueError, match="prefetch"):
+        SwapPlan(NUM, 2, prefetch=-1)
+    with pytest.raises(ValueError, match="out of range"):
+        SwapPlan(NUM, 2).window(NUM, "forward")
+
+
+def test_parse_blocks_to_swap() -> None:
+    assert parse_blocks_to_swap(None, 30) == 0 and parse_blocks_to_swap("0", 30) == 0
+    assert parse_blocks_to_swap("auto", 30) == "auto" and parse_blocks_to_swap("29", 30) == 29
+    with pytest.raises(ValueError, match="between 1 and 29"):
+        parse_blocks_to_swap(30, 30)
+    with pytest.raises(ValueError, match="integer or 'auto'"):
+        parse_blocks_to_swap("many", 30)
+
+
+def test_layout_resident_first_swapped_last() -> None:
+    plan = SwapPlan(30, 12, prefetch=1)
+    assert plan.resident_blocks == tuple(range(18)) and plan.swapped_blocks == tuple(range(18, 30))
+    assert plan.slots == 2 and SwapPlan(30, 1, prefetch=3).slots == 1
+
+
+def test_forward_streams_each_swapped_block_once_and_prefetches_during_resident_blocks() -> None:
+    plan = SwapPlan(8, 4, prefetch=1)
+    steps = _forward(8) * 2  # two passes (cond and uncond)
+    trace = plan.simulate(steps)
+    _check_invariants(plan, steps, trace)
+    fetched = [b for moves, _ in trace for b in moves.fetch]
+    assert fetched == [4, 5, 6, 7, 4, 5, 6, 7]
+    # the first swapped blocks are requested while block 0 (resident) runs; later ones one block ahead, into the
+    # slot of the block that ran before
+    assert [moves.fetch for moves, _ in trace[:8]] == [(4, 5), (), (), (), (), (6,), (7,), ()]
+    assert [moves.evict for moves, _ in trace[:8]] == [(), (), (), (), (), (4,), (5,), (6,)]
+    # the last block of a pass stays until the next pass asks for room
+    assert trace[7][1] == {7} and trace[8][0].evict == (7,)
+
+
+def test_backward_reuses_the_last_block_and_streams_in_reverse() -> None:
+    plan = SwapPlan(8, 5, prefetch=2)
+    steps = _forward(8) + _backward(8) + _forward(8)
+    trace = plan.simulate(steps)
+    _check_invariants(plan, steps, trace)
+    backward = trace[8:16]
+    assert backward[0][0].fetch == (6, 5)  # block 7 is still there from the forward pass
+    assert [b for moves, _ in backward for b in moves.fetch] == [6, 5, 4, 3]
+    assert backward[-1][1] == frozenset()  # resident blocks at the end of backward: all slots released
+
+
+@pytest.mark.parametrize("num,swap,prefetch", [(5, 1, 1), (5, 4, 1), (6, 3, 0), (30, 29, 1), (40, 20, 3)])
+def test_invariants_hold_with_skipped_blocks(num: int, swap: int, prefetch: int) -> None:
+    plan = SwapPlan(num, swap, prefetch)
+    for skip in ({num - swap}, {num - 1}, {0, num - 2}, set(range(num - swap, num, 2))):
+        steps = _forward(num, skip) + _backward(num, skip) + _forward(num)
+        _check_invariants(plan, steps, plan.simulate(steps))
+        steps = _forward(num, skip) + _forward(num) + _forward(num, skip)
+        _check_invariants(plan, steps, plan.simulate(steps, wrap=True))
+
+
+def test_inference_passes_prefetch_the_next_pass() -> None:
+    plan = SwapPlan(8, 4, prefetch=1)
+    trace = plan.simulate(_forward(8) * 2, wrap=True)
+    _check_invariants(plan, _forward(8) * 2, trace)
+    assert trace[7][0].fetch == (4,)  # block 7 runs while block 4 comes back for the next pass
+    assert trace[8][0].evict == (7,) and trace[8][0].fetch == (5,)
+    assert [b for moves, _ in trace for b in moves.fetch] == [4, 5, 6, 7, 4, 5, 6, 7, 4]
+
+
+def test_swapping_no_more_blocks_than_slots_keeps_them_on_the_device_in_inference() -> None:
+    plan = SwapPlan(6, 2, prefetch=1)
+    trace = plan.simulate(_forward(6) * 3, wrap=True)
+    assert [b for moves, _ in trace for b in moves.fetch] == [4, 5]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runtime on the CPU: the arena is ordinary memory and the "device" slots are CPU buffers, but every placement
+# decision is the real one, and a dispatch mode proves that no computation ever reads the CPU master copies.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _NoArenaReads(TorchDispatchMode):
+    """Fails a computing op that reads arena memory (views and the swapper's own copies out of it are fine)."""
+
+    def __init__(self, swapper) -> None:
+        super().__init__()
+        buffer = swapper._arena.buffer
+        self.start, self.end = buffer.data_ptr(), buffer.data_ptr() + buffer.numel()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is not torch.ops.aten.copy_.default and not func.is_view:
+            for t in tree_flatten((args, kwargs))[0]:
+                if isinstance(t, torch.Tensor) and t.numel() and self.start <= t.data_ptr() < self.end:
+                    raise AssertionError(f"{func} read a swapped tensor from CPU master memory")
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _model(seed: int = 0) -> WanModel:
+    return randomize_(WanModel(CFG), seed).eval()
+
+
+def _inputs(seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 16, 3, 8, 8, generator=gen), torch.tensor([500.0]), [torch.randn(5, 32, generator=gen)]
+
+
+def _run(model: nn.Module, swapper=None, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        if swapper is None:
+            return model(*_inputs(), **kwargs)
+        with _NoArenaReads(swapper) as guard:
+            out = model(*_inputs(), **kwargs)
+        assert guard.ops > 0
+        return out
+
+
+@pytest.mark.parametrize("swap,prefetch", [(1, 1), (2, 0), (NUM - 1, 1), (NUM - 1, 2)])
+def test_forward_is_identical_with_any_swap_count(swap: int, prefetch: int) -> None:
+    ref = _model()
+    expected = _run(ref)
+    model = copy.deepcopy(ref)
+    swapper = enable_block_swap(model, swap, "cpu", prefetch=prefetch)
+    for _ in range(2):  # a second pass starts from the state the first one left
+        assert torch.equal(_run(model, swapper), expected)
+    swapper.remove()
+    assert torch.equal(_run(model), expected) and not model.blocks[-1]._forward_pre_hooks
+
+
+def test_skip_blocks_with_swap() -> None:
+    ref = _model()
+    model = copy.deepcopy(ref)
+    swapper = enable_block_swap(model, 3, "cpu")
+    for skip in ({2}, {3}, {4}, {2, 4}):
+        assert torch.equal(_run(model, swapper, skip_blocks=skip), _run(ref, skip_blocks=skip))
+
+
+def test_fp8_weights_and_their_scales_are_swapped() -> None:
+    ref = apply_fp8(_model(), "fp8_scaled")
+    model = copy.deepcopy(ref)
+    swapper = enable_block_swap(model, NUM - 1, "cpu")
+    assert torch.equal(_run(model, swapper), _run(ref))
+    assert any(t is model.blocks[-1].ffn[0].scale_weight for t in swapper._layouts[NUM - 1].tensors)
+
+
+class _LoRA(nn.Module):
+    """An unmerged low-rank wrapper (calls its base layer) with trainable factors."""
+
+    def __init__(self, base: nn.Module, seed: int) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.base = base
+        self.down = nn.Parameter(torch.randn(2, base.in_features, generator=gen) * 0.1)
+        self.up = nn.Parameter(torch.randn(base.out_features, 2, generator=gen) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + F.linear(F.linear(x.to(self.down.dtype), self.down), self.up)
+
+
+def _with_lora(model: WanModel) -> WanModel:
+    model.requires_grad_(False)
+    for i, block in enumerate(model.blocks):
+        block.self_attn.q = _LoRA(block.self_attn.q, seed=i)
+        block.ffn[2] = _LoRA(block.ffn[2], seed=100 + i)
+    return model
+
+
+def _loss_and_grads(model: WanModel, swapper=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    x, t, ctx = _inputs()
+    guard = _NoArenaReads(swapper) if swapper is not None else None
+    with guard or _nullcontext():
+        loss = model(x, t, ctx).pow(2).mean()
+        loss.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("swap,checkpointing", [(1, False), (3, True), (NUM - 1, False), (NUM - 1, True)])
+def test_training_gradients_are_identical_with_swap(swap: int, checkpointing: bool) -> None:
+    ref = _with_lora(_model()).train()
+    ref.gradient_checkpointing = checkpointing
+    model = copy.deepcopy(ref)
+    swapper = enable_block_swap(model, swap, "cpu")
+    expected_loss, expected = _loss_and_grads(ref)
+    for _ in range(2):
+        loss, grads = _loss_and_grads(model, swapper)
+        assert torch.equal(loss, expected_loss)
+        assert len(grads) == 4 * NUM and all(torch.equal(a, b) for a, b in zip(grads, expected))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    start = swapper._arena.buffer.data_ptr()
+    end = start + swapper._arena.buffer.numel()
+    assert not any(start <= p.data_ptr() < end for p in trainable)  # LoRA factors never move
+
+
+def test_refuses_a_model_without_blocks() -> None:
+    with pytest.raises(ValueError, match="`blocks` ModuleList"):
+        enable_block_swap(nn.Linear(2, 2), 1, "cpu")
+    with pytest.raises(ValueError, match=f"between 1 and {NUM - 1}"):
+        enable_block_swap(_model(), NUM, "cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory estimate
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_video_tokens_match_the_reference_counts() -> None:
+    cfg = TASKS["t2v-14B"].dit
+    assert video_tokens(cfg, 480, 832, 81) == 32760 and video_tokens(cfg, 720, 1280, 81) == 75600
+    with pytest.raises(ValueError, match="4k\\+1"):
+        video_tokens(cfg, 480, 832, 80)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        video_tokens(cfg, 481, 832, 81)
+
+
+def test_live_tensor_bytes_counts_storages_until_their_last_view_dies() -> None:
+    x = torch.randn(1000, 250)  # 1 MB, created before: not counted
+    with LiveTensorBytes() as meter:
+        a = x * 2  # +1 MB
+        view = a[:10]
+        b = a.double()  # +2 MB -> 3 MB
+        del a  # the view keeps it alive
+        c = b + 1  # +2 MB -> 5 MB
+        del b, c, view  # -> 0
+        d = x.float().add_(1)  # `float()` of fp32 is x itself: add_ works in place on x
+    assert meter.peak == 5_000_000 and meter.current == 0
+    assert d is x
+
+
+@pytest.mark.parametrize("dim,ffn,frames,size,kind", [(128, 256, 9, 128, "t2v"), (128, 1024, 5, 128, "t2v"),
+                                                        (256, 512, 5, 96, "t2v"), (128, 512, 9, 160, "t2v"),
+                                                        (128, 256, 5, 64, "i2v")])
+def test_activation_estimate_matches_cpu_measurement(dim: int, ffn: int, frames: int, size: int, kind: str) -> None:
+    """bf16 forward on the CPU, live bytes measured by dispatch: the formula is an upper bound within 2 %.
+
+    The cases cover each phase being the peak (context-sized cross-attention at few tokens, the FFN at a wide
+    ffn_dim, RoPE at many tokens) and the image cross-attention of I2V models."""
+    cfg = dataclasses.replace(TINY_DIT, dim=dim, ffn_dim=ffn, num_heads=dim // 64, num_layers=2,
+                              model_type=kind, in_dim=16 if kind == "t2v" else 36)
+    model = randomize_(WanModel(cfg), 0).to(torch.bfloat16).eval()
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, cfg.in_dim, (frames - 1) // 4 + 1, size // 8, size // 8, generator=gen)
+    context = [torch.randn(20, cfg.text_dim, generator=gen)]
+    clip = torch.randn(1, 257, 1280, generator=gen) if kind == "i2v" else None
+    with torch.no_grad(), LiveTensorBytes() as meter:
+        model(latents, torch.tensor([500.0]), context, clip_fea=clip)
+    estimate = estimate_activation_bytes(cfg, size, size, frames, dtype=torch.bfloat16)
+    assert meter.peak <= estimate <= 1.02 * meter.peak, (meter.peak, estimate)
+
+
+def test_resident_weights_under_swap_are_computed_from_the_modules() -> None:
+    model = _model().requires_grad_(False)
+    block = sum(p.numel() * 4 for p in model.blocks[0].parameters())
+    total = sum(p.numel() * 4 for p in model.parameters())
+    assert resident_weight_bytes(model, 0) == total
+    assert resident_weight_bytes(model, 3, prefetch=1) == total - 3 * block + 2 * block
+    assert resident_weight_bytes(model, 3, prefetch=0) == total - 3 * block + 1 * block
+    lora = _with_lora(_model())  # trainable factors never leave the device
+    lora_total = sum(p.numel() * 4 for p in lora.parameters())
+    frozen = sum(p.numel() * 4 for p in lora.blocks[-1].parameters() if not p.requires_grad)
+    assert frozen < sum(p.numel() * 4 for p in lora.blocks[-1].parameters())
+    assert resident_weight_bytes(lora, 3, prefetch=0) == lora_total - 3 * frozen + frozen
+
+
+def test_auto_picks_the_smallest_count_that_fits() -> None:
+    model = _model().requires_grad_(False)
+    h = w = 64
+    peaks = [estimate_peak_bytes(model, h, w, 9, n).total for n in range(NUM)]
+    assert peaks[0] == peaks[1] == peaks[2] > peaks[3] > peaks[4]  # swapping <= 2 blocks fills the 2 slots
+    margin = 1000
+    assert choose_blocks_to_swap(model, h, w, 9, free_bytes=peaks[0] + margin, margin_bytes=margin).blocks_to_swap == 0
+    budget = peaks[3] + margin
+    assert choose_blocks_to_swap(model, h, w, 9, free_bytes=budget, margin_bytes=margin).blocks_to_swap == 3
+    with pytest.raises(RuntimeError, match=rf"even swapping {NUM - 1} blocks"):
+        choose_blocks_to_swap(model, h, w, 9, free_bytes=peaks[-1] + margin - 1, margin_bytes=margin)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU): real streams, events and pinned memory
+# ----------------------------------------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("swap", [0, 1, NUM - 1])
+def test_cuda_forward_and_backward_are_bit_identical(swap: int) -> None:
+    ref = _with_lora(_model()).to(torch.bfloat16).cuda().train()
+    x, t, ctx = (v.cuda() if isinstance(v, torch.Tensor) else [c.cuda() for c in v] for v in _inputs())
+    model = copy.deepcopy(ref).cpu()
+    swapper = enable_block_swap(model, swap, "cuda")
+    for m in (ref, model):
+        m.zero_grad(set_to_none=True)
+    outs = []
+    for m in (ref, model):
+        for _ in range(2):
+            m.zero_grad(set_to_none=True)
+            out = m(x, t, ctx)
+            out.float().pow(2).mean().backward()
+        outs.append((out.detach(), [p.grad for p in m.parameters() if p.requires_grad]))
+    torch.cuda.synchronize()
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))
+    if swapper is not None:
+        assert swapper._arena.buffer.is_pinned()
+        swapper.remove()
