@@ -228,6 +228,12 @@ def test_media_edit_and_frame_window_changes(tmp_path, models):
     write_frames(tmp_path / "videos" / "clip", 1, (32, 32), offset=40)  # re-save frame 0 with other content
     report = _latents(tmp_path, models, num_workers=0)  # the folder's content changed: all its windows
     assert sorted(p.name for p in report.encoded) == [f"clip_{s:05d}-001_0032x0032_wan.safetensors" for s in (0, 4)]
+    config.write_text(config.read_text().replace("target_frames = [1]", "target_frames = [5]"))
+    report = _latents(tmp_path, models, num_workers=0)  # one window of the 5 frames kept at 16 fps
+    assert [p.name for p in report.encoded] == ["clip_00000-005_0032x0032_wan.safetensors"]
+    assert sorted(p.name for p in report.removed) == [f"clip_{s:05d}-001_0032x0032_wan.safetensors" for s in (0, 4)]
+    expected = vae.encode(_pixels(tmp_path / "videos" / "clip", [0, 2, 4, 6, 8])[None])[0]
+    assert torch.equal(load_file(str(report.encoded[0]))["latents_2x4x4_float32"], expected)
 
 
 def test_skip_existing_still_verifies_keys(tmp_path, models, capsys):
@@ -253,6 +259,19 @@ def test_musubi_files_without_a_key_are_reencoded(tmp_path, models):
               metadata={"architecture": "wan", "width": "32", "height": "32", "format_version": "1.0.1"})
     assert [p.name for p in _latents(tmp_path, models, num_workers=0).encoded] == [path.name]
     assert KEY_METADATA in _metadata(path)
+
+
+def test_fp8_t5_and_loaded_encoders_have_their_own_identity(tmp_path, models):
+    config = image_dataset(tmp_path, {"a": "first"})
+    cache_text(config, models.t5)
+    assert len(cache_text(config, models.t5, fp8_t5=True).encoded) == 2  # the caption and the empty one
+    entry = json.loads(_metadata(tmp_path / "cache" / "a_wan_te.safetensors")["wantuner_entry"])
+    assert entry["settings"]["compute"] == "float32+fp8_scaled"
+    assert cache_text(config, models.t5, fp8_t5=True).encoded == []
+    loaded = load_vae(models.vae, dtype=torch.float32)  # e.g. a ComfyUI node's model: used as it is
+    report = cache_latents(config, loaded, num_workers=0)
+    assert report.encoded and list(load_file(str(report.encoded[0]))) == ["latents_1x4x4_float32"]
+    assert cache_latents(config, loaded, num_workers=0).encoded == []
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -404,6 +423,16 @@ def test_reader_names_what_the_task_needs(tmp_path, models):
         CachedDataset(config, need_control=True)
 
 
+def test_reader_without_verification_checks_only_existence(cached_images):
+    config, _ = cached_images
+    (config.parent / "images" / "b.txt").write_text("an edited caption")
+    CachedDataset(config, verify=False)  # the edit goes unnoticed: verify=False trusts the entries
+    (config.parent / "cache" / "a_wan_te.safetensors").unlink()
+    missing = r"1 T5 cache entries are missing or stale:\n  .*a_wan_te\.safetensors: missing"
+    with pytest.raises(CacheError, match=missing):
+        CachedDataset(config, verify=False)
+
+
 def test_reader_refuses_entries_from_mixed_encoders(tmp_path, models):
     """An interrupted re-cache with another VAE leaves old and new entries side by side."""
     config = image_dataset(tmp_path, {"a": "first", "b": "second", "c": "third"})
@@ -508,3 +537,31 @@ def test_cli_errors_and_config_file(tmp_path, models, capsys):
     assert "2 encoded" in capsys.readouterr().out
     assert main(["cache-latents", "--dataset_config", str(config), "--debug_mode", "console"]) == 0
     assert "a.png: image 32x32 -> bucket 32x32" in capsys.readouterr().out
+    code = main(["cache-latents", "--dataset_config", str(config), "--vae", str(models.vae), "--task", "t2v-1.3B-FC"])
+    assert code == 2 and "task t2v-1.3B-FC trains on control videos, but 1 items have none" in capsys.readouterr().err
+
+
+def test_dropped_files_are_reported_and_the_rest_is_cached(tmp_path, models, capsys, caplog):
+    from training.__main__ import main
+
+    images = tmp_path / "images"
+    image_dataset(tmp_path, {"good": "a good image"})
+    (images / "nocaption.png").write_bytes((images / "good.png").read_bytes())
+    (images / "broken.png").write_bytes(b"not a png")
+    (images / "broken.txt").write_text("unreadable")
+    clips = tmp_path / "clips"
+    frames_dataset(clips, {"short": "three frames"}, frames=3, target_frames=[5])
+    config = write_toml(tmp_path / "both.toml", {"resolution": [32, 32], "caption_extension": ".txt"},
+                        {"image_directory": images, "cache_directory": tmp_path / "cache"},
+                        {"video_jsonl_file": clips / "dataset.jsonl", "cache_directory": clips / "cache",
+                         "target_frames": [5]})
+    code = main(["cache-latents", "--dataset_config", str(config), "--vae", str(models.vae), "--vae_dtype", "fp32",
+                 "--device", "cpu"])
+    assert code == 0
+    assert capsys.readouterr().out == (
+        "latent cache: 1 entries: 1 encoded, 0 reused, 0 stale files removed, 1 files dropped (no_caption), "
+        "1 files dropped (too_short), 1 files dropped (unreadable) (see the warnings above, or python -m training "
+        "dataset --dry-run)\n")
+    warnings = "\n".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "nocaption.png: no_caption" in warnings and "broken.png: unreadable" in warnings
+    assert "short: too_short (needs 5 frames, the video has 3)" in warnings

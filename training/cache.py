@@ -27,7 +27,9 @@ Keys. An entry's key is sha256 over the key version and its parts:
 - T5: `caption` = sha256 of the caption text; `encoder` = the T5 checkpoint fingerprint, the tokenizer (sha256 of the
   SentencePiece model and text_len), the compute mode (dtype, fp8) and the stored dtype.
 A checkpoint fingerprint is its size plus sha256 of its head (the whole safetensors header) and 16 blocks of 64 KiB
-spread over the file (the whole file below 8 MiB); split files and folders include every part.
+spread over the file (the whole file below 8 MiB); split files and folders include every part. (So an edit of a
+large checkpoint that keeps its size and touches none of the sampled bytes goes unnoticed: use --force after
+editing weights in place.) A loaded model's identity hashes its tensor names, shapes, dtypes and first/last values.
 
 Media hashes are cached per cache directory with each file's (size, mtime, ctime, inode); a record is trusted only
 when the file had not changed for 2 s before it was hashed (git's "racy" rule), otherwise the file is hashed again.
@@ -39,9 +41,12 @@ Files without a key (written by musubi) are re-encoded. After a run, files of th
 entry of the dataset uses, and temporary files of interrupted runs, are deleted unless `--keep_cache`. Every file is
 written to a temporary name and renamed, so an interrupted run leaves no broken file and a re-run continues.
 
+An encoder output with NaN or inf is an error (musubi zeroes it with a warning); nothing is written for that entry.
+
 The reader (`CachedDataset`) rebuilds the items from the dataset config, checks that every latent and T5 entry exists
-and that its media and preprocessing parts (and, when given, the encoders) match the current files, and yields
-musubi-style batches of items with identical (W, H, frames).
+and that its media and preprocessing parts (and, when given, the encoders) match the current files, that all entries
+come from one encoder setting and carry what the task needs, and yields musubi-style batches of items with identical
+(W, H, frames). `open_training_source` wraps it as the training loop's `BatchSource` (training.data).
 """
 
 from __future__ import annotations
@@ -698,13 +703,13 @@ class CachedDataset:
     # -- verification ------------------------------------------------------------------------------------------
 
     def _check(self, verify: bool, **encoders: Any) -> None:
-        if not verify:
-            missing = [_Problem(p, "missing") for p in self._all_paths() if not p.is_file()]
-            self._raise([m for m in missing if m.path.name.endswith(LATENT_SUFFIX)],
-                        [m for m in missing if not m.path.name.endswith(LATENT_SUFFIX)])
+        if verify:
+            self._raise(self._latent_problems(encoders["vae"], encoders["clip"]),
+                        self._text_problems(encoders["t5"], encoders["tokenizer"]))
             return
-        self._raise(self._latent_problems(encoders["vae"], encoders["clip"]),
-                    self._text_problems(encoders["t5"], encoders["tokenizer"]))
+        missing = [_Problem(path, "missing") for path in self._all_paths() if not path.is_file()]
+        self._raise([m for m in missing if is_latent_cache_name(m.path.name)],
+                    [m for m in missing if not is_latent_cache_name(m.path.name)])
 
     def _all_paths(self) -> list[Path]:
         paths = [e.path for e in self.latent_entries.values()] + [e.path for e in self.text_entries.values()]

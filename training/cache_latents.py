@@ -119,9 +119,9 @@ class LatentEncoder:
     def _encode(self, video: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(video).cpu().to(self.dtype)  # [B, 16, F, h, w]
 
-    def encode(self, items: Sequence[DatasetItem], pixels: Sequence[tuple[np.ndarray, np.ndarray | None]]
-               ) -> dict[str, torch.Tensor | None]:
-        """-> {"latents", "latents_image", "clip", "latents_control"}, each batched over items (or None)."""
+    def encode(self, pixels: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> dict[str, torch.Tensor | None]:
+        """(frames, control frames) per item of one bucket -> {"latents", "latents_image", "clip",
+        "latents_control"}, each batched over the items (or None)."""
         video = _video_batch([p[0] for p in pixels])  # [B, 3, T, H, W]
         out: dict[str, torch.Tensor | None] = {"latents": self._encode(video), "latents_image": None, "clip": None,
                                                "latents_control": None}
@@ -165,13 +165,11 @@ def _resolve_scan(dataset: str | os.PathLike[str] | DatasetGroupConfig | Dataset
 
 
 def _load_vae(vae: Any, dtype: torch.dtype, device: str, cache_cpu: bool) -> Any:
+    """A path is loaded; a loaded VAE is used as it is (its device, dtype and cache device)."""
     from wan_core.vae import load_vae
 
     if isinstance(vae, (str, os.PathLike)):
         return load_vae(vae, dtype=dtype, device=device, cache_device="cpu" if cache_cpu else None)
-    vae.to(device=device, dtype=dtype)
-    if cache_cpu:
-        vae.cache_device = "cpu"
     return vae
 
 
@@ -207,11 +205,12 @@ def cache_latents(dataset: str | os.PathLike[str] | DatasetGroupConfig | Dataset
                   progress: Progress | None = None) -> CacheRunReport:
     """Bring a dataset's latent caches up to date; returns what was encoded, reused and removed.
 
-    vae / clip: checkpoint paths (loaded only when something must be encoded) or loaded `WanVAE` / `CLIPVision`.
-    A loaded VAE is moved to `device` and `vae_dtype`. clip implies i2v. Raises ValueError for an empty dataset or
-    colliding cache names, FileNotFoundError for missing checkpoints, MediaReadError when a file fails to decode.
+    vae / clip: checkpoint paths (loaded on `device` only when something must be encoded, the VAE in `vae_dtype`)
+    or a loaded `WanVAE` / `CLIPVision`, used as they are (the latents are stored in the loaded VAE's dtype and
+    `vae_dtype` is ignored). clip implies i2v. Raises ValueError for an empty dataset or colliding cache names,
+    FileNotFoundError for missing checkpoints, MediaReadError when a file fails to decode.
     """
-    dtype = parse_dtype(vae_dtype)
+    dtype = parse_dtype(vae_dtype) if isinstance(vae, (str, os.PathLike)) else vae.dtype
     i2v = i2v or clip is not None
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -255,7 +254,7 @@ def _encode_pending(pending: list[LatentEntry], scan: DatasetScan, keys: dict[Pa
     done = 0
     for batch in batches:
         pixels = [next(loaded)[1] for _ in batch]
-        outputs = encoder.encode([e.item for e in batch], pixels)
+        outputs = encoder.encode(pixels)
         for i, entry in enumerate(batch):
             extra = {name: None if value is None else value[i] for name, value in outputs.items()}
             save_latent_entry(entry.path, entry.item, keys[entry.path], settings, extra.pop("latents"),
@@ -316,8 +315,9 @@ def _check_task(name: str, clip: str | None, scan: DatasetScan) -> bool:
 
 def _summary(report: CacheRunReport) -> str:
     dropped = "".join(f", {count} files dropped ({reason})" for reason, count in report.dropped_files.items())
+    hint = " (see the warnings above, or python -m training dataset --dry-run)" if dropped else ""
     return (f"latent cache: {report.entries} entries: {len(report.encoded)} encoded, {report.reused} reused, "
-            f"{len(report.removed)} stale files removed{dropped}\n")
+            f"{len(report.removed)} stale files removed{dropped}{hint}\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

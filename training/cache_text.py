@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fp8_t5", action="store_true", help="store the T5 weights in fp8 (less memory)")
     parser.add_argument("--batch_size", type=int, default=None, help="captions per T5 call (default: the dataset's)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    parser.add_argument("--num_workers", type=int, default=None,
+                        help="accepted for musubi compatibility; captions are read without decoding any media")
     parser.add_argument("--skip_existing", action="store_true",
                         help="accepted for musubi compatibility; up-to-date entries are always skipped (keys "
                              "verified)")
