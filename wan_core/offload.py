@@ -352,7 +352,8 @@ class BlockSwapper:
     def remove(self, device: str | torch.device | None = None) -> None:
         """Detach the hooks and give every swapped tensor its own memory on `device` (default: the swap device)."""
         target = torch.device(device) if device is not None else self.device
-        if self.cuda:
+        if self.cuda:  # pending prefetches write into the slots, queued compute reads them
+            self._stream.synchronize()
             torch.cuda.current_stream(self.device).synchronize()
         for hook in self._hooks:
             hook.remove()

@@ -224,7 +224,8 @@ class FP8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias
         if self.fast and not (torch.is_grad_enabled() and x.requires_grad):
-            check_scaled_mm_device(x.device)
+            if not torch.compiler.is_compiling():
+                check_scaled_mm_device(x.device)
             return scaled_mm_linear(x, self.weight, self.scale_weight, bias, self.compute_dtype)
         bias = None if bias is None else bias.to(self.compute_dtype)
         return F.linear(x.to(self.compute_dtype), self.dequantized_weight(), bias)
