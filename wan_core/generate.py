@@ -19,7 +19,7 @@ import torch
 
 from . import conditioning as cond
 from .config import TASKS, get_task
-from .guidance import CFG_SKIP_MODES, SLG_MODES, SLGConfig
+from .guidance import CFG_SKIP_MODES, SLG_MODES, SLGConfig, cfg_apply_pattern
 from .jobs import Job, parse_prompt_line, read_prompt_lines
 from .models import ModelSet, ModelSpec
 from .outputs import OUTPUT_TYPES, load_latent, output_stem, save_outputs
@@ -184,6 +184,7 @@ def resolve_job(job: Job, args: argparse.Namespace, task: str, defaults: dict) -
                           preset.shift_for(height, width)),
         seed=job.seed, solver=args.sample_solver, cpu_noise=args.cpu_noise,
         cfg_skip_mode=args.cfg_skip_mode, cfg_apply_ratio=args.cfg_apply_ratio, slg=slg)
+    cfg_apply_pattern(settings.cfg_skip_mode, settings.steps, settings.cfg_apply_ratio)  # validate now
     negative = _first(job.negative_prompt, args.negative_prompt, defaults.get("negative_prompt"),
                       preset.negative_prompt)
     fps = _first(args.fps, defaults.get("fps"), preset.fps)

@@ -1,0 +1,188 @@
+"""End-to-end tests of `python -m wan_core.generate` on a tiny random model set (CPU)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.model_set import DIT_KINDS, write_model_set
+from wan_core.generate import main
+from wan_core.lora_formats import LowRank, save_lora
+from wan_core.media import write_video
+from wan_core.outputs import load_latent
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    return write_model_set(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("media")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(folder / "start.png")
+    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(folder / "end.png")
+    write_video(torch.rand(9, 32, 32, 3), folder / "control.mp4", fps=16)
+    return {"start": folder / "start.png", "end": folder / "end.png", "control": folder / "control.mp4"}
+
+
+def _args(models, kind: str, out: Path, *extra: str) -> list[str]:
+    base = ["--dit", str(models[f"dit_{kind}"]), "--vae", str(models["vae"]), "--t5", str(models["t5"]),
+            "--clip", str(models["clip"]), "--video_size", "32", "32", "--video_length", "5", "--infer_steps", "2",
+            "--save_path", str(out), "--quiet", "--device", "cpu"]
+    return base + list(extra)
+
+
+def _frames(path: Path) -> tuple[int, int, int]:
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    return len(frames), frames[0].shape[0], frames[0].shape[1]
+
+
+def _only(folder: Path, pattern: str) -> Path:
+    found = sorted(folder.glob(pattern))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_t2v_writes_video_and_latent_with_settings(models, tmp_path):
+    assert main(_args(models, "t2v", tmp_path, "--prompt", "a red square moving right --d 3",
+                      "--output_type", "both", "--guidance_scale", "4.0")) == 0
+    assert _frames(_only(tmp_path, "*.mp4")) == (5, 32, 32)
+    latent, meta = load_latent(_only(tmp_path, "*_latent.safetensors"))
+    assert latent.shape == (1, 16, 2, 4, 4)
+    assert (meta["seeds"], meta["prompt"], meta["video_length"], meta["guidance_scale"]) == (
+        3, "a red square moving right", 5, 4.0)
+    assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+
+def test_same_seed_gives_bit_identical_latents(models, tmp_path):
+    for name in ("a", "b", "c"):
+        seed = "7" if name != "c" else "8"
+        main(_args(models, "t2v", tmp_path / name, "--prompt", "a blue circle", "--seed", seed,
+                   "--output_type", "latent"))
+    a, b, c = (load_latent(_only(tmp_path / n, "*.safetensors"))[0] for n in "abc")
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_t2i_writes_one_png(models, tmp_path):
+    assert main(_args(models, "t2v", tmp_path, "--task", "t2i-14B", "--prompt", "a cat", "--output_type",
+                      "images")) == 0
+    assert [p.name for p in _only(tmp_path, "*").iterdir()] == ["frame_0000.png"]
+
+
+def test_i2v_size_follows_the_image_aspect(models, media, tmp_path):
+    # area 32x32 at the image's 48:64 aspect -> latent 2x4 (sides even) -> 16x32 pixels
+    assert main(_args(models, "i2v", tmp_path, "--prompt", "a cat", "--image_path", str(media["start"]))) == 0
+    assert _frames(_only(tmp_path, "*.mp4")) == (5, 16, 32)
+
+
+def test_end_image_adds_a_latent_frame_and_trim(models, media, tmp_path):
+    assert main(_args(models, "i2v", tmp_path, "--prompt", "a cat", "--image_path", str(media["start"]),
+                      "--end_image_path", str(media["end"]), "--trim_tail_frames", "3")) == 0
+    assert _frames(_only(tmp_path, "*.mp4"))[0] == 5 + 4 - 3
+
+
+def test_flf2v(models, media, tmp_path):
+    assert main(_args(models, "flf2v", tmp_path, "--prompt", "a cat", "--image_path", str(media["start"]),
+                      "--end_image_path", str(media["end"]))) == 0
+    assert _frames(_only(tmp_path, "*.mp4"))[0] == 5
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_fun_control(models, media, tmp_path, with_image):
+    extra = ["--image_path", str(media["start"])] if with_image else []
+    assert main(_args(models, "fc", tmp_path, "--prompt", "a cat", "--control_path", str(media["control"]),
+                      *extra)) == 0
+    assert _frames(_only(tmp_path, "*.mp4")) == (5, 32, 32)
+
+
+def test_fun_control_too_few_frames(models, media, tmp_path, capsys):
+    assert main(_args(models, "fc", tmp_path, "--prompt", "a cat", "--control_path", str(media["control"]),
+                      "--video_length", "13")) == 2
+    assert "control video has 9 frames but 13 are needed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--video_length", "6"], "video length must be 4n+1"),
+    (["--video_size", "30", "32"], "height must be a positive multiple of 16 (got 30; try 16 or 32)"),
+    (["--image_path", "missing.png"], "missing.png"),
+    (["--cfg_skip_mode", "late", "--cfg_apply_ratio", "1.5"], "ratio"),
+])
+def test_bad_input_fails_before_any_model_runs(models, tmp_path, capsys, argv, message):
+    args = _args(models, "t2v", tmp_path, "--prompt", "a cat", "--task", "t2v-1.3B", *argv)
+    args[1] = str(tmp_path / "no_such_dit.safetensors")  # a model load would fail differently
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_task_model_mismatch(models, media, tmp_path, capsys):
+    assert main(_args(models, "t2v", tmp_path, "--task", "i2v-14B", "--prompt", "a cat",
+                      "--image_path", str(media["start"]))) == 2
+    assert "task 'i2v-14B' needs a i2v model with 36 input channels" in capsys.readouterr().err
+    assert main(_args(models, "i2v", tmp_path, "--prompt", "a cat")) == 2
+    assert "give a start image with --image_path" in capsys.readouterr().err
+
+
+def _random_lora(seed: int) -> dict[str, LowRank]:
+    gen = torch.Generator().manual_seed(seed)
+    cfg = DIT_KINDS["t2v"]
+    return {f"blocks.{i}.{name}": LowRank(torch.randn(4, cfg.dim, generator=gen), torch.randn(cfg.dim, 4,
+                                                                                              generator=gen), 2.0)
+            for i in range(cfg.num_layers) for name in ("self_attn.q", "cross_attn.v", "ffn.2")
+            if name != "ffn.2"}
+
+
+def test_lora_formats_give_the_same_video(models, tmp_path):
+    lora = _random_lora(1)
+    outs = {}
+    for fmt in ("musubi", "comfyui", "diffusers", None):
+        extra = []
+        if fmt:
+            path = save_lora(lora, tmp_path / f"{fmt}.safetensors", fmt)
+            extra = ["--lora_weight", str(path), "--lora_multiplier", "0.5"]
+        main(_args(models, "t2v", tmp_path / str(fmt), "--prompt", "a cat", "--seed", "1", "--output_type", "latent",
+                   *extra))
+        outs[fmt] = load_latent(_only(tmp_path / str(fmt), "*.safetensors"))[0]
+    torch.testing.assert_close(outs["musubi"], outs["comfyui"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs["musubi"], outs["diffusers"], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(outs["musubi"], outs[None])
+
+
+def test_lora_exclude_everything_equals_base(models, tmp_path):
+    path = save_lora(_random_lora(2), tmp_path / "l.safetensors", "musubi")
+    for name, extra in (("base", []), ("excluded", ["--lora_weight", str(path), "--exclude_patterns", "blocks_"])):
+        main(_args(models, "t2v", tmp_path / name, "--prompt", "a cat", "--seed", "1", "--output_type", "latent",
+                   *extra))
+    a, b = (load_latent(_only(tmp_path / n, "*.safetensors"))[0] for n in ("base", "excluded"))
+    assert torch.equal(a, b)
+
+
+def test_batch_file_and_latent_decoding(models, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two videos\na red square --d 1 --f 9\n\na blue circle --d 2 --s 1 --g 1.0\n")
+    assert main(_args(models, "t2v", tmp_path / "out", "--from_file", str(prompts), "--output_type", "both")) == 0
+    videos = sorted((tmp_path / "out").glob("*.mp4"))
+    assert sorted(_frames(v)[0] for v in videos) == [5, 9]
+    latents = sorted((tmp_path / "out").glob("*_latent.safetensors"))
+    assert main(_args(models, "t2v", tmp_path / "decoded", "--latent_path", *map(str, latents))) == 0
+    assert sorted(_frames(v)[0] for v in (tmp_path / "decoded").glob("*.mp4")) == [5, 9]
+
+
+def test_interactive_mode_through_a_pipe(models, tmp_path):
+    argv = [sys.executable, "-m", "wan_core.generate", *_args(models, "t2v", tmp_path, "--interactive")]
+    result = subprocess.run(argv, input="a red square --d 1\n\nnot an option --zz 1\na blue circle --d 2\n",
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "unknown inline option --zz" in result.stderr
+    assert len(list(tmp_path.glob("*.mp4"))) == 2
