@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "cache-text": ("training.cache_text", "encode the captions into T5 caches"),
     "train": ("training.train", "train a LoRA from the caches"),
     "convert-lora": ("training.convert_lora", "convert a LoRA between musubi, ComfyUI and diffusers key formats"),
+    "init-dit": ("training.init_dit", "write a randomly initialised DiT of any size (for training from scratch)"),
 }
 
 

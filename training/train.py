@@ -1,0 +1,585 @@
+"""`python -m training train`: LoRA (or full) flow-matching training of a Wan2.1 DiT from cached latents and T5
+outputs. Runs plainly or under `accelerate launch` (DDP: gradients are averaged explicitly after each
+accumulation, every process holds identical weights). See `training.args` for the flags.
+
+The recipe (`train`) reads as its steps: setup_run, load_model, apply_lora, build_dataloader, build_optimizer,
+resume, then per optimizer step `run_step` (micro-batches through the pure `training.step.training_step`,
+backward, gradient sync, clipping, optimizer/scheduler step) followed by `after_step` (log, save, sample,
+validate), and `after_epoch` / `finish`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from training import state as st
+from training.args import attention_backend, is_full, parse_train_args
+from training.data import BatchLoader, BatchSource, TrainItem, max_batch_size, split_validation, steps_per_epoch
+from training.optim import OptimizerConfig, SchedulerConfig, build_scheduler, current_lrs
+from training.optim import build_optimizer as make_optimizer
+from training.step import InputSpec, StepConfig, sample_seeds, training_step
+from training.timesteps import TimestepConfig
+from training.trainable import (
+    DiTInfo,
+    NetworkConfig,
+    Trainable,
+    apply_network,
+    inspect_dit,
+    load_training_dit,
+    resolve_task,
+)
+from training.validation import Validator
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run context
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    args: argparse.Namespace
+    accelerator: object
+    seed: int
+    name: str
+    output_dir: Path
+    info: DiTInfo
+    task: str | None
+    step_cfg: StepConfig
+    started_at: float = field(default_factory=time.time)
+    session_id: int = 0
+    writer: object | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.accelerator.autocast())
+        if self.args.gradient_checkpointing_cpu_offload and torch.is_grad_enabled():
+            stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda"))
+        return stack
+
+
+@dataclass
+class Data:
+    source: BatchSource
+    items: list[TrainItem]
+    loader: BatchLoader
+    micro_per_epoch: int
+    steps_per_epoch: int
+    num_epochs: int
+    total_steps: int
+    stride: int  # samples per global micro-step slot (timestep stratification)
+    validator: Validator | None = None
+
+
+@dataclass
+class Optim:
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    name: str
+    schedule_free: bool
+    scaler: torch.amp.GradScaler | None
+
+    def train_mode(self) -> None:
+        if self.schedule_free:
+            self.optimizer.train()  # type: ignore[attr-defined]
+
+    def eval_mode(self) -> None:
+        if self.schedule_free:
+            self.optimizer.eval()  # type: ignore[attr-defined]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Setup steps
+# ----------------------------------------------------------------------------------------------------------------
+
+def _make_accelerator(args: argparse.Namespace) -> object:
+    """accelerate's Accelerator: CUDA when available, else the CPU (several CPU processes use gloo). A second run in
+    the same process with another mixed precision resets accelerate's shared state (not the process group)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handlers = [InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.ddp_timeout))] if args.ddp_timeout \
+        else []
+    kwargs = {"mixed_precision": args.mixed_precision or "no", "cpu": not torch.cuda.is_available(),
+              "kwargs_handlers": handlers}
+    try:
+        return Accelerator(**kwargs)
+    except ValueError as error:
+        if "already been initialized" not in str(error):
+            raise
+        AcceleratorState._reset_state()
+        return Accelerator(**kwargs)
+
+
+def setup_run(args: argparse.Namespace) -> Run:
+    """Accelerator, seed, output folder, DiT header, task and the step configuration."""
+    info = inspect_dit(args.dit)
+    task = resolve_task(args.task, info)
+    accelerator = _make_accelerator(args)
+    seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
+    torch.manual_seed(seed)
+    step_cfg = StepConfig(TimestepConfig.from_args(args), InputSpec.for_model(info.config, task),
+                          args.caption_dropout_rate, seed)
+    name = args.output_name or ("dit" if is_full(args) else "lora")
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("task %s, %s inputs, seed %d, %d process(es) on %s", task or "(from the DiT)", step_cfg.inputs.kind,
+                seed, accelerator.num_processes, accelerator.device)
+    return Run(args, accelerator, seed, name, output_dir, info, task, step_cfg,
+               session_id=random.Random(seed).randint(0, 2**32 - 1))
+
+
+def load_model(run: Run) -> torch.nn.Module:
+    return load_training_dit(run.args, run.info, run.device, attention_backend(run.args), is_full(run.args))
+
+
+def apply_lora(run: Run, model: torch.nn.Module) -> Trainable:
+    trainable = apply_network(model, NetworkConfig.from_args(run.args))
+    trainable.train()
+    return trainable
+
+
+def open_source(run: Run, path: str, for_validation: bool = False) -> BatchSource:
+    """The checked caches of a dataset TOML (`training.cache`): entries must match the media, the preprocessing
+    and, when --vae/--clip/--t5 are given, those encoders; the task's extra tensors must be cached."""
+    from training.cache import open_training_source
+
+    spec, args = run.step_cfg.inputs, run.args
+    needed = spec.required_keys()
+    return open_training_source(path, need_image="latents_image" in needed, need_clip="clip" in needed,
+                                need_control="latents_control" in needed, seed=run.seed, vae=args.vae,
+                                clip=args.clip if "clip" in needed else None, t5=args.t5, tokenizer=args.tokenizer,
+                                caption_dropout_rate=0.0 if for_validation else args.caption_dropout_rate)
+
+
+def _check_source(run: Run, source: BatchSource, items: list[TrainItem]) -> None:
+    if not items:
+        raise ValueError(f"{run.args.dataset_config}: no cached training items (run cache-latents and cache-text)")
+    if run.args.caption_dropout_rate and source.empty_t5 is None:
+        raise ValueError("--caption_dropout_rate needs the empty caption's T5 embedding in the text cache "
+                         "(re-run cache-text)")
+    needed = run.step_cfg.inputs.required_keys()
+    if needed:
+        sample = source.load([items[0]])
+        missing = [k for k in needed if sample.get(k) is None]
+        if missing:
+            raise ValueError(f"a {run.step_cfg.inputs.kind} model needs {', '.join(missing)} in the latent cache, "
+                             f"which has none: re-run cache-latents with --i2v/--clip (I2V) or a control dataset")
+
+
+def build_dataloader(run: Run, source: BatchSource | None = None,
+                     validation_source: BatchSource | None = None) -> Data:
+    """Items, optional validation set, epoch/step counts, and the loader of this process's share."""
+    args = run.args
+    source = source if source is not None else open_source(run, args.dataset_config)
+    items = list(source.items())
+    validator = None
+    if args.validation_split is not None:
+        items, held = split_validation(items, args.validation_split, run.seed)
+        validator = Validator(source, held, run.seed, args.validation_timesteps, run.rank, run.world)
+    elif args.validation_dataset_config or validation_source is not None:
+        val = validation_source or open_source(run, args.validation_dataset_config, for_validation=True)
+        validator = Validator(val, list(val.items()), run.seed, args.validation_timesteps, run.rank, run.world)
+    _check_source(run, source, items)
+    loader = BatchLoader(source, items, run.seed, run.rank, run.world, args.max_data_loader_n_workers,
+                         args.persistent_data_loader_workers)
+    micro = len(loader.plan(0))
+    per_epoch = steps_per_epoch(micro, args.gradient_accumulation_steps)
+    epochs = args.max_train_epochs or math.ceil(args.max_train_steps / per_epoch)
+    total = epochs * per_epoch if args.max_train_epochs else args.max_train_steps
+    logger.info("%d items, %d micro-batches (%d optimizer steps) per epoch per process, %d epochs, %d steps",
+                len(items), micro, per_epoch, epochs, total)
+    return Data(source, items, loader, micro, per_epoch, epochs, total, run.world * max_batch_size(source, items),
+                validator)
+
+
+def build_optimizer(run: Run, trainable: Trainable, data: Data) -> Optim:
+    args = run.args
+    built = make_optimizer(OptimizerConfig.from_args(args), trainable.param_groups(args.learning_rate))
+    scheduler = build_scheduler(SchedulerConfig.from_args(args), built, data.total_steps, args.learning_rate)
+    scaler = torch.amp.GradScaler(run.device.type) if args.mixed_precision == "fp16" else None
+    optim = Optim(built.optimizer, scheduler, built.name, built.schedule_free, scaler)
+    optim.train_mode()
+    return optim
+
+
+def resume(run: Run, trainable: Trainable, optim: Optim) -> st.Progress:
+    """Restore a `--resume` state folder (weights, optimizer, scheduler, scaler, RNG, counters)."""
+    if not run.args.resume:
+        return st.Progress()
+    weights, payload = st.read_state(run.args.resume)
+    trainable.load_state_dict(weights)
+    progress = st.restore_state(payload, st.TrainingObjects({}, optim.optimizer, optim.scheduler, optim.scaler))
+    st.check_resumed_run(payload.get("run", {}), st.run_fingerprint(run.args))
+    logger.info("resumed from %s at step %d (epoch %d, %d micro-batches into it)", run.args.resume,
+                progress.global_step, progress.epoch + 1, progress.micro_in_epoch)
+    return progress
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One optimizer step
+# ----------------------------------------------------------------------------------------------------------------
+
+def _backward(loss: torch.Tensor, optim: Optim) -> None:
+    (optim.scaler.scale(loss) if optim.scaler is not None else loss).backward()
+
+
+def sync_gradients(run: Run, params: Sequence[torch.nn.Parameter]) -> None:
+    """Average the gradients over processes (one flat all-reduce); a no-op in a single process."""
+    if run.world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = run.accelerator.reduce(flat, reduction="mean")
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset: offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
+def run_step(run: Run, trainable: Trainable, optim: Optim, data: Data, group: list[tuple[int, dict]],
+             progress: st.Progress) -> float:
+    """Forward/backward over the micro-batches of one accumulation group, then the optimizer step; mean loss."""
+    plan = data.loader.plan(progress.epoch)
+    losses = []
+    for a, (position, batch) in enumerate(group):
+        offset, count = plan.offsets[position], len(plan.batches[position])
+        seeds = sample_seeds(run.seed, progress.global_step, a, offset, count)
+        slot = (progress.global_step * run.args.gradient_accumulation_steps + a) * data.stride + offset
+        result = training_step(trainable.model, batch, run.step_cfg, seeds, empty_t5=data.source.empty_t5,
+                               draw_indices=[slot + i for i in range(count)], autocast=run.autocast)
+        _backward(result.loss / len(group), optim)
+        losses.append(result.loss.detach())
+    params = trainable.parameters()
+    sync_gradients(run, params)
+    if optim.scaler is not None:
+        optim.scaler.unscale_(optim.optimizer)
+    if run.args.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, run.args.max_grad_norm)
+    if optim.scaler is not None:
+        optim.scaler.step(optim.optimizer)
+        optim.scaler.update()
+    else:
+        optim.optimizer.step()
+    optim.scheduler.step()
+    optim.optimizer.zero_grad(set_to_none=True)
+    loss = torch.stack(losses).mean()
+    return float(run.accelerator.reduce(loss, reduction="mean")) if run.world > 1 else float(loss)
+
+
+def accumulation_groups(data: Data, epoch: int, start: int, size: int):
+    """Groups of up to `size` (position, batch) micro-batches of `epoch` from micro-step `start`."""
+    group: list[tuple[int, dict]] = []
+    for position, batch in data.loader.iterate(epoch, start):
+        group.append((position, batch))
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving, sampling, validation, logging
+# ----------------------------------------------------------------------------------------------------------------
+
+SAVE_DTYPES = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def training_metadata(run: Run, data: Data, optim: Optim, trainable: Trainable,
+                      progress: st.Progress) -> dict[str, str]:
+    """musubi's `ss_*` keys and the SAI model spec (`modelspec.*`), as strings."""
+    args = run.args
+    minimal = {"ss_base_model_version": "wan", "ss_network_module": args.network_module or "networks.lora_wan",
+               "ss_network_dim": str(args.network_dim or 4), "ss_network_alpha": str(trainable.cfg.alpha),
+               "ss_network_args": json.dumps(dict(a.split("=", 1) for a in trainable.cfg.raw_args))}
+    if args.no_metadata:
+        return minimal
+    values = {"ss_session_id": run.session_id, "ss_training_started_at": run.started_at, "ss_output_name": run.name,
+              "ss_learning_rate": args.learning_rate, "ss_num_train_items": len(data.items),
+              "ss_num_batches_per_epoch": data.micro_per_epoch, "ss_num_epochs": data.num_epochs,
+              "ss_gradient_checkpointing": args.gradient_checkpointing,
+              "ss_gradient_checkpointing_cpu_offload": args.gradient_checkpointing_cpu_offload,
+              "ss_gradient_accumulation_steps": args.gradient_accumulation_steps,
+              "ss_max_train_steps": data.total_steps, "ss_lr_warmup_steps": args.lr_warmup_steps,
+              "ss_lr_scheduler": args.lr_scheduler, "ss_network_dropout": args.network_dropout,
+              "ss_mixed_precision": args.mixed_precision, "ss_seed": run.seed,
+              "ss_training_comment": args.training_comment, "ss_optimizer": optim.name,
+              "ss_max_grad_norm": args.max_grad_norm, "ss_fp8_base": bool(args.fp8_base), "ss_full_fp16": False,
+              "ss_full_bf16": False, "ss_weighting_scheme": args.weighting_scheme, "ss_logit_mean": args.logit_mean,
+              "ss_logit_std": args.logit_std, "ss_mode_scale": args.mode_scale, "ss_guidance_scale": 1.0,
+              "ss_timestep_sampling": args.timestep_sampling, "ss_sigmoid_scale": args.sigmoid_scale,
+              "ss_discrete_flow_shift": args.discrete_flow_shift,
+              "ss_datasets": json.dumps([str(args.dataset_config)]),
+              "ss_sd_model_name": Path(args.dit).name, "ss_vae_name": Path(args.vae).name if args.vae else None,
+              "ss_training_finished_at": time.time(), "ss_steps": progress.global_step, "ss_epoch": progress.epoch,
+              "ss_caption_dropout_rate": args.caption_dropout_rate, "wantuner_task": run.task or ""}
+    spec = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "wan2.1" + ("" if trainable.is_full
+                                                                                      else "/lora"),
+            "modelspec.implementation": "https://github.com/Wan-Video/Wan2.1",
+            "modelspec.title": args.metadata_title or f"{run.name}@{int(run.started_at)}",
+            "modelspec.date": datetime.datetime.fromtimestamp(int(run.started_at)).isoformat(),
+            "modelspec.resolution": "1280x720"}
+    for key in ("author", "description", "license", "tags"):
+        if getattr(args, f"metadata_{key}"):
+            spec[f"modelspec.{key}"] = getattr(args, f"metadata_{key}")
+    if args.min_timestep is not None or args.max_timestep is not None:
+        spec["modelspec.timestep_range"] = f"{args.min_timestep or 0},{args.max_timestep or 1000}"
+    return {**minimal, **{k: str(v) for k, v in values.items()}, **spec}
+
+
+def save_weights(run: Run, trainable: Trainable, meta: dict[str, str], file_name: str) -> Path:
+    dtype = SAVE_DTYPES[run.args.save_precision or "fp32"]
+    path = trainable.save(run.output_dir / file_name, run.args.save_format, meta, dtype, run.info.metadata)
+    logger.info("saved %s", path)
+    return path
+
+
+def save_training_state(run: Run, trainable: Trainable, optim: Optim, progress: st.Progress, folder: str) -> None:
+    objects = st.TrainingObjects(trainable.state_dict(), optim.optimizer, optim.scheduler, optim.scaler)
+    st.save_state(run.output_dir / folder, objects, progress, st.run_fingerprint(run.args))
+
+
+StepCallback = Callable[[int, int, float], None]  # (step, total steps, loss); raising stops the run
+
+
+@dataclass
+class Extras:
+    """Sampling plan, TensorBoard writer, progress bar, step callback, and the histories returned to callers."""
+
+    samples: object | None = None
+    writer: object | None = None
+    bar: object | None = None
+    on_step: StepCallback | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    validation: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+
+
+def checkpoint(run: Run, trainable: Trainable, optim: Optim, data: Data, progress: st.Progress, unit: str,
+               number: int) -> None:
+    """Save `{name}-stepN` / `{name}-N` (+ state) on the main process, applying --save_last_n_* retention."""
+    args = run.args
+    optim.eval_mode()
+    if run.is_main:
+        meta = training_metadata(run, data, optim, trainable, progress)
+        every, keep, keep_state = (getattr(args, f"save_every_n_{unit}s"), getattr(args, f"save_last_n_{unit}s"),
+                                   getattr(args, f"save_last_n_{unit}s_state"))
+        file_of, state_of, remove = ((st.step_file, st.step_state, st.step_to_remove) if unit == "step"
+                                     else (st.epoch_file, st.epoch_state, st.epoch_to_remove))
+        save_weights(run, trainable, meta, file_of(run.name, number))
+        old = remove(number, every, keep)
+        if old is not None:
+            st.remove_path(run.output_dir / file_of(run.name, old))
+        if args.save_state:
+            save_training_state(run, trainable, optim, progress, state_of(run.name, number))
+            old = remove(number, every, keep_state if keep_state is not None else keep)
+            if old is not None:
+                st.remove_path(run.output_dir / state_of(run.name, old))
+    run.accelerator.wait_for_everyone()
+    optim.train_mode()
+
+
+def sample_now(run: Run, trainable: Trainable, optim: Optim, extras: Extras, step: int, epoch: int | None) -> None:
+    from training.sampling import generate_samples
+
+    if extras.samples is None:
+        return
+    optim.eval_mode()
+    trainable.eval()
+    generate_samples(extras.samples, trainable.model, step, epoch, run.autocast, extras.writer)
+    trainable.train()
+    optim.train_mode()
+    run.accelerator.wait_for_everyone()
+
+
+def validate_now(run: Run, trainable: Trainable, optim: Optim, data: Data, extras: Extras, step: int) -> None:
+    if data.validator is None:
+        return
+    optim.eval_mode()
+    trainable.eval()
+    reduce = (lambda t: run.accelerator.reduce(t.to(run.device), reduction="sum").cpu()) if run.world > 1 else None
+    logs = data.validator.run(trainable.model, run.step_cfg, run.autocast, reduce)
+    trainable.train()
+    optim.train_mode()
+    logger.info("validation at step %d: %s", step, ", ".join(f"{k.split('/')[-1]} {v:.5f}" for k, v in logs.items()))
+    extras.validation.append((step, logs))
+    if extras.writer is not None:
+        for key, value in logs.items():
+            extras.writer.add_scalar(key, value, step)
+
+
+def _due(every: int | None, count: int) -> bool:
+    return every is not None and count % every == 0
+
+
+def after_step(run: Run, trainable: Trainable, optim: Optim, data: Data, extras: Extras, progress: st.Progress,
+               loss: float) -> None:
+    """Moving-average loss, progress bar and TensorBoard; step-based saving, sampling and validation."""
+    args, step = run.args, progress.global_step
+    progress.recent_losses = (progress.recent_losses + [loss])[-data.steps_per_epoch:]
+    extras.losses.append((step, loss))
+    if extras.on_step is not None:
+        extras.on_step(step, data.total_steps, loss)
+    lrs = current_lrs(optim.optimizer, optim.scheduler)
+    if extras.bar is not None:
+        extras.bar.update(1)
+        extras.bar.set_postfix(avr_loss=f"{progress.moving_average():.4f}", lr=f"{lrs[0]:.3g}")
+    if extras.writer is not None:
+        extras.writer.add_scalar("loss/current", loss, step)
+        extras.writer.add_scalar("loss/average", progress.moving_average(), step)
+        for i, lr in enumerate(lrs):
+            extras.writer.add_scalar(f"lr/group{i}", lr, step)
+    if _due(args.save_every_n_steps, step):
+        checkpoint(run, trainable, optim, data, progress, "step", step)
+    if _due(args.sample_every_n_steps, step):
+        sample_now(run, trainable, optim, extras, step, None)
+    if _due(args.validate_every_n_steps, step):
+        validate_now(run, trainable, optim, data, extras, step)
+
+
+def after_epoch(run: Run, trainable: Trainable, optim: Optim, data: Data, extras: Extras,
+                progress: st.Progress) -> None:
+    """Epoch-based saving (not after the last epoch: the final save covers it), sampling and validation."""
+    args, epoch = run.args, progress.epoch  # `epoch` epochs are complete
+    if extras.writer is not None and progress.recent_losses:
+        extras.writer.add_scalar("loss/epoch", progress.moving_average(), epoch)
+    if _due(args.save_every_n_epochs, epoch) and epoch < data.num_epochs:
+        checkpoint(run, trainable, optim, data, progress, "epoch", epoch)
+    if _due(args.sample_every_n_epochs, epoch):
+        sample_now(run, trainable, optim, extras, progress.global_step, epoch)
+    every = args.validate_every_n_epochs or (None if args.validate_every_n_steps else 1)
+    if _due(every, epoch):
+        validate_now(run, trainable, optim, data, extras, progress.global_step)
+
+
+def finish(run: Run, trainable: Trainable, optim: Optim, data: Data, progress: st.Progress) -> Path | None:
+    """The final `{name}.safetensors` (and `{name}-state` with --save_state / --save_state_on_train_end)."""
+    optim.eval_mode()
+    path = None
+    if run.is_main:
+        path = save_weights(run, trainable, training_metadata(run, data, optim, trainable, progress),
+                            st.last_file(run.name))
+        if run.args.save_state or run.args.save_state_on_train_end:
+            save_training_state(run, trainable, optim, progress, st.last_state(run.name))
+    run.accelerator.wait_for_everyone()
+    return path
+
+
+def open_extras(run: Run, data: Data, progress: st.Progress, on_step: StepCallback | None) -> Extras:
+    """Encode sample prompts, open TensorBoard (main process) and the tqdm bar."""
+    from tqdm import tqdm
+
+    args = run.args
+    extras = Extras(on_step=on_step)
+    if args.sample_prompts:
+        from training.sampling import prepare_samples
+
+        extras.samples = prepare_samples(args, run.task, run.info.config.in_dim, run.device, run.seed, run.rank,
+                                         run.world)
+    if args.log_with and run.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        folder = (args.log_prefix or "") + (args.log_tracker_name or "network_train") + time.strftime("%Y%m%d%H%M%S")
+        extras.writer = SummaryWriter(str(Path(args.logging_dir) / folder))
+    extras.bar = tqdm(total=data.total_steps, initial=progress.global_step, desc="steps", smoothing=0,
+                      disable=not run.accelerator.is_local_main_process)
+    return extras
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The recipe
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    output: Path | None  # the final file (main process)
+    progress: st.Progress
+    losses: list[tuple[int, float]]  # (step, loss) of this run
+    validation: list[tuple[int, dict[str, float]]]  # (step, val_loss/*) of this run
+    weights: dict[str, torch.Tensor]  # the trained tensors (LoRA network or DiT state dict, not copied)
+
+
+def train(args: argparse.Namespace, source: BatchSource | None = None, validation_source: BatchSource | None = None,
+          on_step: StepCallback | None = None) -> TrainResult:
+    """Train as `args` say. `source`/`validation_source` replace the dataset caches and `on_step(step, total, loss)`
+    is called after every optimizer step (in-process callers such as the ComfyUI nodes; tests)."""
+    run = setup_run(args)
+    model = load_model(run)
+    trainable = apply_lora(run, model)
+    data = build_dataloader(run, source, validation_source)
+    optim = build_optimizer(run, trainable, data)
+    progress = resume(run, trainable, optim)
+    extras = open_extras(run, data, progress, on_step)
+    if progress.global_step == 0:
+        validate_now(run, trainable, optim, data, extras, 0)
+        if args.sample_at_first:
+            sample_now(run, trainable, optim, extras, 0, 0)
+    while progress.global_step < data.total_steps and progress.epoch < data.num_epochs:
+        groups = accumulation_groups(data, progress.epoch, progress.micro_in_epoch, args.gradient_accumulation_steps)
+        for group in groups:
+            loss = run_step(run, trainable, optim, data, group, progress)
+            progress.global_step += 1
+            progress.micro_in_epoch += len(group)
+            after_step(run, trainable, optim, data, extras, progress, loss)
+            if progress.global_step >= data.total_steps:
+                break
+        if progress.micro_in_epoch >= data.micro_per_epoch:
+            progress.epoch, progress.micro_in_epoch = progress.epoch + 1, 0
+            after_epoch(run, trainable, optim, data, extras, progress)
+    if not extras.validation or extras.validation[-1][0] != progress.global_step:
+        validate_now(run, trainable, optim, data, extras, progress.global_step)
+    output = finish(run, trainable, optim, data, progress)
+    if extras.bar is not None:
+        extras.bar.close()
+    if extras.writer is not None:
+        extras.writer.close()
+    run.accelerator.end_training()
+    return TrainResult(output, progress, extras.losses, extras.validation, trainable.state_dict())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = parse_train_args(argv)
+    except ValueError as error:
+        sys.stderr.write(f"error: {error}\n")
+        return 2
+    try:
+        result = train(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        sys.stderr.write(f"error: {error}\n")
+        return 1
+    if result.output is not None:
+        sys.stdout.write(f"{result.output}\n")
+    return 0

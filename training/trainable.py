@@ -1,0 +1,234 @@
+"""What is trained: the DiT (loaded for training) and either a LoRA network or all of the DiT's parameters.
+
+- `inspect_dit`: architecture, stored dtype and metadata from the file header (no weights read).
+- `load_training_dit`: `wan_core.load_dit` with the task check, the weight dtype for the chosen mixed precision
+  (musubi's rule: bf16 weights need bf16 or no mixed precision, fp16 weights fp16 or no), `--fp8_base` /
+  `--fp8_scaled` through `wan_core.fp8`, gradient checkpointing, and block swap when `wan_core.offload` exists.
+  Full training keeps fp32 master weights and computes under autocast.
+- `Trainable`: the parameters, optimizer groups (LoRA+ aware), the state dict written into training states, and
+  the saved file: a LoRA in musubi or ComfyUI keys through `LoRANetwork.save`, or, for `--network_module full`,
+  the whole DiT in official names with its `wantuner_config` (and the input file's other wantuner_* keys).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from wan_core.checkpoint import peek_shapes, read_metadata, save_safetensors
+from wan_core.config import (
+    CONFIG_METADATA_KEY,
+    DiTConfig,
+    config_from_json,
+    config_to_json,
+    detect_config,
+    tasks_matching,
+)
+from wan_core.lora import LoRANetwork
+from wan_core.lora_formats import save_lora
+from wan_core.model import FP8_DTYPES, WanModel, checkpoint_dtype, load_dit, normalize_dit_keys
+
+logger = logging.getLogger(__name__)
+
+NETWORK_ARG_TYPES = {"rank_dropout": float, "module_dropout": float, "loraplus_lr_ratio": float,
+                     "include_patterns": list, "exclude_patterns": list, "verbose": bool}
+_MIXED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class DiTInfo:
+    config: DiTConfig
+    dtype: torch.dtype
+    metadata: dict[str, str]
+
+
+def inspect_dit(path: str | Path) -> DiTInfo:
+    """Config (metadata, else shapes), stored dtype and metadata of a DiT file, reading only its header."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"DiT checkpoint not found: {path}")
+    shapes = normalize_dit_keys(peek_shapes(path), path.name)
+    metadata = read_metadata(path) if path.suffix == ".safetensors" else {}
+    cfg = config_from_json(metadata[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in metadata else detect_config(shapes)
+    if not isinstance(cfg, DiTConfig):
+        raise ValueError(f"{path} holds a {type(cfg).__name__} ({CONFIG_METADATA_KEY} metadata), not a DiT")
+    return DiTInfo(cfg, checkpoint_dtype(shapes), metadata)
+
+
+def resolve_task(task: str | None, info: DiTInfo) -> str | None:
+    """--task, else the preset whose architecture equals the file's (None for non-preset sizes such as toys)."""
+    if task is not None:
+        return task
+    fits = tasks_matching(info.config)
+    return fits[0] if fits else None
+
+
+def weight_dtype(mixed_precision: str | None, stored: torch.dtype, full: bool) -> torch.dtype:
+    """The dtype the DiT weights are kept in during training."""
+    mixed = _MIXED_DTYPES.get(mixed_precision or "no")
+    if full:
+        return torch.float32
+    if stored in FP8_DTYPES:
+        return mixed or torch.bfloat16
+    for half, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        if stored == half and mixed is not None and mixed != half:
+            raise ValueError(f"the DiT weights are {name}: use --mixed_precision {name} or no (got "
+                             f"{mixed_precision}); converting would lose precision")
+    return mixed or stored
+
+
+def _block_swap(model: WanModel, blocks: int, device: torch.device, pinned: bool) -> None:
+    if importlib.util.find_spec("wan_core.offload") is None:
+        raise RuntimeError(f"--blocks_to_swap {blocks}: block swap is not available in this build "
+                           f"(wan_core.offload is missing); drop the flag or use --fp8_base/--gradient_checkpointing")
+    from wan_core import offload
+
+    offload.enable_block_swap(model, blocks, device=device, pinned=pinned, training=True)
+
+
+def load_training_dit(args: argparse.Namespace, info: DiTInfo, device: torch.device, attn: str,
+                      full: bool) -> WanModel:
+    dtype = weight_dtype(args.mixed_precision, info.dtype, full)
+    fp8 = ("fp8_scaled" if args.fp8_scaled else "fp8") if args.fp8_base else None
+    staged = args.blocks_to_swap is not None
+    model = load_dit(args.dit, task=args.task, dtype=dtype, device="cpu" if staged else device, attn=attn, fp8=fp8)
+    model.gradient_checkpointing = bool(args.gradient_checkpointing)
+    if staged:
+        _block_swap(model, args.blocks_to_swap, device, args.use_pinned_memory_for_block_swap)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Network
+# ----------------------------------------------------------------------------------------------------------------
+
+def parse_network_args(items: list[str] | None) -> dict[str, object]:
+    """musubi `--network_args key=value` items, typed; unknown keys are an error."""
+    out: dict[str, object] = {}
+    for item in items or ():
+        key, sep, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep or key not in NETWORK_ARG_TYPES:
+            raise ValueError(f"--network_args {item!r}: expected key=value with key one of "
+                             f"{', '.join(NETWORK_ARG_TYPES)}")
+        kind = NETWORK_ARG_TYPES[key]
+        try:
+            if kind is list:
+                value = ast.literal_eval(raw) if raw.startswith(("[", "(")) else [raw]
+                out[key] = [str(p) for p in value]
+            elif kind is bool:
+                out[key] = raw.lower() in ("true", "1", "yes")
+            else:
+                out[key] = kind(raw)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--network_args {item!r}: {key} needs a {kind.__name__} value") from None
+    return out
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    full: bool = False
+    rank: int = 4
+    alpha: float = 1.0
+    dropout: float | None = None
+    extra: dict[str, object] = field(default_factory=dict)  # parsed --network_args
+    raw_args: tuple[str, ...] = ()
+    weights: str | None = None
+    dim_from_weights: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> NetworkConfig:
+        full = args.network_module == "full"
+        return cls(full, args.network_dim or 4, 1.0 if args.network_alpha is None else args.network_alpha,
+                   args.network_dropout, parse_network_args(args.network_args), tuple(args.network_args or ()),
+                   args.network_weights, args.dim_from_weights)
+
+
+class Trainable:
+    """The trained parameters: a `LoRANetwork` over the frozen DiT, or the DiT itself."""
+
+    def __init__(self, model: WanModel, network: LoRANetwork | None, cfg: NetworkConfig) -> None:
+        self.model, self.network, self.cfg = model, network, cfg
+        self.module: torch.nn.Module = network if network is not None else model
+
+    @property
+    def is_full(self) -> bool:
+        return self.network is None
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        if self.network is not None:
+            return self.network.trainable_parameters()
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def param_groups(self, lr: float) -> list[dict]:
+        if self.network is not None:
+            return self.network.param_groups(lr, self.cfg.extra.get("loraplus_lr_ratio"))  # type: ignore[arg-type]
+        return [{"params": self.parameters(), "lr": lr}]
+
+    def train(self) -> None:
+        self.module.train()
+
+    def eval(self) -> None:
+        self.module.eval()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything needed to restore the trained weights exactly (LoRA down/up/alpha, or the whole DiT)."""
+        return {k: v.detach() for k, v in self.module.state_dict().items()}
+
+    def load_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
+        expected = self.module.state_dict()
+        missing = sorted(set(expected) - set(sd))
+        unexpected = sorted(set(sd) - set(expected))
+        wrong = sorted(k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape))
+        if missing or unexpected or wrong:
+            shape = f"; {wrong[0]} is {list(sd[wrong[0]].shape)}, expected {list(expected[wrong[0]].shape)}" \
+                if wrong else ""
+            raise ValueError(f"the training state does not fit this run's {'DiT' if self.is_full else 'LoRA'}: "
+                             f"{len(missing)} missing, {len(unexpected)} unexpected and {len(wrong)} mis-shaped keys"
+                             f"{shape}; was it saved with other network settings?")
+        self.module.load_state_dict(dict(sd))
+
+    def save(self, path: Path, fmt: str, metadata: Mapping[str, str], dtype: torch.dtype,
+             dit_metadata: Mapping[str, str]) -> Path:
+        """Write the trained weights atomically (LoRA in `fmt`, or the full DiT with its config)."""
+        if self.network is not None:
+            return save_lora(self.network.adapters(), path, fmt, metadata=metadata, dtype=dtype)
+        keep = {k: v for k, v in dit_metadata.items() if k.startswith("wantuner_")}
+        meta = {**keep, **metadata, CONFIG_METADATA_KEY: config_to_json(self.model.config)}
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.state_dict().items()}
+        return save_safetensors(tensors, path, meta)
+
+
+def apply_network(model: WanModel, cfg: NetworkConfig) -> Trainable:
+    """Freeze the DiT and attach a trainable LoRA (or unfreeze everything for full training)."""
+    if cfg.full:
+        model.requires_grad_(True)
+        logger.info("full training: %.1fM DiT parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+        return Trainable(model, None, cfg)
+    model.requires_grad_(False)
+    extra = cfg.extra
+    kwargs = {"dropout": cfg.dropout, "rank_dropout": extra.get("rank_dropout"),
+              "module_dropout": extra.get("module_dropout")}
+    if cfg.weights and cfg.dim_from_weights:
+        network = LoRANetwork.from_weights(model, cfg.weights, **kwargs)
+    else:
+        network = LoRANetwork(model, cfg.rank, cfg.alpha, include_patterns=extra.get("include_patterns"),
+                              exclude_patterns=extra.get("exclude_patterns"), **kwargs)
+        if cfg.weights:
+            report = network.load_weights(cfg.weights)
+            if report.unmatched:
+                raise ValueError(f"--network_weights {cfg.weights}: {len(report.unmatched)} keys match no layer of "
+                                 f"this DiT (e.g. {', '.join(report.unmatched[:3])})")
+    if extra.get("verbose"):
+        for name, module in network.by_name.items():
+            logger.info("LoRA %s: rank %d, alpha %g", name, module.rank, float(module.alpha))
+    device = next(model.parameters()).device
+    network.to(device)
+    return Trainable(model, network, cfg)
