@@ -1,0 +1,273 @@
+"""Writes the example workflows in both ComfyUI formats from one description per graph.
+
+    python example_workflows/build_workflows.py          # rewrite example_workflows/*.json and api/*.json
+
+UI format (`<name>.json`, what the editor loads; shown under the pack's templates) and API format
+(`api/<name>.json`, what POST /prompt and examples/api_batch.py take). Widget order and socket types come from the
+node classes' INPUT_TYPES, so the files follow the nodes; tests/test_nodes_workflows.py checks that the committed
+files equal this script's output and agree with INPUT_TYPES.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+
+# ComfyUI core nodes the examples use: (socket inputs, widget names, outputs). Kept to the few used here.
+NATIVE: dict[str, tuple[dict[str, str], list[str], list[tuple[str, str]]]] = {
+    "LoadImage": ({}, ["image", "upload"], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
+    "RepeatImageBatch": ({"image": "IMAGE"}, ["amount"], [("IMAGE", "IMAGE")]),
+}
+TOY = {"t2v": "wan21_toy_t2v_dit.safetensors", "i2v": "wan21_toy_i2v_dit.safetensors",
+       "flf2v": "wan21_toy_flf2v_dit.safetensors", "fc": "wan21_toy_fun_control_dit.safetensors",
+       "t5": "wan21_toy_umt5.safetensors", "vae": "wan21_toy_vae.safetensors",
+       "clip": "wan21_toy_clip_vision.safetensors", "lora": "wan21_toy_lora.safetensors"}
+SIZE = {"width": 64, "height": 64, "length": 9}  # the toy world: 64x64 clips of 9 frames
+NOTE_FILES = (
+    "The loaders point at the embedded toy models (wan21_toy_*), which run anywhere in seconds and draw simple "
+    "moving shapes. For real Wan2.1 weights put the files in ComfyUI's models folder and pick them in the "
+    "loaders:\n"
+    "- models/diffusion_models: the DiT, e.g. {dit}\n"
+    "- models/text_encoders: umt5_xxl_fp16.safetensors or umt5_xxl_fp8_e4m3fn_scaled.safetensors (the official "
+    "models_t5_umt5-xxl-enc-bf16.pth works too)\n"
+    "- models/vae: wan_2.1_vae.safetensors (or Wan2.1_VAE.pth)\n"
+    "{clip}"
+    "- models/loras: your LoRA files (musubi, ComfyUI, diffusers or PEFT keys)\n"
+    "Then set a real size ({size}), 81 frames, 30-50 steps and shift {shift}."
+)
+CLIP_LINE = "- models/clip_vision: clip_vision_h.safetensors\n"
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    widgets: dict[str, Any] = field(default_factory=dict)
+    links: dict[str, tuple[int, int]] = field(default_factory=dict)  # input -> (source node id, output slot)
+    title: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Graphs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _loaders(dit: str, clip: bool) -> list[Node]:
+    nodes = [
+        Node(1, "WanTunerDiTLoader", {"model_name": TOY[dit], "task": "auto", "dtype": "default", "fp8": "none",
+                                      "attention": "sdpa", "blocks_to_swap": 0, "compile": False}),
+        Node(2, "WanTunerT5Loader", {"model_name": TOY["t5"], "dtype": "default", "fp8": False, "tokenizer": ""}),
+        Node(3, "WanTunerVAELoader", {"model_name": TOY["vae"], "dtype": "fp32", "cache_on_cpu": False,
+                                      "tiling": "auto"}),
+        Node(4, "WanTunerTextEncode", {"prompt": "a red circle moving right",
+                                       "negative_prompt": "blurry, static"}, {"t5": (2, 0)}),
+    ]
+    if clip:
+        nodes.append(Node(5, "WanTunerCLIPVisionLoader", {"model_name": TOY["clip"], "dtype": "default"}))
+    return nodes
+
+
+def _sampler(node_id: int, dit: tuple[int, int], cond: tuple[int, int] | None, steps: int = 8,
+             shift: float = 5.0) -> Node:
+    links = {"dit": dit, "text_embeds": (4, 0), "vae": (3, 0)}
+    if cond is not None:
+        links["conditioning"] = cond
+    return Node(node_id, "WanTunerSampler", {
+        **SIZE, "steps": steps, "guidance_scale": 5.0, "shift": shift, "solver": "unipc", "seed": 42,
+        "noise_on_cpu": False, "cfg_skip_mode": "none", "cfg_apply_ratio": 0.5, "slg_mode": "none",
+        "slg_layers": "1", "slg_scale": 3.0, "slg_start": 0.0, "slg_end": 0.3, "denoise": 1.0}, links)
+
+
+def _decode_save(first_id: int, sampler_id: int, prefix: str) -> list[Node]:
+    return [Node(first_id, "WanTunerVAEDecode", {}, {"vae": (3, 0), "latent": (sampler_id, 0)}),
+            Node(first_id + 1, "WanTunerSaveVideo", {"fps": 16, "filename_prefix": f"WanTuner/{prefix}", "crf": 0},
+                 {"images": (first_id, 0)})]
+
+
+def _note(node_id: int, dit: str, clip: bool = False, size: str = "832x480", shift: str = "5.0") -> Node:
+    text = NOTE_FILES.format(dit=dit, clip=CLIP_LINE if clip else "", size=size, shift=shift)
+    return Node(node_id, "Note", {"text": text}, title="Which model files go where")
+
+
+def t2v() -> list[Node]:
+    return [*_loaders("t2v", clip=False), _sampler(10, (1, 0), None), *_decode_save(11, 10, "t2v"),
+            _note(20, "wan2.1_t2v_1.3B_fp16.safetensors")]
+
+
+def i2v() -> list[Node]:
+    return [
+        *_loaders("i2v", clip=True),
+        Node(6, "LoadImage", {"image": "example.png", "upload": "image"}, title="Start image"),
+        Node(7, "WanTunerCLIPVisionEncode", {"crop": "none"}, {"clip_vision": (5, 0), "image": (6, 0)}),
+        Node(8, "WanTunerImageToVideo", {**SIZE, "size_from_image": True},
+             {"vae": (3, 0), "start_image": (6, 0), "image_embeds": (7, 0)}),
+        _sampler(10, (1, 0), (8, 0), shift=3.0), *_decode_save(11, 10, "i2v"),
+        _note(20, "wan2.1_i2v_480p_14B_fp16.safetensors", clip=True, shift="3.0 (480p) or 5.0 (720p)"),
+    ]
+
+
+def flf2v() -> list[Node]:
+    return [
+        *_loaders("flf2v", clip=True),
+        Node(6, "LoadImage", {"image": "example.png", "upload": "image"}, title="Start image"),
+        Node(9, "LoadImage", {"image": "example.png", "upload": "image"}, title="End image"),
+        Node(7, "WanTunerCLIPVisionEncode", {"crop": "none"},
+             {"clip_vision": (5, 0), "image": (6, 0), "end_image": (9, 0)}),
+        Node(8, "WanTunerFirstLastFrame", dict(SIZE),
+             {"vae": (3, 0), "start_image": (6, 0), "end_image": (9, 0), "image_embeds": (7, 0)}),
+        _sampler(10, (1, 0), (8, 0)), *_decode_save(11, 10, "flf2v"),
+        _note(20, "wan2.1_flf2v_720p_14B_fp16.safetensors", clip=True, size="1280x720"),
+    ]
+
+
+def fun_control() -> list[Node]:
+    return [
+        *_loaders("fc", clip=True),
+        Node(6, "LoadImage", {"image": "example.png", "upload": "image"}, title="Start image"),
+        Node(9, "RepeatImageBatch", {"amount": SIZE["length"]}, {"image": (6, 0)},
+             title="Control video (replace with Load Video + a preprocessor)"),
+        Node(7, "WanTunerCLIPVisionEncode", {"crop": "none"}, {"clip_vision": (5, 0), "image": (6, 0)}),
+        Node(8, "WanTunerFunControl", dict(SIZE),
+             {"vae": (3, 0), "control_video": (9, 0), "start_image": (6, 0), "image_embeds": (7, 0)}),
+        _sampler(10, (1, 0), (8, 0)), *_decode_save(11, 10, "fun_control"),
+        _note(20, "Wan2.1-Fun-1.3B-Control (alibaba-pai; its diffusion_pytorch_model.safetensors)", clip=True),
+    ]
+
+
+def lora() -> list[Node]:
+    return [
+        *_loaders("t2v", clip=False),
+        Node(6, "WanTunerLoRALoader", {"lora_name": TOY["lora"], "strength": 1.0, "include": "self_attn|ffn",
+                                       "exclude": "blocks_1_ffn"}, {"dit": (1, 0)}, title="LoRA (attention only)"),
+        Node(7, "WanTunerLoRALoader", {"lora_name": TOY["lora"], "strength": 0.5, "include": "cross_attn",
+                                       "exclude": ""}, {"dit": (6, 0)}, title="LoRA (cross-attention, half)"),
+        _sampler(10, (7, 0), None), *_decode_save(11, 10, "lora"),
+        _note(20, "wan2.1_t2v_1.3B_fp16.safetensors"),
+    ]
+
+
+WORKFLOWS = {"wantuner_t2v": t2v, "wantuner_i2v": i2v, "wantuner_flf2v": flf2v,
+             "wantuner_fun_control": fun_control, "wantuner_lora_regex": lora}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Node description from INPUT_TYPES
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _is_widget(spec: tuple) -> bool:
+    return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
+
+
+def describe(node_type: str) -> tuple[dict[str, str], list[str], list[tuple[str, str]]]:
+    """(socket inputs {name: type}, widget names in order incl. control_after_generate, outputs [(name, type)])."""
+    if node_type in NATIVE:
+        return NATIVE[node_type]
+    if node_type == "Note":
+        return {}, ["text"], []
+    cls = NODE_CLASS_MAPPINGS[node_type]
+    types = cls.INPUT_TYPES()
+    sockets, widgets = {}, []
+    for group in ("required", "optional"):
+        for name, spec in types.get(group, {}).items():
+            if _is_widget(spec):
+                widgets.append(name)
+                if spec[1].get("control_after_generate"):
+                    widgets.append("control_after_generate")
+            else:
+                sockets[name] = spec[0]
+    names = getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)
+    return sockets, widgets, list(zip(names, cls.RETURN_TYPES))
+
+
+def to_api(nodes: list[Node]) -> dict[str, dict]:
+    out = {}
+    for node in nodes:
+        if node.type == "Note":
+            continue
+        inputs: dict[str, Any] = {k: v for k, v in node.widgets.items() if k != "upload"}
+        inputs.update({k: [str(src), slot] for k, (src, slot) in node.links.items()})
+        out[str(node.id)] = {"class_type": node.type, "inputs": inputs,
+                             "_meta": {"title": node.title or NODE_DISPLAY_NAME_MAPPINGS.get(node.type, node.type)}}
+    return out
+
+
+def _depths(nodes: list[Node]) -> dict[int, int]:
+    by_id = {n.id: n for n in nodes}
+    depth: dict[int, int] = {}
+
+    def visit(node_id: int) -> int:
+        if node_id not in depth:
+            sources = [src for src, _ in by_id[node_id].links.values()]
+            depth[node_id] = 1 + max((visit(s) for s in sources), default=-1)
+        return depth[node_id]
+
+    for n in nodes:
+        visit(n.id)
+    return depth
+
+
+def to_ui(nodes: list[Node]) -> dict:
+    depth = _depths(nodes)
+    rows: dict[int, int] = {}
+    links, ui_nodes = [], []
+    outputs_links: dict[tuple[int, int], list[int]] = {}
+    for node in nodes:
+        sockets, _, _ = describe(node.type)
+        for name, (src, slot) in node.links.items():
+            link_id = len(links) + 1
+            links.append([link_id, src, slot, node.id, list(sockets).index(name), sockets[name]])
+            outputs_links.setdefault((src, slot), []).append(link_id)
+    link_of = {(link[3], link[4]): link[0] for link in links}
+    for order, node in enumerate(nodes):
+        sockets, widgets, outputs = describe(node.type)
+        col = depth[node.id] if node.type != "Note" else 0
+        row = rows.get(col, 0)
+        rows[col] = row + 1
+        ui = {
+            "id": node.id, "type": node.type, "pos": [40 + 360 * col, 40 + 260 * row], "size": [320, 200],
+            "flags": {}, "order": order, "mode": 0,
+            "inputs": [{"name": n, "type": t, "link": link_of.get((node.id, i))} for i, (n, t) in
+                       enumerate(sockets.items())],
+            "outputs": [{"name": n, "type": t, "links": outputs_links.get((node.id, i), []), "slot_index": i}
+                        for i, (n, t) in enumerate(outputs)],
+            "properties": {"Node name for S&R": node.type},
+            "widgets_values": [node.widgets.get(w, "fixed") for w in widgets],
+        }
+        if node.title:
+            ui["title"] = node.title
+        ui_nodes.append(ui)
+    return {"last_node_id": max(n.id for n in nodes), "last_link_id": len(links), "nodes": ui_nodes,
+            "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def render() -> dict[Path, str]:
+    files = {}
+    for name, build in WORKFLOWS.items():
+        nodes = build()
+        files[HERE / f"{name}.json"] = json.dumps(to_ui(nodes), indent=2, ensure_ascii=False) + "\n"
+        files[HERE / "api" / f"{name}.json"] = json.dumps(to_api(nodes), indent=2, ensure_ascii=False) + "\n"
+    return files
+
+
+def main() -> None:
+    for path, text in render().items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        print(path.relative_to(ROOT))  # noqa: T201 (a script)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,357 @@
+"""Everything ComfyUI-specific in one place, with plain fallbacks so the nodes run without ComfyUI (CI, scripts).
+
+Inside ComfyUI (detected by `folder_paths` and `comfy.model_management` being already imported, as they are when
+ComfyUI loads custom nodes; never imported from here first, which avoids the GPU-less import pitfall of
+comfyui.md section 10):
+- model files are listed and resolved through `folder_paths`; the embedded toy models (`wan_core/toy_models/`) are
+  registered as the folder `wantuner_toy` and listed with the loader they belong to;
+- files are saved with `folder_paths.get_save_image_path` naming into ComfyUI's output directory;
+- sampler steps report to `comfy.utils.ProgressBar` (with a latent preview image unless ComfyUI's preview method is
+  "none") and call `throw_exception_if_processing_interrupted()`, so Cancel works;
+- loaded models are wrapped in `comfy.model_patcher.ModelPatcher` and moved with `load_models_gpu(...,
+  force_full_load=True)` before each use, so ComfyUI can offload them when another model needs memory (and
+  "Free model and node cache" unloads them). Block-swapped DiTs manage their own placement and are not registered.
+
+Outside ComfyUI: model names resolve against `$WANTUNER_MODELS_DIR/<folder>/` (default `./models`, folders named
+as ComfyUI's) and then the toy folder; outputs go to `$WANTUNER_OUTPUT_DIR` (default `./output`); progress is
+logged; models are placed on CUDA when available, else the CPU.
+
+Loaded models are cached per loader kind (one entry each): unchanged loader inputs (including the file's size and
+modification time) reuse the loaded model across queued prompts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from wan_core.models import TOY_FILES, TOY_MODEL_DIR
+
+logger = logging.getLogger(__name__)
+
+FOLDERS = ("diffusion_models", "text_encoders", "vae", "clip_vision", "loras")
+FALLBACK_ALIASES = {"diffusion_models": ("diffusion_models", "unet"), "text_encoders": ("text_encoders", "clip")}
+TOY_FOLDER = "wantuner_toy"
+MODEL_EXTENSIONS = (".safetensors", ".sft", ".pth", ".pt", ".bin", ".ckpt")
+MODELS_DIR_ENV = "WANTUNER_MODELS_DIR"
+OUTPUT_DIR_ENV = "WANTUNER_OUTPUT_DIR"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Detection
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def comfy_modules() -> dict[str, Any] | None:
+    """ComfyUI's modules when running inside ComfyUI, else None."""
+    folder_paths = sys.modules.get("folder_paths")
+    management = sys.modules.get("comfy.model_management")
+    if folder_paths is None or management is None:
+        return None
+    import comfy.model_patcher
+    import comfy.utils
+
+    return {"folder_paths": folder_paths, "mm": management, "utils": comfy.utils, "patcher": comfy.model_patcher}
+
+
+def in_comfyui() -> bool:
+    return comfy_modules() is not None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model folders
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _toy_folder_of(key: str) -> str:
+    """Which loader a toy file belongs to, from its TOY_FILES key (dit*, vae, t5, clip, lora*)."""
+    for prefix, folder in (("dit", "diffusion_models"), ("vae", "vae"), ("t5", "text_encoders"),
+                           ("clip", "clip_vision"), ("lora", "loras")):
+        if key.startswith(prefix):
+            return folder
+    return ""
+
+
+def toy_names(folder: str) -> list[str]:
+    return sorted(name for key, name in TOY_FILES.items() if _toy_folder_of(key) == folder)
+
+
+def register_toy_folder() -> None:
+    """Make ComfyUI's folder_paths know the toy model folder (called when the pack is imported)."""
+    comfy = comfy_modules()
+    if comfy is None:
+        return
+    paths = comfy["folder_paths"].folder_names_and_paths
+    if TOY_FOLDER not in paths:
+        paths[TOY_FOLDER] = ([str(TOY_MODEL_DIR)], set(MODEL_EXTENSIONS))
+
+
+def _fallback_dirs(folder: str) -> list[Path]:
+    root = Path(os.environ.get(MODELS_DIR_ENV, "models"))
+    return [root / name for name in FALLBACK_ALIASES.get(folder, (folder,))]
+
+
+def _list_dir(directory: Path) -> list[str]:
+    if not directory.is_dir():
+        return []
+    return sorted(str(p.relative_to(directory)).replace(os.sep, "/") for p in directory.rglob("*")
+                  if p.is_file() and p.suffix.lower() in MODEL_EXTENSIONS)
+
+
+def list_models(folder: str) -> list[str]:
+    """File names a loader offers: the ComfyUI folder's files, then the toy files of that kind that exist."""
+    comfy = comfy_modules()
+    if comfy is None:
+        names = [n for d in _fallback_dirs(folder) for n in _list_dir(d)]
+        toys = [n for n in _list_dir(TOY_MODEL_DIR) if n in toy_names(folder)]
+    else:
+        fp = comfy["folder_paths"]
+        register_toy_folder()
+        names = list(fp.get_filename_list(folder))
+        toys = [n for n in fp.get_filename_list(TOY_FOLDER) if n in toy_names(folder)]
+    return list(dict.fromkeys([*names, *toys]))
+
+
+def model_path(folder: str, name: str) -> Path:
+    """The file behind a loader's choice; FileNotFoundError listing what is there."""
+    comfy = comfy_modules()
+    candidates: list[Path] = []
+    if comfy is None:
+        candidates = [d / name for d in _fallback_dirs(folder)] + [Path(name)]  # a path is taken as given
+    else:
+        found = comfy["folder_paths"].get_full_path(folder, name)
+        candidates = [Path(found)] if found else []
+    if name in toy_names(folder):
+        candidates.append(TOY_MODEL_DIR / name)
+    for path in candidates:
+        if path.is_file():
+            return path
+    where = "ComfyUI's models folder" if comfy else f"${MODELS_DIR_ENV} ({_fallback_dirs(folder)[0]})"
+    offered = list_models(folder)
+    raise FileNotFoundError(f"{folder} file {name!r} not found in {where} or the toy model folder "
+                            f"({TOY_MODEL_DIR}); available: {', '.join(offered) or 'none'}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    path: Path
+    filename: str
+    subfolder: str
+
+    def ui(self) -> dict[str, str]:
+        return {"filename": self.filename, "subfolder": self.subfolder, "type": "output"}
+
+
+def output_directory() -> Path:
+    comfy = comfy_modules()
+    if comfy is not None:
+        return Path(comfy["folder_paths"].get_output_directory())
+    return Path(os.environ.get(OUTPUT_DIR_ENV, "output"))
+
+
+def _next_counter(folder: Path, stem: str) -> int:
+    pattern = re.compile(rf"^{re.escape(stem)}_(\d+)_\.")
+    numbers = [int(m.group(1)) for p in folder.glob(f"{stem}_*") if (m := pattern.match(p.name))]
+    return max(numbers, default=0) + 1
+
+
+def output_file(prefix: str, extension: str, width: int = 0, height: int = 0) -> OutputFile:
+    """A new file `<prefix>_<counter:05>_.<extension>` in the output directory (subfolders allowed in prefix)."""
+    comfy = comfy_modules()
+    if comfy is not None:
+        root = comfy["folder_paths"].get_output_directory()
+        folder, stem, counter, subfolder, _ = comfy["folder_paths"].get_save_image_path(prefix, root, width, height)
+        folder = Path(folder)
+    else:
+        root = output_directory().resolve()
+        target = (root / prefix).resolve()
+        if root != target and root not in target.parents:
+            raise ValueError(f"filename_prefix {prefix!r} points outside the output folder {root}")
+        folder, stem = target.parent, target.name
+        subfolder = str(folder.relative_to(root)) if folder != root else ""
+        folder.mkdir(parents=True, exist_ok=True)
+        counter = _next_counter(folder, stem)
+    filename = f"{stem}_{counter:05}_.{extension}"
+    return OutputFile(folder / filename, filename, subfolder)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Devices and memory management
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def compute_device() -> torch.device:
+    comfy = comfy_modules()
+    if comfy is not None:
+        return torch.device(comfy["mm"].get_torch_device())
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_device() -> torch.device:
+    """Where loaders put new models: the CPU inside ComfyUI (ComfyUI moves them), else the compute device."""
+    return torch.device("cpu") if in_comfyui() else compute_device()
+
+
+class _Holder(nn.Module):
+    """A plain container so that ComfyUI's ModelPatcher can set `.device` without touching our model classes."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.inner = module
+
+
+_OFFLOAD = {"dit": "unet_offload_device", "t5": "text_encoder_offload_device", "vae": "vae_offload_device",
+            "clip_vision": "text_encoder_offload_device"}
+
+
+@dataclass
+class ManagedModel:
+    """A loaded model (`obj`, e.g. a WanModel, T5Encoder, WanVAE or CLIPVision) and the nn.Module that holds its
+    weights. `ready()` puts it on the compute device (through ComfyUI's memory manager when available).
+
+    A model with a `placer` (block swap) places itself: `placer(device)` runs once, after asking ComfyUI to free
+    `reserve_bytes` on the device; it is not registered with ComfyUI's model management.
+    """
+
+    obj: Any
+    module: nn.Module
+    kind: str
+    placer: Callable[[torch.device], Any] | None = None
+    reserve_bytes: int = 0
+    patcher: Any = field(default=None, repr=False)
+    placed: Any = field(default=None, repr=False)  # what the placer returned (e.g. the BlockSwapper)
+
+    def __post_init__(self) -> None:
+        comfy = comfy_modules()
+        if comfy is None or self.placer is not None:
+            return
+        mm = comfy["mm"]
+        offload = getattr(mm, _OFFLOAD.get(self.kind, "unet_offload_device"))()
+        holder = type(f"WanTuner_{self.kind}", (_Holder,), {})(self.module)  # the name ComfyUI logs
+        self.patcher = comfy["patcher"].ModelPatcher(holder, load_device=mm.get_torch_device(),
+                                                     offload_device=offload)
+
+    def ready(self) -> Any:
+        comfy = comfy_modules()
+        if self.patcher is not None:
+            comfy["mm"].load_models_gpu([self.patcher], force_full_load=True)  # type: ignore[index]
+        elif self.placer is not None:
+            if self.placed is None:
+                device = compute_device()
+                if comfy is not None:
+                    comfy["mm"].free_memory(self.reserve_bytes, device)
+                self.placed = self.placer(device) or True
+        else:
+            self.module.to(compute_device())
+        return self.obj
+
+    def unplace(self) -> None:
+        """Undo a placer's work (e.g. detach block swap) so the model can be changed; `ready()` places it again."""
+        remove = getattr(self.placed, "remove", None)
+        if remove is not None:
+            remove()
+        self.placed = None
+
+
+def free_cache() -> None:
+    comfy = comfy_modules()
+    if comfy is not None:
+        comfy["mm"].soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loader cache
+# ----------------------------------------------------------------------------------------------------------------
+
+_CACHE: dict[str, tuple[tuple, Any]] = {}
+
+
+def file_key(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+def cached(kind: str, key: tuple, factory: Callable[[], Any]) -> Any:
+    """The value for `key`, built by `factory` unless the last `kind` load had the same key. One entry per kind,
+    so a changed input frees the previous model."""
+    entry = _CACHE.get(kind)
+    if entry is not None and entry[0] == key:
+        logger.info("reusing the loaded %s (inputs unchanged)", kind)
+        return entry[1]
+    _CACHE.pop(kind, None)
+    value = factory()
+    _CACHE[kind] = (key, value)
+    return value
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+    free_cache()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Progress, previews and interruption
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_interrupted() -> None:
+    """Raise ComfyUI's InterruptProcessingException when the user pressed Cancel (no-op outside ComfyUI)."""
+    comfy = comfy_modules()
+    if comfy is not None:
+        comfy["mm"].throw_exception_if_processing_interrupted()
+
+
+def previews_enabled() -> bool:
+    comfy = comfy_modules()
+    if comfy is None:
+        return False
+    from comfy.cli_args import LatentPreviewMethod, args
+
+    return args.preview_method != LatentPreviewMethod.NoPreviews
+
+
+def preview_max_size() -> int:
+    from comfy.cli_args import args
+
+    return int(args.preview_size)
+
+
+class Progress:
+    """Per-step progress for a node: ComfyUI's ProgressBar (+ preview) inside ComfyUI, log lines outside."""
+
+    def __init__(self, total: int, node_id: str | None, label: str,
+                 preview: Callable[[Any, int], Any] | None = None) -> None:
+        comfy = comfy_modules()
+        self.total, self.label = total, label
+        self.bar = comfy["utils"].ProgressBar(total, node_id=node_id) if comfy is not None else None
+        self.preview = preview if self.bar is not None and previews_enabled() else None
+
+    def step(self, done: int, total: int, latents: Any = None) -> None:
+        check_interrupted()
+        self.total = total
+        if self.bar is None:
+            logger.info("%s: step %d/%d", self.label, done, total)
+            return
+        image = None
+        if self.preview is not None and latents is not None:
+            from PIL import Image
+
+            size = preview_max_size()
+            image = ("JPEG", Image.fromarray(self.preview(latents, size)), size)
+        self.bar.update_absolute(done, total, image)

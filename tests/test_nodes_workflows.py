@@ -1,0 +1,222 @@
+"""The example workflows: UI files agree with the nodes' INPUT_TYPES, API files validate, and every API workflow runs
+through the node classes on tiny random models and writes the expected mp4."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nodes import NODE_CLASS_MAPPINGS
+from nodes import comfy_adapter as adapter
+from tests.graph_runner import GraphError, RunResult, check_workflow, core_stand_ins, run_workflow
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "example_workflows"
+NAMES = ("wantuner_t2v", "wantuner_i2v", "wantuner_flf2v", "wantuner_fun_control", "wantuner_lora_regex")
+CONTROL_AFTER_GENERATE = ("fixed", "increment", "decrement", "randomize")
+EXAMPLE_IMAGE_HW = (48, 80)  # a non-square start image, so size_from_image has something to do
+
+
+def _ui(name: str) -> dict:
+    return json.loads((WORKFLOWS / f"{name}.json").read_text())
+
+
+def _api(name: str) -> dict:
+    return json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+
+
+def test_every_workflow_exists_in_both_formats_and_nothing_else_is_there() -> None:
+    assert sorted(p.stem for p in WORKFLOWS.glob("*.json")) == sorted(NAMES)
+    assert sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json")) == sorted(NAMES)
+
+
+def test_committed_files_are_the_builders_output() -> None:
+    import importlib
+
+    module = importlib.import_module("example_workflows.build_workflows")
+    for path, text in module.render().items():
+        assert path.read_text() == text, f"{path.name} is stale: run python example_workflows/build_workflows.py"
+
+
+def _check_widget(where: str, kind: object, options: dict, value: object) -> None:
+    if isinstance(kind, list):
+        assert value in kind, f"{where}: {value!r} not among {kind}"
+    elif kind == "INT":
+        assert isinstance(value, int) and not isinstance(value, bool), f"{where}: {value!r} is not an int"
+        assert options["min"] <= value <= options["max"], f"{where}: {value} outside its range"
+    elif kind == "FLOAT":
+        assert isinstance(value, (int, float)) and options["min"] <= value <= options["max"], f"{where}: {value!r}"
+    elif kind == "BOOLEAN":
+        assert isinstance(value, bool), f"{where}: {value!r}"
+    else:
+        assert kind == "STRING" and isinstance(value, str), f"{where}: {value!r}"
+
+
+def _expected_widgets(cls: type) -> tuple[list[tuple[str, object, dict]], list[tuple[str, str]]]:
+    widgets, sockets = [], []
+    for group in ("required", "optional"):
+        for name, (kind, options) in cls.INPUT_TYPES().get(group, {}).items():
+            if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN"):
+                widgets.append((name, kind, options))
+                if options.get("control_after_generate"):
+                    widgets.append(("control_after_generate", list(CONTROL_AFTER_GENERATE), {}))
+            else:
+                sockets.append((name, kind))
+    return widgets, sockets
+
+
+@pytest.fixture
+def listed_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A models folder holding (empty) files under the tiny model set's names, so the loaders list them."""
+    from tests import tiny_model_set as tms
+
+    for folder, name in [*tms.FILES.values(), tms.LORA]:
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / name).touch()
+    monkeypatch.setenv(adapter.MODELS_DIR_ENV, str(tmp_path))
+    return tmp_path
+
+
+def test_examples_use_the_toy_model_names() -> None:
+    from wan_core.models import TOY_FILES
+
+    api = {name: _api(name) for name in NAMES}
+    assert api["wantuner_t2v"]["1"]["inputs"]["model_name"] == TOY_FILES["dit"]
+    assert api["wantuner_i2v"]["1"]["inputs"]["model_name"] == TOY_FILES["dit_i2v"]
+    for graph in api.values():
+        assert graph["2"]["inputs"]["model_name"] == TOY_FILES["t5"]
+        assert graph["3"]["inputs"]["model_name"] == TOY_FILES["vae"]
+        if "5" in graph:
+            assert graph["5"]["inputs"]["model_name"] == TOY_FILES["clip"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_workflow_matches_current_input_types(name: str, listed_models: Path) -> None:
+    graph = _ui(name)
+    links = {link[0]: link for link in graph["links"]}
+    nodes = {node["id"]: node for node in graph["nodes"]}
+    ours = [n for n in graph["nodes"] if n["type"].startswith("WanTuner")]
+    assert ours and any(n["type"] == "Note" and "models/diffusion_models" in n["widgets_values"][0]
+                        for n in graph["nodes"])
+    for node in ours:
+        cls = NODE_CLASS_MAPPINGS[node["type"]]
+        widgets, sockets = _expected_widgets(cls)
+        values = node["widgets_values"]
+        assert len(values) == len(widgets), f"{name} node {node['id']}: {len(values)} values, {len(widgets)} widgets"
+        for (wname, kind, options), value in zip(widgets, values):
+            _check_widget(f"{name} node {node['id']} ({node['type']}.{wname})", kind, options, value)
+        assert [(i["name"], i["type"]) for i in node["inputs"]] == sockets, f"{name} node {node['id']} sockets"
+        assert [(o["name"], o["type"]) for o in node["outputs"]] == list(zip(cls.RETURN_NAMES, cls.RETURN_TYPES))
+        for slot, socket in enumerate(node["inputs"]):
+            if socket["link"] is not None:
+                link_id, src, src_slot, dst, dst_slot, kind = links[socket["link"]]
+                assert (dst, dst_slot, kind) == (node["id"], slot, socket["type"])
+                assert link_id in nodes[src]["outputs"][src_slot]["links"]
+                source_cls = NODE_CLASS_MAPPINGS.get(nodes[src]["type"])
+                if source_cls is not None:
+                    assert source_cls.RETURN_TYPES[src_slot] == kind
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_api_workflow_passes_validation_and_mirrors_the_ui_file(name: str) -> None:
+    api = _api(name)
+    order = check_workflow(api, core=core_stand_ins(Path(".")))
+    assert set(order) == set(api)
+    ui_types = sorted(n["type"] for n in _ui(name)["nodes"] if n["type"] != "Note")
+    assert sorted(n["class_type"] for n in api.values()) == ui_types
+
+
+def test_validation_rejects_bad_edits_with_readable_messages() -> None:
+    api = _api("wantuner_t2v")
+    sampler = next(k for k, v in api.items() if v["class_type"] == "WanTunerSampler")
+    api[sampler]["inputs"]["length"] = 10
+    with pytest.raises(GraphError, match=r"4n\+1 frames.*got 10; try 9 or 13"):
+        check_workflow(api)
+    api[sampler]["inputs"].update(length=9, width=100)
+    with pytest.raises(GraphError, match=r"width must be a positive multiple of 16 \(got 100; try 96 or 112\)"):
+        check_workflow(api)
+    api[sampler]["inputs"]["width"] = 64
+    api[sampler]["inputs"]["text_embeds"] = ["1", 0]
+    with pytest.raises(GraphError, match="expects WANTUNER_TEXT_EMBEDS but node 1 gives WANTUNER_DIT"):
+        check_workflow(api)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running every API workflow on tiny models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[RunResult, Path]]:
+    from PIL import Image
+
+    from tests.tiny_model_set import write_model_set
+
+    root = tmp_path_factory.mktemp("workflows")
+    write_model_set(root / "models")
+    (root / "input").mkdir()
+    pixels = np.zeros((*EXAMPLE_IMAGE_HW, 3), np.uint8)
+    pixels[..., 2] = 200
+    pixels[10:30, 10:30, 0] = 255
+    Image.fromarray(pixels).save(root / "input" / "example.png")
+    results = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(adapter.MODELS_DIR_ENV, str(root / "models"))
+        mp.setenv(adapter.OUTPUT_DIR_ENV, str(root / "output"))
+        adapter.clear_cache()
+        for name in NAMES:
+            results[name] = (run_workflow(_api(name), core_stand_ins(root / "input")), root / "output")
+        adapter.clear_cache()
+    return results
+
+
+def _saved_video(result: RunResult, output: Path) -> Path:
+    (entry,) = result.ui["12"]["images"]
+    assert entry["type"] == "output" and entry["filename"].endswith("_.mp4")
+    return output / entry["subfolder"] / entry["filename"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_api_workflow_runs_and_writes_the_video(name: str, runs) -> None:
+    import av
+
+    from wan_core.conditioning import size_for_image
+
+    result, output = runs[name]
+    path = _saved_video(result, output)
+    assert result.outputs["12"] == (str(path),)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        assert stream.codec_context.name == "h264"
+    sampler = _api(name)["10"]["inputs"]
+    height, width = sampler["height"], sampler["width"]
+    if name == "wantuner_i2v":
+        height, width = size_for_image(EXAMPLE_IMAGE_HW, width * height)
+        assert result.outputs["8"][1:] == (width, height)
+    assert len(frames) == sampler["length"] and frames[0].shape == (height, width, 3)
+    samples = result.outputs["10"][0]["samples"]
+    assert tuple(samples.shape) == (1, 16, (sampler["length"] - 1) // 4 + 1, height // 8, width // 8)
+
+
+@pytest.mark.slow
+def test_lora_workflow_reports_matches_and_changes_the_result(runs) -> None:
+    from wan_core.lora import LoRAModule
+
+    result, _ = runs["wantuner_lora_regex"]
+    first, second = result.ui["6"]["text"][0], result.ui["7"]["text"][0]
+    assert result.outputs["6"][1] == first and result.outputs["7"][1] == second
+    # include self_attn|ffn, exclude blocks_1_ffn: only blocks.0.self_attn.q of the three layers in the file
+    assert "1 modules matched (strength 1" in first and "blocks.0.cross_attn.k, blocks.1.ffn.0" in first
+    assert "1 modules matched (strength 0.5" in second and "blocks.0.self_attn.q, blocks.1.ffn.0" in second
+    for text in (first, second):
+        assert "3 unmatched keys: lora_unet_blocks_7_self_attn_q.alpha" in text
+    dit = result.outputs["7"][0]
+    assert [(s.strength, s.include) for s in dit.loras] == [(1.0, "self_attn|ffn"), (0.5, "cross_attn")]
+    assert not any(isinstance(m, LoRAModule) for m in dit.model.obj.modules())  # removed after sampling
+    plain = runs["wantuner_t2v"][0].outputs["10"][0]["samples"]
+    assert (result.outputs["10"][0]["samples"] - plain).abs().max() > 1e-3
