@@ -22,6 +22,7 @@ modification time) reuse the loaded model across queued prompts.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -57,10 +58,8 @@ def comfy_modules() -> dict[str, Any] | None:
     management = sys.modules.get("comfy.model_management")
     if folder_paths is None or management is None:
         return None
-    import comfy.model_patcher
-    import comfy.utils
-
-    return {"folder_paths": folder_paths, "mm": management, "utils": comfy.utils, "patcher": comfy.model_patcher}
+    return {"folder_paths": folder_paths, "mm": management, "utils": importlib.import_module("comfy.utils"),
+            "patcher": importlib.import_module("comfy.model_patcher")}
 
 
 def in_comfyui() -> bool:
@@ -321,15 +320,12 @@ def previews_enabled() -> bool:
     comfy = comfy_modules()
     if comfy is None:
         return False
-    from comfy.cli_args import LatentPreviewMethod, args
-
-    return args.preview_method != LatentPreviewMethod.NoPreviews
+    cli = importlib.import_module("comfy.cli_args")
+    return cli.args.preview_method != cli.LatentPreviewMethod.NoPreviews
 
 
 def preview_max_size() -> int:
-    from comfy.cli_args import args
-
-    return int(args.preview_size)
+    return int(importlib.import_module("comfy.cli_args").args.preview_size)
 
 
 class Progress:
