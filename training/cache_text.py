@@ -83,16 +83,15 @@ def _empty_entries(group: DatasetGroupConfig) -> list[TextEntry]:
 
 
 def text_settings(t5: Any, tokenizer: Any, fp8: bool) -> tuple[TextSettings, Any]:
-    """(settings, the tokenizer to encode with) for a T5 checkpoint path or a loaded `T5Encoder` (whose own
-    tokenizer is used)."""
-    suffix = f"+{FP8_T5_MODE}" if fp8 else ""
+    """(settings, the tokenizer to encode with) for a T5 checkpoint path or a loaded `T5Encoder` (used as it is:
+    its own tokenizer, dtype and weights; `fp8` applies to paths only)."""
     if isinstance(t5, (str, os.PathLike)):
         tok = resolve_tokenizer(t5, tokenizer)
         return TextSettings(t5=checkpoint_fingerprint(t5), tokenizer=tokenizer_fingerprint(tok),
-                            compute=_compute_name(t5) + suffix), tok
+                            compute=_compute_name(t5) + (f"+{FP8_T5_MODE}" if fp8 else "")), tok
     tok = t5.tokenizer
     return TextSettings(t5=module_fingerprint(t5.model), tokenizer=tokenizer_fingerprint(tok),
-                        compute=dtype_name(t5.dtype) + suffix), tok
+                        compute=dtype_name(t5.dtype)), tok
 
 
 def _compute_name(t5_path: Any) -> str:
@@ -105,7 +104,7 @@ def _compute_name(t5_path: Any) -> str:
 
 def _load_t5(t5: Any, tokenizer: Any, device: str, fp8: bool, batch_size: int) -> Any:
     if not isinstance(t5, (str, os.PathLike)):
-        return t5.to(device=device)
+        return t5
     from wan_core.t5 import load_t5
 
     encoder = load_t5(t5, tokenizer=tokenizer, device=device, batch_size=batch_size)
@@ -121,7 +120,8 @@ def cache_text(dataset: str | os.PathLike[str] | DatasetGroupConfig, t5: Any, *,
                keep_cache: bool = False, progress: Progress | None = None) -> CacheRunReport:
     """Bring a dataset's T5 caches up to date; returns what was encoded, reused and removed.
 
-    t5: a checkpoint path (loaded only when something must be encoded) or a loaded `wan_core.t5.T5Encoder`.
+    t5: a checkpoint path (loaded on `device` only when something must be encoded) or a loaded
+    `wan_core.t5.T5Encoder`, used as it is (its device, dtype and tokenizer; `tokenizer` and `fp8_t5` are ignored).
     Raises ValueError when no media file has a caption or two entries collide, FileNotFoundError for missing files.
     """
     if batch_size is not None and batch_size < 1:
