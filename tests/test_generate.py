@@ -186,3 +186,20 @@ def test_interactive_mode_through_a_pipe(models, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "unknown inline option --zz" in result.stderr
     assert len(list(tmp_path.glob("*.mp4"))) == 2
+
+
+def test_memory_flags(models, tmp_path, capsys):
+    runs = {"base": [], "swap": ["--blocks_to_swap", "1"], "fp8": ["--fp8"], "fp8_scaled": ["--fp8", "--fp8_scaled"],
+            "lora_fp8": ["--fp8", "--fp8_scaled", "--lora_weight",
+                         str(save_lora(_random_lora(3), tmp_path / "l.safetensors", "musubi")), "--lora_multiplier", "0"]}
+    out = {}
+    for name, extra in runs.items():
+        assert main(_args(models, "t2v", tmp_path / name, "--prompt", "a cat", "--seed", "1", "--output_type",
+                          "latent", *extra)) == 0, capsys.readouterr().err
+        out[name] = load_latent(_only(tmp_path / name, "*.safetensors"))[0]
+    assert torch.equal(out["swap"], out["base"])  # streaming blocks changes nothing
+    err = {k: ((out[k] - out["base"]).abs().max() / out["base"].abs().max()).item() for k in ("fp8", "fp8_scaled")}
+    assert 0 < err["fp8_scaled"] < 0.1 and 0 < err["fp8"] < 0.2, err
+    assert torch.equal(out["lora_fp8"], out["fp8_scaled"])  # merged at strength 0, then quantised the same way
+    assert main(_args(models, "t2v", tmp_path, "--prompt", "a cat", "--blocks_to_swap", "2")) == 2
+    assert "blocks_to_swap" in capsys.readouterr().err

@@ -282,6 +282,8 @@ def run_jobs(models: ModelSet, jobs: Sequence[Resolved], args: argparse.Namespac
     if not keep_loaded:
         models.release("clip")
     latents = []
+    models.size_hint = max(((r.height, r.width, c.frames) for r, c in zip(jobs, conds)),
+                           key=lambda s: s[0] * s[1] * s[2])
     dit = models.get("dit")
     for n, (r, c) in enumerate(zip(jobs, conds)):
         start = time.perf_counter()

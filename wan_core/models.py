@@ -92,6 +92,7 @@ class ModelSet:
         self.spec = spec
         self.device = torch.device(spec.device) if spec.device else default_device()
         self._models: dict[str, Any] = {}
+        self.size_hint: tuple[int, int, int] | None = None  # largest (height, width, frames): sizes auto swap
 
     def _check(self, kind: str) -> Path:
         path = self.spec.path(kind)
@@ -117,7 +118,7 @@ class ModelSet:
     def _load_dit(self, path: Path) -> torch.nn.Module:
         from .prepare import prepare_dit
 
-        return prepare_dit(path, self.spec, self.device)
+        return prepare_dit(path, self.spec, self.device, self.size_hint)
 
     def _load_vae(self, path: Path) -> Any:
         from .vae import load_vae

@@ -33,19 +33,37 @@ def merge_spec_loras(model: WanModel, spec: ModelSpec) -> None:
                            ", ".join(report.unmatched[:10]))
 
 
-def prepare_dit(path: str | Path, spec: ModelSpec, device: torch.device) -> WanModel:
-    staged = spec.loras or spec.fp8 is not None or spec.blocks_to_swap is not None
+def place_on_device(model: WanModel, spec: ModelSpec, device: torch.device,
+                    size_hint: tuple[int, int, int] | None) -> WanModel:
+    """Move the model to `device`, streaming its last blocks from CPU memory when `blocks_to_swap` asks for it."""
+    from .offload import choose_blocks_to_swap, enable_block_swap, parse_blocks_to_swap
+
+    count = parse_blocks_to_swap(spec.blocks_to_swap, len(model.blocks))
+    if count == "auto":
+        if device.type != "cuda":
+            raise ValueError("--blocks_to_swap auto sizes the swap to the free GPU memory: it needs a CUDA device")
+        if size_hint is None:
+            raise ValueError("--blocks_to_swap auto needs the video size to estimate memory")
+        count = choose_blocks_to_swap(model, *size_hint, device=device).blocks_to_swap
+    model.block_swapper = enable_block_swap(model, count, device)  # None when count == 0 (plain move)
+    return model
+
+
+def prepare_dit(path: str | Path, spec: ModelSpec, device: torch.device,
+                size_hint: tuple[int, int, int] | None = None) -> WanModel:
+    """Load the DiT and apply LoRA merge, fp8, block swap and compile as `spec` asks. `size_hint` (height,
+    width, frames of the largest video) sizes `--blocks_to_swap auto`."""
     # pre-quantised fp8 files keep their stored weights only when nothing has to be merged into them first
-    model = load_dit(path, task=spec.task, device="cpu" if staged else device, attn=spec.attn,
-                     fp8=spec.fp8 if not spec.loras else None)
+    model = load_dit(path, task=spec.task, device="cpu", attn=spec.attn, fp8=spec.fp8 if not spec.loras else None)
     if spec.loras:
         merge_spec_loras(model, spec)
         if spec.fp8 is not None:
             from .fp8 import apply_fp8
 
             apply_fp8(model, spec.fp8, device=device)
-    if spec.blocks_to_swap is not None:
-        raise NotImplementedError("--blocks_to_swap is not available yet")
+    place_on_device(model, spec, device, size_hint)
     if spec.compile:
-        raise NotImplementedError("--compile is not available yet")
-    return model.to(device)
+        from .compile import compile_blocks
+
+        compile_blocks(model)
+    return model
