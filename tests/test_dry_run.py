@@ -156,4 +156,4 @@ def test_unknown_and_unimplemented_subcommands_exit_2(capsys, monkeypatch):
 def test_python_dash_m_training_help_runs_in_a_fresh_process():
     result = subprocess.run([sys.executable, "-m", "training", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "usage: python -m training {dataset,cache-latents,cache-text,train,convert-lora}" in result.stdout
+    assert "usage: python -m training {dataset,cache-latents,cache-text,train,convert-lora,init-dit}" in result.stdout
