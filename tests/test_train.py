@@ -338,3 +338,60 @@ def test_model_is_not_the_trained_module(dit: Path) -> None:
     assert not any(p.requires_grad for p in model.parameters())
     assert all(p.requires_grad for p in trainable.parameters()) and len(trainable.parameters()) == 40
     assert isinstance(model, WanModel)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory and precision options
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def baseline(dit: Path, tmp_path_factory: pytest.TempPathFactory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(train_args(dit, tmp_path_factory.mktemp("base"), "--max_train_steps", "2"),
+                     source=memory_source(2))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("flags", [["--gradient_checkpointing"],
+                                   ["--gradient_checkpointing", "--gradient_checkpointing_cpu_offload"],
+                                   ["--blocks_to_swap", "1"]], ids=["checkpointing", "cpu_offload", "block_swap"])
+def test_memory_options_do_not_change_the_result(flags: list[str], dit: Path, baseline, tmp_path: Path) -> None:
+    result = train(train_args(dit, tmp_path, "--max_train_steps", "2", *flags), source=memory_source(2))
+    assert result.losses == baseline.losses
+    for key, value in baseline.weights.items():
+        assert torch.equal(result.weights[key], value), key
+
+
+@pytest.mark.parametrize("flags", [["--fp8_base"], ["--fp8_base", "--fp8_scaled"], ["--mixed_precision", "bf16"],
+                                   ["--mixed_precision", "fp16"]], ids=["fp8", "fp8_scaled", "bf16", "fp16"])
+def test_reduced_precision_trains_close_to_fp32(flags: list[str], dit: Path, baseline, tmp_path: Path) -> None:
+    result = train(train_args(dit, tmp_path, "--max_train_steps", "2", *flags), source=memory_source(2))
+    for (_, loss), (_, reference) in zip(result.losses, baseline.losses):
+        assert loss == pytest.approx(reference, rel=0.02)
+    assert {v.dtype for v in load_state_dict(result.output).values()} == {torch.float32}  # LoRA kept in fp32
+    assert all(v.dtype == torch.float32 for v in result.weights.values())
+
+
+def test_epochs_epoch_saves_and_sampling_points(dit: Path, tmp_path: Path) -> None:
+    """3 micro-batches per epoch with accumulation 2 = 2 optimizer steps per epoch; 3 epochs = 6 steps; epoch saves
+    after epochs 1 and 2 (the final file covers epoch 3), as musubi names them."""
+    result = train(train_args(dit, tmp_path, "--max_train_epochs", "3", "--gradient_accumulation_steps", "2",
+                              "--save_every_n_epochs", "1", "--max_train_steps", "999"), source=memory_source(3))
+    assert result.progress.global_step == 6 and result.progress.epoch == 3
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".safetensors") == [
+        "lora-000001.safetensors", "lora-000002.safetensors", "lora.safetensors"]
+    assert read_metadata(tmp_path / "lora-000001.safetensors")["ss_steps"] == "2"
+
+
+def test_loraplus_gives_the_up_weights_a_higher_learning_rate(dit: Path) -> None:
+    from training.trainable import NetworkConfig, apply_network, parse_network_args
+
+    extra = parse_network_args(["loraplus_lr_ratio=16", "exclude_patterns=['.*ffn.*']", "include_patterns=[]"])
+    trainable = apply_network(load_dit(dit), NetworkConfig(rank=2, alpha=1.0, extra=extra))
+    groups = trainable.param_groups(1e-3)
+    assert [g["lr"] for g in groups] == [1e-3, 16e-3] and len(groups[0]["params"]) == 16  # 8 attention layers x 2
+    with pytest.raises(ValueError, match="--network_args 'rank=4'"):
+        parse_network_args(["rank=4"])

@@ -109,7 +109,8 @@ def _add_memory_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fp8_base", action="store_true", help="store the frozen DiT Linear weights in fp8")
     g.add_argument("--fp8_scaled", action="store_true", help="block-wise scaled fp8 (with --fp8_base)")
     g.add_argument("--blocks_to_swap", type=int, default=None, help="DiT blocks kept in CPU memory")
-    g.add_argument("--use_pinned_memory_for_block_swap", action="store_true")
+    g.add_argument("--use_pinned_memory_for_block_swap", action="store_true",
+                   help="accepted for musubi compatibility: the block-swap arena is always pinned on CUDA")
 
 
 def _add_timestep_args(parser: argparse.ArgumentParser) -> None:
@@ -222,6 +223,7 @@ def _network_problems(args: argparse.Namespace) -> list[str]:
         given = [f"--{name}" for name in ("network_dim", "network_alpha", "network_dropout", "network_args",
                                           "network_weights") if getattr(args, name) is not None]
         given += ["--fp8_base"] if args.fp8_base else []
+        given += ["--blocks_to_swap"] if args.blocks_to_swap else []
         given += ["--dim_from_weights"] if args.dim_from_weights else []
         given += [f"--save_format {args.save_format}"] if args.save_format != "musubi" else []
         if given:

@@ -256,17 +256,28 @@ def _backward(loss: torch.Tensor, optim: Optim) -> None:
     (optim.scaler.scale(loss) if optim.scaler is not None else loss).backward()
 
 
+SYNC_BUCKET_BYTES = 256 << 20
+
+
 def sync_gradients(run: Run, params: Sequence[torch.nn.Parameter]) -> None:
-    """Average the gradients over processes (one flat all-reduce); a no-op in a single process."""
+    """Average the gradients over processes (all-reduce of flat buckets of up to 256 MiB); no-op in one process.
+    A missing gradient counts as zeros, so every process reduces the same buckets."""
     if run.world == 1:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    flat = run.accelerator.reduce(flat, reduction="mean")
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset: offset + g.numel()].view_as(g).clone()
-        offset += g.numel()
+    bucket: list[torch.nn.Parameter] = []
+    size = 0
+    for index, param in enumerate(params):
+        bucket.append(param)
+        size += param.numel() * 4
+        if size >= SYNC_BUCKET_BYTES or index == len(params) - 1:
+            grads = [p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
+                     for p in bucket]
+            flat = run.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+            offset = 0
+            for p, g in zip(bucket, grads):
+                p.grad = flat[offset: offset + g.numel()].view_as(g).to(p.dtype).clone()
+                offset += g.numel()
+            bucket, size = [], 0
 
 
 def run_step(run: Run, trainable: Trainable, optim: Optim, data: Data, group: list[tuple[int, dict]],
@@ -433,7 +444,9 @@ def validate_now(run: Run, trainable: Trainable, optim: Optim, data: Data, extra
     logs = data.validator.run(trainable.model, run.step_cfg, run.autocast, reduce)
     trainable.train()
     optim.train_mode()
-    logger.info("validation at step %d: %s", step, ", ".join(f"{k.split('/')[-1]} {v:.5f}" for k, v in logs.items()))
+    if run.is_main:
+        logger.info("validation at step %d: %s", step,
+                    ", ".join(f"{k.split('/')[-1]} {v:.5f}" for k, v in logs.items()))
     extras.validation.append((step, logs))
     if extras.writer is not None:
         for key, value in logs.items():

@@ -3,7 +3,7 @@
 - `inspect_dit`: architecture, stored dtype and metadata from the file header (no weights read).
 - `load_training_dit`: `wan_core.load_dit` with the task check, the weight dtype for the chosen mixed precision
   (musubi's rule: bf16 weights need bf16 or no mixed precision, fp16 weights fp16 or no), `--fp8_base` /
-  `--fp8_scaled` through `wan_core.fp8`, gradient checkpointing, and block swap when `wan_core.offload` exists.
+  `--fp8_scaled` through `wan_core.fp8`, gradient checkpointing, and `--blocks_to_swap` through `wan_core.offload`.
   Full training keeps fp32 master weights and computes under autocast.
 - `Trainable`: the parameters, optimizer groups (LoRA+ aware), the state dict written into training states, and
   the saved file: a LoRA in musubi or ComfyUI keys through `LoRANetwork.save`, or, for `--network_module full`,
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -84,13 +83,13 @@ def weight_dtype(mixed_precision: str | None, stored: torch.dtype, full: bool) -
     return mixed or stored
 
 
-def _block_swap(model: WanModel, blocks: int, device: torch.device, pinned: bool) -> None:
-    if importlib.util.find_spec("wan_core.offload") is None:
-        raise RuntimeError(f"--blocks_to_swap {blocks}: block swap is not available in this build "
-                           f"(wan_core.offload is missing); drop the flag or use --fp8_base/--gradient_checkpointing")
-    from wan_core import offload
+def _block_swap(model: WanModel, blocks: int, device: torch.device) -> None:
+    """`wan_core.offload`: the last `blocks` blocks' frozen weights stream from CPU memory (LoRA stays on device)."""
+    from wan_core.offload import enable_block_swap, parse_blocks_to_swap
 
-    offload.enable_block_swap(model, blocks, device=device, pinned=pinned, training=True)
+    count = parse_blocks_to_swap(blocks, len(model.blocks))
+    swapper = enable_block_swap(model, count, device)
+    model._block_swapper = swapper  # keep it alive with the model
 
 
 def load_training_dit(args: argparse.Namespace, info: DiTInfo, device: torch.device, attn: str,
@@ -101,7 +100,7 @@ def load_training_dit(args: argparse.Namespace, info: DiTInfo, device: torch.dev
     model = load_dit(args.dit, task=args.task, dtype=dtype, device="cpu" if staged else device, attn=attn, fp8=fp8)
     model.gradient_checkpointing = bool(args.gradient_checkpointing)
     if staged:
-        _block_swap(model, args.blocks_to_swap, device, args.use_pinned_memory_for_block_swap)
+        _block_swap(model, args.blocks_to_swap, device)
     return model
 
 
