@@ -1,10 +1,11 @@
 """Sample videos during training from a prompt file in the inline syntax of generation (`wan_core.jobs`).
 
-Before training (`prepare_samples`): the prompts and negative prompts are encoded with `--t5` (then the T5 is
-freed), start images / control videos are turned into conditioning with `--vae` (and `--clip`, then freed); the
-VAE stays for decoding. At each sampling point (`generate_samples`) the current DiT (+ LoRA, dropout off) denoises
-every prompt with UniPC, and the frames are written to `<output_dir>/sample/` (mp4, or png for one frame) and,
-when given, to TensorBoard. The global RNG states are restored afterwards, so sampling does not change training.
+Before the DiT is loaded (`prepare_samples`): the prompts and negative prompts are encoded with `--t5` (then the
+T5 is freed), start images / control videos are turned into conditioning with `--vae` (and `--clip`, then freed);
+the VAE stays in CPU memory and visits the device only to decode samples. At each sampling point
+(`generate_samples`) the current DiT (+ LoRA, dropout off) denoises every prompt with UniPC, and the frames are
+written to `<output_dir>/sample/` (mp4, or png for one frame) and, when given, to TensorBoard. The global RNG
+states are restored afterwards, so sampling does not change training.
 
 Defaults follow musubi's sampling during training: 256x256, 1 frame, 20 steps, flow shift 14.5, guidance 5.0
 (`--l`/`--g` per line) with the task's negative prompt unless `--n` is given. A prompt without `--d` gets a seed
@@ -48,9 +49,10 @@ class SampleJob:
 @dataclass
 class SamplePlan:
     jobs: list[SampleJob]
-    vae: object  # WanVAE, kept for decoding
+    vae: object  # WanVAE, kept in CPU memory for decoding
     output_dir: Path
     name: str
+    device: torch.device
 
 
 def _round_size(job: Job) -> tuple[int, int, int]:
@@ -105,15 +107,19 @@ def _encode_texts(args: object, texts: list[str], device: torch.device) -> dict[
     with torch.no_grad():
         embeds = {text: e.float().cpu() for text, e in zip(texts, t5.encode(texts))}
     del t5
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return embeds
 
 
 def prepare_samples(args: object, task: str | None, in_dim: int, device: torch.device, seed: int, rank: int,
-                    world: int) -> SamplePlan:
+                    world: int, name: str) -> SamplePlan:
     """Encode the prompts and conditioning of this process's share of the prompt file."""
     from wan_core.vae import load_vae
 
     jobs = read_sample_jobs(args.sample_prompts)
+    if in_dim == 36 and not args.clip:
+        raise ValueError("--sample_prompts for an I2V model needs --clip (the CLIP vision model for the start images)")
     negative_default = get_task(task).negative_prompt if task else DEFAULT_NEGATIVE_PROMPT
     seeds = random.Random(seed).sample(range(2**31), len(jobs))
     mine = [(i, job) for i, job in enumerate(jobs) if i % world == rank]
@@ -136,8 +142,11 @@ def prepare_samples(args: object, task: str | None, in_dim: int, device: torch.d
             job.steps or SAMPLE_DEFAULTS["steps"], guidance,
             job.flow_shift if job.flow_shift is not None else SAMPLE_DEFAULTS["flow_shift"]))
     del clip
+    vae.to("cpu")  # moved to the device only while decoding samples
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     logger.info("prepared %d sample prompt(s) of %d", len(sample_jobs), len(jobs))
-    return SamplePlan(sample_jobs, vae, Path(args.output_dir) / "sample", args.output_name)
+    return SamplePlan(sample_jobs, vae, Path(args.output_dir) / "sample", name, device)
 
 
 def _frames_for_log(frames: torch.Tensor, limit: int = 8) -> torch.Tensor:
@@ -180,7 +189,9 @@ def generate_samples(plan: SamplePlan, dit: torch.nn.Module, step: int, epoch: i
             negative = None if job.negative_context is None else [job.negative_context]
             with torch.no_grad(), autocast():
                 latents = denoise(dit, job.conditioning, [job.context], negative, settings)
+            plan.vae.to(plan.device)
             frames = decode_latents(plan.vae, latents.float())[0]  # [T, H, W, 3]
+            plan.vae.to("cpu")
             path = plan.output_dir / f"{plan.name}_{suffix}_{job.index:02d}_{stamp}_{job.seed}"
             paths.append(_save(frames, path))
             if writer is not None:

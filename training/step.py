@@ -21,7 +21,6 @@ Model inputs per kind (`InputSpec`):
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -224,7 +223,3 @@ def validation_losses(model: torch.nn.Module, batch: Batch, cfg: StepConfig, see
             sigmas = torch.full((len(seeds),), t / 1000.0, dtype=torch.float64)
             out[t] = flow_matching_loss(model, latents, noise, sigmas, context, y, clip_fea, None, autocast).cpu()
     return out
-
-
-def is_finite(value: float) -> bool:
-    return math.isfinite(value)

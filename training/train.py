@@ -510,17 +510,23 @@ def finish(run: Run, trainable: Trainable, optim: Optim, data: Data, progress: s
     return path
 
 
-def open_extras(run: Run, data: Data, progress: st.Progress, on_step: StepCallback | None) -> Extras:
-    """Encode sample prompts, open TensorBoard (main process) and the tqdm bar."""
+def prepare_sampling(run: Run) -> object | None:
+    """Encode the sample prompts (T5, CLIP and VAE come and go before the DiT is loaded)."""
+    if not run.args.sample_prompts:
+        return None
+    from training.sampling import prepare_samples
+
+    return prepare_samples(run.args, run.task, run.info.config.in_dim, run.device, run.seed, run.rank, run.world,
+                           run.name)
+
+
+def open_extras(run: Run, data: Data, progress: st.Progress, samples: object | None,
+                on_step: StepCallback | None) -> Extras:
+    """Open TensorBoard (main process) and the tqdm bar."""
     from tqdm import tqdm
 
     args = run.args
-    extras = Extras(on_step=on_step)
-    if args.sample_prompts:
-        from training.sampling import prepare_samples
-
-        extras.samples = prepare_samples(args, run.task, run.info.config.in_dim, run.device, run.seed, run.rank,
-                                         run.world)
+    extras = Extras(samples=samples, on_step=on_step)
     if args.log_with and run.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -549,12 +555,13 @@ def train(args: argparse.Namespace, source: BatchSource | None = None, validatio
     """Train as `args` say. `source`/`validation_source` replace the dataset caches and `on_step(step, total, loss)`
     is called after every optimizer step (in-process callers such as the ComfyUI nodes; tests)."""
     run = setup_run(args)
+    samples = prepare_sampling(run)
     model = load_model(run)
     trainable = apply_lora(run, model)
     data = build_dataloader(run, source, validation_source)
     optim = build_optimizer(run, trainable, data)
     progress = resume(run, trainable, optim)
-    extras = open_extras(run, data, progress, on_step)
+    extras = open_extras(run, data, progress, samples, on_step)
     if progress.global_step == 0:
         validate_now(run, trainable, optim, data, extras, 0)
         if args.sample_at_first:
