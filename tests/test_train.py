@@ -395,3 +395,19 @@ def test_loraplus_gives_the_up_weights_a_higher_learning_rate(dit: Path) -> None
     assert [g["lr"] for g in groups] == [1e-3, 16e-3] and len(groups[0]["params"]) == 16  # 8 attention layers x 2
     with pytest.raises(ValueError, match="--network_args 'rank=4'"):
         parse_network_args(["rank=4"])
+
+
+def test_sample_prompt_problems_are_reported_before_training(tmp_path: Path) -> None:
+    dit = tiny_dit_file(tmp_path / "i2v.safetensors", "i2v")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat walks --i cat.png --f 5\n", encoding="utf-8")
+    flags = ("--vae", str(tmp_path / "vae.safetensors"), "--t5", str(tmp_path / "t5.safetensors"))
+    with pytest.raises(ValueError, match="an I2V model needs --clip"):
+        train(train_args(dit, tmp_path, "--sample_prompts", str(prompts), *flags), source=memory_source(2, "i2v"))
+    toml = tmp_path / "prompts.toml"
+    toml.write_text("[prompt]\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="use a .txt file"):
+        train(train_args(dit, tmp_path, "--sample_prompts", str(toml), *flags), source=memory_source(2, "i2v"))
+    with pytest.raises(FileNotFoundError, match="prompt file not found"):
+        train(train_args(dit, tmp_path, "--sample_prompts", str(tmp_path / "none.txt"), *flags),
+              source=memory_source(2, "i2v"))
