@@ -180,23 +180,25 @@ class _BlockLayout:
     nbytes: int  # size of the region
 
 
-class _HostArena:
-    """One CPU buffer for all swapped blocks, pinned with cudaHostRegister (exact size; the caching host
-    allocator behind pin_memory=True rounds up to a power of two) or, if that fails, with pin_memory()."""
+PIN_MODES = ("register", "pin_memory", "none")
 
-    def __init__(self, nbytes: int, pin: bool) -> None:
+
+class _HostArena:
+    """One CPU buffer for all swapped blocks. `pin`: "register" pins it in place with cudaHostRegister (exact
+    size); "pin_memory" uses PyTorch's pinned allocator (rounds the size up to a power of two); "none" leaves it
+    pageable (copies then cannot overlap compute)."""
+
+    def __init__(self, nbytes: int, pin: str) -> None:
         self.buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8)
         self.registered = False
-        if not pin:
-            return
-        try:
-            self.registered = int(torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), self.buffer.numel(),
-                                                                        0)) == 0
-        except (RuntimeError, AttributeError) as exc:
-            logger.debug("cudaHostRegister unavailable: %s", exc)
-        if not self.registered:
-            logger.info("block swap: cudaHostRegister failed, using pin_memory() for %.2f GB", nbytes / 1e9)
+        if pin == "pin_memory":
             self.buffer = self.buffer.pin_memory()
+        elif pin == "register":
+            error = torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), self.buffer.numel(), 0)
+            if int(error) != 0:
+                raise RuntimeError(f"block swap: cudaHostRegister of {nbytes / 1e9:.2f} GB failed ({error}); raise "
+                                   f"the locked-memory limit (ulimit -l) or use pin='pin_memory' or pin='none'")
+            self.registered = True
 
     def release(self) -> None:
         if self.registered:
@@ -207,12 +209,16 @@ class _HostArena:
 class BlockSwapper:
     """Streams the swapped blocks of a `SwapPlan` between a CPU arena and device slots (see the module docs)."""
 
-    def __init__(self, blocks: Sequence[nn.Module], plan: SwapPlan, device: str | torch.device) -> None:
+    def __init__(self, blocks: Sequence[nn.Module], plan: SwapPlan, device: str | torch.device,
+                 pin: str = "register") -> None:
         if len(blocks) != plan.num_blocks:
             raise ValueError(f"the plan is for {plan.num_blocks} blocks but the model has {len(blocks)}")
+        if pin not in PIN_MODES:
+            raise ValueError(f"pin must be one of {', '.join(PIN_MODES)}, got {pin!r}")
         self.blocks, self.plan = list(blocks), plan
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        self.pin = pin if self.cuda else "none"
         self.direction: Direction = "forward"
         self.wrap = False
         self.on_device: dict[int, int] = {}  # swapped block -> slot
@@ -250,7 +256,7 @@ class BlockSwapper:
                 size += _aligned(tensor.numel() * tensor.element_size())
             self._layouts[index] = _BlockLayout(tensors, offsets, offset, size)
             offset += size
-        self._arena = _HostArena(offset, pin=self.cuda)
+        self._arena = _HostArena(offset, pin=self.pin)
         for layout in self._layouts.values():
             region = self._region(layout)
             for tensor, off in zip(layout.tensors, layout.offsets):
@@ -265,7 +271,7 @@ class BlockSwapper:
         self._slots = [torch.empty(max(slot_bytes, 1), dtype=torch.uint8, device=self.device)
                        for _ in range(self.plan.slots)]
         logger.info("%s; %.2f GB in CPU memory (%s), %d x %.2f GB device slots", self.plan.describe(), offset / 1e9,
-                    "pinned" if self.cuda else "not pinned", self.plan.slots, slot_bytes / 1e9)
+                    f"pin: {self.pin}", self.plan.slots, slot_bytes / 1e9)
 
     def _region(self, layout: _BlockLayout) -> torch.Tensor:
         return self._arena.buffer[layout.arena_offset:layout.arena_offset + layout.nbytes]
@@ -350,26 +356,32 @@ class BlockSwapper:
         return hook
 
     def remove(self, device: str | torch.device | None = None) -> None:
-        """Detach the hooks and give every swapped tensor its own memory on `device` (default: the swap device)."""
-        target = torch.device(device) if device is not None else self.device
+        """Detach the hooks and free the device slots. With `device`, every swapped tensor gets its own memory
+        there (the model is whole again); without, they stay in the (unpinned) CPU arena, e.g. to discard it."""
         if self.cuda:  # pending prefetches write into the slots, queued compute reads them
             self._stream.synchronize()
             torch.cuda.current_stream(self.device).synchronize()
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        for layout in self._layouts.values():
-            for tensor in layout.tensors:
-                tensor.data = tensor.data.to(target, copy=True)
-        self.on_device.clear()
+        for index in list(self.on_device):
+            self._evict(index)
+        if device is not None:
+            target = torch.device(device)
+            for layout in self._layouts.values():
+                for tensor in layout.tensors:
+                    tensor.data = tensor.data.to(target, copy=True)
         self._slots = []
+        self._slot_free.clear()
+        self._ready.clear()
         self._arena.release()
 
 
 def enable_block_swap(model: nn.Module, blocks_to_swap: int, device: str | torch.device, *,
-                      prefetch: int = 1) -> BlockSwapper | None:
+                      prefetch: int = 1, pin: str = "register") -> BlockSwapper | None:
     """Move `model` to `device` except the frozen tensors of its last `blocks_to_swap` blocks, which stream in
-    as needed. 0 moves the whole model and returns None. The model must have a `blocks` ModuleList."""
+    as needed. 0 moves the whole model and returns None. The model must have a `blocks` ModuleList.
+    `pin` chooses how the CPU copy is pinned on CUDA ("register", "pin_memory", "none"; see `_HostArena`)."""
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.ModuleList):
         raise ValueError(f"block swap needs a model with a `blocks` ModuleList, got {type(model).__name__}")
@@ -384,7 +396,7 @@ def enable_block_swap(model: nn.Module, blocks_to_swap: int, device: str | torch
         tensor.data = tensor.data.to(device)
     if hasattr(model, "_rope_cache"):
         model._rope_cache = {}
-    return BlockSwapper(blocks, plan, device).attach(model)
+    return BlockSwapper(blocks, plan, device, pin).attach(model)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,374 @@
+"""DiT speed and memory on one GPU: 1.3B T2V at 480x832x81 in every configuration, diffusers on the same weights,
+and 14B at 720x1280x81 with fp8 + block swap under a 24 GB budget.
+
+    python bench/bench_gpu.py [--steps 3] [--skip-14b] [--no-compile] [--json out.json]
+    python bench/bench_gpu.py --smoke        # CPU, tiny model, every code path in seconds (run by the tests)
+
+Weights are random with the real shapes (bench/random_dit.py). A step is one denoising step with CFG: two forwards
+(positive and negative prompt, batch 1 each), as the sampler runs them. Columns: seconds per step (mean of
+--steps after --warmup steps; compile time shows up in the warm-up column), peak memory allocated / reserved by
+PyTorch over the timed steps (weights included), our estimate of that peak (wan_core.offload), the projected DiT
+time of 50 steps and the achieved TFLOP/s (FLOPs of inference.md 16.3) against 798 TF/s.
+
+Cases (1.3B): bf16 sdpa, + compile, sageattn (+ compile) when installed, fp8, fp8_scaled, fp8_fast (compute
+capability >= 8.9), block swap 15 and 29, and diffusers' WanTransformer3DModel (bf16 with its fp32 modules, as
+from_pretrained(torch_dtype=torch.bfloat16) loads it; its default attention).
+14B: fp8_scaled with the swap count `--blocks_to_swap auto` picks for a 24 GiB card (23 GiB free, 1 GiB
+margin), one warm-up forward and --steps-14b steps; goal: peak reserved below 24 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from random_dit import materialize_, random_dit, weight_bytes  # noqa: E402
+
+from wan_core.attention import available_backends  # noqa: E402
+from wan_core.checkpoint import build_on_meta, load_into  # noqa: E402
+from wan_core.compile import compile_blocks  # noqa: E402
+from wan_core.config import TASKS, DiTConfig  # noqa: E402
+from wan_core.fp8 import apply_fp8, is_dit_target  # noqa: E402
+from wan_core.model import WanModel  # noqa: E402
+from wan_core.offload import GIB, choose_blocks_to_swap, enable_block_swap, estimate_peak_bytes, video_tokens  # noqa: E402
+
+PRACTICAL_TFLOPS = 798.0  # measured H100 bf16 GEMM rate (inference.md 16.4)
+SMOKE = DiTConfig(dim=128, ffn_dim=256, num_heads=1, num_layers=4, text_dim=64)
+SMOKE_14B = dataclasses.replace(SMOKE, num_layers=6)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    fp8: str | None = None
+    swap: int = 0
+    attn: str = "sdpa"
+    compile: bool = False
+    diffusers: bool = False
+
+
+@dataclass
+class Result:
+    name: str
+    seconds_per_step: float | None = None
+    warmup_seconds: float | None = None
+    peak_allocated: int | None = None
+    peak_reserved: int | None = None
+    estimate: int | None = None
+    note: str = ""
+    diff_vs_bf16: float | None = None  # relative L2 difference of one forward's output to the bf16 sdpa case
+
+
+@dataclass(frozen=True)
+class Setup:
+    cfg: DiTConfig
+    height: int
+    width: int
+    frames: int
+    device: torch.device
+    steps: int
+    warmup: int
+    compile_backend: str
+
+
+def flops_per_forward(cfg: DiTConfig, tokens: int, text_tokens: int = 512) -> float:
+    """inference.md 16.3: projections, attention cores, text k/v, FFN (patch embedding and head ignored)."""
+    d, f, n = cfg.dim, cfg.ffn_dim, tokens
+    per_layer = 8 * n * d * d + 4 * n * n * d + 4 * n * d * d + 4 * text_tokens * d * d + 4 * n * text_tokens * d
+    return cfg.num_layers * (per_layer + 4 * n * d * f)
+
+
+def _inputs(setup: Setup, dtype: torch.dtype = torch.bfloat16):
+    cfg, dev = setup.cfg, setup.device
+    gen = torch.Generator(device=dev).manual_seed(1)
+    shape = (1, cfg.in_dim, (setup.frames - 1) // 4 + 1, setup.height // 8, setup.width // 8)
+    latents = torch.randn(shape, generator=gen, device=dev)
+    positive = torch.randn(40, cfg.text_dim, generator=gen, device=dev, dtype=dtype) * 0.5
+    negative = torch.randn(60, cfg.text_dim, generator=gen, device=dev, dtype=dtype) * 0.5
+    return latents, torch.tensor([500.0], device=dev), positive, negative
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _measure(step: Callable[[], None], setup: Setup) -> tuple[float, float, int | None, int | None]:
+    """(seconds per step, warm-up seconds, peak allocated, peak reserved) over the timed steps."""
+    dev = setup.device
+    t0 = time.perf_counter()
+    for _ in range(setup.warmup):
+        step()
+    _sync(dev)
+    warm = time.perf_counter() - t0
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    for _ in range(setup.steps):
+        step()
+    _sync(dev)
+    per_step = (time.perf_counter() - t0) / setup.steps
+    if dev.type != "cuda":
+        return per_step, warm, None, None
+    return per_step, warm, torch.cuda.max_memory_allocated(dev), torch.cuda.max_memory_reserved(dev)
+
+
+def _ours(case: Case, master: dict[str, torch.Tensor], setup: Setup):
+    model = build_on_meta(lambda: WanModel(setup.cfg))
+    load_into(model, master, what="bench DiT")  # shares the master tensors; every placement below copies
+    model.eval().requires_grad_(False)
+    swapper = None
+    if case.swap:
+        if case.fp8:
+            apply_fp8(model, case.fp8)
+        swapper = enable_block_swap(model, case.swap, setup.device)
+    else:
+        model.to(setup.device)
+        if case.fp8:
+            apply_fp8(model, case.fp8, device=setup.device)
+    model.set_attention_backend(case.attn)
+    if case.compile:
+        compile_blocks(model, backend=setup.compile_backend)
+    return model, swapper
+
+
+def _diffusers(master: dict[str, torch.Tensor], setup: Setup):
+    from diffusers import WanTransformer3DModel
+
+    from wan_core.convert import DIT_DIFFUSERS, rename
+
+    cfg = setup.cfg
+    with torch.device(setup.device):
+        model = WanTransformer3DModel(
+            patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+            in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+            ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+            eps=cfg.eps, rope_max_seq_len=1024)
+    model.load_state_dict(rename(master, DIT_DIFFUSERS, to_ours=False, what="bench DiT"))
+    # what from_pretrained(torch_dtype=bfloat16) does: bf16 except `_keep_in_fp32_modules` (same weight values)
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, param in model.named_parameters():
+        param.data = param.data.to(torch.float32 if keep & set(name.split(".")) else torch.bfloat16)
+    return model.eval().requires_grad_(False)
+
+
+def _pad(context: torch.Tensor, length: int) -> torch.Tensor:
+    return torch.cat([context, context.new_zeros(length - context.shape[0], context.shape[1])])[None]
+
+
+def run_case(case: Case, master: dict[str, torch.Tensor], setup: Setup) -> tuple[Result, torch.Tensor]:
+    latents, t, positive, negative = _inputs(setup)
+    if case.diffusers:
+        model = _diffusers(master, setup)
+        hidden = latents.to(torch.bfloat16)
+        pos, neg = _pad(positive, setup.cfg.text_len), _pad(negative, setup.cfg.text_len)
+
+        def forward(context):
+            return model(hidden, t, context, return_dict=False)[0]
+        swapper, estimate = None, None
+    else:
+        model, swapper = _ours(case, master, setup)
+        pos, neg = [positive], [negative]
+
+        def forward(context):
+            return model(latents, t, context)
+        estimate = estimate_peak_bytes(model, setup.height, setup.width, setup.frames, case.swap).total
+
+    with torch.no_grad():
+        out = forward(pos).float()
+
+        def step() -> None:
+            forward(pos)
+            forward(neg)
+        per_step, warm, alloc, reserved = _measure(step, setup)
+    if swapper is not None:
+        swapper.remove()
+    return Result(case.name, per_step, warm, alloc, reserved, estimate), out
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def cases_1_3b(device: torch.device, compile_on: bool) -> list[Case | Result]:
+    cases: list[Case | Result] = [Case("bf16 sdpa")]
+    if compile_on:
+        cases.append(Case("bf16 sdpa compile", compile=True))
+    if "sageattn" in available_backends() and device.type == "cuda":
+        cases.append(Case("bf16 sageattn", attn="sageattn"))
+        if compile_on:
+            cases.append(Case("bf16 sageattn compile", attn="sageattn", compile=True))
+    else:
+        cases.append(Result("bf16 sageattn", note="skipped: sageattention not installed / no CUDA"))
+    cases += [Case("fp8", fp8="fp8"), Case("fp8_scaled", fp8="fp8_scaled")]
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
+        cases.append(Case("fp8_fast", fp8="fp8_fast"))
+    else:
+        cases.append(Result("fp8_fast", note="skipped: needs CUDA compute capability >= 8.9"))
+    return cases
+
+
+def run_1_3b(setup: Setup, args: argparse.Namespace, started: float) -> list[Result]:
+    cfg = setup.cfg
+    num = cfg.num_layers
+    model = random_dit(cfg, torch.bfloat16, setup.device, seed=0)
+    master = {k: v.cpu() for k, v in model.state_dict().items()}
+    del model
+    _free(setup.device)
+    swaps = [Case(f"bf16 swap {n}", swap=n) for n in sorted({num // 2, num - 1})]
+    todo = cases_1_3b(setup.device, not args.no_compile) + swaps + [Case("diffusers (reference)", diffusers=True)]
+    results, outputs = [], {}
+    for case in todo:
+        if isinstance(case, Result):
+            results.append(case)
+        elif time.perf_counter() - started > args.budget_s:
+            results.append(Result(case.name, note="skipped: time budget"))
+        else:
+            result, outputs[case.name] = run_case(case, master, setup)
+            results.append(result)
+            _free(setup.device)
+        print(_row(results[-1], cfg, setup), flush=True)
+    ref = outputs.get("bf16 sdpa")
+    if ref is not None:
+        for result in results:
+            if result.name in outputs:
+                out = outputs[result.name]
+                result.diff_vs_bf16 = ((out - ref).norm() / ref.norm()).item()
+        print("output rel. L2 difference to bf16 sdpa: " + ", ".join(
+            f"{r.name} {r.diff_vs_bf16:.1e}" for r in results if r.diff_vs_bf16 is not None))
+    return results
+
+
+def build_fp8_model_blockwise(cfg: DiTConfig, device: torch.device, mode: str = "fp8_scaled") -> WanModel:
+    """A big random model without holding it in bf16: non-block parts on the device, each block materialised on
+    the device, quantised there and moved to the CPU."""
+    model = build_on_meta(lambda: WanModel(cfg))
+    for name, child in model.named_children():
+        if child is not model.blocks:
+            materialize_(child, cfg.dim, torch.bfloat16, device, seed=1, prefix=name)
+    for i, block in enumerate(model.blocks):
+        materialize_(block, cfg.dim, torch.bfloat16, device, seed=100 + i, prefix=f"blocks.{i}")
+        apply_fp8(block, mode, is_target=lambda name, i=i: is_dit_target(f"blocks.{i}.{name}"))
+        block.to("cpu")
+    return model.eval()
+
+
+def run_14b(setup: Setup, args: argparse.Namespace) -> Result:
+    cfg = setup.cfg
+    model = build_fp8_model_blockwise(cfg, setup.device)
+    free = (23 * GIB) if not args.smoke else None
+    if free is None:  # smoke: a budget that forces swapping about half the blocks
+        half = estimate_peak_bytes(model, setup.height, setup.width, setup.frames, cfg.num_layers // 2)
+        free = half.total + GIB
+    plan = choose_blocks_to_swap(model, setup.height, setup.width, setup.frames, free_bytes=free)
+    print(f"14B plan: {plan.describe()}", flush=True)
+    swapper = enable_block_swap(model, plan.blocks_to_swap, setup.device)
+    latents, t, positive, negative = _inputs(setup)
+    with torch.no_grad():
+        def step() -> None:
+            model(latents, t, [positive])
+            model(latents, t, [negative])
+        steps = dataclasses.replace(setup, steps=args.steps_14b, warmup=0)
+        t0 = time.perf_counter()
+        model(latents, t, [positive])  # warm-up forward
+        _sync(setup.device)
+        warm = time.perf_counter() - t0
+        per_step, _, alloc, reserved = _measure(step, steps)
+    note = f"blocks_to_swap {plan.blocks_to_swap} (auto, 23 GiB free); weights {weight_bytes(model) / 1e9:.1f} GB"
+    if swapper is not None:
+        swapper.remove()
+    return Result(f"14B {setup.height}x{setup.width}x{setup.frames} fp8_scaled+swap", per_step, warm, alloc,
+                  reserved, plan.total, note)
+
+
+def _gb(value: int | None) -> str:
+    return "-" if value is None else f"{value / GIB:.2f}"
+
+
+def _row(r: Result, cfg: DiTConfig, setup: Setup) -> str:
+    if r.seconds_per_step is None:
+        return f"{r.name:34s} {r.note}"
+    tokens = video_tokens(cfg, setup.height, setup.width, setup.frames)
+    tflops = 2 * flops_per_forward(cfg, tokens) / r.seconds_per_step / 1e12
+    return (f"{r.name:34s} {r.seconds_per_step:8.3f} {r.warmup_seconds:8.1f} {_gb(r.peak_allocated):>9s} "
+            f"{_gb(r.peak_reserved):>9s} {_gb(r.estimate):>9s} {50 * r.seconds_per_step:8.1f} {tflops:8.1f}  {r.note}")
+
+
+HEADER = (f"{'case':34s} {'s/step':>8s} {'warmup s':>8s} {'alloc GiB':>9s} {'resv GiB':>9s} {'est GiB':>9s} "
+          f"{'50 steps':>8s} {'TFLOP/s':>8s}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model: exercise every path in seconds")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per 1.3B case")
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up steps per 1.3B case")
+    parser.add_argument("--steps-14b", type=int, default=1, help="timed steps of the 14B case")
+    parser.add_argument("--skip-14b", action="store_true")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--budget-s", type=float, default=330.0, help="skip the remaining 1.3B cases after this")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    if args.smoke:
+        torch.set_num_threads(1)
+        device, size, backend = torch.device("cpu"), (64, 64, 5), "eager"
+        cfg13, cfg14, size14 = SMOKE, SMOKE_14B, (64, 96, 5)
+        args.steps, args.steps_14b = 1, 1
+    else:
+        if not torch.cuda.is_available():
+            parser.error("no CUDA device: run with --smoke for the CPU check")
+        device, size, backend = torch.device("cuda"), (480, 832, 81), "inductor"
+        cfg13, cfg14, size14 = TASKS["t2v-1.3B"].dit, TASKS["t2v-14B"].dit, (720, 1280, 81)
+        print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, backends {available_backends()}")
+    setup = Setup(cfg13, *size, device, args.steps, args.warmup, backend)
+    label = "tiny smoke DiT" if args.smoke else "T2V-1.3B-shaped DiT"
+    print(f"{label} at {size[0]}x{size[1]}x{size[2]} ({video_tokens(cfg13, *size)} tokens)")
+    print(HEADER, flush=True)
+    results = run_1_3b(setup, args, started)
+    if not args.skip_14b:
+        setup14 = Setup(cfg14, *size14, device, args.steps_14b, 0, backend)
+        result = run_14b(setup14, args)
+        _free(device)
+        print(_row(result, cfg14, setup14), flush=True)
+        results.append(result)
+    _summary(results, setup)
+    if args.json:
+        args.json.write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1))
+    print(f"total {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def _summary(results: list[Result], setup: Setup) -> None:
+    by_name = {r.name: r for r in results if r.seconds_per_step is not None}
+    ours = [r for r in by_name.values() if not r.name.startswith(("diffusers", "14B"))]
+    ref = by_name.get("diffusers (reference)")
+    base = by_name.get("bf16 sdpa")
+    if ours:
+        best = min(ours, key=lambda r: r.seconds_per_step)
+        print(f"fastest: {best.name}, 50 steps with CFG = {50 * best.seconds_per_step:.1f} s (goal <= 60 s)")
+    if ref and base:
+        print(f"bf16 sdpa vs diffusers at equal settings: {ref.seconds_per_step / base.seconds_per_step:.2f}x "
+              f"(goal >= 1.3x)")
+    big = next((r for r in results if r.name.startswith("14B") and r.peak_reserved), None)
+    if big:
+        print(f"14B peak reserved {big.peak_reserved / 1e9:.1f} GB (goal < 24 GB)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
