@@ -217,6 +217,33 @@ def test_fp8_weights_and_their_scales_are_swapped() -> None:
     assert any(t is model.blocks[-1].ffn[0].scale_weight for t in swapper._layouts[NUM - 1].tensors)
 
 
+class _BufferLoRA(nn.Module):
+    """An inference-time unmerged low-rank wrapper whose factors are buffers created where its base layer is."""
+
+    def __init__(self, base: nn.Module, seed: int) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.base = base
+        device = base.weight.device
+        self.register_buffer("down", (torch.randn(2, base.in_features, generator=gen) * 0.1).to(device))
+        self.register_buffer("up", (torch.randn(base.out_features, 2, generator=gen) * 0.1).to(device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + F.linear(F.linear(x, self.down), self.up)
+
+
+def test_tensors_added_after_enabling_stay_on_the_device() -> None:
+    ref = _model()
+    model = copy.deepcopy(ref)
+    swapper = enable_block_swap(model, NUM - 1, "cpu")
+    for net in (ref, model):  # e.g. a LoRA applied unmerged for one sampling run, after the model was placed
+        for i, block in enumerate(net.blocks):
+            block.ffn[0] = _BufferLoRA(block.ffn[0], seed=i)
+    assert torch.equal(_run(model, swapper), _run(ref))
+    start, end = swapper._arena.buffer.data_ptr(), swapper._arena.buffer.data_ptr() + swapper._arena.buffer.numel()
+    assert not any(start <= b.data_ptr() < end for blk in model.blocks for b in blk.ffn[0].buffers())
+
+
 class _LoRA(nn.Module):
     """An unmerged low-rank wrapper (calls its base layer) with trainable factors."""
 
@@ -400,3 +427,19 @@ def test_cuda_forward_and_backward_are_bit_identical(swap: int, pin: str) -> Non
         swapper.remove("cuda")
         with torch.no_grad():
             assert torch.equal(model(x, t, ctx), expected)
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_lora_applied_after_placement_moves_to_the_device() -> None:
+    ref = _model().to(torch.bfloat16)
+    model = copy.deepcopy(ref)
+    ref.cuda()
+    enable_block_swap(model, NUM - 1, "cuda")
+    for net in (ref, model):  # evicted blocks live in CPU memory, so their new buffers start there
+        for i, block in enumerate(net.blocks):
+            block.ffn[0] = _BufferLoRA(block.ffn[0], seed=i).to(torch.bfloat16)
+    x, t, ctx = (v.cuda() if isinstance(v, torch.Tensor) else [c.cuda() for c in v] for v in _inputs())
+    with torch.no_grad():
+        assert torch.equal(model(x, t, ctx), ref(x, t, ctx))
+    assert all(b.device.type == "cuda" for blk in model.blocks for b in blk.ffn[0].buffers())

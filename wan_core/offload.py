@@ -4,7 +4,7 @@ Layout (musubi `--blocks_to_swap N`, 1 <= N <= num_blocks - 1): the non-block mo
 the device; the frozen tensors of blocks [L-N, L) live in one CPU arena (pinned) and are copied, one block at a
 time, into a small ring of device slots on a side CUDA stream, overlapped with the compute of the previous block.
 Trainable parameters (LoRA) are never swapped: they stay on the device, so optimisers and gradients see them
-where they are.
+where they are; so do tensors added to a block after swapping was enabled (unmerged LoRA for one run).
 
 Three layers, each testable on its own:
 - `SwapPlan` (pure): which swapped blocks should be on the device when block i runs in a given direction, and so
@@ -178,6 +178,7 @@ class _BlockLayout:
     offsets: list[int]  # byte offset of each inside the block's region
     arena_offset: int  # where the block's region starts in the arena
     nbytes: int  # size of the region
+    ids: set[int]  # ids of every tensor of the block known to the swapper (streamed or kept on the device)
 
 
 PIN_MODES = ("register", "pin_memory", "none")
@@ -218,6 +219,8 @@ class BlockSwapper:
         self.blocks, self.plan = list(blocks), plan
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        if self.cuda and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.pin = pin if self.cuda else "none"
         self.direction: Direction = "forward"
         self.wrap = False
@@ -249,12 +252,14 @@ class BlockSwapper:
             self.blocks[index].to(self.device)
         offset = 0
         for index in self.plan.swapped_blocks:
-            tensors = self._frozen_tensors(self.blocks[index])
+            block = self.blocks[index]
+            tensors = self._frozen_tensors(block)
             offsets, size = [], 0
             for tensor in tensors:
                 offsets.append(size)
                 size += _aligned(tensor.numel() * tensor.element_size())
-            self._layouts[index] = _BlockLayout(tensors, offsets, offset, size)
+            known = {id(t) for t in [*block.parameters(), *block.buffers()]}
+            self._layouts[index] = _BlockLayout(tensors, offsets, offset, size, known)
             offset += size
         self._arena = _HostArena(offset, pin=self.pin)
         for layout in self._layouts.values():
@@ -285,8 +290,21 @@ class BlockSwapper:
             self._evict(block)
         for block in moves.fetch:
             self._fetch(block)
-        if moves.wait is not None and self.cuda:
-            torch.cuda.current_stream(self.device).wait_event(self._ready[moves.wait])
+        if moves.wait is not None:
+            self._adopt_new_tensors(moves.wait)
+            if self.cuda:
+                torch.cuda.current_stream(self.device).wait_event(self._ready[moves.wait])
+
+    def _adopt_new_tensors(self, index: int) -> None:
+        """Tensors added to a swapped block after `enable_block_swap` (e.g. unmerged LoRA branches applied for one
+        sampling run) are not streamed: they move to the device once and stay there."""
+        managed = self._layouts[index].ids
+        for tensor in [*self.blocks[index].parameters(), *self.blocks[index].buffers()]:
+            if id(tensor) not in managed and tensor.device != self.device:
+                tensor.data = tensor.data.to(self.device)
+                managed.add(id(tensor))
+                logger.debug("block swap: block %d gained a %s tensor; it stays on %s", index,
+                             list(tensor.shape), self.device)
 
     def _evict(self, index: int) -> None:
         slot = self.on_device.pop(index)
