@@ -531,24 +531,24 @@ class WanVAE:
     def encode(self, video: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
         """[B, 3, T, H, W] in [-1, 1], T = 4n+1, H and W multiples of 8 -> [B, z_dim, n+1, H/8, W/8] float32."""
         b, frames, height, width = self._check_video(video)
-        n = latent_frames(frames)
+        n, h, w = latent_frames(frames), height // SPACE_STRIDE, width // SPACE_STRIDE
         out_device = self.out_device
         tiles = self.tiles(height, width, scale=1)
         chunks = [(0, 1), *((1 + TIME_STRIDE * i, 1 + TIME_STRIDE * (i + 1)) for i in range(n - 1))]
         counter = _Counter(progress, len(tiles) * len(chunks))
         if len(tiles) == 1:
-            out = torch.empty(b, self.z_dim, n, height // 8, width // 8, device=out_device)
+            out = torch.empty(b, self.z_dim, n, h, w, device=out_device)
             for i, mu in enumerate(self._encode_tile(video, chunks, counter)):
                 out[:, :, i : i + 1] = mu
             return out
-        out = torch.zeros(b, self.z_dim, n, height // 8, width // 8, device=out_device)
-        weights = torch.zeros(height // 8, width // 8, device=out_device)
+        out = torch.zeros(b, self.z_dim, n, h, w, device=out_device)
+        weights = torch.zeros(h, w, device=out_device)
         for tile in tiles:
-            pixels = video[..., tile.y0 * 8 : tile.y1 * 8, tile.x0 * 8 : tile.x1 * 8]
-            w = tile.weight().to(out_device)
-            for i, mu in enumerate(self._encode_tile(pixels, chunks, counter)):
-                out[:, :, i : i + 1, tile.y0 : tile.y1, tile.x0 : tile.x1] += mu * w
-            weights[tile.y0 : tile.y1, tile.x0 : tile.x1] += w
+            y0, y1, x0, x1 = (v * SPACE_STRIDE for v in (tile.y0, tile.y1, tile.x0, tile.x1))
+            wt = tile.weight().to(out_device)
+            for i, mu in enumerate(self._encode_tile(video[..., y0:y1, x0:x1], chunks, counter)):
+                out[:, :, i : i + 1, tile.y0 : tile.y1, tile.x0 : tile.x1] += mu * wt
+            weights[tile.y0 : tile.y1, tile.x0 : tile.x1] += wt
         return out.div_(weights)
 
     def _encode_tile(self, video: torch.Tensor, chunks: list[tuple[int, int]],
