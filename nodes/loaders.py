@@ -26,12 +26,25 @@ def _file_choices(folder: str) -> list[str]:
     return comfy.list_models(folder) or [f"(no files in {folder})"]
 
 
-def _dit_task_problem(model_name: str | None, task: str | None) -> str | None:
+def _dit_problem(model_name: str | None, task: str | None) -> str | None:
+    """The file must exist (naming model_name in VALIDATE_INPUTS turns off ComfyUI's own list check) and, with an
+    explicit task, fit it (read from the header only)."""
     from wan_core.comfy_bridge import check_dit_file_task
 
-    if model_name is None or task in (None, "auto"):
+    if model_name is None:
         return None
+    missing = problem(lambda: comfy.model_path("diffusion_models", model_name))
+    if missing or task in (None, "auto"):
+        return missing
     return problem(lambda: check_dit_file_task(comfy.model_path("diffusion_models", model_name), task))
+
+
+def _file_state(folder: str, name: str) -> str:
+    """IS_CHANGED value: the file's identity, so a replaced file reloads (missing files fail in the loader)."""
+    try:
+        return repr(comfy.file_key(comfy.model_path(folder, name)))
+    except FileNotFoundError:
+        return f"missing:{name}"
 
 
 class WanTunerDiTLoader:
@@ -62,11 +75,11 @@ class WanTunerDiTLoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, model_name: str | None = None, task: str | None = None) -> bool | str:
-        return first_problem(_dit_task_problem(model_name, task))
+        return first_problem(_dit_problem(model_name, task))
 
     @classmethod
     def IS_CHANGED(cls, model_name: str, **_: object) -> str:
-        return repr(comfy.file_key(comfy.model_path("diffusion_models", model_name)))
+        return _file_state("diffusion_models", model_name)
 
     def load(self, model_name: str, task: str, dtype: str, fp8: str, attention: str, blocks_to_swap: int,
              compile: bool) -> tuple[DiTHandle]:
@@ -121,7 +134,7 @@ class WanTunerT5Loader:
 
     @classmethod
     def IS_CHANGED(cls, model_name: str, **_: object) -> str:
-        return repr(comfy.file_key(comfy.model_path("text_encoders", model_name)))
+        return _file_state("text_encoders", model_name)
 
     def load(self, model_name: str, dtype: str, fp8: bool, tokenizer: str) -> tuple[ModelHandle]:
         path = comfy.model_path("text_encoders", model_name)
@@ -160,7 +173,7 @@ class WanTunerVAELoader:
 
     @classmethod
     def IS_CHANGED(cls, model_name: str, **_: object) -> str:
-        return repr(comfy.file_key(comfy.model_path("vae", model_name)))
+        return _file_state("vae", model_name)
 
     def load(self, model_name: str, dtype: str, cache_on_cpu: bool, tiling: str) -> tuple[ModelHandle]:
         from wan_core.vae import load_vae
@@ -195,7 +208,7 @@ class WanTunerCLIPVisionLoader:
 
     @classmethod
     def IS_CHANGED(cls, model_name: str, **_: object) -> str:
-        return repr(comfy.file_key(comfy.model_path("clip_vision", model_name)))
+        return _file_state("clip_vision", model_name)
 
     def load(self, model_name: str, dtype: str) -> tuple[ModelHandle]:
         from wan_core.clip import default_clip_dtype, load_clip_vision

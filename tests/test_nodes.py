@@ -86,8 +86,10 @@ def test_loader_errors_name_the_problem(models: Path) -> None:
     assert check(model_name=T2V, task="auto") is True and check(model_name=T2V, task=None) is True
     message = check(model_name=T2V, task="i2v-14B")
     assert "task 'i2v-14B' needs a i2v model with 36 input channels" in message and "t2v model with 16" in message
-    assert "not found" in check(model_name="nope.safetensors", task="t2v-1.3B") and T2V in check(
-        model_name="nope.safetensors", task="t2v-1.3B")
+    for task in ("auto", "t2v-1.3B"):  # naming model_name in VALIDATE_INPUTS turns off ComfyUI's list check
+        message = check(model_name="nope.safetensors", task=task)
+        assert "diffusion_models file 'nope.safetensors' not found" in message and T2V in message
+    assert N["WanTunerDiTLoader"].IS_CHANGED(model_name="nope.safetensors") == "missing:nope.safetensors"
     with pytest.raises(FileNotFoundError, match=r"vae file 'missing.safetensors' not found.*available: " + VAE):
         run("WanTunerVAELoader", model_name="missing.safetensors", dtype="fp32", cache_on_cpu=False, tiling="auto")
     assert N["WanTunerLoRALoader"].VALIDATE_INPUTS(include="blocks_(", exclude="") .startswith(
