@@ -146,3 +146,19 @@ def test_presets_have_the_published_parameter_counts() -> None:
     assert round(count("t2v-14B") / 1e9, 3) == 14.288
     assert round(count("i2v-14B") / 1e9, 3) == 16.395
     assert detect_config(build_on_meta(lambda: WanModel(TASKS["i2v-14B"].dit)).state_dict()) == TASKS["i2v-14B"].dit
+
+
+def test_rope_in_slices_equals_rope_in_one_piece(monkeypatch) -> None:
+    import wan_core.model as model_module
+    from wan_core.model import apply_rope, rope_table
+
+    x = torch.randn(2, 3 * 4 * 5, 4, 16, dtype=torch.bfloat16)
+    rope = rope_table((3, 4, 5), 16, torch.device("cpu"))
+    whole = apply_rope(x, rope)
+    monkeypatch.setattr(model_module, "ROPE_CHUNK_ELEMENTS", 7 * 2 * 4 * 16)  # 7 tokens per slice
+    assert torch.equal(apply_rope(x, rope), whole)
+    # independent check of one token: pair (x0, x1) rotated by the angle of its position
+    cos, sin = rope
+    x0, x1 = x[1, 9, 2, 4].double(), x[1, 9, 2, 5].double()
+    expected = (x0 * cos[9, 0, 2] - x1 * sin[9, 0, 2]).to(torch.bfloat16)
+    assert whole[1, 9, 2, 4] == expected

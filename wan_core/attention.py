@@ -116,7 +116,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | 
     `k_lens` [B] limits each sample's keys to its first k_lens[b] positions; every backend gives the same result
     because padded samples are computed one at a time on their valid keys.
     """
-    kernel = get_kernel(backend)
+    kernel = _KERNELS.get(backend) or get_kernel(backend)  # dict hit first: no import probing per call
     if k_lens is not None and bool((k_lens < k.shape[1]).any()):
         return torch.cat([attention(q[i:i + 1], k[i:i + 1, :n], v[i:i + 1, :n], backend)
                           for i, n in enumerate(k_lens.tolist())])

@@ -59,13 +59,23 @@ def rope_table(grid: tuple[int, int, int], head_dim: int, device: torch.device) 
     return torch.cos(angle), torch.sin(angle)
 
 
+ROPE_CHUNK_ELEMENTS = 1 << 24  # float64 work is done in slices of ~16M elements (~128 MB) to bound peak memory
+
+
 def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate consecutive (interleaved) pairs of [B, L, H, D] in float64; returns x's dtype."""
+    """Rotate consecutive (interleaved) pairs of [B, L, H, D] in float64; returns x's dtype.
+
+    The float64 temporaries are made one token slice at a time, so at 720p (75,600 tokens) they stay small."""
     cos, sin = rope
-    pairs = x.to(torch.float64).unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+    out = torch.empty_like(x)
+    step = max(1, ROPE_CHUNK_ELEMENTS // max(1, x.shape[0] * x.shape[2] * x.shape[3]))
+    for start in range(0, x.shape[1], step):
+        part = slice(start, start + step)
+        pairs = x[:, part].to(torch.float64).unflatten(-1, (-1, 2))
+        real, imag = pairs[..., 0], pairs[..., 1]
+        c, s = cos[part], sin[part]
+        out[:, part] = torch.stack([real * c - imag * s, real * s + imag * c], dim=-1).flatten(-2).to(x.dtype)
+    return out
 
 
 def layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
