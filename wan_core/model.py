@@ -353,7 +353,10 @@ _SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 
 
 def dequantize_scaled_fp8(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """ComfyUI `scaled_fp8` files: fp8 weights with per-tensor scales (`.scale_weight` / `.weight_scale`) -> dtype."""
+    """Scaled fp8 files (ComfyUI per-tensor `.scale_weight` / `.weight_scale`, or per-channel / block-wise scales
+    as written by wan_core.fp8) -> `dtype` weights (the product is formed in fp32, rounded once)."""
+    from .ops import dequantize_weight
+
     out = {}
     for key, value in sd.items():
         if key == "scaled_fp8" or key.endswith(_SCALE_SUFFIXES) or key.endswith(".scale_input"):
@@ -361,8 +364,8 @@ def dequantize_scaled_fp8(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> di
         base = key[: -len(".weight")] if key.endswith(".weight") else None
         scale = next((sd[base + s] for s in _SCALE_SUFFIXES if base and base + s in sd), None)
         if scale is not None:
-            value = (value.to(torch.float32) * scale.to(torch.float32).reshape(-1, *([1] * (value.dim() - 1)))
-                     if scale.numel() > 1 else value.to(torch.float32) * scale.to(torch.float32))
+            value = (dequantize_weight(value, scale, dtype) if value.dim() == 2
+                     else (value.float() * scale.float().reshape(())).to(dtype))
         out[key] = value
     return out
 
