@@ -189,14 +189,14 @@ def check_dit_file_task(path: str | Path, task: str) -> None:
     """Header-only check that a DiT file fits `task` (raises the loader's ValueError when it does not)."""
     from .checkpoint import peek_shapes, read_metadata
     from .config import CONFIG_METADATA_KEY, check_task, config_from_json
-    from .model import _check_task_family, normalize_dit_keys
+    from .model import check_task_family, normalize_dit_keys
 
     metadata = read_metadata(path)
     if CONFIG_METADATA_KEY in metadata:
         config = config_from_json(metadata[CONFIG_METADATA_KEY])
         if not isinstance(config, DiTConfig):
             raise ValueError(f"{Path(path).name} holds a {type(config).__name__}, not a DiT")
-        _check_task_family(task, config)
+        check_task_family(task, config)
         return
     check_task(task, normalize_dit_keys(peek_shapes(path), Path(path).name))
 

@@ -439,7 +439,7 @@ def load_dit(path: str | Path, task: str | None = None, dtype: torch.dtype | Non
         if config is None:
             check_task(task, sd)
         else:
-            _check_task_family(task, config)
+            check_task_family(task, config)
     cfg = config or detect_config(sd)
     if fp8 is not None:
         from .fp8 import build_fp8_dit
@@ -455,7 +455,7 @@ def load_dit(path: str | Path, task: str | None = None, dtype: torch.dtype | Non
     return model.to(device).eval().requires_grad_(False)
 
 
-def _check_task_family(task: str, cfg: DiTConfig) -> None:
+def check_task_family(task: str, cfg: DiTConfig) -> None:
     """A model with its own (non-preset) config still has to be of the task's kind: same type and inputs."""
     from .config import TASKS, get_task
 
