@@ -189,9 +189,9 @@ def test_interactive_mode_through_a_pipe(models, tmp_path):
 
 
 def test_memory_flags(models, tmp_path, capsys):
+    lora = str(save_lora(_random_lora(3), tmp_path / "l.safetensors", "musubi"))
     runs = {"base": [], "swap": ["--blocks_to_swap", "1"], "fp8": ["--fp8"], "fp8_scaled": ["--fp8", "--fp8_scaled"],
-            "lora_fp8": ["--fp8", "--fp8_scaled", "--lora_weight",
-                         str(save_lora(_random_lora(3), tmp_path / "l.safetensors", "musubi")), "--lora_multiplier", "0"]}
+            "lora_fp8": ["--fp8", "--fp8_scaled", "--lora_weight", lora, "--lora_multiplier", "0"]}
     out = {}
     for name, extra in runs.items():
         assert main(_args(models, "t2v", tmp_path / name, "--prompt", "a cat", "--seed", "1", "--output_type",
@@ -203,3 +203,16 @@ def test_memory_flags(models, tmp_path, capsys):
     assert torch.equal(out["lora_fp8"], out["fp8_scaled"])  # merged at strength 0, then quantised the same way
     assert main(_args(models, "t2v", tmp_path, "--prompt", "a cat", "--blocks_to_swap", "2")) == 2
     assert "blocks_to_swap" in capsys.readouterr().err
+
+
+def test_save_merged_model_equals_lora_at_load(models, tmp_path):
+    lora = save_lora(_random_lora(4), tmp_path / "l.safetensors", "comfyui")
+    merged = tmp_path / "merged.safetensors"
+    assert main(_args(models, "t2v", tmp_path, "--lora_weight", str(lora), "--lora_multiplier", "0.7",
+                      "--save_merged_model", str(merged))) == 0
+    runs = {"merged": ["--dit", str(merged)], "lora": ["--lora_weight", str(lora), "--lora_multiplier", "0.7"]}
+    for name, extra in runs.items():
+        argv = _args(models, "t2v", tmp_path / name, "--prompt", "a cat", "--seed", "5", "--output_type", "latent")
+        assert main(argv + extra) == 0
+    a, b = (load_latent(_only(tmp_path / n, "*.safetensors"))[0] for n in runs)
+    assert torch.equal(a, b)

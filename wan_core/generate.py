@@ -314,6 +314,22 @@ def save_result(models: ModelSet, r: Resolved, latents: torch.Tensor, args: argp
     return paths
 
 
+def save_merged_model(spec: ModelSpec, output: str) -> Path:
+    """--save_merged_model: the DiT with the LoRAs merged (in its checkpoint dtype, official names), then exit."""
+    from .checkpoint import save_safetensors
+    from .config import CONFIG_METADATA_KEY, config_to_json
+    from .model import load_dit
+    from .prepare import merge_spec_loras
+
+    if not spec.loras:
+        raise ValueError("--save_merged_model needs at least one --lora_weight")
+    model = load_dit(spec.path("dit"), task=spec.task, attn=spec.attn)
+    merge_spec_loras(model, spec)
+    path = save_safetensors(model.state_dict(), output, {CONFIG_METADATA_KEY: config_to_json(model.config)})
+    print(path)
+    return path
+
+
 def decode_saved(models: ModelSet, args: argparse.Namespace) -> list[Path]:
     """--latent_path: decode saved latents with the VAE and save them as the output type asks."""
     out = []
@@ -362,6 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         spec = spec_from_args(args)
         models = ModelSet(spec)
+        if args.save_merged_model:
+            save_merged_model(spec, args.save_merged_model)
+            return 0
         if args.latent_path:
             decode_saved(models, args)
             return 0
