@@ -171,17 +171,17 @@ def apply_lora(run: Run, model: torch.nn.Module) -> Trainable:
     return trainable
 
 
-def open_source(run: Run, path: str, for_validation: bool = False) -> BatchSource:
+def open_source(run: Run, path: str) -> BatchSource:
     """The checked caches of a dataset TOML (`training.cache`): entries must match the media, the preprocessing
-    and, when --vae/--clip/--t5 are given, those encoders; the task's extra tensors must be cached."""
+    and, when --vae/--clip/--t5 are given, those encoders; the task's extra tensors must be cached. Caption dropout
+    is the loop's (`training.step`), so the reader's own is left off."""
     from training.cache import open_training_source
 
-    spec, args = run.step_cfg.inputs, run.args
-    needed = spec.required_keys()
+    needed, args = run.step_cfg.inputs.required_keys(), run.args
     return open_training_source(path, need_image="latents_image" in needed, need_clip="clip" in needed,
                                 need_control="latents_control" in needed, seed=run.seed, vae=args.vae,
                                 clip=args.clip if "clip" in needed else None, t5=args.t5, tokenizer=args.tokenizer,
-                                caption_dropout_rate=0.0 if for_validation else args.caption_dropout_rate)
+                                caption_dropout_rate=0.0)
 
 
 def _check_source(run: Run, source: BatchSource, items: list[TrainItem]) -> None:
@@ -210,7 +210,7 @@ def build_dataloader(run: Run, source: BatchSource | None = None,
         items, held = split_validation(items, args.validation_split, run.seed)
         validator = Validator(source, held, run.seed, args.validation_timesteps, run.rank, run.world)
     elif args.validation_dataset_config or validation_source is not None:
-        val = validation_source or open_source(run, args.validation_dataset_config, for_validation=True)
+        val = validation_source or open_source(run, args.validation_dataset_config)
         validator = Validator(val, list(val.items()), run.seed, args.validation_timesteps, run.rank, run.world)
     _check_source(run, source, items)
     loader = BatchLoader(source, items, run.seed, run.rank, run.world, args.max_data_loader_n_workers,
