@@ -360,6 +360,21 @@ def test_activation_estimate_matches_cpu_measurement(dim: int, ffn: int, frames:
     assert meter.peak <= estimate <= 1.02 * meter.peak, (meter.peak, estimate)
 
 
+def test_activation_estimate_with_sliced_rope(monkeypatch) -> None:
+    """When RoPE runs in token slices, the float64 work is bounded by one slice (the 720p case, scaled down)."""
+    import wan_core.model as wan_model
+
+    monkeypatch.setattr(wan_model, "ROPE_CHUNK_ELEMENTS", 40 * 128)  # 40-token slices of 768 tokens
+    cfg = dataclasses.replace(TINY_DIT, dim=128, ffn_dim=128, num_heads=2, num_layers=2)  # RoPE phase binds
+    model = randomize_(WanModel(cfg), 0).to(torch.bfloat16).eval()
+    latents = torch.randn(1, 16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    context = [torch.randn(20, cfg.text_dim)]
+    with torch.no_grad(), LiveTensorBytes() as meter:
+        model(latents, torch.tensor([500.0]), context)
+    estimate = estimate_activation_bytes(cfg, 256, 256, 9, dtype=torch.bfloat16)
+    assert meter.peak <= estimate <= 1.02 * meter.peak, (meter.peak, estimate)
+
+
 def test_resident_weights_under_swap_are_computed_from_the_modules() -> None:
     model = _model().requires_grad_(False)
     block = sum(p.numel() * 4 for p in model.blocks[0].parameters())

@@ -62,19 +62,25 @@ def rope_table(grid: tuple[int, int, int], head_dim: int, device: torch.device) 
 ROPE_CHUNK_ELEMENTS = 1 << 24  # float64 work is done in slices of ~16M elements (~128 MB) to bound peak memory
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    pairs = x.to(torch.float64).unflatten(-1, (-1, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    return torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).flatten(-2)
+
+
 def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Rotate consecutive (interleaved) pairs of [B, L, H, D] in float64; returns x's dtype.
 
-    The float64 temporaries are made one token slice at a time, so at 720p (75,600 tokens) they stay small."""
+    Long sequences are rotated one token slice at a time so the float64 temporaries stay small (75,600 tokens
+    at 720p would otherwise need several GB)."""
     cos, sin = rope
-    out = torch.empty_like(x)
     step = max(1, ROPE_CHUNK_ELEMENTS // max(1, x.shape[0] * x.shape[2] * x.shape[3]))
+    if step >= x.shape[1]:
+        return _rotate(x, cos, sin).to(x.dtype)
+    out = torch.empty_like(x)
     for start in range(0, x.shape[1], step):
         part = slice(start, start + step)
-        pairs = x[:, part].to(torch.float64).unflatten(-1, (-1, 2))
-        real, imag = pairs[..., 0], pairs[..., 1]
-        c, s = cos[part], sin[part]
-        out[:, part] = torch.stack([real * c - imag * s, real * s + imag * c], dim=-1).flatten(-2).to(x.dtype)
+        out[:, part].copy_(_rotate(x[:, part], cos[part], sin[part]))
     return out
 
 

@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from . import model as wan_model
 from .config import DiTConfig
 from .ops import FP8Linear
 
@@ -432,12 +433,26 @@ def video_tokens(cfg: DiTConfig, height: int, width: int, frames: int) -> int:
     return ((frames - 1) // 4 + 1) // pt * (height // 8 // ph) * (width // 8 // pw)
 
 
-def activation_bytes_per_token(cfg: DiTConfig, dtype: torch.dtype) -> int:
-    """Peak live activation bytes per video token inside a block (inference, no grad), from our block code.
+def self_attention_phase_bytes(cfg: DiTConfig, tokens: int, batch: int, s: int) -> int:
+    """Live bytes in self-attention, per token unless noted: the block input and the modulated input (fp32, 8C)
+    + q, k, v and the rotated q (4sC), and then the larger of
+    - the float64 rotation of k (pair view 8C, real/imaginary products 16C) for at most one `apply_rope` slice
+      (with slicing, the rotated k is allocated up front: +sC per token);
+    - the attention call itself once both are rotated: rotated k, the kernel's transposed copies of q, k, v and
+      its output (+5sC; measured on the CPU with bf16).
+    """
+    c = cfg.dim
+    slice_tokens = batch * max(1, wan_model.ROPE_CHUNK_ELEMENTS // max(1, batch * c))
+    base = tokens * (8 * c + 4 * s * c)
+    rotation = min(tokens, slice_tokens) * 24 * c + (tokens * s * c if tokens > slice_tokens else 0)
+    return base + max(rotation, tokens * 5 * s * c)
 
-    With s = bytes of the compute dtype, C = dim, F = ffn_dim, the block peaks in one of three phases:
-    - self-attention RoPE: the block input x and the modulated input (fp32, 8C) + q, k, v and the rotated q
-      (4sC) + the float64 rotation of k (pair view 8C, real/imaginary products 16C)  ->  8C + 4sC + 24C;
+
+def activation_bytes_per_token(cfg: DiTConfig, dtype: torch.dtype) -> int:
+    """Peak live activation bytes per video token inside a block, cross-attention and FFN phases (inference, no
+    grad), from our block code; the self-attention phase is `self_attention_phase_bytes`.
+
+    With s = bytes of the compute dtype, C = dim, F = ffn_dim:
     - cross-attention: block input, residual and normed input (fp32, 12C) + the self-attention output and the
       query (2sC; + sC for the text attention output of image models), plus a context-sized term (see
       `estimate_activation_bytes`);
@@ -446,7 +461,7 @@ def activation_bytes_per_token(cfg: DiTConfig, dtype: torch.dtype) -> int:
     s = torch.empty((), dtype=dtype).element_size()
     c, f = cfg.dim, cfg.ffn_dim
     cross = 12 * c + (3 if cfg.has_image_input else 2) * s * c
-    return max(8 * c + 4 * s * c + 24 * c, cross, 12 * c + s * c + 2 * s * f)
+    return max(cross, 12 * c + s * c + 2 * s * f)
 
 
 def estimate_activation_bytes(cfg: DiTConfig, height: int, width: int, frames: int, *, batch: int = 1,
@@ -456,8 +471,9 @@ def estimate_activation_bytes(cfg: DiTConfig, height: int, width: int, frames: i
     peak = persistent + max over phases, with L = batch x video tokens, Lt = text_len (512), Li = image tokens:
     - persistent: patch-embedded tokens (sC per token), the float64 RoPE cos/sin table (8·head_dim per token),
       the embedded context (s·(Lt + Li)·C per sample) and the time embedding/modulation (52C per sample);
-    - phases: L x `activation_bytes_per_token` for RoPE and FFN; for cross-attention the per-token part plus the
-      key projection of the longer context part and its RMSNorm in fp32 ((2s + 8)·max(Lt, Li)·C per sample);
+    - phases: `self_attention_phase_bytes`; L x `activation_bytes_per_token` for the FFN; for cross-attention the
+      per-token part plus the key projection of the longer context part and its RMSNorm in fp32
+      ((2s + 8)·max(Lt, Li)·C per sample);
     - image models also peak while embedding the CLIP tokens (only at small token counts).
     """
     s = torch.empty((), dtype=dtype).element_size()
@@ -468,7 +484,7 @@ def estimate_activation_bytes(cfg: DiTConfig, height: int, width: int, frames: i
     per_token = activation_bytes_per_token(cfg, dtype)
     cross_context = batch * (2 * s + 8) * max(cfg.text_len, image) * c
     cross = tokens * (12 * c + (3 if image else 2) * s * c) + cross_context
-    blocks = persistent + max(tokens * per_token, cross)
+    blocks = persistent + max(tokens * per_token, cross, self_attention_phase_bytes(cfg, tokens, batch, s))
     if not image:
         return blocks
     # image models embed the CLIP tokens before the blocks: fp32 LayerNorm output + two dtype-sized activations
