@@ -162,3 +162,12 @@ def test_rope_in_slices_equals_rope_in_one_piece(monkeypatch) -> None:
     x0, x1 = x[1, 9, 2, 4].double(), x[1, 9, 2, 5].double()
     expected = (x0 * cos[9, 0, 2] - x1 * sin[9, 0, 2]).to(torch.bfloat16)
     assert whole[1, 9, 2, 4] == expected
+
+
+def test_patchify_equals_the_patch_embedding_conv() -> None:
+    model = randomize_(WanModel(TINY_DIT_BY_TYPE["i2v"]), seed=4)
+    x = torch.randn(2, 36, 3, 8, 12)
+    tokens, grid = model.patchify(x)
+    conv = model.patch_embedding(x)  # [B, C, F, H/2, W/2]
+    assert grid == (3, 4, 6)
+    torch.testing.assert_close(tokens, conv.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-5)

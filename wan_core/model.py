@@ -320,9 +320,7 @@ class WanModel(nn.Module):
             raise ValueError(f"latent size {x.shape[-2]}x{x.shape[-1]} is not divisible by the patch size {ph}x{pw}: "
                              f"the video height and width must be multiples of 16")
         batch = x.shape[0]
-        tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # [B, C, F, H/2, W/2]
-        grid = tuple(tokens.shape[2:])
-        x = tokens.flatten(2).transpose(1, 2).float()  # [B, L, C]
+        x, grid = self.patchify(x)  # [B, L, C] fp32, grid (F, H/2, W/2)
         rope = self._rope(grid, x.device)
 
         # 2. Time embedding (fp32) and text/image context
@@ -340,6 +338,20 @@ class WanModel(nn.Module):
         # 4. Head and unpatchify
         out = self.head(x, e)  # [B, L, pt·ph·pw·C_out]
         return self.unpatchify(out, grid)
+
+    def patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """The patch embedding as a matmul: [B, C_in, F, H, W] -> tokens [B, L, dim] (fp32) and the token grid.
+
+        Same weights and result as the Conv3d (kernel = stride = patch size), but CPU conv3d has no fast kernel
+        for this shape; a matmul over the gathered patches is fast everywhere."""
+        pt, ph, pw = self.config.patch_size
+        b, c, f, h, w = x.shape
+        grid = (f // pt, h // ph, w // pw)
+        weight = self.patch_embedding.weight  # [dim, C_in, pt, ph, pw]
+        patches = x.to(weight.dtype).view(b, c, grid[0], pt, grid[1], ph, grid[2], pw)
+        patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, -1, c * pt * ph * pw)  # [B, L, C_in·p]
+        tokens = F.linear(patches, weight.flatten(1), self.patch_embedding.bias)
+        return tokens.float(), grid
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
         """[B, L, pt·ph·pw·C] -> [B, C, F·pt, H·ph, W·pw] (the official einsum fhwpqrc->cfphqwr)."""
