@@ -469,7 +469,7 @@ def estimate_activation_bytes(cfg: DiTConfig, height: int, width: int, frames: i
     """Peak activation bytes of one DiT forward without autograd (validated against CPU measurements in tests).
 
     peak = persistent + max over phases, with L = batch x video tokens, Lt = text_len (512), Li = image tokens:
-    - persistent: patch-embedded tokens (sC per token), the float64 RoPE cos/sin table (8·head_dim per token),
+    - persistent: the float64 RoPE cos/sin table (8·head_dim per token),
       the embedded context (s·(Lt + Li)·C per sample) and the time embedding/modulation (52C per sample);
     - phases: `self_attention_phase_bytes`; L x `activation_bytes_per_token` for the FFN; for cross-attention the
       per-token part plus the key projection of the longer context part and its RMSNorm in fp32
@@ -480,7 +480,7 @@ def estimate_activation_bytes(cfg: DiTConfig, height: int, width: int, frames: i
     c = cfg.dim
     tokens = batch * video_tokens(cfg, height, width, frames)
     image = cfg.image_tokens if cfg.has_image_input else 0
-    persistent = tokens * (s * c + 8 * cfg.head_dim) + batch * ((cfg.text_len + image) * c * s + 52 * c)
+    persistent = tokens * 8 * cfg.head_dim + batch * ((cfg.text_len + image) * c * s + 52 * c)
     per_token = activation_bytes_per_token(cfg, dtype)
     cross_context = batch * (2 * s + 8) * max(cfg.text_len, image) * c
     cross = tokens * (12 * c + (3 if image else 2) * s * c) + cross_context
