@@ -29,6 +29,7 @@ WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 NATIVE: dict[str, tuple[dict[str, str], list[str], list[tuple[str, str]]]] = {
     "LoadImage": ({}, ["image", "upload"], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
     "RepeatImageBatch": ({"image": "IMAGE"}, ["amount"], [("IMAGE", "IMAGE")]),
+    "PreviewImage": ({"images": "IMAGE"}, [], []),
 }
 TOY = {"t2v": "wan21_toy_t2v_dit.safetensors", "i2v": "wan21_toy_i2v_dit.safetensors",
        "flf2v": "wan21_toy_flf2v_dit.safetensors", "fc": "wan21_toy_fun_control_dit.safetensors",
@@ -48,6 +49,19 @@ NOTE_FILES = (
     "Then set a real size ({size}), 81 frames, 30-50 steps and shift {shift}."
 )
 CLIP_LINE = "- models/clip_vision: clip_vision_h.safetensors\n"
+DATASET_FOLDER = "wantuner_dataset/videos"  # inside ComfyUI's input folder
+NOTE_TRAINING = (
+    "Training data: a folder of clips (or images) with same-named .txt captions, e.g. clip01.mp4 + clip01.txt, "
+    "inside ComfyUI's input folder ({folder} here) or any absolute path; a musubi dataset .toml works too. A toy "
+    "dataset of purple shapes (the colour the toy DiT never saw) for the embedded toy models:\n"
+    "python -c \"from wan_core.toy.world import all_combos, write_dataset; write_dataset('ComfyUI/input/"
+    "wantuner_dataset', all_combos(['purple']), 4, seed=0, fmt='mp4')\"\n"
+    "Cache Dataset encodes the clips once (re-used until files, captions or settings change); Train LoRA writes "
+    "models/loras/{lora} and shows the loss live; the LoRA loader picks the new file up in the same run. For real "
+    "Wan2.1 weights use 480p-ish sizes (e.g. 832x480, 33-81 frames), learning rate 1e-4..2e-4, rank 16-32, "
+    "1000-3000 steps, gradient checkpointing on; on a 24 GB GPU add fp8_base and blocks_to_swap for 14B models."
+)
+TRAINED_LORA = "wantuner/toy_purple.safetensors"
 
 
 @dataclass
@@ -158,8 +172,34 @@ def lora() -> list[Node]:
     ]
 
 
+def train_lora() -> list[Node]:
+    """Cache a dataset folder, train a LoRA on the toy DiT, then sample with the freshly trained file."""
+    loaders = _loaders("t2v", clip=False)
+    loaders[3].widgets["prompt"] = "a purple square moving right"
+    return [
+        *loaders,
+        Node(5, "WanTunerCacheDataset", {
+            "dataset_path": DATASET_FOLDER, "width": SIZE["width"], "height": SIZE["height"], "frames": SIZE["length"],
+            "frame_extraction": "head", "enable_bucket": False, "num_repeats": 1, "batch_size": 1,
+            "caption_extension": ".txt"}, {"vae": (3, 0), "t5": (2, 0)}),
+        Node(6, "WanTunerTrainLoRA", {
+            "output_name": TRAINED_LORA.removesuffix(".safetensors"), "rank": 8, "alpha": 8.0, "learning_rate": 2e-3,
+            "steps": 300, "epochs": 0, "optimizer": "AdamW", "timestep_sampling": "shift", "discrete_flow_shift": 3.0,
+            "seed": 42, "gradient_checkpointing": True, "save_every_n_steps": 100, "save_format": "musubi",
+            "mixed_precision": "auto", "fp8_base": False, "blocks_to_swap": 0, "attention": "sdpa"},
+             {"dit": (1, 0), "dataset": (5, 0)}),
+        Node(7, "WanTunerLoRALoader", {"lora_name": TRAINED_LORA, "strength": 1.0, "include": "", "exclude": ""},
+             {"dit": (1, 0), "lora_name": (6, 0)}, title="LoRA loader (the trained file)"),
+        Node(8, "PreviewImage", {}, {"images": (6, 1)}, title="Loss curve"),
+        _sampler(10, (7, 0), None), *_decode_save(11, 10, "train_lora"),
+        _note(20, "wan2.1_t2v_1.3B_fp16.safetensors"),
+        Node(21, "Note", {"text": NOTE_TRAINING.format(folder=f"input/{DATASET_FOLDER}", lora=TRAINED_LORA)},
+             title="Training data and settings"),
+    ]
+
+
 WORKFLOWS = {"wantuner_t2v": t2v, "wantuner_i2v": i2v, "wantuner_flf2v": flf2v,
-             "wantuner_fun_control": fun_control, "wantuner_lora_regex": lora}
+             "wantuner_fun_control": fun_control, "wantuner_lora_regex": lora, "wantuner_train_lora": train_lora}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,7 +229,8 @@ def describe(node_type: str) -> tuple[dict[str, str], list[str], list[tuple[str,
             else:
                 sockets[name] = spec[0]
     names = getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)
-    return sockets, widgets, list(zip(names, cls.RETURN_TYPES))
+    types = ["COMBO" if isinstance(kind, list) else kind for kind in cls.RETURN_TYPES]  # a list of choices: COMBO
+    return sockets, widgets, list(zip(names, types))
 
 
 def to_api(nodes: list[Node]) -> dict[str, dict]:
@@ -219,28 +260,44 @@ def _depths(nodes: list[Node]) -> dict[int, int]:
     return depth
 
 
+def _widget_type(node_type: str, name: str) -> str:
+    kind = NODE_CLASS_MAPPINGS[node_type].INPUT_TYPES()
+    spec = {**kind.get("required", {}), **kind.get("optional", {})}[name]
+    return "COMBO" if isinstance(spec[0], list) else spec[0]
+
+
+def _ui_inputs(node: Node) -> list[dict[str, Any]]:
+    """The node's input slots: its sockets, then the widgets a link feeds (a widget converted to an input)."""
+    sockets, widgets, _ = describe(node.type)
+    slots: list[dict[str, Any]] = [{"name": n, "type": t} for n, t in sockets.items()]
+    slots += [{"name": w, "type": _widget_type(node.type, w), "widget": {"name": w}} for w in widgets
+              if w in node.links]
+    return slots
+
+
 def to_ui(nodes: list[Node]) -> dict:
     depth = _depths(nodes)
     rows: dict[int, int] = {}
     links, ui_nodes = [], []
     outputs_links: dict[tuple[int, int], list[int]] = {}
     for node in nodes:
-        sockets, _, _ = describe(node.type)
+        slots = _ui_inputs(node)
+        names = [slot["name"] for slot in slots]
         for name, (src, slot) in node.links.items():
             link_id = len(links) + 1
-            links.append([link_id, src, slot, node.id, list(sockets).index(name), sockets[name]])
+            index = names.index(name)
+            links.append([link_id, src, slot, node.id, index, slots[index]["type"]])
             outputs_links.setdefault((src, slot), []).append(link_id)
     link_of = {(link[3], link[4]): link[0] for link in links}
     for order, node in enumerate(nodes):
-        sockets, widgets, outputs = describe(node.type)
+        _, widgets, outputs = describe(node.type)
         col = depth[node.id] if node.type != "Note" else 0
         row = rows.get(col, 0)
         rows[col] = row + 1
         ui = {
             "id": node.id, "type": node.type, "pos": [40 + 360 * col, 40 + 260 * row], "size": [320, 200],
             "flags": {}, "order": order, "mode": 0,
-            "inputs": [{"name": n, "type": t, "link": link_of.get((node.id, i))} for i, (n, t) in
-                       enumerate(sockets.items())],
+            "inputs": [{**slot, "link": link_of.get((node.id, i))} for i, slot in enumerate(_ui_inputs(node))],
             "outputs": [{"name": n, "type": t, "links": outputs_links.get((node.id, i), []), "slot_index": i}
                         for i, (n, t) in enumerate(outputs)],
             "properties": {"Node name for S&R": node.type},

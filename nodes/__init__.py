@@ -1,7 +1,7 @@
 """ComfyUI V1 nodes over `wan_core`. Node ids all start with `WanTuner`; every input has a tooltip.
 
-The node classes need nothing from ComfyUI; `comfy_adapter` holds every ComfyUI-specific call. Training nodes
-arrive with the training work (`nodes/training.py`).
+The node classes need nothing from ComfyUI; `comfy_adapter` holds every ComfyUI-specific call. The trainer nodes
+(dataset caching, LoRA training) live in `nodes/training.py`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from .loaders import (
 )
 from .output import WanTunerSaveVideo
 from .sampler import WanTunerSampler
+from .training import WanTunerCacheDataset, WanTunerTrainLoRA
 
 _NODES: dict[type, str] = {
     WanTunerDiTLoader: "WanTuner DiT Loader",
@@ -34,6 +35,8 @@ _NODES: dict[type, str] = {
     WanTunerFunControl: "WanTuner Fun-Control",
     WanTunerSampler: "WanTuner Sampler",
     WanTunerSaveVideo: "WanTuner Save Video",
+    WanTunerCacheDataset: "WanTuner Cache Dataset",
+    WanTunerTrainLoRA: "WanTuner Train LoRA",
 }
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {cls.__name__: cls for cls in _NODES}

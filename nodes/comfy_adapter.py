@@ -8,13 +8,16 @@ comfyui.md section 10):
 - files are saved with `folder_paths.get_save_image_path` naming into ComfyUI's output directory;
 - sampler steps report to `comfy.utils.ProgressBar` (with a latent preview image unless ComfyUI's preview method is
   "none") and call `throw_exception_if_processing_interrupted()`, so Cancel works;
+- the trainer node streams its loss to the front end as custom websocket messages (`PromptServer.send_sync`,
+  event `wantuner.training`, throttled by `LossStream`) and asks ComfyUI to unload its models before training;
 - loaded models are wrapped in `comfy.model_patcher.ModelPatcher` and moved with `load_models_gpu(...,
   force_full_load=True)` before each use, so ComfyUI can offload them when another model needs memory (and
   "Free model and node cache" unloads them). Block-swapped DiTs manage their own placement and are not registered.
 
 Outside ComfyUI: model names resolve against `$WANTUNER_MODELS_DIR/<folder>/` (default `./models`, folders named
 as ComfyUI's) and then the toy folder; outputs go to `$WANTUNER_OUTPUT_DIR` (default `./output`); progress is
-logged; models are placed on CUDA when available, else the CPU.
+logged; models are placed on CUDA when available, else the CPU; relative dataset paths are read from
+`$WANTUNER_INPUT_DIR` (default `./input`); custom websocket messages are appended to `EVENT_LOG`.
 
 Loaded models are cached per loader kind (one entry each): unchanged loader inputs (including the file's size and
 modification time) reuse the loaded model across queued prompts.
@@ -24,10 +27,13 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 import re
 import sys
-from collections.abc import Callable
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -351,3 +357,122 @@ class Progress:
             size = preview_max_size()
             image = ("JPEG", Image.fromarray(self.preview(latents, size)), size)
         self.bar.update_absolute(done, total, image)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training: folders, device memory, custom websocket messages
+# ----------------------------------------------------------------------------------------------------------------
+
+INPUT_DIR_ENV = "WANTUNER_INPUT_DIR"
+TRAINING_EVENT = "wantuner.training"
+EVENT_LOG: deque[tuple[str, dict[str, Any]]] = deque(maxlen=10_000)  # messages sent outside ComfyUI (newest last)
+
+
+def input_directory() -> Path:
+    """ComfyUI's input folder (relative dataset paths are read from there), else $WANTUNER_INPUT_DIR or ./input."""
+    comfy = comfy_modules()
+    if comfy is not None:
+        return Path(comfy["folder_paths"].get_input_directory())
+    return Path(os.environ.get(INPUT_DIR_ENV, "input"))
+
+
+def model_folder(folder: str) -> Path:
+    """Where new files of a model folder are written (e.g. trained LoRAs): ComfyUI's first path for it
+    (models/loras), else the first fallback folder ($WANTUNER_MODELS_DIR/loras)."""
+    comfy = comfy_modules()
+    if comfy is not None:
+        return Path(comfy["folder_paths"].get_folder_paths(folder)[0])
+    return _fallback_dirs(folder)[0]
+
+
+def ready_together(models: Sequence[ManagedModel]) -> list[Any]:
+    """Put several models on the compute device for one job and return their objects. ComfyUI loads the registered
+    ones in one call, so that loading one cannot offload another that the job still uses."""
+    comfy = comfy_modules()
+    patchers = [m.patcher for m in models if m.patcher is not None]
+    if comfy is not None and patchers:
+        comfy["mm"].load_models_gpu(patchers, force_full_load=True)
+    return [m.obj if m.patcher is not None else m.ready() for m in models]
+
+
+def release_device_memory() -> None:
+    """Before a job that manages its own model (training): ComfyUI moves every model it manages off the GPU (they
+    stay loaded in CPU memory and come back on their next use), then the allocator cache is emptied."""
+    comfy = comfy_modules()
+    if comfy is not None:
+        comfy["mm"].unload_all_models()
+    free_cache()
+
+
+def _prompt_server() -> Any:
+    server = sys.modules.get("server")
+    return getattr(getattr(server, "PromptServer", None), "instance", None)
+
+
+def current_prompt_id() -> str | None:
+    """The id of the prompt being executed (None outside ComfyUI)."""
+    if comfy_modules() is None:
+        return None
+    context_module = sys.modules.get("comfy_execution.utils")
+    context = context_module.get_executing_context() if context_module is not None else None
+    if context is not None:
+        return context.prompt_id
+    return getattr(_prompt_server(), "last_prompt_id", None)
+
+
+def send_event(event: str, data: dict[str, Any]) -> None:
+    """A custom websocket message `{"type": event, "data": data}` to the client that queued the running prompt (as
+    ComfyUI sends `progress`); outside ComfyUI (or without a server) it is appended to EVENT_LOG."""
+    server = _prompt_server()
+    if comfy_modules() is None or server is None:
+        EVENT_LOG.append((event, data))
+        logger.debug("%s: %s", event, data)
+        return
+    server.send_sync(event, data, server.client_id)
+
+
+def _json_loss(loss: float) -> float | None:
+    """JSON has no NaN/inf (the browser's JSON.parse rejects them): non-finite losses travel as null."""
+    return float(loss) if math.isfinite(loss) else None
+
+
+class LossStream:
+    """Streams a training run's (step, loss) points to the node's live chart (event `wantuner.training`).
+
+    A message goes out at most every `interval` seconds (plus the first step, the last step and the end of the run),
+    and each carries every point since the previous one, so the chart misses nothing. Message data: `node` (the
+    node id), `prompt_id`, `points` ([[step, loss or null], ...]), `total` (steps planned), `status` ("starting",
+    "running", "done", "interrupted" or "error") and `reset` (true on the first message of a run: clear the chart).
+    """
+
+    def __init__(self, node_id: str | None, interval: float = 0.5,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if interval < 0:
+            raise ValueError(f"interval must be >= 0 seconds, got {interval}")
+        self.node_id, self.interval, self.clock = node_id, interval, clock
+        self.pending: list[list[float | None]] = []
+        self.total = 0
+        self.last_sent: float | None = None
+        self.started = False  # a message of this run went out
+        self.first_point = True  # the next point is the run's first
+
+    def start(self, total: int) -> None:
+        self.total = total
+        self._send("starting")
+
+    def add(self, step: int, total: int, loss: float) -> None:
+        self.pending.append([int(step), _json_loss(float(loss))])
+        self.total = total
+        due = self.last_sent is None or self.clock() - self.last_sent >= self.interval
+        if due or step >= total or self.first_point:
+            self.first_point = False
+            self._send("running")
+
+    def close(self, status: str) -> None:
+        self._send(status)
+
+    def _send(self, status: str) -> None:
+        data = {"node": self.node_id, "prompt_id": current_prompt_id(), "points": self.pending, "total": self.total,
+                "status": status, "reset": not self.started}
+        send_event(TRAINING_EVENT, data)
+        self.pending, self.started, self.last_sent = [], True, self.clock()

@@ -16,6 +16,7 @@ from tests.graph_runner import GraphError, RunResult, check_workflow, core_stand
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "example_workflows"
 NAMES = ("wantuner_t2v", "wantuner_i2v", "wantuner_flf2v", "wantuner_fun_control", "wantuner_lora_regex")
+TRAINING_NAMES = ("wantuner_train_lora",)  # checked and run by tests/test_nodes_training.py
 CONTROL_AFTER_GENERATE = ("fixed", "increment", "decrement", "randomize")
 EXAMPLE_IMAGE_HW = (48, 80)  # a non-square start image, so size_from_image has something to do
 
@@ -29,8 +30,8 @@ def _api(name: str) -> dict:
 
 
 def test_every_workflow_exists_in_both_formats_and_nothing_else_is_there() -> None:
-    assert sorted(p.stem for p in WORKFLOWS.glob("*.json")) == sorted(NAMES)
-    assert sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json")) == sorted(NAMES)
+    assert sorted(p.stem for p in WORKFLOWS.glob("*.json")) == sorted(NAMES + TRAINING_NAMES)
+    assert sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json")) == sorted(NAMES + TRAINING_NAMES)
 
 
 def test_committed_files_are_the_builders_output() -> None:
