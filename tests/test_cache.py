@@ -35,15 +35,6 @@ from wan_core.t5 import load_t5
 from wan_core.vae import load_vae
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny VAE's convolutions are overhead-bound: one thread is 10x faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     return write_models(tmp_path_factory.mktemp("models"))

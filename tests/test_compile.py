@@ -15,14 +15,6 @@ from wan_core.model import WanModel
 from wan_core.offload import enable_block_swap
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _qkv(seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(2, 24, 4, 16, generator=gen) for _ in range(3)]

@@ -33,16 +33,6 @@ from wan_core.ops import (
     scaled_mm_linear,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and much faster on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 E4M3 = torch.float8_e4m3fn
 # head dim 128 so that shapes identify the architecture; in_features 128 / 256 -> 2 / 4 blocks of 64 columns
 DIT = dataclasses.replace(TINY_DIT, dim=128, num_heads=1, ffn_dim=256)

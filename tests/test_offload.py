@@ -28,16 +28,6 @@ from wan_core.offload import (
     video_tokens,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and much faster on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 CFG = dataclasses.replace(TINY_DIT, num_layers=5)
 NUM = CFG.num_layers
 
