@@ -1,0 +1,275 @@
+"""Toy I2V / FLF2V / Fun-Control DiTs and the toy CLIP vision tower (training/toy/variants.py): the variant init
+keeps the T2V model's output exactly, the files load with no arguments, the datasets and the FLF2V cache layout, the
+judge, and (when the shipped files exist) a behaviour check of the shipped variants."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests import model_set
+from tests.tiny import TINY_DIT, randomize_
+from training.toy import variants as tv
+from wan_core.checkpoint import read_metadata, save_safetensors
+from wan_core.clip import load_clip_vision
+from wan_core.config import CONFIG_METADATA_KEY, config_to_json
+from wan_core.model import WanModel, load_dit
+from wan_core.models import SAMPLING_METADATA_KEY, TOY_FILES, TOY_MODEL_DIR
+from wan_core.toy.world import Combo, render_clip, sample_params
+
+CLIP_DIM = 24
+
+
+def _t2v(seed: int = 0) -> WanModel:
+    """A tiny T2V DiT with every weight random (the official init's zero head would make outputs trivially 0)."""
+    return randomize_(WanModel(TINY_DIT), seed, scale=0.2).eval()
+
+
+def _inputs(cfg, seed: int = 1) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 16, 3, 4, 4, generator=gen)
+    return {"x": x, "t": torch.tensor([300.0, 800.0]),
+            "context": [torch.randn(5, cfg.text_dim, generator=gen), torch.randn(3, cfg.text_dim, generator=gen)],
+            "gen": gen}
+
+
+def _forward(model: WanModel, inp: dict, y: torch.Tensor | None = None, clip: torch.Tensor | None = None):
+    with torch.no_grad():
+        return model(inp["x"], inp["t"], inp["context"], clip_fea=clip, y=y)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Variant init
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", tv.KINDS)
+def test_variant_init_computes_the_t2v_output_whatever_the_extra_inputs(kind: str) -> None:
+    t2v = _t2v()
+    variant = tv.init_variant(t2v, kind, CLIP_DIM, seed=3).eval()
+    cfg = variant.config
+    assert (cfg.in_dim, cfg.clip_dim, cfg.model_type) == (tv.VARIANT_IN_DIM[kind], CLIP_DIM,
+                                                          "flf2v" if kind == "flf2v" else "i2v")
+    inp = _inputs(cfg)
+    expected = _forward(t2v, inp)
+    extra = cfg.in_dim - 16
+    zeros = torch.zeros(2, extra, 3, 4, 4)
+    noise_y = torch.randn(2, extra, 3, 4, 4, generator=inp["gen"])
+    clip = torch.randn(2, cfg.image_tokens, CLIP_DIM, generator=inp["gen"])
+    torch.testing.assert_close(_forward(variant, inp, zeros, torch.zeros_like(clip)), expected, rtol=0, atol=0)
+    torch.testing.assert_close(_forward(variant, inp, noise_y, clip), expected)
+    # the test can fail: once the image path carries weight, the output moves
+    with torch.no_grad():
+        variant.blocks[0].cross_attn.v_img.weight.normal_()
+    assert not torch.allclose(_forward(variant, inp, noise_y, clip), expected, atol=1e-3)
+
+
+def test_variant_init_copies_every_shared_tensor_and_zeroes_only_the_new_input_paths() -> None:
+    t2v = _t2v()
+    source = t2v.state_dict()
+    for kind in tv.KINDS:
+        sd = tv.init_variant(t2v, kind, CLIP_DIM, seed=3).state_dict()
+        for key, value in source.items():
+            if key == "patch_embedding.weight":
+                assert torch.equal(sd[key][:, :16], value)
+                assert not sd[key][:, 16:].any()
+            else:
+                assert torch.equal(sd[key], value), key
+        new = sorted(set(sd) - set(source))
+        assert all(k.startswith("img_emb.") or ".cross_attn." in k for k in new), new
+        for i in range(TINY_DIT.num_layers):
+            assert not sd[f"blocks.{i}.cross_attn.v_img.weight"].any()
+            assert sd[f"blocks.{i}.cross_attn.k_img.weight"].std() > 0
+        assert sd["img_emb.proj.1.weight"].std() > 0
+        if kind == "flf2v":
+            assert sd["img_emb.emb_pos"].shape == (1, 514, CLIP_DIM) and sd["img_emb.emb_pos"].std() > 0
+    # seeded: the same seed gives the same new tensors, another seed other ones
+    a, b = tv.init_variant(t2v, "i2v", CLIP_DIM, 3), tv.init_variant(t2v, "i2v", CLIP_DIM, 3)
+    c = tv.init_variant(t2v, "i2v", CLIP_DIM, 4)
+    assert torch.equal(a.img_emb.proj[1].weight, b.img_emb.proj[1].weight)
+    assert not torch.equal(a.img_emb.proj[1].weight, c.img_emb.proj[1].weight)
+
+
+def test_variant_config_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="unknown variant 'vace'"):
+        tv.variant_config(TINY_DIT, "vace", CLIP_DIM)
+    i2v = dataclasses.replace(TINY_DIT, in_dim=36, model_type="i2v")
+    with pytest.raises(ValueError, match="must be a T2V DiT"):
+        tv.variant_config(i2v, "flf2v", CLIP_DIM)
+
+
+def test_variant_files_load_with_no_arguments(tmp_path: Path) -> None:
+    t2v = _t2v()
+    sampling = {"task": "t2v-1.3B", "infer_steps": 12, "flow_shift": 3.0, "guidance_scale": 5.0}
+    t2v_path = save_safetensors(t2v.state_dict(), tmp_path / "t2v.safetensors",
+                                {CONFIG_METADATA_KEY: config_to_json(TINY_DIT),
+                                 SAMPLING_METADATA_KEY: json.dumps(sampling)})
+    inp = _inputs(TINY_DIT)
+    for kind in tv.KINDS:
+        path = tv.write_variant_init(t2v_path, kind, CLIP_DIM, 3, tmp_path / f"{kind}.safetensors")
+        model = load_dit(path)
+        assert model.config == tv.variant_config(TINY_DIT, kind, CLIP_DIM)
+        load_dit(path, task=tv.VARIANT_TASKS[kind])  # the task family fits
+        stored = json.loads(read_metadata(path)[SAMPLING_METADATA_KEY])
+        assert stored == sampling | {"task": tv.VARIANT_TASKS[kind]}
+        y = torch.zeros(2, model.config.in_dim - 16, 3, 4, 4)
+        torch.testing.assert_close(_forward(model, inp, y), _forward(t2v, inp), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Toy CLIP
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_toy_clip_gives_257_tokens_of_its_width_and_loads_with_no_arguments(tmp_path: Path) -> None:
+    path = tv.build_toy_clip(tmp_path / "clip.safetensors", seed=7)
+    clip = load_clip_vision(path)
+    assert clip.cfg == tv.TOY_CLIP_CONFIG
+    images = torch.rand(3, 3, 64, 64) * 2 - 1
+    feats = clip.encode(images)
+    assert feats.shape == (3, 257, tv.TOY_CLIP_CONFIG.dim)
+    assert torch.equal(feats, tv.toy_clip(7).encode(images))
+    assert not torch.equal(feats, tv.toy_clip(8).encode(images))
+    # features tell images apart (red vs blue object at the same place)
+    red, blue = (torch.from_numpy(render_clip(Combo(c, "square", "still"), seed=1)[0]) for c in ("red", "blue"))
+    pair = torch.stack([red, blue]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    a, b = clip.encode(pair)
+    assert (a - b).abs().mean() > 0.05 * a.abs().mean()
+    assert path.stat().st_size < 2 * 1024 * 1024
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Datasets, FLF2V cache
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_silhouette_covers_the_object_of_the_clip() -> None:
+    combo = Combo("green", "triangle", "left")
+    frames = render_clip(combo, seed=11).astype(np.float64)
+    sil = tv.silhouette(combo, 11)
+    assert sil.shape == frames.shape and sil.dtype == np.uint8
+    assert (sil[..., 0] == sil[..., 1]).all() and (sil[..., 0] == sil[..., 2]).all()
+    alpha = sil[..., 0] / 255.0  # [T, H, W]
+    ys, xs = np.mgrid[0:64, 0:64] + 0.5
+    centroids = np.stack([(alpha * xs).sum((1, 2)) / alpha.sum((1, 2)), (alpha * ys).sum((1, 2)) / alpha.sum((1, 2))],
+                         axis=1)
+    np.testing.assert_allclose(centroids, sample_params(combo, seed=11).centroids("triangle"), atol=0.15)
+    # where the silhouette is white, the clip shows the object's colour (far from the grey background)
+    background = np.median(frames.reshape(9, -1, 3), axis=1)[:, None, None]
+    differs = np.abs(frames - background).sum(-1) > 60
+    assert (differs == (alpha > 0.5)).mean() > 0.99
+
+
+def test_control_dataset_pairs_every_clip_with_its_silhouette(tmp_path: Path) -> None:
+    from training.cache_latents import load_pixels
+    from training.dataset import scan_dataset_group
+    from training.dataset_config import load_dataset_config
+
+    combos = [Combo("red", "circle", "down"), Combo("blue", "square", "right")]
+    toml = tv.write_control_dataset(tmp_path / "fc", combos, 1, seed=5, batch=2)
+    scan = scan_dataset_group(load_dataset_config(toml))
+    assert len(scan.items) == 2
+    for item in scan.items:
+        assert item.control_path is not None and item.control_path.name == item.media_path.stem
+        frames, control = load_pixels(item)
+        assert frames.shape == control.shape == (9, 64, 64, 3)
+        combo = next(c for c in combos if f"{c.colour}_{c.shape}" in item.media_path.stem)
+        det = tv.judge(frames.astype(np.float64) / 255.0, tv.VariantPair(combo, 0, False))
+        assert det.colour and det.motion
+        lit = control[..., 0] > 127
+        object_px = np.abs(frames.astype(int) - np.median(frames.reshape(9, -1, 3), axis=1)[:, None, None]).sum(-1)
+        assert (lit == (object_px > 60)).mean() > 0.98
+
+
+def test_flf2v_cache_entries_hold_the_official_flf2v_layout(tmp_path: Path) -> None:
+    from training.cache import latent_entries, load_latent_entry, open_training_source
+    from training.cache_latents import cache_latents, load_pixels
+    from training.cache_text import cache_text
+    from training.dataset import scan_dataset_group
+    from training.dataset_config import load_dataset_config
+    from training.step import InputSpec, conditioning
+    from wan_core.conditioning import first_last_to_video
+    from wan_core.vae import load_vae
+
+    models = model_set.write_model_set(tmp_path / "models")
+    combos = [Combo("yellow", "circle", "up"), Combo("red", "triangle", "right")]
+    toml = tv.write_image_dataset(tmp_path / "data", combos, 1, seed=3, batch=2)
+    cache_latents(toml, models["vae"], clip=models["clip"], vae_dtype="float32", num_workers=0)
+    cache_text(toml, models["t5"])
+    vae, clip = load_vae(models["vae"], dtype=torch.float32), load_clip_vision(models["clip"])
+    assert tv.rewrite_flf2v_cache(toml, vae, clip) == 2
+    scan = scan_dataset_group(load_dataset_config(toml))
+    for entry in latent_entries(scan):
+        cached = load_latent_entry(entry.path)
+        frames, _ = load_pixels(entry.item)
+        cond = first_last_to_video(vae, clip, tv.to_image(frames[0]), tv.to_image(frames[-1]), 9, 64, 64)
+        torch.testing.assert_close(cached["latents_image"], cond.y[0], rtol=0, atol=0)
+        assert cached["latents_image"][:4, 0].eq(1).all() and cached["latents_image"][:4, -1].sum() > 0
+        torch.testing.assert_close(cached["clip"].float(), cond.clip_fea[0].view(2, 257, -1).half().float())
+    source = open_training_source(toml, need_image=True, need_clip=True)  # the trainer reads them
+    items = source.items()
+    batch = source.load(items)
+    y, clip_fea = conditioning(batch, InputSpec("flf2v"), torch.device("cpu"), torch.float32)
+    assert y.shape == (2, 20, 3, 8, 8) and clip_fea.shape == (2, 514, model_set.TINY_CLIP.dim)
+
+
+def test_rewrite_flf2v_cache_needs_an_i2v_cache(tmp_path: Path) -> None:
+    from training.cache_latents import cache_latents
+    from wan_core.vae import load_vae
+
+    models = model_set.write_model_set(tmp_path / "models")
+    toml = tv.write_image_dataset(tmp_path / "data", [Combo("red", "square", "left")], 1, seed=3, batch=1)
+    cache_latents(toml, models["vae"], vae_dtype="float32", num_workers=0)
+    with pytest.raises(RuntimeError, match="not an I2V cache entry with CLIP features"):
+        tv.rewrite_flf2v_cache(toml, load_vae(models["vae"], dtype=torch.float32), load_clip_vision(models["clip"]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Judge
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_judge_accepts_the_reference_clip_and_rejects_a_displaced_one() -> None:
+    for pair in tv.variant_pairs(8):
+        clip = render_clip(pair.combo, seed=pair.seed + 1).astype(np.float64) / 255.0
+        result = tv.judge(clip, pair)
+        assert result.colour and result.motion and result.track_error < 1.0, (pair, result)
+    pair = tv.VariantPair(Combo("blue", "circle", "still"), 7, False)
+    shifted = np.roll(render_clip(pair.combo, seed=8), 9, axis=2).astype(np.float64) / 255.0
+    result = tv.judge(shifted, pair)
+    assert result.colour and not tv._ok(result.first_error) and not tv._ok(result.track_error)
+    summary = tv.summarise("i2v", [result])
+    assert summary["success"] == 0.0 and summary["colour"] == 1.0
+
+
+def test_variant_pairs_mix_heldout_and_training_combinations() -> None:
+    pairs = tv.variant_pairs(12)
+    assert len(pairs) == 12 and sum(p.heldout for p in pairs) == 6
+    assert len({p.seed for p in pairs}) == 12 and len({p.combo for p in pairs}) >= 10
+    conflict = tv.conflict_pairs(pairs)
+    assert all(c.prompt != p.prompt and c.combo == p.combo for c, p in zip(conflict, pairs))
+    with pytest.raises(ValueError, match="count must be >= 2"):
+        tv.variant_pairs(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shipped variants
+# ----------------------------------------------------------------------------------------------------------------
+
+SHIPPED = [TOY_MODEL_DIR / tv.VARIANT_FILES[k] for k in (*tv.KINDS, "clip")]
+BASE = [TOY_MODEL_DIR / TOY_FILES[k] for k in ("vae", "t5")]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not all(p.is_file() for p in SHIPPED + BASE), reason="toy variants not in wan_core/toy_models")
+@pytest.mark.parametrize("kind", tv.KINDS)
+def test_shipped_variant_follows_its_conditioning(kind: str) -> None:
+    files = {k: TOY_MODEL_DIR / tv.VARIANT_FILES[k] for k in (*tv.KINDS, "clip")}
+    figures = tv.evaluate_files(kind, files[kind], BASE[0], BASE[1], files["clip"], tv.variant_pairs(4))
+    key = {"i2v": "first_in_place", "flf2v": "last_in_place", "fun_control": "track_in_place"}[kind]
+    assert figures[key] >= 0.75 and figures["success"] >= 0.5, figures
