@@ -203,6 +203,7 @@ def test_flf2v_cache_entries_hold_the_official_flf2v_layout(tmp_path: Path) -> N
     cache_text(toml, models["t5"])
     vae, clip = load_vae(models["vae"], dtype=torch.float32), load_clip_vision(models["clip"])
     assert tv.rewrite_flf2v_cache(toml, vae, clip) == 2
+    assert tv.rewrite_flf2v_cache(toml, vae, clip) == 0  # already FLF2V entries are kept
     scan = scan_dataset_group(load_dataset_config(toml))
     for entry in latent_entries(scan):
         cached = load_latent_entry(entry.path)
@@ -269,7 +270,15 @@ BASE = [TOY_MODEL_DIR / TOY_FILES[k] for k in ("vae", "t5")]
 @pytest.mark.skipif(not all(p.is_file() for p in SHIPPED + BASE), reason="toy variants not in wan_core/toy_models")
 @pytest.mark.parametrize("kind", tv.KINDS)
 def test_shipped_variant_follows_its_conditioning(kind: str) -> None:
+    """Modest bars on 4 pairs (2 held-out): the start image's object stays in place (I2V, FLF2V), FLF2V moves towards
+    the last frame, and Fun-Control follows the control's path even when the prompt names another motion."""
     files = {k: TOY_MODEL_DIR / tv.VARIANT_FILES[k] for k in (*tv.KINDS, "clip")}
-    figures = tv.evaluate_files(kind, files[kind], BASE[0], BASE[1], files["clip"], tv.variant_pairs(4))
-    key = {"i2v": "first_in_place", "flf2v": "last_in_place", "fun_control": "track_in_place"}[kind]
-    assert figures[key] >= 0.75 and figures["success"] >= 0.5, figures
+    pairs = tv.variant_pairs(4)
+    if kind == "fun_control":
+        pairs = tv.conflict_pairs(pairs)
+    figures = tv.evaluate_files(kind, files[kind], BASE[0], BASE[1], files["clip"], pairs, conflict=False)
+    assert figures["colour"] >= 0.75, figures
+    bars = {"i2v": ("first_in_place",), "flf2v": ("first_in_place", "motion"),
+            "fun_control": ("track_in_place", "motion")}[kind]
+    for key in bars:
+        assert figures[key] >= 0.75, (key, figures)
