@@ -34,7 +34,7 @@ NATIVE: dict[str, tuple[dict[str, str], list[str], list[tuple[str, str]]]] = {
 TOY = {"t2v": "wan21_toy_t2v_dit.safetensors", "i2v": "wan21_toy_i2v_dit.safetensors",
        "flf2v": "wan21_toy_flf2v_dit.safetensors", "fc": "wan21_toy_fun_control_dit.safetensors",
        "t5": "wan21_toy_umt5.safetensors", "vae": "wan21_toy_vae.safetensors",
-       "clip": "wan21_toy_clip_vision.safetensors", "lora": "wan21_toy_lora.safetensors"}
+       "clip": "wan21_toy_clip_vision.safetensors", "lora": "wan21_toy_purple_lora.safetensors"}
 SIZE = {"width": 64, "height": 64, "length": 9}  # the toy world: 64x64 clips of 9 frames
 NOTE_FILES = (
     "The loaders point at the embedded toy models (wan21_toy_*), which run anywhere in seconds and draw simple "
@@ -86,7 +86,7 @@ def _loaders(dit: str, clip: bool) -> list[Node]:
         Node(3, "WanTunerVAELoader", {"model_name": TOY["vae"], "dtype": "fp32", "cache_on_cpu": False,
                                       "tiling": "auto"}),
         Node(4, "WanTunerTextEncode", {"prompt": "a red circle moving right",
-                                       "negative_prompt": "blurry, static"}, {"t5": (2, 0)}),
+                                       "negative_prompt": ""}, {"t5": (2, 0)}),
     ]
     if clip:
         nodes.append(Node(5, "WanTunerCLIPVisionLoader", {"model_name": TOY["clip"], "dtype": "default"}))
@@ -161,8 +161,10 @@ def fun_control() -> list[Node]:
 
 
 def lora() -> list[Node]:
+    loaders = _loaders("t2v", clip=False)
+    loaders[3].widgets["prompt"] = "a purple circle moving right"  # the toy LoRA teaches purple
     return [
-        *_loaders("t2v", clip=False),
+        *loaders,
         Node(6, "WanTunerLoRALoader", {"lora_name": TOY["lora"], "strength": 1.0, "include": "self_attn|ffn",
                                        "exclude": "blocks_1_ffn"}, {"dit": (1, 0)}, title="LoRA (attention only)"),
         Node(7, "WanTunerLoRALoader", {"lora_name": TOY["lora"], "strength": 0.5, "include": "cross_attn",

@@ -21,19 +21,19 @@ class WanTunerTextEncode:
         return {"required": {
             "t5": inp(T5, "umT5 text encoder from the T5 loader."),
             "prompt": inp("STRING", "What the video shows.", multiline=True, default=""),
-            "negative_prompt": inp("STRING", "What to steer away from (used when guidance_scale is not 1). "
-                                   "Default: the official Wan negative prompt.", multiline=True,
-                                   default=DEFAULT_NEGATIVE_PROMPT),
+            "negative_prompt": inp("STRING", "What to steer away from (used when guidance_scale is not 1; empty = "
+                                   "the unconditional empty caption). Default: the official Wan negative prompt.",
+                                   multiline=True, default=DEFAULT_NEGATIVE_PROMPT),
         }}
 
     def encode(self, t5: ModelHandle, prompt: str, negative_prompt: str) -> tuple[TextEmbeds]:
         from wan_core.pipeline import encode_prompts
 
         encoder = t5.model.ready()
-        texts = [prompt] + ([negative_prompt] if negative_prompt.strip() else [])
-        embeds = encode_prompts(encoder, texts)
-        negative = embeds[1] if len(embeds) > 1 else None
-        return (TextEmbeds(embeds[0], negative, prompt, negative_prompt),)
+        # An empty negative prompt is the empty caption (what caption dropout trains as "unconditional"), as an
+        # empty CLIPTextEncode is in ComfyUI; it is not "no negative".
+        positive, negative = encode_prompts(encoder, [prompt, negative_prompt])
+        return (TextEmbeds(positive, negative, prompt, negative_prompt),)
 
 
 class WanTunerCLIPVisionEncode:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from training.args import SAVE_FORMATS
 from training.dataset_config import FRAME_EXTRACTION_MODES
 from training.timesteps import SCHEMES
+from wan_core.checkpoint import new_file_mode
 
 from . import comfy_adapter as comfy
 from .common import CATEGORY, MAX_FRAMES, MAX_SIZE, first_problem, inp, problem
@@ -114,6 +115,7 @@ def _write_if_changed(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(temp, new_file_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(temp, path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,3 +187,21 @@ def test_odd_latent_size_is_rejected(reference):
     x, t, context = _inputs()
     with pytest.raises(ValueError, match="multiples of 16"):
         reference(x[..., :7], t, context)
+
+
+def test_atomically_written_files_get_the_ordinary_file_mode(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    import numpy as np
+
+    from wan_core.checkpoint import new_file_mode
+    from wan_core.media import write_video
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert new_file_mode() == 0o666 & ~mask
+    checkpoint = save_safetensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    video = write_video(torch.from_numpy(np.zeros((1, 16, 16, 3), np.float32)), tmp_path / "v.mp4", fps=16)
+    for path in (checkpoint, video):
+        assert stat.S_IMODE(path.stat().st_mode) == new_file_mode(), path  # not mkstemp's 0o600

@@ -137,6 +137,14 @@ def test_detect_config_from_shapes(kind: str) -> None:
     assert detect_config(model.state_dict(), num_heads=cfg.num_heads) == cfg
 
 
+def test_detect_config_reads_the_clip_width_of_image_models() -> None:
+    import dataclasses
+
+    for kind in ("i2v", "flf2v"):
+        cfg = dataclasses.replace(TINY_DIT_BY_TYPE[kind], clip_dim=48)
+        assert detect_config(build_on_meta(lambda cfg=cfg: WanModel(cfg)).state_dict(), num_heads=cfg.num_heads) == cfg
+
+
 def test_presets_have_the_published_parameter_counts() -> None:
     def count(task: str) -> int:
         model = build_on_meta(lambda: WanModel(TASKS[task].dit))

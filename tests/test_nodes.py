@@ -4,6 +4,7 @@ IMAGE/LATENT conventions, the sampler against direct wan_core calls, LoRA chains
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from pathlib import Path
 
@@ -196,9 +197,11 @@ def test_model_and_conditioning_mismatches_are_explained(models: Path) -> None:
                length=5, size_from_image=False)[0]
     with pytest.raises(ValueError, match=r"text-to-video model \(16 input channels\).*connect no conditioning"):
         sample(dit(T2V), text, conditioning=cond)
+    text = embeds(negative="")
     with pytest.raises(ValueError, match="needs a negative prompt"):
-        sample(dit(T2V), embeds(negative="  "))
-    assert sample(dit(T2V), embeds(negative=""), guidance_scale=1.0).shape == (1, 16, 2, 4, 4)
+        sample(dit(T2V), dataclasses.replace(text, negative=None))
+    assert text.negative.shape[0] == 1  # the empty caption: EOS only, the unconditional embedding
+    assert sample(dit(T2V), text).shape == (1, 16, 2, 4, 4)
     with pytest.raises(ValueError, match=r"hold 1 image\(s\) but this conditioning needs 2"):
         run("WanTunerFirstLastFrame", vae=handle, start_image=start, end_image=start, image_embeds=features,
             width=32, height=32, length=5)

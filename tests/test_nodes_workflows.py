@@ -94,6 +94,16 @@ def test_examples_use_the_toy_model_names() -> None:
             assert graph["5"]["inputs"]["model_name"] == TOY_FILES["clip"]
 
 
+def test_every_toy_file_the_examples_name_ships_in_the_toy_model_folder() -> None:
+    from wan_core.models import TOY_MODEL_DIR
+
+    named = {value for name in (*NAMES, *TRAINING_NAMES) for node in _api(name).values()
+             for value in node["inputs"].values() if isinstance(value, str) and value.startswith("wan21_toy_")}
+    assert named, "the example workflows name no toy model file"
+    missing = sorted(n for n in named if not (TOY_MODEL_DIR / n).is_file())
+    assert not missing, f"example workflows name toy files that are not shipped in {TOY_MODEL_DIR}: {missing}"
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_workflow_matches_current_input_types(name: str, listed_models: Path) -> None:
     graph = _ui(name)
@@ -122,7 +132,7 @@ def test_ui_workflow_matches_current_input_types(name: str, listed_models: Path)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_api_workflow_passes_validation_and_mirrors_the_ui_file(name: str) -> None:
+def test_api_workflow_passes_validation_and_mirrors_the_ui_file(name: str, listed_models: Path) -> None:
     api = _api(name)
     order = check_workflow(api, core=core_stand_ins(Path(".")))
     assert set(order) == set(api)
@@ -130,7 +140,7 @@ def test_api_workflow_passes_validation_and_mirrors_the_ui_file(name: str) -> No
     assert sorted(n["class_type"] for n in api.values()) == ui_types
 
 
-def test_validation_rejects_bad_edits_with_readable_messages() -> None:
+def test_validation_rejects_bad_edits_with_readable_messages(listed_models: Path) -> None:
     api = _api("wantuner_t2v")
     sampler = next(k for k, v in api.items() if v["class_type"] == "WanTunerSampler")
     api[sampler]["inputs"]["length"] = 10

@@ -379,3 +379,20 @@ def test_write_dataset_errors(tmp_path):
     (tmp_path / "b" / "x").write_text("")
     with pytest.raises(FileExistsError, match="not an empty directory"):
         write_dataset(tmp_path / "b", combos, 1, seed=0)
+
+
+def test_centred_placement_keeps_the_path_midpoint_near_the_centre_and_free_placement_spreads() -> None:
+    centred, free = [], []
+    for seed in range(200):
+        combo = world.Combo("red", "square", world.MOTIONS[seed % len(world.MOTIONS)])
+        for placement, out in (("centred", centred), ("free", free)):
+            params = world.sample_params(combo, seed=seed, placement=placement)
+            centres = np.asarray(params.centres)
+            out.append((centres[0] + centres[-1]) / 2.0)
+            half = params.object_size / 2.0
+            assert centres.min() >= half + world.MARGIN - 1e-9 and centres.max() <= 64 - half - world.MARGIN + 1e-9
+    centred_offset = np.abs(np.asarray(centred) - 32.0)
+    assert centred_offset.max() <= world.POSITION_JITTER + 1e-9
+    assert np.abs(np.asarray(free) - 32.0).max() > 2 * world.POSITION_JITTER  # free paths reach the borders
+    with pytest.raises(ValueError, match="unknown placement 'corner'"):
+        world.sample_params(world.Combo("red", "square", "up"), seed=0, placement="corner")

@@ -24,7 +24,7 @@ FILES = {  # tests/model_set.py key -> (ComfyUI folder, file name used by the ex
     "t5": ("text_encoders", "wan21_toy_umt5.safetensors"),
     "clip": ("clip_vision", "wan21_toy_clip_vision.safetensors"),
 }
-LORA = ("loras", "wan21_toy_lora.safetensors")
+LORA = ("loras", "wan21_toy_purple_lora.safetensors")
 LORA_MODULES = ("blocks.0.self_attn.q", "blocks.0.cross_attn.k", "blocks.1.ffn.0")  # layers of the t2v DiT
 LORA_UNMATCHED_MODULE = "blocks.7.self_attn.q"  # the tiny DiT has 2 blocks: reported as unmatched
 

@@ -69,7 +69,7 @@ import torch
 
 from training.dataset import DatasetItem, DatasetScan, ensure_not_empty, epoch_batches, scan_dataset_group
 from training.dataset_config import DatasetConfig, DatasetGroupConfig, load_dataset_config
-from wan_core.checkpoint import CheckpointError, expand_split_files, read_metadata, save_safetensors
+from wan_core.checkpoint import CheckpointError, expand_split_files, new_file_mode, read_metadata, save_safetensors
 from wan_core.media import MediaReadError, list_images
 
 logger = logging.getLogger(__name__)
@@ -310,6 +310,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, new_file_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)

@@ -195,6 +195,21 @@ def _preview(label: str, keys: list[str], n: int = 5) -> str:
     return f"{len(keys)} {label} key(s): {', '.join(keys[:n])}{more}; "
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once at import (os.umask can only be read by setting it)
+
+
+def new_file_mode() -> int:
+    """The mode an ordinary new file gets (0o666 minus the umask): temp files from mkstemp are 0o600 and keep that
+    mode through the rename unless it is set."""
+    return 0o666 & ~_UMASK
+
+
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
                      metadata: Mapping[str, str] | None = None) -> Path:
     """Write atomically: a temporary file in the same folder, then rename (an interrupted run leaves no file)."""
@@ -205,6 +220,7 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
     try:
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         save_file(tensors, tmp, metadata=dict(metadata) if metadata else None)
+        os.chmod(tmp, new_file_mode())  # after save_file, which may recreate the file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -221,12 +221,13 @@ def detect_config(sd: Mapping[str, torch.Tensor], num_heads: int | None = None) 
         model_type = "i2v"
     else:
         model_type = "t2v"
+    clip_dim = _shape(sd, "img_emb.proj.0.weight")[0] if model_type != "t2v" else DiTConfig.clip_dim  # LayerNorm
     if num_heads is None:
         if dim % 128:
             raise ValueError(f"cannot infer the head count for dim {dim} (not a multiple of 128); pass num_heads")
         num_heads = dim // 128
     return DiTConfig(dim=dim, ffn_dim=ffn_dim, num_heads=num_heads, num_layers=num_layers, in_dim=in_dim,
-                     out_dim=out_dim, text_dim=text_dim, freq_dim=freq_dim, model_type=model_type)
+                     out_dim=out_dim, text_dim=text_dim, freq_dim=freq_dim, model_type=model_type, clip_dim=clip_dim)
 
 
 def tasks_matching(config: DiTConfig) -> list[str]:

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .checkpoint import new_file_mode
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".avif"})
@@ -221,6 +223,7 @@ def _temp_path(target: Path, suffix: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
     os.close(fd)
+    os.chmod(tmp, new_file_mode())
     return Path(tmp)
 
 

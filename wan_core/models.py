@@ -22,9 +22,12 @@ TOY_MODEL_DIR = Path(__file__).resolve().parent / "toy_models"
 TOY_FILES = {
     "dit": "wan21_toy_t2v_dit.safetensors",
     "dit_i2v": "wan21_toy_i2v_dit.safetensors",
+    "dit_flf2v": "wan21_toy_flf2v_dit.safetensors",
+    "dit_fun_control": "wan21_toy_fun_control_dit.safetensors",
     "vae": "wan21_toy_vae.safetensors",
     "t5": "wan21_toy_umt5.safetensors",
     "clip": "wan21_toy_clip_vision.safetensors",
+    "lora": "wan21_toy_purple_lora.safetensors",
 }
 SAMPLING_METADATA_KEY = "wantuner_sampling"  # JSON of default settings stored in a DiT file (the toy models)
 
@@ -64,16 +67,19 @@ class ModelSpec:
         given = getattr(self, kind)
         if given:
             return Path(given)
-        if kind == "dit" and self.task and get_task_kind(self.task) == "i2v":
-            return toy_path("dit_i2v")
+        if kind == "dit" and self.task:
+            return toy_path(toy_dit_key(self.task))
         return toy_path(kind)
 
 
-def get_task_kind(task: str) -> str:
+def toy_dit_key(task: str) -> str:
+    """The TOY_FILES key of the toy DiT that stands in for `task` (T2V, I2V, FLF2V or Fun-Control)."""
     from .config import get_task
 
-    preset = get_task(task)
-    return "i2v" if preset.dit.model_type != "t2v" else "t2v"
+    dit = get_task(task).dit
+    if dit.in_dim == 48:
+        return "dit_fun_control"
+    return {"i2v": "dit_i2v", "flf2v": "dit_flf2v"}.get(dit.model_type, "dit")
 
 
 def sampling_defaults(dit_path: Path) -> dict[str, Any]:
@@ -97,8 +103,8 @@ class ModelSet:
     def _check(self, kind: str) -> Path:
         path = self.spec.path(kind)
         if not path.exists():
-            hint = (" (the embedded toy models are missing: rebuild them with `python -m wan_core.toy.recipe`)"
-                    if path.parent == TOY_MODEL_DIR else "")
+            hint = (" (the embedded toy models are missing: rebuild them with `python -m training.toy.recipe "
+                    "--out wan_core/toy_models --seed 0`)" if path.parent == TOY_MODEL_DIR else "")
             raise FileNotFoundError(f"{kind} checkpoint not found: {path}{hint}")
         return path
 

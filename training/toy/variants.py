@@ -50,8 +50,8 @@ KINDS = ("i2v", "flf2v", "fun_control")
 TOY_CLIP_CONFIG = CLIPVisionConfig(dim=64, mlp_ratio=4.0, num_heads=2, num_layers=3)  # 2 blocks used (penultimate)
 VARIANT_FILES = {
     "i2v": TOY_FILES["dit_i2v"],
-    "flf2v": "wan21_toy_flf2v_dit.safetensors",
-    "fun_control": "wan21_toy_fun_control_dit.safetensors",
+    "flf2v": TOY_FILES["dit_flf2v"],
+    "fun_control": TOY_FILES["dit_fun_control"],
     "clip": TOY_FILES["clip"],
 }
 VARIANT_TASKS = {"i2v": "i2v-14B", "flf2v": "flf2v-14B", "fun_control": "t2v-1.3B-FC"}

@@ -76,6 +76,7 @@ MOTION_VECTORS: dict[str, tuple[int, int]] = {
 # Sampling ranges, in pixels of a 64 px frame (scaled linearly for other sizes).
 OBJECT_SIZE_RANGE = (16.0, 22.0)  # side of the square, diameter of the circle, base = height of the triangle
 SPEED_RANGE = (2.0, 4.0)  # px per frame; capped so the whole path stays inside the frame
+POSITION_JITTER = 8.0  # max offset of the path's midpoint from the frame centre, per axis
 MARGIN = 2.0  # minimum distance between the object's bounding box and the frame border
 BACKGROUND_LEVEL_RANGE = (100.0, 160.0)
 BACKGROUND_TINT = 8.0  # +- per channel
@@ -175,11 +176,20 @@ def _check_render_args(num_frames: int, size: int) -> None:
         raise ValueError(f"size must be an integer >= 32, got {size!r}")
 
 
+PLACEMENTS = ("centred", "free")
+
+
 def sample_params(
-    combo: Combo, *, seed: int, num_frames: int = DEFAULT_NUM_FRAMES, size: int = DEFAULT_SIZE
+    combo: Combo, *, seed: int, num_frames: int = DEFAULT_NUM_FRAMES, size: int = DEFAULT_SIZE,
+    placement: str = "centred",
 ) -> ClipParams:
-    """Draw the per-clip parameters of ``combo`` from ``numpy.random.default_rng(seed)``."""
+    """Draw the per-clip parameters of ``combo`` from ``numpy.random.default_rng(seed)``.
+
+    ``placement="centred"`` (the world's clips) puts the path's midpoint within ``POSITION_JITTER`` of the frame
+    centre; ``"free"`` places it anywhere inside the frame (the VAE trains on these: it must encode any position)."""
     _check_render_args(num_frames, size)
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown placement {placement!r}; expected one of {PLACEMENTS}")
     rng = np.random.default_rng(seed)
     u = rng.random(12)  # fixed number and order of draws, independent of the combination
     scale = size / DEFAULT_SIZE
@@ -194,9 +204,15 @@ def sample_params(
         v_lo, v_hi = min(SPEED_RANGE[0] * scale, v_max), min(SPEED_RANGE[1] * scale, v_max)
         speed = v_lo + u[1] * (v_hi - v_lo)
     path = speed * steps
-    # Along the motion axis the start leaves room for the whole path; across it any position is allowed.
-    along = lo + u[2] * (hi - lo - path)
-    across = lo + u[3] * (hi - lo)
+    # The path's midpoint sits near the frame centre (+- POSITION_JITTER on each axis, kept inside the frame): the
+    # caption then pins the clip down up to small offsets, which a tiny DiT can learn on a CPU in minutes.
+    if placement == "free":  # along the motion axis the start leaves room for the whole path
+        along = lo + u[2] * (hi - lo - path)
+        across = lo + u[3] * (hi - lo)
+    else:
+        jitter = POSITION_JITTER * scale
+        along = float(np.clip(size / 2.0 - path / 2.0 + jitter * (2.0 * u[2] - 1.0), lo, hi - path))
+        across = float(np.clip(size / 2.0 + jitter * (2.0 * u[3] - 1.0), lo, hi))
     if dx or dy:
         start_along = along if (dx + dy) > 0 else along + path
     else:

@@ -1,0 +1,256 @@
+"""The embedded toy model set (wan_core/toy_models/): files, loaders, VAE quality, generation behaviour judged by the
+toy-world scorer, the purple LoRA (also through the ComfyUI LoRA node), the generate CLI defaults, and the pieces of
+the recipe that build them (training/toy/)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.toy import evaluate as ev
+from training.toy.recipe import LORA_FILE, TOY_DIT_CONFIG
+from training.toy.text import TOY_T5_CONFIG, caption_words, train_tokenizer
+from training.toy.vae_train import (
+    VAETrainConfig,
+    evaluate_reconstruction,
+    evaluation_clips,
+    fold_latent_statistics,
+    identity_path_init,
+    raw_latent_statistics,
+    to_video,
+    train_vae,
+)
+from wan_core.checkpoint import read_metadata
+from wan_core.config import CONFIG_METADATA_KEY, VAEConfig, config_from_json
+from wan_core.models import SAMPLING_METADATA_KEY, TOY_FILES, TOY_MODEL_DIR
+from wan_core.vae import WanVAE, WanVAEModel
+
+T2V_FILES = ("dit", "vae", "t5")
+MAX_TOTAL_BYTES = 30 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def toy() -> ev.ToySet:
+    return ev.ToySet.load(TOY_MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def sampling() -> ev.Sampling:
+    return ev.sampling_from_file(TOY_MODEL_DIR / TOY_FILES["dit"])
+
+
+@pytest.fixture(scope="module")
+def base_report(toy: ev.ToySet, sampling: ev.Sampling) -> ev.BehaviourReport:
+    return ev.evaluate(toy, ev.base_pairs(), sampling)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_toy_files_are_committed_small_and_describe_themselves() -> None:
+    files = [TOY_MODEL_DIR / TOY_FILES[k] for k in T2V_FILES] + [TOY_MODEL_DIR / LORA_FILE]
+    for path in files:
+        assert path.is_file(), f"{path} is missing: rebuild with python -m training.toy.recipe"
+    total = sum(p.stat().st_size for p in TOY_MODEL_DIR.glob("*.safetensors"))
+    assert total <= MAX_TOTAL_BYTES, f"toy models take {total / 2**20:.1f} MB (limit 30 MB)"
+    assert config_from_json(read_metadata(files[0])[CONFIG_METADATA_KEY]) == TOY_DIT_CONFIG
+    assert config_from_json(read_metadata(files[2])[CONFIG_METADATA_KEY]) == TOY_T5_CONFIG
+    vae_cfg = config_from_json(read_metadata(files[1])[CONFIG_METADATA_KEY])
+    assert isinstance(vae_cfg, VAEConfig) and vae_cfg.z_dim == 16
+    assert vae_cfg.dim_mult == (1, 2, 4, 4) and vae_cfg.num_res_blocks == 2  # ComfyUI's Wan2.1 VAE shape rules
+    defaults = json.loads(read_metadata(files[0])[SAMPLING_METADATA_KEY])
+    assert defaults["task"] == "t2v-1.3B" and defaults["video_size"] == [64, 64] and defaults["video_length"] == 9
+    assert {"infer_steps", "flow_shift", "guidance_scale", "negative_prompt", "fps"} <= set(defaults)
+    assert (TOY_MODEL_DIR / "README.md").is_file()
+
+
+def test_toy_models_load_without_any_config_and_encode_every_caption_word(toy: ev.ToySet) -> None:
+    assert toy.dit.config == TOY_DIT_CONFIG
+    assert toy.t5.config == TOY_T5_CONFIG
+    for word in caption_words():  # each caption word is one piece (+ EOS), so captions stay distinct
+        assert len(toy.t5.tokenizer.tokenize(word)) == 2
+    assert toy.t5.tokenizer.tokenize("A RED Square") == toy.t5.tokenizer.tokenize("a red square")
+
+
+def test_vae_latents_are_normalised_and_held_out_reconstructions_pass_the_gate(toy: ev.ToySet) -> None:
+    clips, combos = evaluation_clips(seed=123, count=16)
+    video = to_video(clips)
+    latents = toy.vae.encode(video)  # [N, 16, 3, 8, 8], normalised with the official constants
+    per_channel = latents.transpose(0, 1).reshape(16, -1)
+    assert per_channel.mean(dim=1).abs().max() < 0.5
+    assert ((per_channel.std(dim=1) > 0.5) & (per_channel.std(dim=1) < 2.0)).all()
+    report = evaluate_reconstruction(toy.vae, clips, combos)
+    assert report.psnr >= 26.0, report
+    assert report.colour_motion >= 0.95, report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Behaviour
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_generated_clips_follow_the_prompt(base_report: ev.BehaviourReport) -> None:
+    overall, held = base_report.overall, base_report.heldout
+    assert overall.n >= 40 and held is not None and held.n >= 12
+    assert overall.colour_motion >= 0.80, base_report.as_dict()
+    assert held.colour_motion >= 0.65, base_report.as_dict()
+    assert overall.motion >= 0.85, base_report.as_dict()
+
+
+@pytest.mark.slow
+def test_purple_lora_teaches_a_colour_the_base_never_saw(toy: ev.ToySet, sampling: ev.Sampling,
+                                                        base_report: ev.BehaviourReport) -> None:
+    pairs = ev.purple_pairs(seeds=1)
+    without = ev.colour_rate(ev.evaluate(toy, pairs, sampling).overall, "purple")
+    handle = ev.apply_lora_file(toy, TOY_MODEL_DIR / LORA_FILE)
+    try:
+        with_lora = ev.colour_rate(ev.evaluate(toy, pairs, sampling).overall, "purple")
+        base_with = ev.evaluate(toy, ev.base_pairs(), sampling)
+    finally:
+        handle.remove()
+    assert without <= 0.20, without
+    assert with_lora >= 0.70, with_lora
+    assert base_with.overall.colour_motion >= base_report.overall.colour_motion - 0.10, base_with.as_dict()
+
+
+def test_lora_through_the_comfyui_lora_node_gives_the_same_samples(toy: ev.ToySet, sampling: ev.Sampling,
+                                                                  tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from nodes import NODE_CLASS_MAPPINGS as nodes
+    from nodes import comfy_adapter as adapter
+    from wan_core.conditioning import text_to_video
+    from wan_core.pipeline import SamplerSettings, denoise, encode_prompts
+
+    (tmp_path / "loras").mkdir()
+    shutil.copyfile(TOY_MODEL_DIR / LORA_FILE, tmp_path / "loras" / LORA_FILE)
+    monkeypatch.setenv(adapter.MODELS_DIR_ENV, str(tmp_path))
+
+    def node(name: str, **inputs):
+        cls = nodes[name]
+        out = getattr(cls(), cls.FUNCTION)(**inputs)
+        return out["result"] if isinstance(out, dict) else out
+
+    prompt = "a purple circle moving up"
+    (dit,) = node("WanTunerDiTLoader", model_name=TOY_FILES["dit"], task="auto", dtype="fp32", fp8="none",
+                  attention="sdpa", blocks_to_swap=0, compile=False)
+    dit, _ = node("WanTunerLoRALoader", dit=dit, lora_name=LORA_FILE, strength=1.0, include="", exclude="")
+    (t5,) = node("WanTunerT5Loader", model_name=TOY_FILES["t5"], dtype="fp32", fp8=False, tokenizer="")
+    (embeds,) = node("WanTunerTextEncode", t5=t5, prompt=prompt, negative_prompt=sampling.negative_prompt or " ")
+    (latent,) = node("WanTunerSampler", dit=dit, text_embeds=embeds, width=64, height=64, length=9,
+                     steps=sampling.steps, guidance_scale=sampling.guidance, shift=sampling.shift, solver="unipc",
+                     seed=11, noise_on_cpu=False, cfg_skip_mode="none", cfg_apply_ratio=0.5, slg_mode="none",
+                     slg_layers="1", slg_scale=3.0, slg_start=0.0, slg_end=0.3)
+    from wan_core.comfy_bridge import latent_from_comfy
+
+    via_node = latent_from_comfy(latent["samples"], "latent")
+    positive, negative = encode_prompts(toy.t5, [prompt, sampling.negative_prompt or " "])
+    handle = ev.apply_lora_file(toy, TOY_MODEL_DIR / LORA_FILE)
+    try:
+        settings = SamplerSettings(steps=sampling.steps, guidance_scale=sampling.guidance, flow_shift=sampling.shift,
+                                   seed=11)
+        direct = denoise(toy.dit, text_to_video(64, 64, 9), [positive], [negative], settings)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(via_node, direct, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The generate CLI uses the toy set by default
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_generate_cli_without_model_paths_writes_an_mp4(tmp_path: Path) -> None:
+    from wan_core.generate import main
+
+    assert main(["--prompt", "a red square moving right", "--save_path", str(tmp_path), "--seed", "3",
+                 "--quiet"]) == 0
+    videos = list(tmp_path.glob("*.mp4"))
+    assert len(videos) == 1
+    from wan_core.media import read_video
+
+    frames = read_video(videos[0])
+    assert len(frames) == 9 and frames[0].shape[:2] == (64, 64)
+
+
+@pytest.mark.parametrize(("task", "key"), [("t2v-14B", "dit"), ("t2i-14B", "dit"), ("i2v-14B", "dit_i2v"),
+                                         ("flf2v-14B", "dit_flf2v"), ("t2v-1.3B-FC", "dit_fun_control")])
+def test_each_task_falls_back_to_the_toy_dit_of_its_kind(task: str, key: str) -> None:
+    from wan_core.models import ModelSpec
+
+    assert ModelSpec(task=task).path("dit") == TOY_MODEL_DIR / TOY_FILES[key]
+    assert ModelSpec(task=task, dit="/x/real.safetensors").path("dit") == Path("/x/real.safetensors")
+
+
+def test_generate_cli_image_to_video_without_model_paths(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from wan_core.generate import main
+    from wan_core.media import read_video
+    from wan_core.toy.world import Combo, render_clip
+
+    start = tmp_path / "start.png"
+    Image.fromarray(render_clip(Combo("blue", "circle", "right"), seed=4)[0]).save(start)
+    assert main(["--task", "i2v-14B", "--image_path", str(start), "--prompt", "a blue circle moving right",
+                 "--save_path", str(tmp_path), "--seed", "3", "--quiet"]) == 0
+    frames = read_video(next(tmp_path.glob("*.mp4")))
+    assert len(frames) == 9 and frames[0].shape[:2] == (64, 64) and np.asarray(frames[0]).std() > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recipe pieces (training/toy)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_tokenizer_training_is_reproducible_and_keeps_caption_words_whole() -> None:
+    from wan_core.tokenizer import UMT5Tokenizer
+
+    first, second = train_tokenizer(), train_tokenizer()
+    assert first == second
+    tok = UMT5Tokenizer(first)
+    assert tok.vocab_size <= TOY_T5_CONFIG.vocab_size
+    assert tok.tokenize("a purple triangle staying still")[:-1] == [
+        tok.tokenize(w)[0] for w in "a purple triangle staying still".split()]
+    assert tok.tokenize("a pink dog")[-1] == tok.eos_id  # unknown words are spelled, not dropped
+
+
+def test_identity_path_init_is_a_working_coarse_autoencoder() -> None:
+    torch.manual_seed(0)
+    model = WanVAEModel(VAEConfig(dim=8))
+    identity_path_init(model)
+    clips, combos = evaluation_clips(seed=5, count=6)
+    report = evaluate_reconstruction(WanVAE(model.eval()), clips, combos)
+    assert report.psnr > 22.0 and report.colour == 1.0 and report.motion == 1.0, report
+
+
+def test_folding_latent_statistics_normalises_and_leaves_decoding_unchanged() -> None:
+    torch.manual_seed(0)
+    model = WanVAEModel(VAEConfig(dim=8)).eval()
+    clips, _ = evaluation_clips(seed=9, count=4, frames=5)
+    video = to_video(clips)
+    before = WanVAE(model).decode(WanVAE(model).encode(video)).clone()
+    mean, std = raw_latent_statistics(model, video)
+    fold_latent_statistics(model, mean, std)
+    latents = WanVAE(model).encode(video)
+    per_channel = latents.transpose(0, 1).reshape(16, -1)
+    torch.testing.assert_close(per_channel.mean(dim=1), torch.zeros(16), atol=1e-4, rtol=0)
+    torch.testing.assert_close(per_channel.std(dim=1), torch.ones(16), atol=1e-3, rtol=0)
+    torch.testing.assert_close(WanVAE(model).decode(latents), before, atol=1e-4, rtol=0)
+
+
+def test_vae_training_is_reproducible_from_its_seed() -> None:
+    cfg = VAETrainConfig(dim=8, steps=2, batch_size=2, crop=16, full_fraction=0.5, full_batch_size=1, lr=1e-3,
+                         warmup_steps=1)
+    first, second = train_vae(cfg), train_vae(cfg)
+    other = train_vae(VAETrainConfig(**{**cfg.__dict__, "seed": 1}))
+    assert not first.training
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, c) for a, c in zip(first.state_dict().values(), other.state_dict().values()))

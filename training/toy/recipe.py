@@ -1,0 +1,332 @@
+"""Rebuild the embedded toy model set from nothing: `python -m training.toy.recipe --out wan_core/toy_models --seed 0`.
+
+Stages, one after another (each timed; the figures go to `<work>/recipe_report.json`):
+    1. text      SentencePiece tokenizer on the world's captions + seeded random frozen umT5 (training.toy.text)
+    2. vae       small Wan2.1 VAE trained for reconstruction (python -m training.toy.vae_train)
+    3. data      toy-world datasets (base training combinations; purple for the LoRA), musubi layout
+    4. cache     python -m training cache-latents / cache-text on the base dataset
+    5. dit       random-initialised T2V DiT trained with python -m training train --network_module full
+    6. evaluate  pick the sampling defaults on a small grid, store them in the DiT file, behaviour figures
+    7. lora      purple LoRA with python -m training train, its figures
+    8. variants  toy CLIP vision + I2V / FLF2V / Fun-Control DiTs fine-tuned from the T2V DiT (training.toy.variants)
+
+Subprocess stages run with OMP_WAIT_POLICY=PASSIVE unless set: on a shared 2-core machine, spinning OpenMP threads
+make every other process (and themselves) several times slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from wan_core.checkpoint import save_safetensors
+from wan_core.config import CONFIG_METADATA_KEY, DiTConfig, config_to_json
+from wan_core.models import TOY_FILES
+from wan_core.toy.world import MOTIONS, SHAPES, Combo, train_combos, write_dataset
+
+logger = logging.getLogger(__name__)
+
+TOY_DIT_CONFIG = DiTConfig(dim=128, ffn_dim=512, num_heads=2, num_layers=4, in_dim=16, out_dim=16, text_dim=64,
+                           freq_dim=256, text_len=32)
+LORA_FILE = TOY_FILES["lora"]
+STAGES = ("text", "vae", "data", "cache", "dit", "evaluate", "lora", "variants")
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """Everything the recipe does is decided here and by `seed`."""
+
+    seed: int = 0
+    vae_steps: int = 800
+    vae_lr: float = 5e-4
+    clips_per_combo: int = 20
+    dit_steps: int = 2500
+    dit_lr: float = 1e-3
+    dit_batch: int = 16
+    caption_dropout: float = 0.1
+    # Where a clip's layout and motion are decided (high noise) is what a tiny DiT learns last; with uniform σ it
+    # learned colour but ignored the motion words. shift-3 sampling puts ~2/3 of the draws above σ = 0.5.
+    dit_timestep_sampling: str = "shift"
+    dit_flow_shift: float = 3.0
+    lora_clips_per_combo: int = 12
+    lora_base_clips_per_combo: int = 2  # base clips mixed into the LoRA dataset (keeps base prompts intact)
+    lora_steps: int = 1200
+    lora_lr: float = 2e-3
+    lora_rank: int = 16
+    grid_steps: tuple[int, ...] = (12, 20)
+    grid_shift: tuple[float, ...] = (3.0,)
+    grid_guidance: tuple[float, ...] = (3.0, 5.0)
+
+
+@dataclass
+class Report:
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    figures: dict[str, object] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({"stages": self.stages, "figures": self.figures}, indent=1) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def run(args: Sequence[str], log: Path) -> None:
+    """Run `python <args>` with its output appended to `log`; a failure raises RuntimeError naming the log."""
+    command = [sys.executable, *map(str, args)]
+    logger.info("$ %s", " ".join(command[1:]))
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(f"\n$ {' '.join(command)}\n")
+        f.flush()
+        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=_env(), check=False)
+    if done.returncode:
+        raise RuntimeError(f"`{' '.join(command[1:4])} ...` failed with exit code {done.returncode}; see {log}")
+
+
+def init_dit(path: Path, config: DiTConfig, seed: int) -> Path:
+    """A DiT with the official initialisation drawn from `seed`, its config in the metadata."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        from wan_core.model import WanModel
+
+        model = WanModel(config)
+        model.init_weights()
+    return save_safetensors(model.state_dict(), path, {CONFIG_METADATA_KEY: config_to_json(config)})
+
+
+def lora_combos() -> list[Combo]:
+    return [Combo("purple", s, m) for s in SHAPES for m in MOTIONS]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Recipe:
+    def __init__(self, cfg: RecipeConfig, out: Path, work: Path) -> None:
+        self.cfg, self.out, self.work = cfg, out, work
+        self.log = work / "recipe.log"
+        self.report = Report()
+        self.report_path = work / "recipe_report.json"
+        if self.report_path.exists():
+            saved = json.loads(self.report_path.read_text())
+            self.report = Report(saved.get("stages", {}), saved.get("figures", {}))
+
+    def path(self, kind: str) -> Path:
+        return self.out / TOY_FILES[kind]
+
+    def stage(self, name: str) -> None:
+        start = time.perf_counter()
+        logger.info("== stage %s", name)
+        getattr(self, f"stage_{name}")()
+        self.report.stages[name] = round(time.perf_counter() - start, 1)
+        self.report.save(self.report_path)
+        logger.info("== stage %s done in %.1f s", name, self.report.stages[name])
+
+    def stage_text(self) -> None:
+        from training.toy.text import build_toy_text_encoder
+
+        low, median = build_toy_text_encoder(self.path("t5"), self.cfg.seed)
+        self.report.figures["t5_caption_separation"] = {"min": round(low, 3), "median": round(median, 3)}
+
+    def stage_vae(self) -> None:
+        target = self.work / "vae" / TOY_FILES["vae"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        run(["-m", "training.toy.vae_train", "--out", target, "--seed", self.cfg.seed, "--steps", self.cfg.vae_steps,
+             "--lr", self.cfg.vae_lr, "--report", self.work / "vae" / "report.json"], self.log)
+        shutil.copyfile(target, self.path("vae"))
+        self.report.figures["vae"] = json.loads((self.work / "vae" / "report.json").read_text())
+
+    def reuse_vae(self, path: Path) -> None:
+        """Take the VAE (and the figures in the report.json beside it) from an earlier `vae` stage run."""
+        if not path.is_file():
+            raise FileNotFoundError(f"--vae_file {path} does not exist")
+        self.out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, self.path("vae"))
+        report = path.parent / "report.json"
+        self.report.figures["vae"] = json.loads(report.read_text()) if report.is_file() else {"file": str(path)}
+        self.report.figures["vae"]["reused_from"] = str(path)
+
+    def stage_data(self) -> None:
+        for name in ("data_base", "data_lora"):
+            shutil.rmtree(self.work / name, ignore_errors=True)
+        cfg = self.cfg
+        write_dataset(self.work / "data_base", train_combos(), cfg.clips_per_combo, seed=cfg.seed + 11,
+                      batch_size=cfg.dit_batch)
+        # The LoRA dataset: purple clips plus a few clips of the base world (its captions keep their meaning)
+        lora = lora_combos() * cfg.lora_clips_per_combo + train_combos() * cfg.lora_base_clips_per_combo
+        write_dataset(self.work / "data_lora", lora, 1, seed=cfg.seed + 12, batch_size=cfg.dit_batch)
+
+    def _cache(self, dataset: str) -> None:
+        toml = self.work / dataset / "dataset.toml"
+        run(["-m", "training", "cache-latents", "--dataset_config", toml, "--vae", self.path("vae"),
+             "--vae_dtype", "float32", "--device", "cpu"], self.log)
+        run(["-m", "training", "cache-text", "--dataset_config", toml, "--t5", self.path("t5"), "--device", "cpu"],
+            self.log)
+
+    def stage_cache(self) -> None:
+        self._cache("data_base")
+
+    def _train_args(self, dataset: str, dit: Path, out_dir: Path, name: str, steps: int, lr: float) -> list:
+        return ["-m", "training", "train", "--dit", dit, "--dataset_config", self.work / dataset / "dataset.toml",
+                "--output_dir", out_dir, "--output_name", name, "--max_train_steps", steps, "--learning_rate", lr,
+                "--lr_scheduler", "cosine", "--lr_warmup_steps", max(1, steps // 20), "--seed", self.cfg.seed,
+                "--max_data_loader_n_workers", 0, "--timestep_sampling", self.cfg.dit_timestep_sampling,
+                "--discrete_flow_shift", self.cfg.dit_flow_shift,
+                "--optimizer_type", "AdamW", "--save_precision", "fp32"]
+
+    def stage_dit(self) -> None:
+        cfg = self.cfg
+        init = init_dit(self.work / "dit" / "dit_init.safetensors", TOY_DIT_CONFIG, cfg.seed)
+        args = self._train_args("data_base", init, self.work / "dit", "dit", cfg.dit_steps, cfg.dit_lr)
+        run([*args, "--network_module", "full", "--caption_dropout_rate", cfg.caption_dropout], self.log)
+        shutil.copyfile(self.work / "dit" / "dit.safetensors", self.path("dit"))
+
+    def stage_evaluate(self) -> None:
+        from training.toy.evaluate import Sampling, ToySet, base_pairs, evaluate, write_sampling
+
+        models = ToySet.load(self.out)
+        pairs = base_pairs(heldout_seeds=1, train_count=12)  # the grid uses a smaller set than the final figures
+        grid = {}
+        for steps in self.cfg.grid_steps:
+            for shift in self.cfg.grid_shift:
+                for guidance in self.cfg.grid_guidance:
+                    rep = evaluate(models, pairs, Sampling(steps=steps, shift=shift, guidance=guidance))
+                    grid[f"steps={steps} shift={shift} guidance={guidance}"] = (rep.overall.colour_motion,
+                                                                                rep.overall.motion)
+                    logger.info("grid steps %d shift %.1f guidance %.1f: colour+motion %.3f motion %.3f", steps,
+                                shift, guidance, rep.overall.colour_motion, rep.overall.motion)
+        best = max(grid, key=lambda k: (grid[k][0] + grid[k][1], -int(k.split()[0].split("=")[1])))
+        values = dict(item.split("=") for item in best.split())
+        chosen = Sampling(steps=int(values["steps"]), shift=float(values["shift"]),
+                          guidance=float(values["guidance"]))
+        write_sampling(self.path("dit"), chosen)
+        models = ToySet.load(self.out)
+        final = evaluate(models, base_pairs(), chosen)
+        self.report.figures["sampling_grid"] = grid
+        self.report.figures["sampling"] = asdict(chosen)
+        self.report.figures["behaviour"] = final.as_dict()
+
+    def stage_lora(self) -> None:
+        from training.toy.evaluate import (
+            ToySet,
+            apply_lora_file,
+            base_pairs,
+            colour_rate,
+            evaluate,
+            purple_pairs,
+            sampling_from_file,
+        )
+
+        cfg = self.cfg
+        if not (self.work / "data_lora" / "dataset.toml").exists():
+            self.stage_data()
+        start = time.perf_counter()
+        self._cache("data_lora")
+        cache_s = time.perf_counter() - start
+        start = time.perf_counter()
+        run([*self._train_args("data_lora", self.path("dit"), self.work / "lora", "lora", cfg.lora_steps,
+                               cfg.lora_lr), "--network_dim", cfg.lora_rank, "--network_alpha", cfg.lora_rank],
+            self.log)
+        train_s = time.perf_counter() - start
+        shutil.copyfile(self.work / "lora" / "lora.safetensors", self.out / LORA_FILE)
+        models = ToySet.load(self.out)
+        sampling = sampling_from_file(models.dit_path)
+        without = evaluate(models, purple_pairs(), sampling)
+        base_without = self.report.figures.get("behaviour", {}).get("colour_motion")
+        if base_without is None or self.report.figures.get("sampling") != asdict(sampling):
+            base_without = evaluate(models, base_pairs(), sampling).overall.colour_motion
+        apply_lora_file(models, self.out / LORA_FILE)
+        with_lora = evaluate(models, purple_pairs(), sampling)
+        base_with = evaluate(models, base_pairs(), sampling)
+        self.report.figures["lora"] = {
+            "cache_seconds": round(cache_s, 1), "train_seconds": round(train_s, 1),
+            "purple_rate_without": colour_rate(without.overall, "purple"),
+            "purple_rate_with": colour_rate(with_lora.overall, "purple"),
+            "purple_colour_motion_with": with_lora.overall.colour_motion,
+            "base_colour_motion_without": base_without,
+            "base_colour_motion_with": base_with.overall.colour_motion,
+            "base_motion_with": base_with.overall.motion}
+
+    def stage_variants(self) -> None:
+        from training.toy.variants import build_variants
+
+        result = build_variants(self.out, self.work / "variants", self.path("dit"), self.path("vae"), self.path("t5"),
+                                seed=self.cfg.seed)
+        self.report.figures["variants"] = result
+
+    def run(self, stages: Sequence[str]) -> Report:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.report.figures["config"] = asdict(self.cfg) | {"dit": json.loads(config_to_json(TOY_DIT_CONFIG))}
+        for name in stages:
+            self.stage(name)
+        self.report.figures["file_sizes"] = {p.name: p.stat().st_size for p in sorted(self.out.glob("*.safetensors"))}
+        self.report.save(self.report_path)
+        return self.report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.toy.recipe", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output folder for the model files (e.g. wan_core/toy_models)")
+    p.add_argument("--work", default=None, help="folder for datasets, caches and logs, outside the repository "
+                                                "(default: <temp dir>/wantuner_toyrun_<seed>)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae_file", default=None,
+                   help="reuse the VAE of an earlier `vae` stage (its report.json beside it is kept) instead of "
+                        "training one: the text stage and every stage after vae then run as usual")
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=None, help="run only these stages (default: all)")
+    for name, value in asdict(RecipeConfig()).items():
+        if name != "seed" and not isinstance(value, tuple):
+            p.add_argument(f"--{name}", type=type(value), default=value)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    fields = {k: getattr(args, k) for k in asdict(RecipeConfig()) if hasattr(args, k)}
+    cfg = RecipeConfig(**fields)
+    out = Path(args.out).resolve()
+    work = Path(args.work).resolve() if args.work else Path(tempfile.gettempdir()) / f"wantuner_toyrun_{cfg.seed}"
+    stages = args.stages or list(STAGES)
+    start = time.perf_counter()
+    try:
+        recipe = Recipe(cfg, out, work)
+        if args.vae_file:
+            stages = [s for s in stages if s != "vae"]
+            recipe.reuse_vae(Path(args.vae_file))
+        report = recipe.run(stages)
+    except (RuntimeError, ValueError, FileNotFoundError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    report.stages["total"] = round(time.perf_counter() - start, 1)
+    report.save(work / "recipe_report.json")
+    sys.stdout.write(json.dumps({"stages": report.stages, "figures": report.figures}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    raise SystemExit(main())

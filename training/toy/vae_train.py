@@ -1,0 +1,472 @@
+"""Reconstruction training of a small Wan2.1 VAE (`wan_core.vae.WanVAEModel`, any `dim`) on toy-world clips.
+
+`python -m training.toy.vae_train --out toy_vae.safetensors --seed 0 [--steps N ...]`
+
+Design for colour (a tiny VAE otherwise keeps shape and motion but loses hue):
+    * clips are rendered on the fly from every colour of the palette (the reserved purple included: the VAE is a
+      generic codec, only the DiT must never see purple), every shape and motion, with fresh seeds each step;
+    * most steps train on object-centred crops (`crop` px, 5 frames), so the coloured object fills a large part of
+      each sample; a fraction of steps uses whole 64 px clips of 9 frames (the inference chunking 1 + 4 + 4);
+    * the loss is a per-pixel squared error weighted `1 + object_weight` on the object and its anti-aliased edge
+      (known exactly from the renderer's background colour), plus a small KL term (the decoder learns to tolerate
+      noisy latents, which DiT samples are);
+    * the forward pass is the official chunked causal one (frame 0, then chunks of 4 frames, with the feature cache),
+      with autograd through the cache.
+
+After training, `fold_latent_statistics` makes the file use the official latent normalisation: the raw encoder mean
+mu of the toy VAE has its own per-channel mean m and std s; rows of `conv1` (the mu half) are rescaled so that the
+new mu' = (mu - m) / s * VAE_STD + VAE_MEAN, and `conv2` (which the decoder applies to the de-normalised latent) gets
+the inverse map folded into its input. The normalised latents `WanVAE.encode` returns are then zero-mean unit-std
+per channel, and any loader that applies the official constants (ours, ComfyUI) decodes the toy latents correctly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wan_core.checkpoint import save_safetensors
+from wan_core.config import CONFIG_METADATA_KEY, VAEConfig, config_to_json
+from wan_core.toy.world import COLOURS, DEFAULT_SIZE, MOTIONS, SHAPES, Combo, render_params, sample_params
+from wan_core.vae import VAE_MEAN, VAE_STD, FeatureCache, WanVAE, WanVAEModel, latent_frames
+
+logger = logging.getLogger(__name__)
+
+SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class VAETrainConfig:
+    """Hyper-parameters of one VAE training run (all of it is reproducible from `seed`)."""
+
+    dim: int = 16
+    z_dim: int = 16
+    steps: int = 600
+    batch_size: int = 4
+    crop: int = 32  # object-centred crop side in pixels (multiple of 8); 64 = whole frames
+    crop_frames: int = 5
+    full_fraction: float = 0.2  # fraction of steps on whole 64 px clips of `full_frames` frames
+    full_frames: int = 9
+    full_batch_size: int = 2
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 20
+    object_weight: float = 4.0
+    kl_weight: float = 1e-4
+    latent_noise: float = 0.25  # decoder inputs get N(0, (u * spread_c)^2) noise, u ~ U(0, latent_noise)
+    max_grad_norm: float = 1.0
+    init: str = "identity"  # "identity" (identity_path_init) or "default" (PyTorch's initialisation)
+    latent_scale: str = "common"  # normalised latents: "common" scale (relative spreads kept) or per "channel"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.crop % 8 or not 16 <= self.crop <= DEFAULT_SIZE:
+            raise ValueError(f"crop must be a multiple of 8 in [16, {DEFAULT_SIZE}], got {self.crop}")
+        for name in ("crop_frames", "full_frames"):
+            latent_frames(getattr(self, name))  # 4n+1 check with a clear message
+        if not 0.0 <= self.full_fraction <= 1.0:
+            raise ValueError(f"full_fraction must be in [0, 1], got {self.full_fraction}")
+        if self.latent_scale not in ("common", "channel"):
+            raise ValueError(f"latent_scale must be 'common' or 'channel', got {self.latent_scale!r}")
+        if self.init not in ("identity", "default"):
+            raise ValueError(f"init must be 'identity' or 'default', got {self.init!r}")
+        if self.steps < 1 or self.batch_size < 1 or self.full_batch_size < 1:
+            raise ValueError("steps, batch_size and full_batch_size must be >= 1")
+
+    @property
+    def vae_config(self) -> VAEConfig:
+        return VAEConfig(dim=self.dim, z_dim=self.z_dim)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+ALL_COMBOS: tuple[Combo, ...] = tuple(Combo(c, s, m) for c in COLOURS for s in SHAPES for m in MOTIONS)
+
+
+def render_sample(rng: np.random.Generator, frames: int, crop: int) -> tuple[np.ndarray, np.ndarray]:
+    """One random clip -> (pixels [T, crop, crop, 3] float32 in [-1, 1], object weight mask [T, crop, crop] 0/1).
+
+    Crops are centred on the object's mean position, jittered by up to a quarter of the crop."""
+    combo = ALL_COMBOS[int(rng.integers(len(ALL_COMBOS)))]
+    params = sample_params(combo, seed=int(rng.integers(2**31)), num_frames=frames, placement="free")
+    clip = render_params(combo, params).astype(np.float32)  # [T, H, W, 3] 0..255
+    background = np.asarray(params.background_rgb, dtype=np.float32)
+    mask = (np.abs(clip - background).max(axis=-1) > 3.0).astype(np.float32)  # object + anti-aliased edge
+    if crop < DEFAULT_SIZE:
+        cx, cy = np.mean(np.asarray(params.centres), axis=0) + rng.uniform(-crop / 4, crop / 4, size=2)
+        x0 = int(np.clip(round(cx - crop / 2), 0, DEFAULT_SIZE - crop))
+        y0 = int(np.clip(round(cy - crop / 2), 0, DEFAULT_SIZE - crop))
+        clip, mask = clip[:, y0 : y0 + crop, x0 : x0 + crop], mask[:, y0 : y0 + crop, x0 : x0 + crop]
+    return clip / 127.5 - 1.0, mask
+
+
+def render_batch(rng: np.random.Generator, batch: int, frames: int, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> video [B, 3, T, S, S] in [-1, 1], mask [B, 1, T, S, S]."""
+    samples = [render_sample(rng, frames, crop) for _ in range(batch)]
+    video = torch.from_numpy(np.stack([s[0] for s in samples])).permute(0, 4, 1, 2, 3).contiguous()
+    mask = torch.from_numpy(np.stack([s[1] for s in samples]))[:, None]
+    return video, mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Differentiable chunked forward (the official causal chunking, with gradients through the feature cache)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def encode_train(model: WanVAEModel, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """video [B, 3, T, H, W] -> (mu, logvar) [B, z, F, H/8, W/8], unnormalised, chunk by chunk as at inference."""
+    z = model.config.z_dim
+    frames = video.shape[2]
+    chunks = [(0, 1), *((1 + 4 * i, 5 + 4 * i) for i in range(latent_frames(frames) - 1))]
+    cache = FeatureCache()
+    moments = []
+    for t0, t1 in chunks:
+        cache.next_chunk()
+        moments.append(model.conv1(model.encoder(video[:, :, t0:t1], cache)))  # [B, 2z, 1, h, w]
+    out = torch.cat(moments, dim=2)
+    return out[:, :z], out[:, z:]
+
+
+def decode_train(model: WanVAEModel, mu: torch.Tensor) -> torch.Tensor:
+    """Unnormalised latents [B, z, F, h, w] -> video [B, 3, 1 + 4 (F - 1), 8h, 8w] (unclamped)."""
+    x = model.conv2(mu)
+    cache = FeatureCache()
+    return torch.cat([model.decode_chunk(x[:, :, i : i + 1], cache) for i in range(x.shape[2])], dim=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Identity-path initialisation
+# ----------------------------------------------------------------------------------------------------------------
+
+RGB = 3  # feature channels 0..2 carry the colour (offset by COLOUR_OFFSET), channel 3 a large constant
+COLOUR_OFFSET = 3.0
+CONSTANT = 20.0
+SILU_TARGET = 6.0  # pre-SiLU value of a zero colour after an RMSNorm: SiLU is nearly linear around it
+
+
+def _identity_(weight: torch.Tensor, channels: int, tap: tuple[int, ...], value: float = 1.0) -> None:
+    """weight [out, in, *k]: zero, then `value` at `tap` from input channel c to output channel c (c < channels)."""
+    weight.zero_()
+    for c in range(channels):
+        weight[(c, c, *tap)] = value
+
+
+def _colour_in(conv: torch.nn.Module, gain: float, offset: float) -> None:
+    """Output channels 0..2 = gain x input channels 0..2 (current frame, centre tap) + offset; channel 3 = CONSTANT.
+    The other output channels keep their random initialisation."""
+    w, b = conv.weight, conv.bias  # [out, in, kt, kh, kw]
+    centre = (w.shape[2] - 1, w.shape[3] // 2, w.shape[4] // 2)
+    w[: RGB + 1].zero_()
+    for c in range(RGB):
+        w[(c, c, *centre)] = gain
+    b[:RGB] = offset
+    b[RGB] = CONSTANT
+
+
+def _normalised_head(norm: torch.nn.Module, conv: torch.nn.Module, outputs: int) -> None:
+    """RMSNorm -> SiLU -> conv whose outputs 0..outputs-1 give back the colour of feature channels 0..2.
+
+    With the constant channel dominating the norm, normalised colour channels are ~ (colour + OFFSET) x scale; the
+    gain puts a zero colour at SILU_TARGET where SiLU is nearly the identity, the conv undoes the scale and offset."""
+    channels = norm.gamma.shape[0]
+    typical_norm = math.sqrt(CONSTANT**2 + RGB * COLOUR_OFFSET**2)
+    gain = SILU_TARGET * typical_norm / (COLOUR_OFFSET * math.sqrt(channels))
+    norm.gamma[:RGB] = gain
+    scale = SILU_TARGET / COLOUR_OFFSET  # normalised, gained colour channel = (colour + OFFSET) * scale
+    w, b = conv.weight, conv.bias
+    centre = (w.shape[2] - 1, w.shape[3] // 2, w.shape[4] // 2)
+    w[:outputs].zero_()
+    b[:outputs] = 0.0
+    for c in range(min(outputs, RGB)):
+        w[(c, c, *centre)] = 1.0 / scale
+        b[c] = -COLOUR_OFFSET
+
+
+@torch.no_grad()
+def identity_path_init(model: WanVAEModel) -> None:
+    """Start from an autoencoder that already works coarsely: colour travels through channels 0..2 of every level
+    (8x8 average pooling and 4-frame averaging in the encoder, nearest upsampling and frame repetition in the
+    decoder), every residual branch and attention projection starts at zero (identity blocks, as in SkipInit), and
+    the remaining channels keep their random initialisation for training to put detail into. The architecture and
+    key names are unchanged; only the starting point differs."""
+    from wan_core.vae import AttentionBlock, Resample, ResidualBlock
+
+    z = model.config.z_dim
+    for module in model.modules():
+        if isinstance(module, ResidualBlock):
+            module.residual[6].weight.zero_()
+            module.residual[6].bias.zero_()
+            if module.shortcut is not None:
+                w = module.shortcut.weight
+                _identity_(w, min(w.shape[0], w.shape[1]), (0, 0, 0))
+                module.shortcut.bias.zero_()
+        elif isinstance(module, AttentionBlock):
+            module.proj.weight.zero_()
+            module.proj.bias.zero_()
+        elif isinstance(module, Resample):
+            conv = module.resample[1]
+            if module.mode.startswith("down"):
+                _identity_(conv.weight, conv.weight.shape[0], (0, 0))
+                conv.weight[:, :, :2, :2] = conv.weight[:, :, :1, :1] * 0.25  # 2x2 average
+            else:
+                _identity_(conv.weight, conv.weight.shape[0], (1, 1))
+            conv.bias.zero_()
+            if module.mode == "downsample3d":  # frames (past, f1, f2, ...) -> (f1 + f2) / 2, (f3 + f4) / 2
+                _identity_(module.time_conv.weight, module.time_conv.weight.shape[0], (1, 0, 0), 0.5)
+                module.time_conv.weight[:, :, 2] = module.time_conv.weight[:, :, 1]
+                module.time_conv.bias.zero_()
+            elif module.mode == "upsample3d":  # both output frames repeat the current one
+                w = module.time_conv.weight  # [2C, C, 3, 1, 1]
+                c = w.shape[1]
+                w.zero_()
+                for i in range(c):
+                    w[i, i, 2] = 1.0
+                    w[c + i, i, 2] = 1.0
+                module.time_conv.bias.zero_()
+    _colour_in(model.encoder.conv1, 1.0, COLOUR_OFFSET)
+    _normalised_head(model.encoder.head[0], model.encoder.head[2], RGB)
+    head = model.encoder.head[2]
+    head.weight[z:].mul_(0.1)
+    head.bias[z:] = -8.0  # logvar: tiny posterior noise at the start
+    _identity_(model.conv1.weight, 2 * z, (0, 0, 0))
+    model.conv1.bias.zero_()
+    _identity_(model.conv2.weight, z, (0, 0, 0))
+    model.conv2.bias.zero_()
+    _colour_in(model.decoder.conv1, 1.0, COLOUR_OFFSET)
+    _normalised_head(model.decoder.head[0], model.decoder.head[2], 3)
+
+
+def vae_loss(model: WanVAEModel, video: torch.Tensor, mask: torch.Tensor, cfg: VAETrainConfig,
+             generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    mu, logvar = encode_train(model, video)
+    logvar = logvar.clamp(-30.0, 20.0)
+    z = mu + torch.randn(mu.shape, generator=generator) * torch.exp(0.5 * logvar) if cfg.kl_weight > 0 else mu
+    if cfg.latent_noise > 0:  # noise relative to each channel's spread: the decoder learns to clean up latents
+        spread = mu.detach().std(dim=(0, 2, 3, 4), keepdim=True)  # [1, z, 1, 1, 1]
+        level = torch.rand((mu.shape[0], 1, 1, 1, 1), generator=generator) * cfg.latent_noise  # [B, 1, 1, 1, 1]
+        z = z + torch.randn(mu.shape, generator=generator) * spread * level
+    recon = decode_train(model, z)
+    weight = 1.0 + cfg.object_weight * mask  # [B, 1, T, H, W]
+    rec = (weight * (recon - video).square()).mean() / weight.mean()
+    kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).mean()
+    mse = F.mse_loss(recon.detach().clamp(-1, 1), video).item()
+    return rec + cfg.kl_weight * kl, {"rec": rec.item(), "kl": kl.item(), "psnr": _psnr(mse / 4.0)}
+
+
+def _psnr(mse01: float) -> float:
+    """PSNR in dB of a mean squared error measured on [0, 1] pixels."""
+    return 10.0 * math.log10(1.0 / max(mse01, 1e-12))
+
+
+def lr_at(step: int, cfg: VAETrainConfig) -> float:
+    """Linear warm-up, then cosine decay to `min_lr_ratio` x lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def train_vae(cfg: VAETrainConfig, log_every: int = 10) -> WanVAEModel:
+    """Train a fresh `WanVAEModel(cfg.vae_config)` and return it (eval mode, raw latent statistics)."""
+    torch.manual_seed(cfg.seed)
+    model = WanVAEModel(cfg.vae_config)
+    if cfg.init == "identity":
+        identity_path_init(model)
+    model.train()
+    rng = np.random.default_rng(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    full_steps = set(np.flatnonzero(np.random.default_rng(cfg.seed + 1).random(cfg.steps) < cfg.full_fraction))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    start, recent = time.perf_counter(), []
+    for step in range(cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        if step in full_steps:
+            video, mask = render_batch(rng, cfg.full_batch_size, cfg.full_frames, DEFAULT_SIZE)
+        else:
+            video, mask = render_batch(rng, cfg.batch_size, cfg.crop_frames, cfg.crop)
+        loss, logs = vae_loss(model, video, mask, cfg, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        recent = (recent + [logs])[-log_every:]
+        if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
+            mean = {k: float(np.mean([r[k] for r in recent])) for k in recent[0]}
+            logger.info("vae step %d/%d  rec %.5f  kl %.3f  psnr %.2f dB  lr %.2e  %.0f s", step + 1, cfg.steps,
+                        mean["rec"], mean["kl"], mean["psnr"], lr_at(step, cfg), time.perf_counter() - start)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Latent statistics and saving
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def raw_latent_statistics(model: WanVAEModel, clips: torch.Tensor,
+                          batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std [z] of the raw encoder mean mu over `clips` [N, 3, T, H, W] in [-1, 1]."""
+    mus = [encode_train(model, clips[i : i + batch])[0] for i in range(0, len(clips), batch)]
+    mu = torch.cat(mus).transpose(0, 1).reshape(model.config.z_dim, -1).double()  # [z, N*F*h*w]
+    return mu.mean(dim=1), mu.std(dim=1)
+
+
+@torch.no_grad()
+def fold_latent_statistics(model: WanVAEModel, mean: torch.Tensor, std: torch.Tensor,
+                           per_channel: bool = True) -> None:
+    """Rescale conv1's mu rows and conv2's input columns in place so that the official latent normalisation maps
+    this model's raw mu to zero mean per channel and unit std per channel (`per_channel`) or, otherwise, one common
+    scale that keeps the channels' relative spread with unit mean variance (see the module docstring). Decoding is
+    unchanged."""
+    z = model.config.z_dim
+    target_mean = torch.tensor(VAE_MEAN, dtype=torch.float64)
+    target_std = torch.tensor(VAE_STD, dtype=torch.float64)
+    mean, std = mean.double(), std.double().clamp_min(1e-6)
+    if not per_channel:
+        std = torch.full_like(std, float(std.square().mean().sqrt()))
+    scale = target_std / std  # mu' = scale * mu + shift
+    shift = target_mean - scale * mean
+    w1, b1 = model.conv1.weight, model.conv1.bias  # [2z, 2z, 1, 1, 1], [2z]
+    w1[:z] = (w1[:z].double() * scale.view(-1, 1, 1, 1, 1)).to(w1.dtype)
+    b1[:z] = (b1[:z].double() * scale + shift).to(b1.dtype)
+    # conv2(mu) = W mu + b with mu = (mu' - shift) / scale  ->  W' = W / scale (columns), b' = b - W' shift
+    w2, b2 = model.conv2.weight, model.conv2.bias  # [z, z, 1, 1, 1], [z]
+    w2_new = w2.double() / scale.view(1, -1, 1, 1, 1)
+    b2[:] = (b2.double() - (w2_new.flatten(1) @ shift)).to(b2.dtype)
+    w2[:] = w2_new.to(w2.dtype)
+
+
+def save_vae(model: WanVAEModel, path: str | Path, dtype: torch.dtype = torch.float16,
+             extra_metadata: dict[str, str] | None = None) -> Path:
+    """Official key names, `dtype` storage, the VAEConfig in the `wantuner_config` metadata."""
+    tensors = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    metadata = {CONFIG_METADATA_KEY: config_to_json(model.config), **(extra_metadata or {})}
+    return save_safetensors(tensors, path, metadata)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation of reconstructions
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReconstructionReport:
+    psnr: float  # mean per-clip PSNR in dB ([0, 1] pixels)
+    psnr_object: float  # PSNR over object pixels only
+    colour_motion: float
+    motion: float
+    colour: float
+    shape: float
+    n: int
+
+
+def evaluation_clips(seed: int, count: int, frames: int = 9) -> tuple[list[np.ndarray], list[Combo]]:
+    """`count` ground-truth clips (uint8 [T, 64, 64, 3]) cycling through every colour/shape/motion combination, with
+    seeds from a stream no training run uses (`seed` + 10**6)."""
+    rng = np.random.default_rng(seed + 10**6)
+    combos = [ALL_COMBOS[i % len(ALL_COMBOS)] for i in rng.permutation(max(count, len(ALL_COMBOS)))[:count]]
+    clips = [render_params(c, sample_params(c, seed=int(rng.integers(2**31)), num_frames=frames, placement="free"))
+             for c in combos]
+    return clips, combos
+
+
+def to_video(clips: Sequence[np.ndarray]) -> torch.Tensor:
+    """uint8 clips [T, H, W, 3] -> [N, 3, T, H, W] float32 in [-1, 1]."""
+    return torch.from_numpy(np.stack(clips)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+
+
+@torch.no_grad()
+def evaluate_reconstruction(vae: WanVAE, clips: Sequence[np.ndarray], combos: Sequence[Combo],
+                            batch: int = 8) -> ReconstructionReport:
+    """Encode + decode through the inference wrapper; PSNR and the toy-world scorer on the reconstructions."""
+    from wan_core.toy.score import score_many
+
+    recon = []
+    for i in range(0, len(clips), batch):
+        video = to_video(clips[i : i + batch])
+        out = vae.decode(vae.encode(video))  # [B, 3, T, H, W] in [-1, 1]
+        recon.append(((out + 1.0) / 2.0).permute(0, 2, 3, 4, 1).numpy())  # [B, T, H, W, 3] in [0, 1]
+    frames = np.concatenate(recon)
+    truth = np.stack(clips).astype(np.float64) / 255.0
+    err = (frames - truth) ** 2
+    psnr = float(np.mean([_psnr(float(e.mean())) for e in err]))
+    obj = np.abs(truth - np.median(truth, axis=(1, 2, 3), keepdims=True)).max(axis=-1) > 3.0 / 255.0
+    psnr_object = _psnr(float(err.mean(axis=-1)[obj].mean()))
+    summary = score_many(list(frames), list(combos))
+    return ReconstructionReport(psnr, psnr_object, summary.colour_motion, summary.motion, summary.colour,
+                                summary.shape, summary.n)
+
+
+def build_toy_vae(cfg: VAETrainConfig, out: str | Path, *, stats_clips: int = 48, eval_clips: int = 75,
+                  dtype: torch.dtype = torch.float16) -> ReconstructionReport:
+    """Train, fold the latent statistics, save, reload through `load_vae` and evaluate held-out clips."""
+    from wan_core.vae import load_vae
+
+    start = time.perf_counter()
+    model = train_vae(cfg)
+    train_s = time.perf_counter() - start
+    stats, _ = evaluation_clips(cfg.seed + 1, stats_clips)
+    mean, std = raw_latent_statistics(model, to_video(stats))
+    logger.info("raw latent mean %s", np.round(mean.numpy(), 3).tolist())
+    logger.info("raw latent std  %s", np.round(std.numpy(), 3).tolist())
+    fold_latent_statistics(model, mean, std, per_channel=cfg.latent_scale == "channel")
+    meta = {"wantuner_toy_vae_train": json_dumps({**asdict(cfg), "train_seconds": round(train_s, 1)})}
+    path = save_vae(model, out, dtype, meta)
+    clips, combos = evaluation_clips(cfg.seed, eval_clips)
+    report = evaluate_reconstruction(load_vae(path), clips, combos)
+    logger.info("VAE %s: %.1f s training; held-out PSNR %.2f dB (object %.2f dB), colour+motion %.3f, motion "
+                "%.3f, colour %.3f, shape %.3f on %d clips", path, train_s, report.psnr, report.psnr_object,
+                report.colour_motion, report.motion, report.colour, report.shape, report.n)
+    return report
+
+
+def json_dumps(data: dict) -> str:
+    import json
+
+    return json.dumps(data, sort_keys=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.toy.vae_train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output .safetensors")
+    for field, value in asdict(VAETrainConfig()).items():
+        p.add_argument(f"--{field}", type=type(value), default=value)
+    p.add_argument("--save_dtype", choices=sorted(SAVE_DTYPES), default="float16")
+    p.add_argument("--eval_clips", type=int, default=75)
+    p.add_argument("--report", default=None, help="write the training time and held-out figures to this JSON file")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    fields = {k: getattr(args, k) for k in asdict(VAETrainConfig())}
+    try:
+        cfg = VAETrainConfig(**fields)
+        start = time.perf_counter()
+        report = build_toy_vae(cfg, args.out, eval_clips=args.eval_clips, dtype=SAVE_DTYPES[args.save_dtype])
+        if args.report:
+            figures = asdict(report) | {"seconds": round(time.perf_counter() - start, 1)}
+            Path(args.report).write_text(json_dumps(figures) + "\n")
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    raise SystemExit(main())
