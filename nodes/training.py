@@ -20,9 +20,7 @@ import gc
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -32,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from training.args import SAVE_FORMATS
 from training.dataset_config import FRAME_EXTRACTION_MODES
 from training.timesteps import SCHEMES
-from wan_core.checkpoint import new_file_mode
+from wan_core.checkpoint import write_text_atomic
 
 from . import comfy_adapter as comfy
 from .common import CATEGORY, MAX_FRAMES, MAX_SIZE, first_problem, inp, problem
@@ -112,16 +110,7 @@ def _write_if_changed(path: Path, text: str) -> None:
     """Atomic write (temp file + rename), skipped when the file already holds `text`."""
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(temp, new_file_mode())
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)
 
 
 def folder_dataset_toml(folder: Path, settings: FolderSettings) -> Path:

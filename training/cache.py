@@ -58,7 +58,6 @@ import logging
 import os
 import random
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,7 +68,13 @@ import torch
 
 from training.dataset import DatasetItem, DatasetScan, ensure_not_empty, epoch_batches, scan_dataset_group
 from training.dataset_config import DatasetConfig, DatasetGroupConfig, load_dataset_config
-from wan_core.checkpoint import CheckpointError, expand_split_files, new_file_mode, read_metadata, save_safetensors
+from wan_core.checkpoint import (
+    CheckpointError,
+    expand_split_files,
+    read_metadata,
+    save_safetensors,
+    write_text_atomic,
+)
 from wan_core.media import MediaReadError, list_images
 
 logger = logging.getLogger(__name__)
@@ -303,20 +308,7 @@ class MediaHasher:
         """Write the records used by this hasher (atomically); records of files no longer used are dropped."""
         if self.index_path is None or not self._new or self._new == self._old:
             return
-        _write_text_atomic(self.index_path, json.dumps({"version": 1, "files": self._new}, sort_keys=True))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, new_file_mode())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        write_text_atomic(self.index_path, json.dumps({"version": 1, "files": self._new}, sort_keys=True))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -605,7 +597,7 @@ def text_entries_for_items(scan: DatasetScan) -> list[TextEntry]:
 
 
 def _temp_target(name: str) -> str | None:
-    """The file a temporary name of `save_safetensors` / `_write_text_atomic` stands for (`.{name}.XXXX.tmp`)."""
+    """The file a temporary name of `save_safetensors` / `write_text_atomic` stands for (`.{name}.XXXX.tmp`)."""
     if not (name.startswith(".") and name.endswith(".tmp")):
         return None
     return name[1:-4].rsplit(".", 1)[0]

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 FPS = 16
@@ -289,16 +291,6 @@ def _temp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = _temp_sibling(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_png_dir(path: Path, frames: np.ndarray) -> None:
     from PIL import Image
 
@@ -420,10 +412,10 @@ def write_dataset(
         frames = render_clip(combo, seed=clip_seed, num_frames=num_frames, size=size)
         path = videos / (stem if fmt == "png_dir" else f"{stem}.mp4")
         (_write_png_dir if fmt == "png_dir" else _write_mp4)(path, frames)
-        _atomic_write_text(videos / f"{stem}.txt", combo.caption + "\n")
+        write_text_atomic(videos / f"{stem}.txt", combo.caption + "\n")
         paths.append(path)
         records.append(json.dumps({"video_path": str(path.resolve()), "caption": combo.caption}))
-    _atomic_write_text(out / "dataset.jsonl", "\n".join(records) + "\n")
+    write_text_atomic(out / "dataset.jsonl", "\n".join(records) + "\n")
     data_key, data_path = (
         ("video_jsonl_file", out / "dataset.jsonl") if fmt == "png_dir" else ("video_directory", videos)
     )
@@ -435,6 +427,6 @@ def write_dataset(
         num_frames=num_frames,
         batch_size=batch_size,
     )
-    _atomic_write_text(out / "dataset.toml", toml_text)
+    write_text_atomic(out / "dataset.toml", toml_text)
     logger.info("wrote %d toy-world clips (%s, %d frames) to %s", len(paths), fmt, num_frames, out)
     return paths
