@@ -79,11 +79,9 @@ def _snapshot(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 @pytest.fixture
-def listed_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for folder, name in [*tms.FILES.values(), tms.LORA]:
-        (tmp_path / folder).mkdir(exist_ok=True)
-        (tmp_path / folder / name).touch()
-    monkeypatch.setenv(adapter.MODELS_DIR_ENV, str(tmp_path))
+def listed_models(listed_models: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The suite's listed models folder (conftest) plus an input folder for the training dataset."""
+    tmp_path = listed_models
     monkeypatch.setenv(adapter.INPUT_DIR_ENV, str(tmp_path / "input"))
     (tmp_path / "input" / "wantuner_dataset" / "videos").mkdir(parents=True)
     return tmp_path

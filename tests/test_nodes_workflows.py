@@ -69,18 +69,6 @@ def _expected_widgets(cls: type) -> tuple[list[tuple[str, object, dict]], list[t
     return widgets, sockets
 
 
-@pytest.fixture
-def listed_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A models folder holding (empty) files under the tiny model set's names, so the loaders list them."""
-    from tests import tiny_model_set as tms
-
-    for folder, name in [*tms.FILES.values(), tms.LORA]:
-        (tmp_path / folder).mkdir(exist_ok=True)
-        (tmp_path / folder / name).touch()
-    monkeypatch.setenv(adapter.MODELS_DIR_ENV, str(tmp_path))
-    return tmp_path
-
-
 def test_examples_use_the_toy_model_names() -> None:
     from wan_core.models import TOY_FILES
 

@@ -18,6 +18,12 @@ mu of the toy VAE has its own per-channel mean m and std s; rows of `conv1` (the
 new mu' = (mu - m) / s * VAE_STD + VAE_MEAN, and `conv2` (which the decoder applies to the de-normalised latent) gets
 the inverse map folded into its input. The normalised latents `WanVAE.encode` returns are then zero-mean unit-std
 per channel, and any loader that applies the official constants (ours, ComfyUI) decodes the toy latents correctly.
+
+The defaults (per-channel fold, no decoder-input noise) are the ones a tiny DiT learns on. Measured with the
+recipe's DiT stage (same data, seed and steps) on two VAEs of equal reconstruction figures (27.2 dB, colour+motion
+1.00): per-channel fold without decoder noise -> DiT colour+motion 0.98; one common scale (three colour channels at
+std ~2, the thirteen channels that carry position and shape at ~0.5) with `latent_noise` 0.25 -> 0.33 (colour learned,
+motion not).
 """
 
 from __future__ import annotations
@@ -63,10 +69,10 @@ class VAETrainConfig:
     warmup_steps: int = 20
     object_weight: float = 4.0
     kl_weight: float = 1e-4
-    latent_noise: float = 0.25  # decoder inputs get N(0, (u * spread_c)^2) noise, u ~ U(0, latent_noise)
+    latent_noise: float = 0.0  # > 0: decoder inputs get N(0, (u * spread_c)^2) noise, u ~ U(0, latent_noise)
     max_grad_norm: float = 1.0
     init: str = "identity"  # "identity" (identity_path_init) or "default" (PyTorch's initialisation)
-    latent_scale: str = "common"  # normalised latents: "common" scale (relative spreads kept) or per "channel"
+    latent_scale: str = "channel"  # normalised latents: unit std per "channel" or one "common" scale (see docstring)
     seed: int = 0
 
     def __post_init__(self) -> None:
