@@ -29,6 +29,7 @@ motion not).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import sys
@@ -41,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wan_core.checkpoint import save_safetensors
+from wan_core.checkpoint import save_safetensors, write_text_atomic
 from wan_core.config import CONFIG_METADATA_KEY, VAEConfig, config_to_json
 from wan_core.toy.world import COLOURS, DEFAULT_SIZE, MOTIONS, SHAPES, Combo, render_params, sample_params
 from wan_core.vae import VAE_MEAN, VAE_STD, FeatureCache, WanVAE, WanVAEModel, latent_frames
@@ -430,7 +431,7 @@ def build_toy_vae(cfg: VAETrainConfig, out: str | Path, *, stats_clips: int = 48
     logger.info("raw latent mean %s", np.round(mean.numpy(), 3).tolist())
     logger.info("raw latent std  %s", np.round(std.numpy(), 3).tolist())
     fold_latent_statistics(model, mean, std, per_channel=cfg.latent_scale == "channel")
-    meta = {"wantuner_toy_vae_train": json_dumps({**asdict(cfg), "train_seconds": round(train_s, 1)})}
+    meta = {"wantuner_toy_vae_train": json.dumps({**asdict(cfg), "train_seconds": round(train_s, 1)}, sort_keys=True)}
     path = save_vae(model, out, dtype, meta)
     clips, combos = evaluation_clips(cfg.seed, eval_clips)
     report = evaluate_reconstruction(load_vae(path), clips, combos)
@@ -438,12 +439,6 @@ def build_toy_vae(cfg: VAETrainConfig, out: str | Path, *, stats_clips: int = 48
                 "%.3f, colour %.3f, shape %.3f on %d clips", path, train_s, report.psnr, report.psnr_object,
                 report.colour_motion, report.motion, report.colour, report.shape, report.n)
     return report
-
-
-def json_dumps(data: dict) -> str:
-    import json
-
-    return json.dumps(data, sort_keys=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -466,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = build_toy_vae(cfg, args.out, eval_clips=args.eval_clips, dtype=SAVE_DTYPES[args.save_dtype])
         if args.report:
             figures = asdict(report) | {"seconds": round(time.perf_counter() - start, 1)}
-            Path(args.report).write_text(json_dumps(figures) + "\n")
+            write_text_atomic(args.report, json.dumps(figures, sort_keys=True) + "\n")
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
