@@ -6,6 +6,7 @@ replacing it (or its weight) with an fp8 or LoRA-wrapped variant needs no change
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -22,11 +23,23 @@ class CastLinear(nn.Linear):
 
 
 class Fp32Linear(nn.Linear):
-    """nn.Linear that always computes in float32 (the official time embedding and head run under fp32 autocast)."""
+    """nn.Linear that always computes in float32 (the official time embedding and head run under fp32 autocast).
+
+    Autocast is switched off inside, for the input's device type, so that an enclosing bf16/fp16 autocast region
+    (training, `accelerator.autocast()`) does not cast the matmul down.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.float()
-        return F.linear(x.float(), self.weight.float(), bias)
+        with without_autocast(x.device):
+            return F.linear(x.float(), self.weight.float(), bias)
+
+
+def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """A region where autocast is off for `device`'s type (a no-op context when it is off already)."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def compute_dtype(module: nn.Module) -> torch.dtype:
