@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,14 @@ def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.autocast(device_type=device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+def torch_release(version: str) -> tuple[int, int]:
+    """(major, minor) of a torch version string such as "2.4.1+cu121" or "2.7.0a0+git1234"."""
+    match = re.match(r"(\d+)\.(\d+)", str(version))
+    if match is None:
+        raise ValueError(f"not a torch version: {version!r}; expected 'major.minor...' such as '2.4.1'")
+    return int(match.group(1)), int(match.group(2))
 
 
 def compute_dtype(module: nn.Module) -> torch.dtype:
