@@ -64,3 +64,18 @@ def test_fp8_fast_workspace_is_the_largest_quantised_input_at_the_video_size() -
     estimate = estimate_peak_bytes(model, 720, 1280, 81, 6)
     assert estimate.workspace_bytes == expected > dequant_workspace_bytes(model) == 0
     assert estimate.activation_bytes == estimate_activation_bytes(cfg, 720, 1280, 81)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_quantize_rows_peak_matches_the_estimate() -> None:
+    """On the GPU, measured by the caching allocator, which rounds each of the (at most 5) live blocks up to a
+    multiple of 512 bytes: a 14B-width input in two slices."""
+    x = torch.randn(4096, 5120, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    ops.quantize_rows(x)
+    peak = torch.cuda.max_memory_allocated() - before
+    estimate = ops.quantize_rows_bytes(4096, 5120)
+    assert peak - 5 * 512 <= estimate <= peak, (peak, estimate)

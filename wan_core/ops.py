@@ -41,9 +41,11 @@ class Fp32Linear(nn.Linear):
 
 def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """A region where autocast is off for `device`'s type (a no-op context when it is off already)."""
-    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
+    try:
+        enabled = torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type without autocast (meta)
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False) if enabled else contextlib.nullcontext()
 
 
 def torch_release(version: str) -> tuple[int, int]:
