@@ -366,8 +366,8 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias
-        if self.fast and not (torch.is_grad_enabled() and x.requires_grad) and _use_fast_matmul(x.device.type,
-                                                                                                x.device.index):
+        input_grad = torch.is_grad_enabled() and x.requires_grad
+        if self.fast and not input_grad and _use_fast_matmul(x.device.type, x.device.index):
             return scaled_mm_linear(x, self.weight, self.scale_weight, bias, self.compute_dtype)
         bias = None if bias is None else bias.to(self.compute_dtype)
         return F.linear(x.to(self.compute_dtype), self.dequantized_weight(), bias)
