@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import model as wan_model
 from .config import DiTConfig
-from .ops import FP8Linear
+from .ops import FP8Linear, scaled_mm_workspace_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -511,6 +511,30 @@ def dequant_workspace_bytes(model: nn.Module) -> int:
     return max(sizes, default=0)
 
 
+_CONTEXT_ROWS = {"cross_attn.k": "text", "cross_attn.v": "text", "cross_attn.k_img": "image",
+                 "cross_attn.v_img": "image"}
+
+
+def fp8_fast_workspace_bytes(model: nn.Module, height: int, width: int, frames: int, *, batch: int = 1) -> int:
+    """Transient bytes of the largest fp8 matmul of an fp8_fast model at this video size
+    (`ops.scaled_mm_workspace_bytes`: the quantised activations, their scales and the fp32 slice temporaries).
+
+    A layer's rows are the video tokens, or the text / image context length for the cross-attention keys and
+    values. Where the device has no fp8 matmul (`ops.fast_matmul_fallback`), the layer upcasts its weight
+    instead, so each layer counts the larger of the two."""
+    cfg = model.config
+    rows = {"video": batch * video_tokens(cfg, height, width, frames), "text": batch * cfg.text_len,
+            "image": batch * (cfg.image_tokens if cfg.has_image_input else 0)}
+    sizes = [0]
+    for name, module in model.named_modules():
+        if isinstance(module, FP8Linear) and module.fast:
+            kind = next((k for suffix, k in _CONTEXT_ROWS.items() if name.endswith(suffix)), "video")
+            upcast = module.weight.numel() * (4 + torch.empty((), dtype=module.compute_dtype).element_size())
+            sizes.append(max(upcast, scaled_mm_workspace_bytes(rows[kind], module.in_features, module.out_features,
+                                                               module.compute_dtype)))
+    return max(sizes)
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Peak device bytes of one DiT forward under block swap."""
@@ -545,10 +569,14 @@ def resident_weight_bytes(model: nn.Module, blocks_to_swap: int, prefetch: int =
 
 def estimate_peak_bytes(model: nn.Module, height: int, width: int, frames: int, blocks_to_swap: int, *,
                         batch: int = 1, prefetch: int = 1) -> MemoryEstimate:
+    """Weights under swap + activations of one forward + the largest per-layer transient (an fp8 weight being
+    upcast, or the activations of an fp8 matmul being quantised); layers run one at a time, so the largest counts."""
     cfg = model.config
+    fast = fp8_fast_workspace_bytes(model, height, width, frames, batch=batch)
+    workspace = max(dequant_workspace_bytes(model), fast)
     return MemoryEstimate(blocks_to_swap, resident_weight_bytes(model, blocks_to_swap, prefetch),
                           estimate_activation_bytes(cfg, height, width, frames, batch=batch, dtype=model.dtype),
-                          dequant_workspace_bytes(model))
+                          workspace)
 
 
 def _budget(model: nn.Module, device: torch.device) -> int:
