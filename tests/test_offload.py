@@ -218,8 +218,8 @@ class _BufferLoRA(nn.Module):
         self.register_buffer("down", (torch.randn(2, base.in_features, generator=gen) * 0.1).to(device))
         self.register_buffer("up", (torch.randn(base.out_features, 2, generator=gen) * 0.1).to(device))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + F.linear(F.linear(x, self.down), self.up)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # computes in its factors' dtype, as the base layer does
+        return self.base(x) + F.linear(F.linear(x.to(self.down.dtype), self.down), self.up)
 
 
 def test_tensors_added_after_enabling_stay_on_the_device() -> None:
@@ -393,25 +393,31 @@ def test_auto_picks_the_smallest_count_that_fits() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CUDA (skipped without a GPU): real streams, events and pinned memory
+# bf16 on each device: on CUDA real streams, events and pinned memory (skipped without a GPU); the same bodies run
+# on the CPU so that they are exercised everywhere
 # ----------------------------------------------------------------------------------------------------------------
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, gpu])]
 
 
-@pytest.mark.gpu
-@gpu
+def _inputs_on(device: str):
+    x, t, ctx = _inputs()
+    return x.to(device), t.to(device), [c.to(device) for c in ctx]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("swap,pin", [(0, "register"), (1, "register"), (NUM - 1, "register"),
                                       (NUM - 1, "pin_memory")])
-def test_cuda_forward_and_backward_are_bit_identical(swap: int, pin: str) -> None:
-    """bf16 on the GPU: outputs and LoRA gradients with swap equal those without, bit for bit (math attention, whose
+def test_bf16_forward_and_backward_are_bit_identical(device: str, swap: int, pin: str) -> None:
+    """bf16: outputs and LoRA gradients with swap equal those without, bit for bit (math attention, whose
     backward is deterministic, unlike the fused kernels' atomics)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    ref = _with_lora(_model()).to(torch.bfloat16).cuda().train()
-    x, t, ctx = (v.cuda() if isinstance(v, torch.Tensor) else [c.cuda() for c in v] for v in _inputs())
+    ref = _with_lora(_model()).to(torch.bfloat16).to(device).train()
+    x, t, ctx = _inputs_on(device)
     model = copy.deepcopy(ref).cpu()
-    swapper = enable_block_swap(model, swap, "cuda", pin=pin)
+    swapper = enable_block_swap(model, swap, device, pin=pin)
     with torch.no_grad():  # inference path (default kernels, prefetch of the next pass)
         expected = ref(x, t, ctx)
         assert all(torch.equal(model(x, t, ctx), expected) for _ in range(2))
@@ -423,28 +429,29 @@ def test_cuda_forward_and_backward_are_bit_identical(swap: int, pin: str) -> Non
                 out = m(x, t, ctx)
                 out.float().pow(2).mean().backward()
             results.append((out.detach(), [p.grad for p in m.parameters() if p.requires_grad]))
-    torch.cuda.synchronize()
+    if device == "cuda":
+        torch.cuda.synchronize()
     assert torch.equal(results[0][0], results[1][0])
     assert len(results[1][1]) == 4 * NUM and all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
     if swapper is not None:
-        assert swapper._arena.buffer.is_pinned()
-        assert all(p.device.type == "cuda" for p in model.parameters() if p.requires_grad)
-        swapper.remove("cuda")
+        assert all(p.device.type == device for p in model.parameters() if p.requires_grad)
+        if device == "cuda":
+            assert swapper._arena.buffer.is_pinned()
+        swapper.remove(device)
         with torch.no_grad():
             assert torch.equal(model(x, t, ctx), expected)
 
 
-@pytest.mark.gpu
-@gpu
-def test_cuda_lora_applied_after_placement_moves_to_the_device() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_lora_applied_after_placement_moves_to_the_device(device: str) -> None:
     ref = _model().to(torch.bfloat16)
     model = copy.deepcopy(ref)
-    ref.cuda()
-    enable_block_swap(model, NUM - 1, "cuda")
+    ref.to(device)
+    enable_block_swap(model, NUM - 1, device)
     for net in (ref, model):  # evicted blocks live in CPU memory, so their new buffers start there
         for i, block in enumerate(net.blocks):
             block.ffn[0] = _BufferLoRA(block.ffn[0], seed=i).to(torch.bfloat16)
-    x, t, ctx = (v.cuda() if isinstance(v, torch.Tensor) else [c.cuda() for c in v] for v in _inputs())
+    x, t, ctx = _inputs_on(device)
     with torch.no_grad():
         assert torch.equal(model(x, t, ctx), ref(x, t, ctx))
-    assert all(b.device.type == "cuda" for blk in model.blocks for b in blk.ffn[0].buffers())
+    assert all(b.device.type == device for blk in model.blocks for b in blk.ffn[0].buffers())
