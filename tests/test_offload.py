@@ -13,7 +13,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from tests.tiny import TINY_DIT, randomize_
+from wan_core import offload
 from wan_core.config import TASKS
+from wan_core.devices import canonical_device, same_device
 from wan_core.fp8 import apply_fp8
 from wan_core.model import WanModel
 from wan_core.offload import (
@@ -390,6 +392,35 @@ def test_auto_picks_the_smallest_count_that_fits() -> None:
     assert choose_blocks_to_swap(model, h, w, 9, free_bytes=budget, margin_bytes=margin).blocks_to_swap == 3
     with pytest.raises(RuntimeError, match=rf"even swapping {NUM - 1} blocks"):
         choose_blocks_to_swap(model, h, w, 9, free_bytes=peaks[-1] + margin - 1, margin_bytes=margin)
+
+
+def test_devices_compare_with_their_index(monkeypatch) -> None:
+    """A tensor on the first GPU reports cuda:0; "cuda" means the current device, whatever its spelling."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert canonical_device("cuda") == torch.device("cuda", 0)
+    assert same_device("cuda", torch.device("cuda:0")) and same_device(torch.device("cuda"), "cuda:0")
+    assert not same_device("cuda", "cuda:1") and not same_device("cuda", "cpu")
+    assert same_device("cpu", "cpu:0") and canonical_device("cpu:0") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert same_device("cuda", "cuda:1") and not same_device("cuda", "cuda:0")
+
+
+def test_auto_budget_counts_the_weights_already_on_the_device(monkeypatch) -> None:
+    """`--blocks_to_swap auto` on "cuda": weights that report cuda:0 are part of the budget (fake CUDA tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    free = 10_000_000
+    asked = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (asked.append(device), (free, 2 * free))[1])
+    on_gpu = nn.Linear(64, 32, device="meta")
+    with FakeTensorMode():
+        on_gpu.weight, on_gpu.bias = (nn.Parameter(torch.empty(p.shape, device="cuda")) for p in on_gpu.parameters())
+    assert on_gpu.weight.device == torch.device("cuda", 0)
+    model = nn.Sequential(on_gpu, nn.Linear(16, 16))  # the second layer is in CPU memory: not counted
+    assert offload._budget(model, torch.device("cuda")) == free + (64 * 32 + 32) * 4
+    assert offload._budget(model, torch.device("cuda:1")) == free
+    assert asked == [torch.device("cuda", 0), torch.device("cuda", 1)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

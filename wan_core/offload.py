@@ -36,6 +36,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import model as wan_model
 from .config import DiTConfig
+from .devices import canonical_device, same_device
 from .ops import FP8Linear
 
 logger = logging.getLogger(__name__)
@@ -218,10 +219,8 @@ class BlockSwapper:
         if pin not in PIN_MODES:
             raise ValueError(f"pin must be one of {', '.join(PIN_MODES)}, got {pin!r}")
         self.blocks, self.plan = list(blocks), plan
-        self.device = torch.device(device)
+        self.device = canonical_device(device)
         self.cuda = self.device.type == "cuda"
-        if self.cuda and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
         self.pin = pin if self.cuda else "none"
         self.direction: Direction = "forward"
         self.wrap = False
@@ -301,7 +300,7 @@ class BlockSwapper:
         sampling run) are not streamed: they move to the device once and stay there."""
         managed = self._layouts[index].ids
         for tensor in [*self.blocks[index].parameters(), *self.blocks[index].buffers()]:
-            if id(tensor) not in managed and tensor.device != self.device:
+            if id(tensor) not in managed and not same_device(tensor.device, self.device):
                 tensor.data = tensor.data.to(self.device)
                 managed.add(id(tensor))
                 logger.debug("block swap: block %d gained a %s tensor; it stays on %s", index,
@@ -553,8 +552,9 @@ def estimate_peak_bytes(model: nn.Module, height: int, width: int, frames: int, 
 
 def _budget(model: nn.Module, device: torch.device) -> int:
     """Free device memory plus what this model already occupies there (it is part of the estimate)."""
+    device = canonical_device(device)
     free, _ = torch.cuda.mem_get_info(device)
-    on_device = _nbytes(t for t in [*model.parameters(), *model.buffers()] if t.device == device)
+    on_device = _nbytes(t for t in [*model.parameters(), *model.buffers()] if same_device(t.device, device))
     return free + on_device
 
 
