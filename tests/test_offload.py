@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
+import gc
+import os
+import subprocess
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,14 +155,13 @@ class _NoArenaReads(TorchDispatchMode):
 
     def __init__(self, swapper) -> None:
         super().__init__()
-        buffer = swapper._arena.buffer
-        self.start, self.end = buffer.data_ptr(), buffer.data_ptr() + buffer.numel()
+        self.arena = swapper._arena
         self.ops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is not torch.ops.aten.copy_.default and not func.is_view:
             for t in tree_flatten((args, kwargs))[0]:
-                if isinstance(t, torch.Tensor) and t.numel() and self.start <= t.data_ptr() < self.end:
+                if isinstance(t, torch.Tensor) and t.numel() and self.arena.holds(t):
                     raise AssertionError(f"{func} read a swapped tensor from CPU master memory")
             self.ops += 1
         return func(*args, **(kwargs or {}))
@@ -189,8 +196,7 @@ def test_forward_is_identical_with_any_swap_count(swap: int, prefetch: int) -> N
         assert torch.equal(_run(model, swapper), expected)
     swapper.remove("cpu")
     assert torch.equal(_run(model), expected) and not model.blocks[-1]._forward_pre_hooks
-    start, end = swapper._arena.buffer.data_ptr(), swapper._arena.buffer.data_ptr() + swapper._arena.buffer.numel()
-    assert not any(start <= p.data_ptr() < end for p in model.parameters())
+    assert not any(swapper._arena.holds(p) for p in model.parameters())
 
 
 def test_skip_blocks_with_swap() -> None:
@@ -232,8 +238,7 @@ def test_tensors_added_after_enabling_stay_on_the_device() -> None:
         for i, block in enumerate(net.blocks):
             block.ffn[0] = _BufferLoRA(block.ffn[0], seed=i)
     assert torch.equal(_run(model, swapper), _run(ref))
-    start, end = swapper._arena.buffer.data_ptr(), swapper._arena.buffer.data_ptr() + swapper._arena.buffer.numel()
-    assert not any(start <= b.data_ptr() < end for blk in model.blocks for b in blk.ffn[0].buffers())
+    assert not any(swapper._arena.holds(b) for blk in model.blocks for b in blk.ffn[0].buffers())
 
 
 class _LoRA(nn.Module):
@@ -289,9 +294,7 @@ def test_training_gradients_are_identical_with_swap(swap: int, checkpointing: bo
         assert torch.equal(loss, expected_loss)
         assert len(grads) == 4 * NUM and all(torch.equal(a, b) for a, b in zip(grads, expected))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    start = swapper._arena.buffer.data_ptr()
-    end = start + swapper._arena.buffer.numel()
-    assert not any(start <= p.data_ptr() < end for p in trainable)  # LoRA factors never move
+    assert not any(swapper._arena.holds(p) for p in trainable)  # LoRA factors never move
 
 
 def test_refuses_a_model_without_blocks() -> None:
@@ -301,6 +304,190 @@ def test_refuses_a_model_without_blocks() -> None:
         enable_block_swap(_model(), NUM, "cpu")
     with pytest.raises(ValueError, match="pin must be one of"):
         enable_block_swap(_model(), 2, "cpu", pin="yes")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host memory: pinning only when asked, released when the swapper goes, moved in block by block
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _FakeCudart:
+    """Stands in for torch.cuda.cudart(): records host memory (un)registrations by address."""
+
+    def __init__(self) -> None:
+        self.registered: list[int] = []
+        self.unregistered: list[int] = []
+
+    def cudaHostRegister(self, pointer: int, size: int, flags: int) -> int:
+        self.registered.append(pointer)
+        return 0
+
+    def cudaHostUnregister(self, pointer: int) -> int:
+        self.unregistered.append(pointer)
+        return 0
+
+
+@pytest.fixture
+def cudart(monkeypatch) -> Iterator[_FakeCudart]:
+    """Registration through a counter, and the CPU treated like a CUDA device for pinning."""
+    fake = _FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    monkeypatch.setattr(offload, "_host_pin", lambda pin, device: pin)
+    yield fake
+    gc.collect()  # arenas the test left behind unregister here, with the fake
+
+
+@pytest.fixture
+def no_gc() -> Iterator[None]:
+    """Only reference counting frees objects: a release that needs the garbage collector does not happen."""
+    gc.collect()
+    gc.disable()
+    yield
+    gc.enable()
+
+
+def test_pinning_registers_each_swapped_block_and_only_when_asked(cudart) -> None:
+    enable_block_swap(_model(), 3, "cpu")
+    assert cudart.registered == []  # pageable by default, as musubi without --use_pinned_memory_for_block_swap
+    swapper = enable_block_swap(_model(), 3, "cpu", pin="register")
+    assert len(cudart.registered) == 3 and sorted(cudart.registered) == sorted(b.data_ptr()
+                                                                                for b in swapper._arena.buffers)
+    assert offload.pin_mode(True) == "register" and offload.pin_mode(False) == "none"
+
+
+def test_dropped_swapper_unregisters_its_memory_on_garbage_collection(cudart) -> None:
+    model = _model()
+    enable_block_swap(model, 3, "cpu", pin="register")
+    del model  # the hooks and the swapper refer to each other: only the garbage collector frees them
+    gc.collect()
+    assert len(cudart.registered) == 3 and sorted(cudart.unregistered) == sorted(cudart.registered)
+
+
+def test_remove_unregisters_at_once_and_only_once(cudart, no_gc) -> None:
+    model = _model()
+    swapper = enable_block_swap(model, 3, "cpu", pin="register")
+    expected = _run(model, swapper)
+    swapper.remove()
+    assert sorted(cudart.unregistered) == sorted(cudart.registered) and len(cudart.registered) == 3
+    swapper.remove()
+    del swapper
+    gc.collect()
+    assert len(cudart.unregistered) == 3  # idempotent, also for the finalizer
+    swapper = enable_block_swap(model, 3, "cpu", pin="register")  # again, from the (now pageable) arena
+    assert torch.equal(_run(model, swapper), expected)
+
+
+@pytest.fixture
+def dit_file(tmp_path) -> Path:
+    from tests.model_set import _save
+
+    return _save(_model(), CFG, tmp_path / "diffusion_models" / "swap_dit.safetensors")
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+def test_model_set_release_unpins_the_swapped_dit(cudart, no_gc, monkeypatch, dit_file: Path, pinned: bool) -> None:
+    """generate's --use_pinned_memory_for_block_swap reaches the swapper; releasing the DiT unpins it at once."""
+    from wan_core import generate
+    from wan_core import models as wan_models
+
+    args = generate.build_parser().parse_args(["--dit", str(dit_file), "--device", "cpu", "--blocks_to_swap", "3",
+                                               *(["--use_pinned_memory_for_block_swap"] if pinned else [])])
+    spec = generate.spec_from_args(args)
+    assert spec.pinned_block_swap is pinned
+    models = wan_models.ModelSet(spec)
+    assert models.get("dit").block_swapper is not None
+    assert len(cudart.registered) == (3 if pinned else 0)
+    monkeypatch.setattr(wan_models, "gc", types.SimpleNamespace(collect=lambda: 0))  # release must not need it
+    models.release("dit")
+    assert sorted(cudart.unregistered) == sorted(cudart.registered)
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+def test_training_block_swap_pins_only_with_the_flag(cudart, dit_file: Path, pinned: bool) -> None:
+    from training.args import build_parser
+    from training.trainable import inspect_dit, load_training_dit
+
+    flag = ["--use_pinned_memory_for_block_swap"] if pinned else []
+    assert build_parser().parse_known_args(flag)[0].use_pinned_memory_for_block_swap is pinned
+    args = argparse.Namespace(dit=str(dit_file), task=None, mixed_precision=None, fp8_base=False, fp8_scaled=False,
+                              blocks_to_swap=3, gradient_checkpointing=False, use_pinned_memory_for_block_swap=pinned)
+    model = load_training_dit(args, inspect_dit(dit_file), torch.device("cpu"), "sdpa", full=False)
+    assert len(cudart.registered) == (3 if pinned else 0)
+    assert model._block_swapper.pin == ("register" if pinned else "none")
+
+
+def test_comfyui_loader_releases_the_dit_it_replaces(cudart, no_gc, monkeypatch, dit_file: Path) -> None:
+    from nodes import comfy_adapter as adapter
+    from nodes.loaders import WanTunerDiTLoader
+
+    monkeypatch.setattr(offload, "_host_pin", lambda pin, device: "register")  # as if the node pinned
+    monkeypatch.setenv(adapter.MODELS_DIR_ENV, str(dit_file.parent.parent))
+    adapter.clear_cache()
+    options = {"task": "auto", "dtype": "default", "fp8": "none", "attention": "sdpa", "compile": False}
+    try:
+        first = WanTunerDiTLoader().load(dit_file.name, blocks_to_swap=3, **options)[0]
+        first.model.ready()
+        assert len(cudart.registered) == 3 and not cudart.unregistered
+        second = WanTunerDiTLoader().load(dit_file.name, blocks_to_swap=2, **options)[0]  # new inputs: replaced
+        assert sorted(cudart.unregistered) == sorted(cudart.registered)
+        assert not first.model.obj.blocks[-1]._forward_pre_hooks
+        second.model.ready()
+        assert len(cudart.registered) == 5 and len(cudart.unregistered) == 3
+    finally:
+        adapter.clear_cache()
+
+
+_HOST_PEAK_SCRIPT = """
+import ctypes, re, sys
+import torch
+from torch import nn
+from wan_core import offload
+
+def status(field):
+    return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+class PageLocking:  # cudaHostRegister makes every page of the range resident; so does writing it
+    def cudaHostRegister(self, pointer, size, flags):
+        ctypes.memset(pointer, 0, size)
+        return 0
+
+    def cudaHostUnregister(self, pointer):
+        return 0
+
+class Net(nn.Module):
+    def __init__(self, blocks, elements):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ParameterList(nn.Parameter(torch.rand(elements), requires_grad=False)
+                                                     for _ in range(2)) for _ in range(blocks))
+
+blocks, swapped, elements, pin = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+torch.cuda.cudart = PageLocking
+offload._host_pin = lambda pin, device: pin  # pin on the CPU as on a CUDA device
+offload.enable_block_swap(Net(3, 1000), 2, "cpu", pin=pin)  # warm-up: imports and first allocations
+model = Net(blocks, elements)
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) restarts from the current RSS
+before = status("VmRSS")
+swapper = offload.enable_block_swap(model, swapped, "cpu", pin=pin)
+print(status("VmHWM") - before, status("VmRSS") - before, sum(b.numel() for b in swapper._arena.buffers))
+"""
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc peak-RSS reset")
+@pytest.mark.parametrize("pin", ["none", "register"])
+def test_moving_blocks_into_the_arena_needs_about_one_block_of_extra_host_memory(pin: str) -> None:
+    """4 swapped blocks of 2 x 40 MB: the peak resident memory while enabling grows by at most one block (each
+    weight is freed as soon as it is copied), not by a second copy of all swapped weights (320 MB), also when
+    pinning makes a whole buffer resident at once."""
+    elements = 10_000_000  # 40 MB per tensor: above glibc's largest mmap threshold, so freeing returns it at once
+    block = 2 * elements * 4
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", _HOST_PEAK_SCRIPT, "5", "4", str(elements), pin], env=env,
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    peak, after, arena = (int(v) for v in out.split())
+    assert arena >= 4 * block  # the swapped weights all moved
+    assert peak <= 1.25 * block, (peak / block, after / block)
+    assert after <= 0.25 * block, (peak / block, after / block)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -467,7 +654,7 @@ def test_bf16_forward_and_backward_are_bit_identical(device: str, swap: int, pin
     if swapper is not None:
         assert all(p.device.type == device for p in model.parameters() if p.requires_grad)
         if device == "cuda":
-            assert swapper._arena.buffer.is_pinned()
+            assert all(buffer.is_pinned() for buffer in swapper._arena.buffers)
         swapper.remove(device)
         with torch.no_grad():
             assert torch.equal(model(x, t, ctx), expected)
