@@ -181,14 +181,14 @@ class _BlockLayout:
     offsets: list[int]  # byte offset of each inside the block's host buffer
     nbytes: int  # size of the block's region
     ids: set[int]  # ids of every tensor of the block known to the swapper (streamed or kept on the device)
-    host: torch.Tensor | None = None  # the block's buffer in the arena (uint8, `nbytes` long)
+    host: torch.Tensor  # the block's buffer in the arena (uint8, `nbytes` long)
 
 
 PIN_MODES = ("none", "register", "pin_memory")
 PINNED_MEMORY_HELP = ("with --blocks_to_swap: keep the CPU copy of the swapped blocks in pinned (page-locked) RAM, so "
-                      "that copies to the GPU are faster and overlap compute; that RAM (as much as the swapped blocks "
-                      "take, e.g. about 27 GB for all but one block of a 14B bf16 DiT) then must be free and is "
-                      "unavailable to other programs. Default: ordinary pageable memory")
+                      "that copies to the GPU are faster and overlap compute. As much RAM as the swapped blocks take "
+                      "(about 0.7 GB per block of a 14B bf16 DiT, 27 GB for 39 blocks) must then be free, and it is "
+                      "unavailable to other programs while it runs. Default: ordinary pageable memory")
 
 
 def _unregister(buffers: list[torch.Tensor]) -> None:
@@ -223,7 +223,7 @@ class _HostArena:
             error = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
             if int(error) != 0:
                 raise RuntimeError(f"block swap: cudaHostRegister of {nbytes / 1e9:.2f} GB failed ({error}); raise "
-                                   f"the locked-memory limit (ulimit -l) or use pinned memory less (pin='none')")
+                                   f"the locked-memory limit (ulimit -l) or do without pinned memory (pin='none')")
             self._registered.append(buffer)
         self.buffers.append(buffer)
         return buffer
@@ -317,9 +317,6 @@ class BlockSwapper:
             tensor.data = master
         return layout
 
-    def _region(self, layout: _BlockLayout) -> torch.Tensor:
-        return layout.host
-
     # -- movement -------------------------------------------------------------------------------------------
 
     def before_block(self, index: int, direction: Direction) -> None:
@@ -348,9 +345,8 @@ class BlockSwapper:
     def _evict(self, index: int) -> None:
         slot = self.on_device.pop(index)
         layout = self._layouts[index]
-        region = self._region(layout)
         for tensor, off in zip(layout.tensors, layout.offsets):
-            tensor.data = _byte_view(region, off, tensor)  # frozen: the CPU copy is still exact
+            tensor.data = _byte_view(layout.host, off, tensor)  # frozen: the CPU copy is still exact
         if self.cuda:  # the slot may be refilled once the compute queued so far (which reads it) is done
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.device))
@@ -364,12 +360,12 @@ class BlockSwapper:
             with torch.cuda.stream(self._stream):
                 if slot in self._slot_free:
                     self._stream.wait_event(self._slot_free.pop(slot))
-                target.copy_(self._region(layout), non_blocking=True)
+                target.copy_(layout.host, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(self._stream)
                 self._ready[index] = event
         else:
-            target.copy_(self._region(layout))
+            target.copy_(layout.host)
         for tensor, off in zip(layout.tensors, layout.offsets):
             tensor.data = _byte_view(target, off, tensor)
         self.on_device[index] = slot
@@ -413,9 +409,10 @@ class BlockSwapper:
         return hook
 
     def remove(self, device: str | torch.device | None = None) -> None:
-        """Detach the hooks, free the device slots and unpin the arena. With `device`, every swapped tensor gets
-        its own memory there (the model is whole again); without, they stay in the (now pageable) CPU arena, e.g.
-        to discard the model. A second call without `device` does nothing."""
+        """Detach the hooks, free the device slots and unregister the arena's pinned memory (pin="pin_memory"
+        buffers are freed with their last tensor). With `device`, every swapped tensor gets its own memory there
+        (the model is whole again); without, they stay in the (now pageable) CPU arena, e.g. to discard the model.
+        A second call without `device` does nothing."""
         if self.cuda:  # pending prefetches write into the slots, queued compute reads them
             self._stream.synchronize()
             torch.cuda.current_stream(self.device).synchronize()
