@@ -16,7 +16,8 @@ Files (training.md section 6), one per entry, in the dataset's `cache_directory`
 - `wantuner_media_hashes.json`: the media-content hashes with their file stamps (a fast path, see below).
 
 Every tensor is musubi's; our additions are metadata only, so musubi's loader reads the files unchanged:
-`wantuner_key` (the entry's key) and `wantuner_entry` (JSON: the parts the key is made of and the encoder settings).
+`wantuner_key` (the entry's key), `wantuner_entry` (JSON: the parts the key is made of and the encoder settings) and
+`wantuner_tensors` (JSON: tensor name -> sha256 of its bytes).
 
 Keys. An entry's key is sha256 over the key version and its parts:
 - latents: `media` = sha256 of the media bytes (a frame folder: of every frame file, with its name) and of the
@@ -34,19 +35,24 @@ editing weights in place.) A loaded model's identity hashes its tensor names, sh
 Media hashes are cached per cache directory with each file's (size, mtime, ctime, inode); a record is trusted only
 when the file had not changed for 2 s before it was hashed (git's "racy" rule), otherwise the file is hashed again.
 
-Reuse and invalidation (both cache commands): an entry is reused when its file exists and its stored key equals the
-key computed now; otherwise it is encoded again. `--skip_existing` is accepted for musubi compatibility and means
-the same (musubi skips by existence alone; here a stale file is still re-encoded). `--force` re-encodes everything.
-Files without a key (written by musubi) are re-encoded. After a run, files of the cache's naming pattern that no
-entry of the dataset uses, and temporary files of interrupted runs, are deleted unless `--keep_cache`. Every file is
+Reuse and invalidation (both cache commands): an entry is reused when its file exists, its stored key equals the
+key computed now and its tensors match their stored sha256 checksums (so each run reads every entry once); otherwise
+it is encoded again (a corrupt file, or one written without checksums by an older version, with a log line).
+`--skip_existing` is accepted for musubi compatibility and means the same (musubi skips by existence alone; here a
+stale file is still re-encoded). `--force` re-encodes everything.
+Files without a key (written by musubi) are re-encoded. After a run, files of the cache's naming pattern that carry
+this project's cache metadata and that no entry of the dataset uses, and temporary files of interrupted runs, are
+deleted unless `--keep_cache`; files of that naming pattern without the metadata (a user's `style_wan.safetensors`
+LoRA, musubi's caches) are never deleted, and the run reports them (`left_alone`, one log line). Every file is
 written to a temporary name and renamed, so an interrupted run leaves no broken file and a re-run continues.
 
 An encoder output with NaN or inf is an error (musubi zeroes it with a warning); nothing is written for that entry.
 
 The reader (`CachedDataset`) rebuilds the items from the dataset config, checks that every latent and T5 entry exists
 and that its media and preprocessing parts (and, when given, the encoders) match the current files, that all entries
-come from one encoder setting and carry what the task needs, and yields musubi-style batches of items with identical
-(W, H, frames). `open_training_source` wraps it as the training loop's `BatchSource` (training.data).
+come from one encoder setting, have tensor checksums and carry what the task needs, verifies every file it reads
+against its checksums and for NaN/inf (CacheError naming the file), and yields musubi-style batches of items with
+identical (W, H, frames). `open_training_source` wraps it as the training loop's `BatchSource` (training.data).
 """
 
 from __future__ import annotations

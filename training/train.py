@@ -6,6 +6,11 @@ The recipe (`train`) reads as its steps: setup_run, load_model, apply_lora, buil
 resume, then per optimizer step `run_step` (micro-batches through the pure `training.step.training_step`,
 backward, gradient sync, clipping, optimizer/scheduler step) followed by `after_step` (log, save, sample,
 validate), and `after_epoch` / `finish`.
+
+Non-finite numbers stop the run (NonFiniteTrainingError, exit 1): a NaN/inf loss (averaged over processes) is
+caught before the optimizer step, and the trained weights are checked after every step with one fused reduction
+(their total 2-norm); the message names the step, the items (cache files) and the last good checkpoint. Weight and
+state saves refuse NaN/inf tensors, so no saved file holds them.
 """
 
 from __future__ import annotations
