@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from tests.tiny_training import memory_source, tiny_dit_file, train_args
 from training import state as st
@@ -87,3 +87,30 @@ def test_state_saves_refuse_non_finite_weights(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteError, match=r"lora-state \(not written\): tensor 'w' holds 1 NaN/inf"):
         st.save_state(tmp_path / "lora-state", st.TrainingObjects(weights, optimizer, scheduler), st.Progress(), {})
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("network", [[], ["--network_module", "full"]])
+def test_checkpoint_saves_refuse_non_finite_weights(network: list[str], dit: Path, tmp_path: Path,
+                                                    monkeypatch) -> None:
+    """With the per-step weight check off, the save itself refuses (and writes nothing), LoRA and full DiT."""
+    import training.train as train_module
+
+    monkeypatch.setattr(train_module, "check_weights", lambda *args: None)
+    args = train_args(dit, tmp_path, "--optimizer_type", f"{__name__}.InfAfterTwoSteps", "--max_train_steps", "5",
+                      "--save_every_n_steps", "2", "--save_state", *network)
+    name = "dit" if network else "lora"
+    with pytest.raises(NonFiniteError, match=rf"{name}-step00000002.safetensors \(not written\): tensor '"):
+        train(args, source=memory_source(3))
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == []
+
+
+def test_resume_refuses_a_state_with_non_finite_weights(dit: Path, tmp_path: Path) -> None:
+    train(train_args(dit, tmp_path, "--max_train_steps", "2", "--save_state"), source=memory_source(2))
+    weights = tmp_path / "lora-state" / st.STATE_WEIGHTS
+    tensors = load_file(str(weights))
+    key = sorted(tensors)[0]
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    save_file(tensors, str(weights))
+    args = train_args(dit, tmp_path / "again", "--max_train_steps", "4", "--resume", str(tmp_path / "lora-state"))
+    with pytest.raises(NonFiniteError, match=rf"--resume .*{st.STATE_WEIGHTS}: tensor '{key}'"):
+        train(args, source=memory_source(2))
