@@ -17,7 +17,7 @@ from wan_core.generate import main as generate_main
 from wan_core.lora import apply_loras, linear_modules, merge_loras
 from wan_core.lora_formats import LowRank, load_lora, save_lora
 from wan_core.model import load_dit
-from wan_core.models import ModelSpec
+from wan_core.models import ModelSpec, toy_path
 from wan_core.t5 import load_t5
 from wan_core.vae import load_vae
 
@@ -144,13 +144,26 @@ def test_lora_multiplier_must_be_finite(tmp_path, value):
         ModelSpec(loras=((str(path), value, None, None),))
 
 
+def _generate(lora: Path, out: Path, *extra: str) -> int:
+    """The CLI on the embedded toy models (which a finite LoRA runs on end to end)."""
+    return generate_main(["--lora_weight", str(lora), *extra, "--prompt", "a purple ball", "--save_path", str(out),
+                          "--device", "cpu", "--quiet", "--infer_steps", "1", "--video_size", "32", "32",
+                          "--video_length", "1", "--output_type", "latent"])
+
+
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_generate_cli_refuses_a_non_finite_multiplier(tmp_path, capsys, value):
-    dit = tiny_dit_file(tmp_path / "dit.safetensors")
-    lora = save_lora(_lora_for(dit), tmp_path / "style.safetensors")
-    out = tmp_path / "out"
-    code = generate_main(["--dit", str(dit), "--lora_weight", str(lora), "--lora_multiplier", value, "--prompt", "x",
-                          "--save_path", str(out), "--device", "cpu", "--quiet"])
-    assert code == 2
+    lora, out = toy_path("lora"), tmp_path / "out"
+    assert _generate(lora, out, "--lora_multiplier", value) == 2
     assert f"LoRA multiplier {float(value)!r} for LoRA {lora} is not finite" in capsys.readouterr().err
-    assert not out.exists() or not any(out.iterdir())
+    assert not out.exists()
+
+
+def test_generate_cli_refuses_a_lora_with_non_finite_tensors(tmp_path, capsys):
+    lora, out = tmp_path / "diverged.safetensors", tmp_path / "out"
+    lora.write_bytes(toy_path("lora").read_bytes())
+    key = next(k for k in load_file(str(lora)) if k.endswith("lora_down.weight"))
+    _poison(lora, key, NAN)
+    assert _generate(lora, out) == 2
+    assert f"LoRA {lora}: tensor '{key}' holds 1 NaN/inf value(s)" in capsys.readouterr().err
+    assert not out.exists()
