@@ -16,7 +16,8 @@ Files (training.md section 6), one per entry, in the dataset's `cache_directory`
 - `wantuner_media_hashes.json`: the media-content hashes with their file stamps (a fast path, see below).
 
 Every tensor is musubi's; our additions are metadata only, so musubi's loader reads the files unchanged:
-`wantuner_key` (the entry's key) and `wantuner_entry` (JSON: the parts the key is made of and the encoder settings).
+`wantuner_key` (the entry's key), `wantuner_entry` (JSON: the parts the key is made of and the encoder settings) and
+`wantuner_tensors` (JSON: tensor name -> sha256 of its bytes).
 
 Keys. An entry's key is sha256 over the key version and its parts:
 - latents: `media` = sha256 of the media bytes (a frame folder: of every frame file, with its name) and of the
@@ -34,19 +35,24 @@ editing weights in place.) A loaded model's identity hashes its tensor names, sh
 Media hashes are cached per cache directory with each file's (size, mtime, ctime, inode); a record is trusted only
 when the file had not changed for 2 s before it was hashed (git's "racy" rule), otherwise the file is hashed again.
 
-Reuse and invalidation (both cache commands): an entry is reused when its file exists and its stored key equals the
-key computed now; otherwise it is encoded again. `--skip_existing` is accepted for musubi compatibility and means
-the same (musubi skips by existence alone; here a stale file is still re-encoded). `--force` re-encodes everything.
-Files without a key (written by musubi) are re-encoded. After a run, files of the cache's naming pattern that no
-entry of the dataset uses, and temporary files of interrupted runs, are deleted unless `--keep_cache`. Every file is
+Reuse and invalidation (both cache commands): an entry is reused when its file exists, its stored key equals the
+key computed now and its tensors match their stored sha256 checksums (so each run reads every entry once); otherwise
+it is encoded again (a corrupt file, or one written without checksums by an older version, with a log line).
+`--skip_existing` is accepted for musubi compatibility and means the same (musubi skips by existence alone; here a
+stale file is still re-encoded). `--force` re-encodes everything.
+Files without a key (written by musubi) are re-encoded. After a run, files of the cache's naming pattern that carry
+this project's cache metadata and that no entry of the dataset uses, and temporary files of interrupted runs, are
+deleted unless `--keep_cache`; files of that naming pattern without the metadata (a user's `style_wan.safetensors`
+LoRA, musubi's caches) are never deleted, and the run reports them (`left_alone`, one log line). Every file is
 written to a temporary name and renamed, so an interrupted run leaves no broken file and a re-run continues.
 
 An encoder output with NaN or inf is an error (musubi zeroes it with a warning); nothing is written for that entry.
 
 The reader (`CachedDataset`) rebuilds the items from the dataset config, checks that every latent and T5 entry exists
 and that its media and preprocessing parts (and, when given, the encoders) match the current files, that all entries
-come from one encoder setting and carry what the task needs, and yields musubi-style batches of items with identical
-(W, H, frames). `open_training_source` wraps it as the training loop's `BatchSource` (training.data).
+come from one encoder setting, have tensor checksums and carry what the task needs, verifies every file it reads
+against its checksums and for NaN/inf (CacheError naming the file), and yields musubi-style batches of items with
+identical (W, H, frames). `open_training_source` wraps it as the training loop's `BatchSource` (training.data).
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ from training.dataset_config import DatasetConfig, DatasetGroupConfig, load_data
 from wan_core.checkpoint import (
     CheckpointError,
     expand_split_files,
+    non_finite_count,
     read_metadata,
     save_safetensors,
     write_text_atomic,
@@ -84,6 +91,7 @@ MUSUBI_FORMAT_VERSION = "1.0.1"
 KEY_VERSION = 1  # bump when what goes into a key, or how an entry is computed, changes
 KEY_METADATA = "wantuner_key"
 ENTRY_METADATA = "wantuner_entry"
+TENSORS_METADATA = "wantuner_tensors"  # JSON: tensor name -> sha256 of its bytes
 LATENT_SUFFIX = f"_{ARCHITECTURE}.safetensors"
 TEXT_SUFFIX = f"_{ARCHITECTURE}_te.safetensors"
 EMPTY_TEXT_NAME = "wantuner_empty_caption_t5.safetensors"
@@ -125,6 +133,15 @@ class CacheRunReport:
     reused: int = 0
     removed: list[Path] = field(default_factory=list)
     dropped_files: dict[str, int] = field(default_factory=dict)  # drop reason -> files that give no entry
+    left_alone: list[Path] = field(default_factory=list)  # named like cache files but not written by this project
+
+
+def left_alone_note(report: CacheRunReport) -> str:
+    """The summary clause for files named like cache files that a run did not delete ("" when none)."""
+    if not report.left_alone:
+        return ""
+    return (f", {len(report.left_alone)} files named like cache files left alone (not written by this project: "
+            f"{', '.join(p.name for p in report.left_alone)})")
 
 
 class TqdmProgress:
@@ -419,10 +436,11 @@ class EntryInfo:
     """What an existing cache file says about itself."""
 
     path: Path
-    key: str | None  # None: no wantuner key (musubi's file) or unreadable
+    key: str | None  # None: no wantuner key (musubi's file), no tensor checksums (older cache) or unreadable
     parts: dict[str, str]
     settings: dict[str, Any]
-    error: str | None = None  # why the file could not be read
+    error: str | None = None  # why the file cannot be used as it is (unreadable, inconsistent, older version)
+    digests: dict[str, str] = field(default_factory=dict)  # tensor name -> sha256 of its bytes
 
 
 def read_entry_info(path: Path) -> EntryInfo | None:
@@ -432,7 +450,7 @@ def read_entry_info(path: Path) -> EntryInfo | None:
     try:
         metadata = read_metadata(path)
     except (CheckpointError, OSError, ValueError) as error:
-        return EntryInfo(path, None, {}, {}, error=str(error))
+        return EntryInfo(path, None, {}, {}, error=f"unreadable ({error})")
     key = metadata.get(KEY_METADATA)
     try:
         entry = json.loads(metadata.get(ENTRY_METADATA, "{}"))
@@ -442,12 +460,72 @@ def read_entry_info(path: Path) -> EntryInfo | None:
     settings = entry.get("settings") if isinstance(entry, dict) else None
     if not isinstance(parts, dict) or not isinstance(settings, dict) or key != entry_key(parts):
         return EntryInfo(path, None, {}, {}, error=None if key is None else "its wantuner metadata is inconsistent")
-    return EntryInfo(path, key, parts, settings)
+    digests = _stored_digests(metadata)
+    if digests is None:
+        return EntryInfo(path, None, {}, {}, error="written without tensor checksums by an older version")
+    return EntryInfo(path, key, parts, settings, digests=digests)
+
+
+def _stored_digests(metadata: Mapping[str, str]) -> dict[str, str] | None:
+    try:
+        digests = json.loads(metadata.get(TENSORS_METADATA, "null"))
+    except ValueError:
+        return None
+    return digests if isinstance(digests, dict) and digests else None
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes (as stored: contiguous, little-endian, on the CPU)."""
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(data).hexdigest()
+
+
+def corruption(path: Path, tensors: Mapping[str, torch.Tensor], digests: Mapping[str, str] | None) -> str | None:
+    """Why a cache file's tensors cannot be trusted (checksum mismatch, missing tensor, NaN/inf), or None. Without
+    stored checksums (a musubi file read unverified) only finiteness is checked."""
+    if digests is not None:
+        if sorted(tensors) != sorted(digests):
+            return f"its tensors {sorted(tensors)} are not the ones it was written with {sorted(digests)}"
+        for name, tensor in tensors.items():
+            if tensor_digest(tensor) != digests[name]:
+                return f"tensor {name} does not match its sha256 checksum (the file is corrupt)"
+    for name, tensor in tensors.items():
+        bad = non_finite_count(tensor)
+        if bad:
+            return f"tensor {name} holds {bad} NaN/inf value(s)"
+    return None
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, _stored_digests(f.metadata() or {})
+    except (OSError, SafetensorError) as error:
+        raise CacheError(f"{path} cannot be read ({error}); re-run the cache command to encode it again") from None
 
 
 def is_current(path: Path, key: str) -> bool:
+    """The file exists, holds the entry `key` and its tensors match their checksums (a corrupt or older file is
+    logged and encoded again)."""
     info = read_entry_info(path)
-    return info is not None and info.key == key
+    if info is None:
+        return False
+    if info.key is None:
+        if info.error:
+            logger.info("encoding %s again: %s", path, info.error)
+        return False
+    if info.key != key:
+        return False
+    try:
+        tensors, digests = _read_tensors(path)
+        problem = corruption(path, tensors, digests)
+    except CacheError as error:
+        problem = str(error)
+    if problem is not None:
+        logger.warning("encoding %s again: %s", path, problem)
+    return problem is None
 
 
 def _our_metadata(kind: str, parts: Mapping[str, str], settings: Mapping[str, Any],
@@ -460,6 +538,10 @@ def _check_finite(name: str, tensor: torch.Tensor, path: Path) -> None:
     if not torch.isfinite(tensor).all():
         raise RuntimeError(f"{name} for {path.name} contains NaN or inf: the encoder overflowed (try another dtype, "
                            "e.g. --vae_dtype bfloat16 or float32); nothing was written for this entry")
+
+
+def _digests_json(tensors: Mapping[str, torch.Tensor]) -> str:
+    return json.dumps({name: tensor_digest(tensor) for name, tensor in tensors.items()}, sort_keys=True)
 
 
 def latent_tensor_names(latents: torch.Tensor) -> dict[str, str]:
@@ -492,6 +574,7 @@ def save_latent_entry(path: Path, item: DatasetItem, parts: Mapping[str, str], s
         metadata["frame_count"] = str(item.frame_count)
     metadata.update(_our_metadata("latents", parts, dataclasses.asdict(settings), media=str(item.media_path),
                                   bucket=list(item.bucket), frames=item.frame_count))
+    metadata[TENSORS_METADATA] = _digests_json(tensors)
     return save_safetensors(tensors, path, metadata)
 
 
@@ -505,15 +588,25 @@ def save_text_entry(path: Path, caption: str, parts: Mapping[str, str], settings
     _check_finite(name, tensor, path)
     metadata = {"architecture": ARCHITECTURE, "caption1": caption, "format_version": MUSUBI_FORMAT_VERSION}
     metadata.update(_our_metadata("t5", parts, dataclasses.asdict(settings)))
+    metadata[TENSORS_METADATA] = _digests_json({name: tensor})
     return save_safetensors({name: tensor}, path, metadata)
 
 
-def load_latent_entry(path: Path) -> dict[str, torch.Tensor]:
-    """A latent cache file -> {"latents", optionally "latents_image", "latents_control", "clip"}."""
-    from safetensors.torch import load_file
+def load_checked(path: Path, command: str) -> dict[str, torch.Tensor]:
+    """A cache file's tensors, verified against their checksums (when stored) and for NaN/inf; CacheError naming
+    the file otherwise."""
+    tensors, digests = _read_tensors(path)
+    problem = corruption(path, tensors, digests)
+    if problem is not None:
+        raise CacheError(f"{path}: {problem}; refusing to train on it: run `python -m training {command}` to encode "
+                         "it again")
+    return tensors
 
+
+def load_latent_entry(path: Path) -> dict[str, torch.Tensor]:
+    """A latent cache file -> {"latents", optionally "latents_image", "latents_control", "clip"} (verified)."""
     out: dict[str, torch.Tensor] = {}
-    for key, tensor in load_file(str(path)).items():
+    for key, tensor in load_checked(path, "cache-latents").items():
         match = _LATENT_KEY.match(key)
         if match:
             out[match.group(1)] = tensor
@@ -525,10 +618,8 @@ def load_latent_entry(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_text_entry(path: Path) -> torch.Tensor:
-    """A T5 cache file -> [L, dim]."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
+    """A T5 cache file -> [L, dim] (verified)."""
+    tensors = load_checked(path, "cache-text")
     for key, tensor in tensors.items():
         if key.startswith(T5_KEY_PREFIX):
             return tensor
@@ -603,24 +694,45 @@ def _temp_target(name: str) -> str | None:
     return name[1:-4].rsplit(".", 1)[0]
 
 
-def remove_stale(directory: Path, expected: set[str], is_ours: Callable[[str], bool]) -> list[Path]:
-    """Delete files in `directory` that `is_ours` claims but `expected` does not list, and temporary files of
-    interrupted writes of such files. Returns what was removed."""
+def written_by_us(path: Path) -> bool:
+    """The file carries this project's cache metadata (an unreadable header does not)."""
+    try:
+        metadata = read_metadata(path)
+    except (CheckpointError, OSError, ValueError):
+        return False
+    return KEY_METADATA in metadata or ENTRY_METADATA in metadata
+
+
+def remove_stale(directory: Path, expected: set[str],
+                 is_ours: Callable[[str], bool]) -> tuple[list[Path], list[Path]]:
+    """Delete the cache files in `directory` that `is_ours` names, that carry this project's cache metadata and
+    that `expected` does not list, and temporary files of interrupted writes of such names. Files named like cache
+    files without that metadata (a user's `style_wan.safetensors` LoRA, musubi's caches) are left alone and
+    reported in one log line. Returns (removed, left alone)."""
     if not directory.is_dir():
-        return []
-    removed = []
+        return [], []
+    removed, left = [], []
     for path in sorted(directory.iterdir()):
         if not path.is_file():
             continue
         target = _temp_target(path.name)
-        stale = (is_ours(target) or target == HASH_INDEX_NAME) if target is not None else (
-            is_ours(path.name) and path.name not in expected)
+        if target is not None:
+            stale = is_ours(target) or target == HASH_INDEX_NAME
+        elif is_ours(path.name) and path.name not in expected:
+            stale = written_by_us(path)
+            if not stale:
+                left.append(path)
+        else:
+            stale = False
         if stale:
             path.unlink(missing_ok=True)
             removed.append(path)
     for path in removed:
         logger.info("removed stale cache file %s", path)
-    return removed
+    if left:
+        logger.warning("left %d file(s) in %s alone: named like cache files but without this project's cache "
+                       "metadata, so not written by it: %s", len(left), directory, ", ".join(p.name for p in left))
+    return removed, left
 
 
 def is_latent_cache_name(name: str) -> bool:
@@ -871,6 +983,12 @@ class CacheSource:
     def load(self, items: Sequence[Any]) -> dict[str, Any]:
         return self.dataset.load_batch([self._items[(item.dataset, item.key)] for item in items], extras="available")
 
+    def describe(self, item: Any) -> str:
+        """An item's cache files (for error messages)."""
+        entry = self._items[(item.dataset, item.key)]
+        text = self.dataset.text_entries[(entry.dataset_index, entry.media_path)].path
+        return f"{self.dataset.latent_entries[entry].path} (T5 {text.name})"
+
 
 def open_training_source(dataset: str | os.PathLike[str] | DatasetGroupConfig | DatasetScan,
                          **options: Any) -> CacheSource:
@@ -883,7 +1001,7 @@ def _latent_reason(entry: LatentEntry, info: EntryInfo | None, hasher: MediaHash
     if info is None:
         return "missing"
     if info.key is None:
-        return f"unreadable ({info.error})" if info.error else "written without a content key (musubi's cache?)"
+        return info.error or "written without a content key (musubi's cache?)"
     try:
         media = media_part(entry.item, hasher)
     except (OSError, MediaReadError) as error:
@@ -906,7 +1024,7 @@ def _text_reason(info: EntryInfo | None, caption: str) -> str | None:
     if info is None:
         return "missing"
     if info.key is None:
-        return f"unreadable ({info.error})" if info.error else "written without a content key (musubi's cache?)"
+        return info.error or "written without a content key (musubi's cache?)"
     if info.parts.get("caption") != caption_part(caption):
         return "the caption changed since it was cached"
     return None

@@ -44,6 +44,7 @@ from training.cache import (
     is_latent_cache_name,
     latent_entries,
     latent_parts,
+    left_alone_note,
     module_fingerprint,
     parse_dtype,
     remove_stale,
@@ -239,7 +240,9 @@ def cache_latents(dataset: str | os.PathLike[str] | DatasetGroupConfig | Dataset
     if not keep_cache:
         for cfg in scan.config.datasets:
             expected = {e.path.name for e in entries if e.item.dataset_index == cfg.index}
-            report.removed += remove_stale(cache_directory(cfg), expected, is_latent_cache_name)
+            removed, left = remove_stale(cache_directory(cfg), expected, is_latent_cache_name)
+            report.removed += removed
+            report.left_alone += left
     return report
 
 
@@ -317,7 +320,7 @@ def _summary(report: CacheRunReport) -> str:
     dropped = "".join(f", {count} files dropped ({reason})" for reason, count in report.dropped_files.items())
     hint = " (see the warnings above, or python -m training dataset --dry-run)" if dropped else ""
     return (f"latent cache: {report.entries} entries: {len(report.encoded)} encoded, {report.reused} reused, "
-            f"{len(report.removed)} stale files removed{dropped}{hint}\n")
+            f"{len(report.removed)} stale files removed{left_alone_note(report)}{dropped}{hint}\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -41,6 +41,7 @@ from training.cache import (
     entry_key,
     is_current,
     is_text_cache_name,
+    left_alone_note,
     module_fingerprint,
     remove_stale,
     resolve_tokenizer,
@@ -151,7 +152,9 @@ def cache_text(dataset: str | os.PathLike[str] | DatasetGroupConfig, t5: Any, *,
     if not keep_cache:
         for cfg in group.datasets:
             expected = {e.path.name for e in entries if e.dataset_index == cfg.index}
-            report.removed += remove_stale(cache_directory(cfg), expected, is_text_cache_name)
+            removed, left = remove_stale(cache_directory(cfg), expected, is_text_cache_name)
+            report.removed += removed
+            report.left_alone += left
     return report
 
 
@@ -183,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _summary(report: CacheRunReport) -> str:
     dropped = "".join(f", {n} files without a caption ({reason})" for reason, n in report.dropped_files.items())
     return (f"T5 cache: {report.entries} entries (including the empty caption): {len(report.encoded)} encoded, "
-            f"{report.reused} reused, {len(report.removed)} stale files removed{dropped}\n")
+            f"{report.reused} reused, {len(report.removed)} stale files removed{left_alone_note(report)}{dropped}\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

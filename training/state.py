@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from wan_core.checkpoint import load_state_dict, save_safetensors
+from wan_core.checkpoint import load_state_dict, require_finite, save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,9 @@ class TrainingObjects:
 
 
 def save_state(path: Path, objects: TrainingObjects, progress: Progress, run_info: dict[str, object]) -> Path:
-    """Write a state folder atomically (temporary folder in the same directory, then rename)."""
+    """Write a state folder atomically (temporary folder in the same directory, then rename); NaN/inf weights are
+    refused (NonFiniteError) before anything is written."""
+    require_finite(objects.weights, f"training state {path} (not written)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -154,7 +156,9 @@ def read_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     payload = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     if payload.get("version") != STATE_VERSION:
         raise ValueError(f"--resume {path}: state version {payload.get('version')} is not {STATE_VERSION}")
-    return load_state_dict(path / STATE_WEIGHTS), payload
+    weights = load_state_dict(path / STATE_WEIGHTS)
+    require_finite(weights, f"--resume {path / STATE_WEIGHTS}")
+    return weights, payload
 
 
 def restore_state(payload: dict, objects: TrainingObjects) -> Progress:

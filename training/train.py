@@ -6,6 +6,11 @@ The recipe (`train`) reads as its steps: setup_run, load_model, apply_lora, buil
 resume, then per optimizer step `run_step` (micro-batches through the pure `training.step.training_step`,
 backward, gradient sync, clipping, optimizer/scheduler step) followed by `after_step` (log, save, sample,
 validate), and `after_epoch` / `finish`.
+
+Non-finite numbers stop the run (NonFiniteTrainingError, exit 1): a NaN/inf loss (averaged over processes) is
+caught before the optimizer step, and the trained weights are checked after every step with one fused reduction
+(their total 2-norm); the message names the step, the items (cache files) and the last good checkpoint. Weight and
+state saves refuse NaN/inf tensors, so no saved file holds them.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from training.trainable import (
     resolve_task,
 )
 from training.validation import Validator
+from wan_core.checkpoint import non_finite_count, require_finite
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +69,7 @@ class Run:
     started_at: float = field(default_factory=time.time)
     session_id: int = 0
     writer: object | None = None
+    last_saved: Path | None = None  # the newest weights file this run wrote (main process)
 
     @property
     def device(self) -> torch.device:
@@ -284,7 +291,7 @@ def run_step(run: Run, trainable: Trainable, optim: Optim, data: Data, group: li
              progress: st.Progress) -> float:
     """Forward/backward over the micro-batches of one accumulation group, then the optimizer step; mean loss."""
     plan = data.loader.plan(progress.epoch)
-    losses = []
+    losses, per_sample = [], []
     for a, (position, batch) in enumerate(group):
         offset, count = plan.offsets[position], len(plan.batches[position])
         seeds = sample_seeds(run.seed, progress.global_step, a, offset, count)
@@ -293,6 +300,12 @@ def run_step(run: Run, trainable: Trainable, optim: Optim, data: Data, group: li
                                draw_indices=[slot + i for i in range(count)], autocast=run.autocast)
         _backward(result.loss / len(group), optim)
         losses.append(result.loss.detach())
+        per_sample.append(result.per_sample)
+    loss = torch.stack(losses).mean()
+    if run.world > 1:
+        loss = run.accelerator.reduce(loss, reduction="mean")
+    if not bool(torch.isfinite(loss)):  # before the optimizer step: the weights in memory stay the last good ones
+        raise NonFiniteTrainingError(non_finite_loss_message(run, data, group, per_sample, progress, float(loss)))
     params = trainable.parameters()
     sync_gradients(run, params)
     if optim.scaler is not None:
@@ -306,8 +319,73 @@ def run_step(run: Run, trainable: Trainable, optim: Optim, data: Data, group: li
         optim.optimizer.step()
     optim.scheduler.step()
     optim.optimizer.zero_grad(set_to_none=True)
-    loss = torch.stack(losses).mean()
-    return float(run.accelerator.reduce(loss, reduction="mean")) if run.world > 1 else float(loss)
+    check_weights(run, trainable, params, progress)
+    return float(loss)
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """A NaN/inf loss or NaN/inf trained weights: the run stops and writes nothing more."""
+
+
+def _last_good(run: Run) -> str:
+    if run.last_saved is not None:
+        return f"last good checkpoint: {run.last_saved}"
+    if run.args.resume:
+        return f"no checkpoint saved by this run yet (it resumed from {run.args.resume})"
+    return "last good checkpoint: none saved yet"
+
+
+def describe_item(source: BatchSource, item: TrainItem) -> str:
+    """The cache files of an item when the source knows them (`describe`), else its key."""
+    describe = getattr(source, "describe", None)
+    return describe(item) if describe is not None else f"item {item.key!r}"
+
+
+def _input_problem(batch: dict, index: int) -> str:
+    """Which cached input of sample `index` holds NaN/inf, or '' when all are finite."""
+    bad = []
+    for name in ("latents", "latents_image", "latents_control", "clip"):
+        value = batch.get(name)
+        if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value[index].float()).all()):
+            bad.append(name)
+    t5 = batch.get("t5")
+    if t5 is not None and not bool(torch.isfinite(t5[index].float()).all()):
+        bad.append("t5")
+    return f" (its cached {', '.join(bad)} hold NaN/inf)" if bad else ""
+
+
+def non_finite_loss_message(run: Run, data: Data, group: list[tuple[int, dict]], per_sample: list[torch.Tensor],
+                            progress: st.Progress, loss: float) -> str:
+    """One line: the step, the items whose loss is NaN/inf (with their cache files), the last good checkpoint."""
+    plan = data.loader.plan(progress.epoch)
+    culprits, inputs_bad = [], False
+    for (position, batch), losses in zip(group, per_sample):
+        for index, (item, value) in enumerate(zip(plan.batches[position], losses.tolist())):
+            if not math.isfinite(value):
+                problem = _input_problem(batch, index)
+                inputs_bad = inputs_bad or bool(problem)
+                culprits.append(f"{describe_item(data.source, item)} (loss {value}){problem}")
+    where = "; ".join(culprits) if culprits else "the batch of another process"
+    hint = ("re-run the cache commands for these files" if inputs_bad
+            else "the model diverged: lower --learning_rate or set --max_grad_norm")
+    return (f"training stopped at step {progress.global_step + 1} (epoch {progress.epoch + 1}): the loss is {loss} "
+            f"for {where}; {_last_good(run)}; {hint}")
+
+
+def check_weights(run: Run, trainable: Trainable, params: Sequence[torch.nn.Parameter],
+                  progress: st.Progress) -> None:
+    """Stop when an optimizer step left NaN/inf in the trained weights. One fused reduction (the total 2-norm of
+    the trained tensors, a NaN/inf when any value is); the exact per-tensor check runs only when it is not finite
+    (a norm can also overflow for huge finite weights)."""
+    total = torch.nn.utils.get_total_norm([p.detach() for p in params], foreach=True)
+    if bool(torch.isfinite(total)):
+        return
+    bad = [name for name, tensor in trainable.state_dict().items() if non_finite_count(tensor)]
+    if bad:
+        raise NonFiniteTrainingError(
+            f"training stopped at step {progress.global_step + 1} (epoch {progress.epoch + 1}): the optimizer step "
+            f"left NaN/inf values in {len(bad)} trained tensor(s) (first: {bad[0]}) although the loss was finite; "
+            f"{_last_good(run)}; lower --learning_rate or set --max_grad_norm")
 
 
 def accumulation_groups(data: Data, epoch: int, start: int, size: int):
@@ -372,8 +450,11 @@ def training_metadata(run: Run, data: Data, optim: Optim, trainable: Trainable,
 
 
 def save_weights(run: Run, trainable: Trainable, meta: dict[str, str], file_name: str) -> Path:
+    """Write the trained weights; NaN/inf weights are refused (NonFiniteError) and nothing is written."""
     dtype = SAVE_DTYPES[run.args.save_precision or "fp32"]
+    require_finite(trainable.state_dict(), f"{run.output_dir / file_name} (not written)")
     path = trainable.save(run.output_dir / file_name, run.args.save_format, meta, dtype, run.info.metadata)
+    run.last_saved = path
     logger.info("saved %s", path)
     return path
 
@@ -566,25 +647,28 @@ def train(args: argparse.Namespace, source: BatchSource | None = None, validatio
         validate_now(run, trainable, optim, data, extras, 0)
         if args.sample_at_first:
             sample_now(run, trainable, optim, extras, 0, 0)
-    while progress.global_step < data.total_steps and progress.epoch < data.num_epochs:
-        groups = accumulation_groups(data, progress.epoch, progress.micro_in_epoch, args.gradient_accumulation_steps)
-        for group in groups:
-            loss = run_step(run, trainable, optim, data, group, progress)
-            progress.global_step += 1
-            progress.micro_in_epoch += len(group)
-            after_step(run, trainable, optim, data, extras, progress, loss)
-            if progress.global_step >= data.total_steps:
-                break
-        if progress.micro_in_epoch >= data.micro_per_epoch:
-            progress.epoch, progress.micro_in_epoch = progress.epoch + 1, 0
-            after_epoch(run, trainable, optim, data, extras, progress)
-    if not extras.validation or extras.validation[-1][0] != progress.global_step:
-        validate_now(run, trainable, optim, data, extras, progress.global_step)
-    output = finish(run, trainable, optim, data, progress)
-    if extras.bar is not None:
-        extras.bar.close()
-    if extras.writer is not None:
-        extras.writer.close()
+    try:
+        while progress.global_step < data.total_steps and progress.epoch < data.num_epochs:
+            groups = accumulation_groups(data, progress.epoch, progress.micro_in_epoch,
+                                         args.gradient_accumulation_steps)
+            for group in groups:
+                loss = run_step(run, trainable, optim, data, group, progress)
+                progress.global_step += 1
+                progress.micro_in_epoch += len(group)
+                after_step(run, trainable, optim, data, extras, progress, loss)
+                if progress.global_step >= data.total_steps:
+                    break
+            if progress.micro_in_epoch >= data.micro_per_epoch:
+                progress.epoch, progress.micro_in_epoch = progress.epoch + 1, 0
+                after_epoch(run, trainable, optim, data, extras, progress)
+        if not extras.validation or extras.validation[-1][0] != progress.global_step:
+            validate_now(run, trainable, optim, data, extras, progress.global_step)
+        output = finish(run, trainable, optim, data, progress)
+    finally:
+        if extras.bar is not None:
+            extras.bar.close()
+        if extras.writer is not None:
+            extras.writer.close()
     run.accelerator.end_training()
     return TrainResult(output, progress, extras.losses, extras.validation, trainable.state_dict())
 

@@ -32,6 +32,62 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used: missing, corrupt, or of an unknown layout."""
 
 
+class NonFiniteError(CheckpointError):
+    """Tensors holding NaN or inf values where finite numbers are required (weights being loaded or saved)."""
+
+
+# fp8 formats have no isfinite or sum kernel: their NaN/inf encodings are found from the stored bytes. e4m3fn has
+# no inf and NaN is S.1111.111 (bytes 0x7F, 0xFF); e5m2 has inf and NaN with the exponent all ones (S.11111.xx, bytes
+# 0x7C-0x7F and 0xFC-0xFF); the fnuz formats have one NaN, 0x80. dtype -> (mask, bits): byte & mask == bits.
+_FP8_NON_FINITE = {torch.float8_e4m3fn: (0x7F, 0x7F), torch.float8_e5m2: (0x7C, 0x7C),
+                   torch.float8_e4m3fnuz: (0xFF, 0x80), torch.float8_e5m2fnuz: (0xFF, 0x80)}
+_FINITE_CHUNK = 1 << 26  # elements per exact isfinite pass, so the boolean mask stays at most 64 MiB
+
+
+def _may_hold_non_finite(values: torch.Tensor) -> bool:
+    """A one-reduction filter: False guarantees every value is finite. A float sum is NaN/inf whenever a value is
+    (it can also overflow for finite values, which the exact count then clears); fp8 non-finite bytes are the
+    largest signed (0x7F, or 0x7C.. for e5m2) or unsigned (0xFF, or 0xFC..) bytes, or 0x80 (fnuz)."""
+    pattern = _FP8_NON_FINITE.get(values.dtype)
+    if pattern is None:
+        return not bool(torch.isfinite(values.sum()))
+    if pattern[0] == 0xFF:
+        return int(values.view(torch.int8).min()) == -128
+    return int(values.view(torch.int8).max()) >= pattern[1] or int(values.view(torch.uint8).max()) >= 0x80 | pattern[1]
+
+
+def _finite_mask(values: torch.Tensor) -> torch.Tensor:
+    pattern = _FP8_NON_FINITE.get(values.dtype)
+    if pattern is None:
+        return torch.isfinite(values)
+    mask, bits = pattern
+    return (values.view(torch.uint8) & mask) != bits
+
+
+def non_finite_count(tensor: torch.Tensor) -> int:
+    """How many NaN/inf values `tensor` holds (0 for integer tensors): one reduction when there are none, else an
+    exact count in chunks of 64 Mi elements."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return 0
+    flat = tensor.detach().reshape(-1)
+    if not _may_hold_non_finite(flat):
+        return 0
+    count = 0
+    for start in range(0, flat.numel(), _FINITE_CHUNK):
+        finite = _finite_mask(flat[start: start + _FINITE_CHUNK])
+        count += int(finite.numel() - finite.sum())
+    return count
+
+
+def require_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise NonFiniteError naming `what` and the first tensor that holds NaN or inf values."""
+    for key, tensor in tensors.items():
+        bad = non_finite_count(tensor)
+        if bad:
+            raise NonFiniteError(f"{what}: tensor {key!r} holds {bad} NaN/inf value(s) of {tensor.numel()}; "
+                                 "refusing to use non-finite weights (a corrupt file or a diverged training run)")
+
+
 def expand_split_files(path: str | os.PathLike) -> list[Path]:
     """`x-00001-of-00003.safetensors` -> all three parts (each must exist); other paths -> [path]."""
     path = Path(path)
@@ -167,7 +223,8 @@ def build_on_meta(factory: Callable[[], M]) -> M:
 
 
 def load_into(model: M, sd: Mapping[str, torch.Tensor], *, what: str = "model", strict: bool = True) -> M:
-    """`load_state_dict(assign=True)` with a readable report of missing / unexpected / mis-shaped keys.
+    """`load_state_dict(assign=True)` with a readable report of missing / unexpected / mis-shaped keys; tensors
+    with NaN or inf values are refused (NonFiniteError naming the key).
 
     Buffers that are not in the state dict (computed ones such as RoPE tables) must be re-materialised by the
     caller; parameters are taken as they are (no copy), so peak memory stays about one copy of the weights.
@@ -184,6 +241,7 @@ def load_into(model: M, sd: Mapping[str, torch.Tensor], *, what: str = "model", 
     if strict and (missing or unexpected):
         raise CheckpointError(f"{what}: the checkpoint does not match the architecture: "
                               f"{_preview('missing', missing)}{_preview('unexpected', unexpected)}")
+    require_finite(sd, what)
     model.load_state_dict(dict(sd), strict=False, assign=True)
     return model
 

@@ -118,6 +118,19 @@ def inference_filter(include: str | None = None, exclude: str | None = None) -> 
     return keep
 
 
+def lora_multiplier(value: object, source: object = None) -> float:
+    """`value` as a float; a NaN, inf or non-number strength is a ValueError naming the LoRA."""
+    where = f" for LoRA {source}" if source is not None else ""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"LoRA multiplier {value!r}{where} is not a number; expected a finite number such as "
+                         "1.0") from None
+    if not math.isfinite(number):
+        raise ValueError(f"LoRA multiplier {value!r}{where} is not finite; expected a finite number such as 1.0")
+    return number
+
+
 def _per_lora(values: object, count: int, what: str, default: object) -> list:
     if values is None:
         return [default] * count
@@ -129,12 +142,19 @@ def _per_lora(values: object, count: int, what: str, default: object) -> list:
     return values
 
 
+def _source_name(source: LoRASource) -> str:
+    if isinstance(source, LoRA):
+        return source.source
+    return "<state dict>" if isinstance(source, Mapping) else str(source)
+
+
 def _prepare(loras: Sequence[LoRASource] | LoRASource, modules: set[str], multipliers: object,
              include_patterns: object, exclude_patterns: object) -> list[tuple[dict[str, Adapter], float, LoRAReport]]:
     if isinstance(loras, (str, os.PathLike, Mapping, LoRA)):
         loras = [loras]
     count = len(loras)
-    mults = [float(m) for m in _per_lora(multipliers, count, "multipliers", 1.0)]
+    mults = [lora_multiplier(m, _source_name(source))
+             for m, source in zip(_per_lora(multipliers, count, "multipliers", 1.0), loras)]
     includes = _per_lora(include_patterns, count, "include patterns", None)
     excludes = _per_lora(exclude_patterns, count, "exclude patterns", None)
     prepared = []
@@ -322,9 +342,10 @@ class LoRAHandle:
         for i in indices:
             if not 0 <= i < len(self.reports):
                 raise ValueError(f"LoRA index {i} out of range: this handle holds {len(self.reports)} LoRA(s)")
-            self._multipliers[i] = float(multiplier)
+            value = lora_multiplier(multiplier, self.reports[i].source)
+            self._multipliers[i] = value
             for _, wrapper, key in self._branches[i]:
-                wrapper.branches[key].multiplier = float(multiplier)
+                wrapper.branches[key].multiplier = value
 
     def remove(self) -> None:
         """Remove this handle's branches; layers left without branches get their original module back."""
@@ -498,6 +519,7 @@ class LoRANetwork(nn.Module):
                  exclude_patterns: str | Sequence[str] | None = None, multiplier: float = 1.0, *,
                  ranks: Mapping[str, int] | None = None, alphas: Mapping[str, float | None] | None = None) -> None:
         super().__init__()
+        multiplier = lora_multiplier(multiplier)
         targets = training_targets(model, include_patterns, exclude_patterns)
         if ranks is not None:
             targets = {n: m for n, m in targets.items() if n in ranks}
@@ -551,6 +573,7 @@ class LoRANetwork(nn.Module):
             module.remove()
 
     def set_multiplier(self, multiplier: float) -> None:
+        multiplier = lora_multiplier(multiplier)
         self.multiplier = multiplier
         for module in self.by_name.values():
             module.multiplier = multiplier

@@ -31,7 +31,7 @@ from typing import ClassVar
 import safetensors.torch
 import torch
 
-from .checkpoint import load_state_dict, read_metadata, save_safetensors
+from .checkpoint import load_state_dict, read_metadata, require_finite, save_safetensors
 from .convert import (
     COMFYUI_LORA_PREFIX,
     DIFFUSERS_LORA_PREFIX,
@@ -360,6 +360,7 @@ def parse_lora(sd: Mapping[str, torch.Tensor], modules: Collection[str] | None =
         sample = ", ".join(list(sd)[:3])
         raise ValueError(f"{source} is not a LoRA file: no key ends in a LoRA suffix (.lora_down.weight, "
                          f".lora_A.weight, .hada_w1_a, .lokr_w1, ...); first keys: {sample}")
+    require_finite(sd, f"LoRA {source}")
     groups, unmatched = _collect(sd, ModuleResolver(modules, prefixes))
     adapters: dict[str, Adapter] = {}
     keys: dict[str, tuple[str, ...]] = {}
@@ -476,10 +477,12 @@ def safetensors_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[st
 def save_lora(lora: LoRA | Mapping[str, Adapter], path: str | os.PathLike, format: str = "musubi", *,
               metadata: Mapping[str, str] | None = None, dtype: torch.dtype | None = None,
               **kwargs: object) -> Path:
-    """Write a LoRA file atomically (`lora_state_dict` options in kwargs); musubi files get sshs hashes."""
+    """Write a LoRA file atomically (`lora_state_dict` options in kwargs); musubi files get sshs hashes. Tensors
+    with NaN or inf values (after the cast to `dtype`) are refused with NonFiniteError and nothing is written."""
     tensors = lora_state_dict(lora, format, **kwargs)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.dim() else v for k, v in tensors.items()}
+    require_finite(tensors, f"LoRA {path} (not written)")
     meta = {k: str(v) for k, v in (metadata or {}).items() if k not in _STALE_METADATA}
     if _normalise_format(format) == "musubi":
         meta["sshs_model_hash"], meta["sshs_legacy_hash"] = safetensors_hashes(tensors, meta)

@@ -63,6 +63,12 @@ class ModelSpec:
     loras: tuple[tuple[str, float, str | None, str | None], ...] = ()  # (path, multiplier, include, exclude)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        from .lora import lora_multiplier
+
+        for path, multiplier, *_ in self.loras:  # refuse a NaN/inf strength before any model is loaded
+            lora_multiplier(multiplier, path)
+
     def path(self, kind: str) -> Path:
         """The file for `kind` ('dit', 'vae', 't5', 'clip'), falling back to the toy set."""
         given = getattr(self, kind)
