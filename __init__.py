@@ -13,8 +13,11 @@ if _ROOT not in sys.path:
     # ComfyUI's own top-level modules (`nodes`, `server`, ...) always win.
     sys.path.append(_ROOT)
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
-
 WEB_DIRECTORY = "./web/js"
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+if __package__:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+
+    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+# Otherwise this file runs as a plain module named `__init__`: pytest does that for the checkout's root when the
+# folder's name is not a Python identifier (a clone named ComfyUI-WanTuner), and there is no package to import from.

@@ -86,9 +86,18 @@ class WanTunerDiTLoader:
         path = comfy.model_path("diffusion_models", model_name)
         task_name = None if task == "auto" else task
         key = (comfy.file_key(path), task, dtype, fp8, attention, blocks_to_swap, compile)
+        _unplace_replaced("dit", key)
         model = comfy.cached("dit", key, lambda: _load_dit(path, task_name, dtype, fp8, attention, blocks_to_swap,
                                                            compile))
         return (DiTHandle(model, model_name, task_name),)
+
+
+def _unplace_replaced(kind: str, key: tuple) -> None:
+    """A load with new inputs replaces the cached model of `kind`: unplace that one first, so that a block-swapped
+    DiT detaches its swapper and unpins its CPU memory now, not whenever the garbage collector frees it."""
+    entry = comfy._CACHE.get(kind)
+    if entry is not None and entry[0] != key:
+        entry[1].unplace()
 
 
 def _load_dit(path, task: str | None, dtype: str, fp8: str, attention: str, blocks_to_swap: int,

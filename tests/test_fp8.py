@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tests.tiny import TINY_DIT, randomize_
-from wan_core import load_dit
+from wan_core import load_dit, ops
 from wan_core.fp8 import (
     FP8_MODES,
     apply_fp8,
@@ -23,14 +24,20 @@ from wan_core.fp8 import (
     quantize_state_dict,
 )
 from wan_core.model import WanModel
+from wan_core.offload import LiveTensorBytes
 from wan_core.ops import (
     CastLinear,
     FP8Linear,
     Fp32Linear,
     dequantize_weight,
+    fp8_fast_support,
+    probe_scaled_mm,
+    quantize_rows,
+    quantize_rows_bytes,
     quantize_weight,
     scale_layout,
     scaled_mm_linear,
+    scaled_mm_workspace_bytes,
 )
 
 E4M3 = torch.float8_e4m3fn
@@ -243,6 +250,116 @@ def test_scaled_mm_linear_matches_per_token_quantised_reference(scaling: str) ->
     assert (out.double() - expected).abs().max() <= 2.0**-8 * expected.abs().max()  # bf16 output rounding
     with pytest.raises(ValueError, match="block-wise"):
         scaled_mm_linear(x, *quantize_weight(w, "block"), bias, torch.float32)
+
+
+def _per_row_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row absmax/448 quantisation of the whole input in fp32 at once (what the fp8 matmul path computed)."""
+    rows = x.float()
+    scale = (rows.abs().amax(dim=1, keepdim=True) / 448).clamp_min(1e-8)
+    return (rows / scale).clamp(-448, 448).to(E4M3), scale
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quantize_rows_in_slices_equals_the_whole_input_at_once(dtype: torch.dtype, monkeypatch) -> None:
+    monkeypatch.setattr(ops, "QUANT_SLICE_ELEMENTS", 7 * 96)  # 7-row slices of 45 rows: the last one is short
+    x = (torch.randn(45, 96, generator=_gen(8)) * 3).to(dtype)
+    x[4] = 0.0  # an all-zero row: scale clamps to 1e-8
+    original = x.clone()
+    q, scale = quantize_rows(x)
+    want_q, want_scale = _per_row_reference(x)
+    assert q.dtype == E4M3 and scale.dtype == torch.float32 and scale.shape == (45, 1)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(scale, want_scale)
+    assert torch.equal(x, original)  # the input is never written to (fp32 inputs are copied per slice too)
+
+
+@pytest.mark.parametrize("rows,features,slice_elements", [(300, 256, 4096), (300, 256, 1 << 24), (257, 48, 1000),
+                                                          (10, 64, 64)])
+def test_quantize_rows_peak_bytes_match_the_estimate(rows: int, features: int, slice_elements: int,
+                                                     monkeypatch) -> None:
+    """Measured by dispatch on the CPU: the fp8 result and its scales plus one slice's fp32 temporaries."""
+    monkeypatch.setattr(ops, "QUANT_SLICE_ELEMENTS", slice_elements)
+    x = torch.randn(rows, features, generator=_gen(9)).to(torch.bfloat16)
+    with LiveTensorBytes() as meter:
+        quantize_rows(x)
+    estimate = quantize_rows_bytes(rows, features)
+    assert meter.peak <= estimate <= 1.02 * meter.peak, (meter.peak, estimate)
+
+
+@pytest.mark.parametrize("rows,features,out,out_dtype,scaling", [
+    (300, 256, 64, torch.bfloat16, "channel"), (300, 64, 512, torch.float32, "channel"),
+    (100, 128, 128, torch.float32, "tensor"), (257, 128, 48, torch.bfloat16, "none")])
+def test_scaled_mm_linear_allocates_its_workspace_and_output_only(rows: int, features: int, out: int,
+                                                                   out_dtype: torch.dtype, scaling: str,
+                                                                   monkeypatch) -> None:
+    """The quantised activations are bounded by the slice size (the old whole-input fp32 path made ~6x the bf16
+    input in temporaries); the bias is added in place. workspace <= measured peak <= workspace + output."""
+    monkeypatch.setattr(ops, "QUANT_SLICE_ELEMENTS", 4096)
+    gen = _gen(10)
+    x = torch.randn(rows, features, generator=gen).to(torch.bfloat16)
+    weight, scale = quantize_weight(torch.randn(out, features, generator=gen), scaling)
+    bias = torch.randn(out, generator=gen).to(out_dtype)
+    with LiveTensorBytes() as meter:
+        y = scaled_mm_linear(x, weight, scale, bias, out_dtype)
+    workspace = scaled_mm_workspace_bytes(rows, features, out, out_dtype)
+    assert workspace <= meter.peak <= workspace + y.numel() * y.element_size(), (meter.peak, workspace)
+
+
+def test_scaled_mm_linear_in_slices_equals_the_whole_input_at_once(monkeypatch) -> None:
+    gen = _gen(11)
+    x, bias = torch.randn(3, 40, 64, generator=gen).to(torch.bfloat16), torch.randn(48, generator=gen)
+    weight, scale = quantize_weight(torch.randn(48, 64, generator=gen) * 0.05, "channel")
+    monkeypatch.setattr(ops, "QUANT_SLICE_ELEMENTS", 1 << 24)
+    whole = scaled_mm_linear(x, weight, scale, bias.to(torch.bfloat16), torch.bfloat16)
+    monkeypatch.setattr(ops, "QUANT_SLICE_ELEMENTS", 11 * 64)
+    assert torch.equal(scaled_mm_linear(x, weight, scale, bias.to(torch.bfloat16), torch.bfloat16), whole)
+
+
+def test_fp8_fast_support_by_capability_and_torch_version() -> None:
+    assert "no fp8 tensor cores" in fp8_fast_support((8, 6), "2.7.0")
+    for old in ("2.4.1+cu124", "2.5.1", "2.6.0+cu126"):
+        assert "compute capability 8.9 needs torch >= 2.7" in fp8_fast_support((8, 9), old)
+    assert fp8_fast_support((8, 9), "2.7.0+cu128") is None
+    assert fp8_fast_support((9, 0), "2.4.0") is None  # the Hopper kernel came first
+    assert fp8_fast_support((12, 0), "2.8.0") is None  # unknown limits: the probe decides
+
+
+def test_probe_scaled_mm_reports_a_failing_kernel(monkeypatch) -> None:
+    assert probe_scaled_mm(torch.device("cpu")) is None  # this torch has a CPU kernel
+
+    def missing_kernel(*args, **kwargs):
+        raise RuntimeError("f8f8bf16_rowwise is only supported on SM90")
+
+    monkeypatch.setattr(torch, "_scaled_mm", missing_kernel)
+    assert "failed (RuntimeError: f8f8bf16_rowwise is only supported on SM90)" in probe_scaled_mm(torch.device("cpu"))
+
+
+@pytest.fixture
+def ada_with_torch_2_6(monkeypatch):
+    """Pretend the CPU is an fp8-capable GPU (8.9) under torch 2.6, whose row-wise fp8 matmul is Hopper-only."""
+    monkeypatch.setattr(ops, "_check_scaled_mm_device", lambda device_type, index: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    monkeypatch.setattr(torch, "__version__", "2.6.0+cu124")
+    ops._fast_matmul_fallback.cache_clear()
+    yield
+    ops._fast_matmul_fallback.cache_clear()
+
+
+def test_fp8_fast_falls_back_to_upcast_weights_with_one_warning(ada_with_torch_2_6, caplog) -> None:
+    fast = FP8Linear.from_linear(nn.Linear(64, 48), "channel", compute_dtype=torch.float32, fast=True)
+    upcast = FP8Linear.from_quantized(fast.weight, fast.scale_weight, fast.bias, compute_dtype=torch.float32)
+    x = torch.randn(2, 7, 64, generator=_gen(12))
+    with caplog.at_level(logging.WARNING, logger="wan_core.ops"), torch.no_grad():
+        assert torch.equal(fast(x), upcast(x)) and torch.equal(fast(x), upcast(x))
+        compiled = torch.compile(fast, backend="eager", fullgraph=True)
+        assert torch.equal(compiled(x), upcast(x))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "compute capability 8.9 needs torch >= 2.7" in warnings[0], warnings
+
+
+def test_apply_fp8_fast_on_a_device_without_the_kernel_quantises_as_fp8_scaled(ada_with_torch_2_6) -> None:
+    model = apply_fp8(_model(), "fp8_fast", device="cpu")
+    layer = model.blocks[0].ffn[0]
+    assert layer.scaling == "block" and not layer.fast
 
 
 # -- files ----------------------------------------------------------------------------------------------------

@@ -41,3 +41,29 @@ def test_importing_library_leaves_root_logger_alone():
         "assert logging.getLogger().handlers == before, logging.getLogger().handlers\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_checkout_root_imports_as_a_plain_module():
+    """pytest imports the root __init__.py as a plain module when the checkout folder's name is not an identifier
+    (a clone named ComfyUI-WanTuner); that must not fail, or every test errors at setup."""
+    code = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('__init__', {str(ROOT / '__init__.py')!r})\n"
+            "module = importlib.util.module_from_spec(spec)\n"
+            "spec.loader.exec_module(module)\n"
+            "assert module.WEB_DIRECTORY == './web/js'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+
+
+def test_checkout_root_imports_as_comfyui_imports_it():
+    """ComfyUI loads the folder as a package under its folder name, hyphens included."""
+    code = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('ComfyUI-WanTuner', {str(ROOT / '__init__.py')!r},\n"
+            f"    submodule_search_locations=[{str(ROOT)!r}])\n"
+            "module = importlib.util.module_from_spec(spec)\n"
+            "sys.modules[spec.name] = module\n"
+            "spec.loader.exec_module(module)\n"
+            "assert all(name.startswith('WanTuner') for name in module.NODE_CLASS_MAPPINGS), module.NODE_CLASS_MAPPINGS\n"
+            "assert len(module.NODE_CLASS_MAPPINGS) >= 16\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert result.returncode == 0, result.stderr

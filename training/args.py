@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from training.config_file import add_config_file_argument, parse_args
 from training.timesteps import SCHEMES, WEIGHTING_SCHEMES
 from wan_core.config import TASKS
+from wan_core.offload import PINNED_MEMORY_HELP
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +110,7 @@ def _add_memory_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fp8_base", action="store_true", help="store the frozen DiT Linear weights in fp8")
     g.add_argument("--fp8_scaled", action="store_true", help="block-wise scaled fp8 (with --fp8_base)")
     g.add_argument("--blocks_to_swap", type=int, default=None, help="DiT blocks kept in CPU memory")
-    g.add_argument("--use_pinned_memory_for_block_swap", action="store_true",
-                   help="accepted for musubi compatibility: the block-swap arena is always pinned on CUDA")
+    g.add_argument("--use_pinned_memory_for_block_swap", action="store_true", help=PINNED_MEMORY_HELP)
 
 
 def _add_timestep_args(parser: argparse.ArgumentParser) -> None:

@@ -83,12 +83,12 @@ def weight_dtype(mixed_precision: str | None, stored: torch.dtype, full: bool) -
     return mixed or stored
 
 
-def _block_swap(model: WanModel, blocks: int, device: torch.device) -> None:
+def _block_swap(model: WanModel, blocks: int, device: torch.device, pinned: bool) -> None:
     """`wan_core.offload`: the last `blocks` blocks' frozen weights stream from CPU memory (LoRA stays on device)."""
-    from wan_core.offload import enable_block_swap, parse_blocks_to_swap
+    from wan_core.offload import enable_block_swap, parse_blocks_to_swap, pin_mode
 
     count = parse_blocks_to_swap(blocks, len(model.blocks))
-    swapper = enable_block_swap(model, count, device)
+    swapper = enable_block_swap(model, count, device, pin=pin_mode(pinned))
     model._block_swapper = swapper  # keep it alive with the model
 
 
@@ -100,7 +100,7 @@ def load_training_dit(args: argparse.Namespace, info: DiTInfo, device: torch.dev
     model = load_dit(args.dit, task=args.task, dtype=dtype, device="cpu" if staged else device, attn=attn, fp8=fp8)
     model.gradient_checkpointing = bool(args.gradient_checkpointing)
     if staged:
-        _block_swap(model, args.blocks_to_swap, device)
+        _block_swap(model, args.blocks_to_swap, device, args.use_pinned_memory_for_block_swap)
     return model
 
 

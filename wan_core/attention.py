@@ -96,7 +96,10 @@ def _load_kernel(backend: Backend) -> AttnFn:
 
         return _fa3
     except (ImportError, OSError, RuntimeError) as exc:
-        raise RuntimeError(f"attention backend {backend.value!r} is installed but failed to import: {exc}") from exc
+        module, install = _PACKAGES[backend]
+        raise RuntimeError(f"attention backend {backend.value!r}: the package {module!r} is installed but failed to "
+                           f"import ({type(exc).__name__}: {exc}); it is probably built for another torch than "
+                           f"{torch.__version__}: reinstall it ({install}) or use sdpa") from exc
 
 
 _KERNELS: dict[Backend, AttnFn] = {Backend.SDPA: _sdpa}

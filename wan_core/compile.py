@@ -8,7 +8,8 @@ Use the default mode (not "reduce-overhead"): CUDA graphs would pin the addresse
 
 Attention kernels from other packages (SageAttention, flash-attn) are opaque to Dynamo. `attention_op` wraps
 them in a `torch.library.custom_op` with a fake (meta) implementation, so a compiled block keeps one graph
-around them; `install_compile_safe_kernels()` puts those wrappers into the attention dispatch table.
+around them; `install_compile_safe_kernels()` puts those wrappers into the attention dispatch table for the
+backends the blocks use (other installed attention packages are never imported).
 The wrappers are for inference: they register no backward formula (use sdpa to train with --compile).
 """
 
@@ -16,11 +17,13 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from . import attention as _attention
+from .ops import torch_release
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +60,15 @@ def _call_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) ->
     return attention_op(q, k, v, backend)
 
 
-def install_compile_safe_kernels() -> list[str]:
-    """Route every installed non-sdpa backend of the dispatch table through `attention_op`; returns their names.
+def install_compile_safe_kernels(backends: Iterable[str]) -> list[str]:
+    """Route the named non-sdpa backends of the dispatch table through `attention_op`; returns their names.
 
-    (SDPA is a PyTorch op already.) Selection-time checks stay in `wan_core.attention`.
+    Only these packages are imported: a broken package that the model does not use (flash-attn or xformers
+    built for another torch) cannot stop `--compile`; a broken one that is asked for raises a RuntimeError naming
+    the package. (SDPA is a PyTorch op already.) Selection-time checks stay in `wan_core.attention`.
     """
     installed = []
-    for name in _attention.available_backends():
+    for name in sorted({_attention.resolve_backend(b).value for b in backends}):
         backend = _attention.Backend(name)
         if backend is _attention.Backend.SDPA:
             continue
@@ -71,6 +76,32 @@ def install_compile_safe_kernels() -> list[str]:
         _attention._KERNELS[backend] = compile_safe_kernel(name)
         installed.append(name)
     return installed
+
+
+def attention_backends(module: nn.Module) -> set[str]:
+    """The attention backends selected inside `module` (the `attn_backend` of its attention layers)."""
+    return {m.attn_backend for m in module.modules() if isinstance(getattr(m, "attn_backend", None), str)}
+
+
+INLINE_DEFAULT_FROM = (2, 5)  # torch release from which Dynamo inlines nn.Module calls by default
+
+
+def enable_module_inlining(config: object | None = None, version: str | None = None) -> bool:
+    """Make Dynamo trace through nn.Modules passed as arguments (`inline_inbuilt_nn_modules`), so that one compiled
+    block function serves every block; returns True when it changed the setting.
+
+    The option is on by default from torch 2.5. Before, each block is a different module constant to Dynamo: every
+    block recompiles and, past the recompile limit (8), the remaining blocks run eagerly.
+    """
+    config = torch._dynamo.config if config is None else config
+    if torch_release(torch.__version__ if version is None else version) >= INLINE_DEFAULT_FROM:
+        return False
+    if not hasattr(config, "inline_inbuilt_nn_modules") or config.inline_inbuilt_nn_modules:
+        return False
+    config.inline_inbuilt_nn_modules = True
+    logger.info("torch %s: set torch._dynamo.config.inline_inbuilt_nn_modules = True so that the blocks share "
+                "one compiled graph", version or torch.__version__)
+    return True
 
 
 def compile_blocks(model: nn.Module, *, backend: str = "inductor", mode: str | None = None,
@@ -88,7 +119,8 @@ def compile_blocks(model: nn.Module, *, backend: str = "inductor", mode: str | N
     kinds = {type(b) for b in blocks}
     if len(kinds) != 1:
         raise ValueError(f"compile_blocks expects blocks of one class, got {sorted(k.__name__ for k in kinds)}")
-    installed = install_compile_safe_kernels()
+    installed = install_compile_safe_kernels(attention_backends(blocks))
+    enable_module_inlining()
     compiled = torch.compile(kinds.pop().forward, backend=backend, mode=mode, fullgraph=fullgraph, dynamic=dynamic)
     for block in blocks:
         block.forward = functools.partial(compiled, block)

@@ -8,7 +8,10 @@ Modes (`FP8_MODES`):
 - `fp8_scaled`: block-wise scales over 64 input columns (absmax/448, fp32, [out, in/64, 1]); per channel when
   in_features % 64 != 0. `fp8_scaled_tensor` / `fp8_scaled_channel`: one scale per tensor / output row.
 - `fp8_fast`: per-channel weight scales plus per-token activation quantisation, fp8 matmuls through
-  `torch._scaled_mm` (CUDA compute capability >= 8.9 only; a RuntimeError elsewhere).
+  `torch._scaled_mm` (CUDA compute capability >= 8.9 only; a RuntimeError elsewhere). Where the GPU has fp8
+  tensor cores but this torch has no row-wise kernel for it (compute capability 8.9 before torch 2.7, or a failed
+  test call), it warns once and upcasts the weights per call instead (fp8_scaled when `apply_fp8` is told the
+  device).
 
 Targets (all modes, DiT): the Linear weights inside `blocks.*`, i.e. self/cross-attention q, k, v, o, k_img,
 v_img and ffn.0/ffn.2. Norms, biases, modulation, the patch/text/time/image embeddings, the time projection and
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .ops import FP8_DTYPES, FP8Linear, Fp32Linear, check_scaled_mm_device, dequantize_weight, quantize_weight
+from .ops import FP8_DTYPES, FP8Linear, Fp32Linear, dequantize_weight, fast_matmul_fallback, quantize_weight
 from .ops import scale_layout as _scale_layout
 
 logger = logging.getLogger(__name__)
@@ -94,11 +97,12 @@ def apply_fp8(model: nn.Module, mode: str | FP8Mode, *, compute_dtype: torch.dty
     """Quantise the target Linear layers of `model` in place (call after merging LoRAs); returns the model.
 
     `compute_dtype` defaults to each layer's current weight dtype. With `fp8_fast`, pass the device the model will
-    run on to fail now rather than at the first forward on an unsupported device.
+    run on to fail now rather than at the first forward on a device without fp8 tensor cores, and to get
+    fp8_scaled instead where this torch cannot run fp8 matmuls on it (`ops.fast_matmul_fallback`).
     """
     mode = get_fp8_mode(mode)
-    if mode.fast and device is not None:
-        check_scaled_mm_device(torch.device(device))
+    if mode.fast and device is not None and fast_matmul_fallback(device) is not None:
+        mode = FP8_MODES["fp8_scaled"]  # the reason is logged once; no fp8 matmuls here, so keep block scales
     targets = [(n, m) for n, m in model.named_modules() if _quantizable(n, m, is_target)]
     if not targets:
         raise ValueError(f"apply_fp8({mode.name}): the model has no Linear layer to quantise "

@@ -22,6 +22,7 @@ from .config import TASKS, get_task
 from .guidance import CFG_SKIP_MODES, SLG_MODES, SLGConfig, cfg_apply_pattern
 from .jobs import Job, parse_prompt_line, read_prompt_lines
 from .models import ModelSet, ModelSpec
+from .offload import PINNED_MEMORY_HELP
 from .outputs import OUTPUT_TYPES, load_latent, output_stem, save_outputs
 from .pipeline import SamplerSettings, decode_latents, denoise, encode_prompts
 from .sampling import SAMPLERS
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp8_scaled", action="store_true", help="block-wise scaled fp8 (with --fp8)")
     g.add_argument("--fp8_fast", action="store_true", help="fp8 matmuls (compute capability >= 8.9)")
     g.add_argument("--blocks_to_swap", default=None, help="number of DiT blocks to stream from CPU memory, or 'auto'")
-    g.add_argument("--use_pinned_memory_for_block_swap", action="store_true")
+    g.add_argument("--use_pinned_memory_for_block_swap", action="store_true", help=PINNED_MEMORY_HELP)
     g.add_argument("--compile", action="store_true", help="torch.compile each DiT block")
     g = p.add_argument_group("output")
     g.add_argument("--save_path", default="outputs", help="output folder")
@@ -231,7 +232,8 @@ def spec_from_args(args: argparse.Namespace) -> ModelSpec:
     return ModelSpec(dit=args.dit, vae=args.vae, t5=args.t5, clip=args.clip, tokenizer=tokenizer, task=args.task,
                      device=args.device, attn=args.attn_mode, vae_dtype=vae_dtype, vae_cache_cpu=args.vae_cache_cpu,
                      vae_tiling=True if args.vae_tiling else None, fp8=fp8, fp8_t5=args.fp8_t5,
-                     blocks_to_swap=swap, compile=args.compile,
+                     blocks_to_swap=swap, pinned_block_swap=args.use_pinned_memory_for_block_swap,
+                     compile=args.compile,
                      loras=tuple(zip(args.lora_weight, multipliers, includes, excludes)))
 
 

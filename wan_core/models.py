@@ -58,6 +58,7 @@ class ModelSpec:
     fp8: str | None = None  # None, "fp8", "fp8_scaled", "fp8_fast"
     fp8_t5: bool = False
     blocks_to_swap: int | str | None = None
+    pinned_block_swap: bool = False  # page-locked CPU copy of the swapped blocks (faster copies, RAM held)
     compile: bool = False
     loras: tuple[tuple[str, float, str | None, str | None], ...] = ()  # (path, multiplier, include, exclude)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -116,7 +117,13 @@ class ModelSet:
         return self._models[kind]
 
     def release(self, kind: str) -> None:
-        if self._models.pop(kind, None) is not None:
+        """Drop the `kind` model; a block-swapped DiT first detaches its swapper, which unpins its CPU memory."""
+        model = self._models.pop(kind, None)
+        if model is not None:
+            from .offload import release_block_swap
+
+            release_block_swap(model)
+            del model
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()

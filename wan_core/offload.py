@@ -1,8 +1,9 @@
 """Block swap: keep the last N DiT blocks in CPU memory and stream each onto the GPU just before it runs.
 
 Layout (musubi `--blocks_to_swap N`, 1 <= N <= num_blocks - 1): the non-block modules and blocks [0, L-N) live on
-the device; the frozen tensors of blocks [L-N, L) live in one CPU arena (pinned) and are copied, one block at a
-time, into a small ring of device slots on a side CUDA stream, overlapped with the compute of the previous block.
+the device; the frozen tensors of blocks [L-N, L) live in a CPU arena (one buffer per block, pageable unless
+pinning is asked for) and are copied, one block at a time, into a small ring of device slots on a side CUDA stream,
+overlapped with the compute of the previous block (fully only from pinned memory).
 Trainable parameters (LoRA) are never swapped: they stay on the device, so optimisers and gradients see them
 where they are; so do tensors added to a block after swapping was enabled (unmerged LoRA for one run).
 
@@ -17,8 +18,8 @@ Three layers, each testable on its own:
 - Memory estimate and `choose_blocks_to_swap` (`--blocks_to_swap auto`): see `estimate_activation_bytes`.
 
 Usage: `swapper = enable_block_swap(model, 20, "cuda")` instead of `model.to("cuda")`; `swapper.remove()` undoes
-it. Do not call `model.to()` while a swapper is attached. `torch.compile` of the blocks (`wan_core.compile`)
-compiles the block computation only; the hooks and movements stay outside the compiled code.
+it and unpins the arena. Do not call `model.to()` while a swapper is attached. `torch.compile` of the blocks
+(`wan_core.compile`) compiles the block computation only; the hooks and movements stay outside the compiled code.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from torch.utils._pytree import tree_flatten
 
 from . import model as wan_model
 from .config import DiTConfig
-from .ops import FP8Linear
+from .devices import canonical_device, same_device
+from .ops import FP8Linear, scaled_mm_workspace_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -176,53 +178,88 @@ def _byte_view(buffer: torch.Tensor, offset: int, like: torch.Tensor) -> torch.T
 @dataclass
 class _BlockLayout:
     tensors: list[torch.Tensor]  # the block's frozen parameters and buffers (the objects the model holds)
-    offsets: list[int]  # byte offset of each inside the block's region
-    arena_offset: int  # where the block's region starts in the arena
-    nbytes: int  # size of the region
+    offsets: list[int]  # byte offset of each inside the block's host buffer
+    nbytes: int  # size of the block's region
     ids: set[int]  # ids of every tensor of the block known to the swapper (streamed or kept on the device)
+    host: torch.Tensor  # the block's buffer in the arena (uint8, `nbytes` long)
 
 
-PIN_MODES = ("register", "pin_memory", "none")
+PIN_MODES = ("none", "register", "pin_memory")
+PINNED_MEMORY_HELP = ("with --blocks_to_swap: keep the CPU copy of the swapped blocks in pinned (page-locked) RAM, so "
+                      "that copies to the GPU are faster and overlap compute. As much RAM as the swapped blocks take "
+                      "(about 0.7 GB per block of a 14B bf16 DiT, 27 GB for 39 blocks) must then be free, and it is "
+                      "unavailable to other programs while it runs. Default: ordinary pageable memory")
+
+
+def _unregister(buffers: list[torch.Tensor]) -> None:
+    """Unpin buffers pinned with cudaHostRegister; their memory stays valid as ordinary pageable memory."""
+    while buffers:
+        torch.cuda.cudart().cudaHostUnregister(buffers.pop().data_ptr())
 
 
 class _HostArena:
-    """One CPU buffer for all swapped blocks. `pin`: "register" pins it in place with cudaHostRegister (exact
-    size); "pin_memory" uses PyTorch's pinned allocator (rounds the size up to a power of two); "none" leaves it
-    pageable (copies then cannot overlap compute)."""
+    """CPU memory of the swapped blocks: one buffer per block, allocated as each block moves in, so that moving a
+    model in needs about one block of extra host memory (not a second copy of every swapped weight).
 
-    def __init__(self, nbytes: int, pin: str) -> None:
-        self.buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8)
-        self.registered = False
-        if pin == "pin_memory":
-            self.buffer = self.buffer.pin_memory()
-        elif pin == "register":
-            error = torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), self.buffer.numel(), 0)
+    `pin`: "none" leaves the buffers pageable (host-to-device copies are then staged by the driver and do not
+    overlap compute); "register" pins each buffer in place with cudaHostRegister (exact size); "pin_memory"
+    allocates from PyTorch's pinned allocator (rounds each buffer up to a power of two). Pinned memory is
+    page-locked: no other program can use it while the arena holds it. Registered buffers are unregistered by
+    `release()` or, at the latest, when the arena is garbage collected.
+    """
+
+    def __init__(self, pin: str) -> None:
+        self.pin = pin
+        self.buffers: list[torch.Tensor] = []
+        self._registered: list[torch.Tensor] = []
+        self._finalizer = weakref.finalize(self, _unregister, self._registered)
+        self._finalizer.atexit = False  # the process exit frees page-locked memory anyway
+
+    def allocate(self, nbytes: int) -> torch.Tensor:
+        if not self._finalizer.alive:
+            raise RuntimeError("block swap: the host arena was released; enable block swap again")
+        buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pin == "pin_memory")
+        if self.pin == "register":
+            error = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
             if int(error) != 0:
                 raise RuntimeError(f"block swap: cudaHostRegister of {nbytes / 1e9:.2f} GB failed ({error}); raise "
-                                   f"the locked-memory limit (ulimit -l) or use pin='pin_memory' or pin='none'")
-            self.registered = True
+                                   f"the locked-memory limit (ulimit -l) or do without pinned memory (pin='none')")
+            self._registered.append(buffer)
+        self.buffers.append(buffer)
+        return buffer
+
+    @property
+    def nbytes(self) -> int:
+        return sum(buffer.numel() for buffer in self.buffers)
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """True when `tensor`'s data lies in one of the arena's buffers."""
+        pointer = tensor.data_ptr()
+        return any(b.data_ptr() <= pointer < b.data_ptr() + b.numel() for b in self.buffers)
 
     def release(self) -> None:
-        if self.registered:
-            torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
-            self.registered = False
+        """Unpin the registered buffers now (idempotent); the data stays readable."""
+        self._finalizer()
+
+
+def _host_pin(pin: str, device: torch.device) -> str:
+    """Pinning only serves copies to a CUDA device: for any other device the arena stays pageable."""
+    return pin if device.type == "cuda" else "none"
 
 
 class BlockSwapper:
     """Streams the swapped blocks of a `SwapPlan` between a CPU arena and device slots (see the module docs)."""
 
     def __init__(self, blocks: Sequence[nn.Module], plan: SwapPlan, device: str | torch.device,
-                 pin: str = "register") -> None:
+                 pin: str = "none") -> None:
         if len(blocks) != plan.num_blocks:
             raise ValueError(f"the plan is for {plan.num_blocks} blocks but the model has {len(blocks)}")
         if pin not in PIN_MODES:
             raise ValueError(f"pin must be one of {', '.join(PIN_MODES)}, got {pin!r}")
         self.blocks, self.plan = list(blocks), plan
-        self.device = torch.device(device)
+        self.device = canonical_device(device)
         self.cuda = self.device.type == "cuda"
-        if self.cuda and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        self.pin = pin if self.cuda else "none"
+        self.pin = _host_pin(pin, self.device)
         self.direction: Direction = "forward"
         self.wrap = False
         self.on_device: dict[int, int] = {}  # swapped block -> slot
@@ -251,24 +288,9 @@ class BlockSwapper:
     def _prepare(self) -> None:
         for index in self.plan.resident_blocks:
             self.blocks[index].to(self.device)
-        offset = 0
+        self._arena = _HostArena(self.pin)
         for index in self.plan.swapped_blocks:
-            block = self.blocks[index]
-            tensors = self._frozen_tensors(block)
-            offsets, size = [], 0
-            for tensor in tensors:
-                offsets.append(size)
-                size += _aligned(tensor.numel() * tensor.element_size())
-            known = {id(t) for t in [*block.parameters(), *block.buffers()]}
-            self._layouts[index] = _BlockLayout(tensors, offsets, offset, size, known)
-            offset += size
-        self._arena = _HostArena(offset, pin=self.pin)
-        for layout in self._layouts.values():
-            region = self._region(layout)
-            for tensor, off in zip(layout.tensors, layout.offsets):
-                master = _byte_view(region, off, tensor)
-                master.copy_(tensor.data)
-                tensor.data = master
+            self._layouts[index] = self._move_in(self.blocks[index])
         slot_bytes = max((layout.nbytes for layout in self._layouts.values()), default=0)
         if self.plan.blocks_to_swap <= self.plan.slots:
             logger.warning("block swap: %d swapped block(s) fit in the %d device slot(s), so no memory is saved "
@@ -276,11 +298,24 @@ class BlockSwapper:
                            self.plan.slots)
         self._slots = [torch.empty(max(slot_bytes, 1), dtype=torch.uint8, device=self.device)
                        for _ in range(self.plan.slots)]
-        logger.info("%s; %.2f GB in CPU memory (%s), %d x %.2f GB device slots", self.plan.describe(), offset / 1e9,
-                    f"pin: {self.pin}", self.plan.slots, slot_bytes / 1e9)
+        logger.info("%s; %.2f GB in CPU memory (%s), %d x %.2f GB device slots", self.plan.describe(),
+                    self._arena.nbytes / 1e9, f"pin: {self.pin}", self.plan.slots, slot_bytes / 1e9)
 
-    def _region(self, layout: _BlockLayout) -> torch.Tensor:
-        return self._arena.buffer[layout.arena_offset:layout.arena_offset + layout.nbytes]
+    def _move_in(self, block: nn.Module) -> _BlockLayout:
+        """Copy the frozen tensors of `block` into a new arena buffer and point them at it; each tensor's former
+        memory is freed as soon as it is copied (when nothing else holds it)."""
+        tensors = self._frozen_tensors(block)
+        offsets, size = [], 0
+        for tensor in tensors:
+            offsets.append(size)
+            size += _aligned(tensor.numel() * tensor.element_size())
+        known = {id(t) for t in [*block.parameters(), *block.buffers()]}
+        layout = _BlockLayout(tensors, offsets, size, known, self._arena.allocate(size))
+        for tensor, off in zip(tensors, offsets):
+            master = _byte_view(layout.host, off, tensor)
+            master.copy_(tensor.data)
+            tensor.data = master
+        return layout
 
     # -- movement -------------------------------------------------------------------------------------------
 
@@ -301,7 +336,7 @@ class BlockSwapper:
         sampling run) are not streamed: they move to the device once and stay there."""
         managed = self._layouts[index].ids
         for tensor in [*self.blocks[index].parameters(), *self.blocks[index].buffers()]:
-            if id(tensor) not in managed and tensor.device != self.device:
+            if id(tensor) not in managed and not same_device(tensor.device, self.device):
                 tensor.data = tensor.data.to(self.device)
                 managed.add(id(tensor))
                 logger.debug("block swap: block %d gained a %s tensor; it stays on %s", index,
@@ -310,9 +345,8 @@ class BlockSwapper:
     def _evict(self, index: int) -> None:
         slot = self.on_device.pop(index)
         layout = self._layouts[index]
-        region = self._region(layout)
         for tensor, off in zip(layout.tensors, layout.offsets):
-            tensor.data = _byte_view(region, off, tensor)  # frozen: the CPU copy is still exact
+            tensor.data = _byte_view(layout.host, off, tensor)  # frozen: the CPU copy is still exact
         if self.cuda:  # the slot may be refilled once the compute queued so far (which reads it) is done
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.device))
@@ -326,12 +360,12 @@ class BlockSwapper:
             with torch.cuda.stream(self._stream):
                 if slot in self._slot_free:
                     self._stream.wait_event(self._slot_free.pop(slot))
-                target.copy_(self._region(layout), non_blocking=True)
+                target.copy_(layout.host, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(self._stream)
                 self._ready[index] = event
         else:
-            target.copy_(self._region(layout))
+            target.copy_(layout.host)
         for tensor, off in zip(layout.tensors, layout.offsets):
             tensor.data = _byte_view(target, off, tensor)
         self.on_device[index] = slot
@@ -375,8 +409,10 @@ class BlockSwapper:
         return hook
 
     def remove(self, device: str | torch.device | None = None) -> None:
-        """Detach the hooks and free the device slots. With `device`, every swapped tensor gets its own memory
-        there (the model is whole again); without, they stay in the (unpinned) CPU arena, e.g. to discard it."""
+        """Detach the hooks, free the device slots and unregister the arena's pinned memory (pin="pin_memory"
+        buffers are freed with their last tensor). With `device`, every swapped tensor gets its own memory there
+        (the model is whole again); without, they stay in the (now pageable) CPU arena, e.g. to discard the model.
+        A second call without `device` does nothing."""
         if self.cuda:  # pending prefetches write into the slots, queued compute reads them
             self._stream.synchronize()
             torch.cuda.current_stream(self.device).synchronize()
@@ -397,10 +433,11 @@ class BlockSwapper:
 
 
 def enable_block_swap(model: nn.Module, blocks_to_swap: int, device: str | torch.device, *,
-                      prefetch: int = 1, pin: str = "register") -> BlockSwapper | None:
+                      prefetch: int = 1, pin: str = "none") -> BlockSwapper | None:
     """Move `model` to `device` except the frozen tensors of its last `blocks_to_swap` blocks, which stream in
     as needed. 0 moves the whole model and returns None. The model must have a `blocks` ModuleList.
-    `pin` chooses how the CPU copy is pinned on CUDA ("register", "pin_memory", "none"; see `_HostArena`)."""
+    `pin` chooses whether the CPU copy is pinned on CUDA ("none", "register", "pin_memory"; see `_HostArena`):
+    pinned copies overlap compute, but page-lock as much RAM as the swapped blocks take."""
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.ModuleList):
         raise ValueError(f"block swap needs a model with a `blocks` ModuleList, got {type(model).__name__}")
@@ -416,6 +453,20 @@ def enable_block_swap(model: nn.Module, blocks_to_swap: int, device: str | torch
     if hasattr(model, "_rope_cache"):
         model._rope_cache = {}
     return BlockSwapper(blocks, plan, device, pin).attach(model)
+
+
+def pin_mode(pinned: bool) -> str:
+    """The `pin` of `enable_block_swap` for musubi's `--use_pinned_memory_for_block_swap` (off: pageable)."""
+    return "register" if pinned else "none"
+
+
+def release_block_swap(model: object) -> None:
+    """Detach the swapper a model holds as `block_swapper` (if any) and unpin its CPU memory now, rather than
+    whenever the garbage collector gets to it (the swapper and the model's hooks refer to each other)."""
+    swapper = getattr(model, "block_swapper", None)
+    if isinstance(swapper, BlockSwapper):
+        swapper.remove()
+        model.block_swapper = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -511,6 +562,30 @@ def dequant_workspace_bytes(model: nn.Module) -> int:
     return max(sizes, default=0)
 
 
+_CONTEXT_ROWS = {"cross_attn.k": "text", "cross_attn.v": "text", "cross_attn.k_img": "image",
+                 "cross_attn.v_img": "image"}
+
+
+def fp8_fast_workspace_bytes(model: nn.Module, height: int, width: int, frames: int, *, batch: int = 1) -> int:
+    """Transient bytes of the largest fp8 matmul of an fp8_fast model at this video size
+    (`ops.scaled_mm_workspace_bytes`: the quantised activations, their scales and the fp32 slice temporaries).
+
+    A layer's rows are the video tokens, or the text / image context length for the cross-attention keys and
+    values. Where the device has no fp8 matmul (`ops.fast_matmul_fallback`), the layer upcasts its weight
+    instead, so each layer counts the larger of the two."""
+    cfg = model.config
+    rows = {"video": batch * video_tokens(cfg, height, width, frames), "text": batch * cfg.text_len,
+            "image": batch * (cfg.image_tokens if cfg.has_image_input else 0)}
+    sizes = [0]
+    for name, module in model.named_modules():
+        if isinstance(module, FP8Linear) and module.fast:
+            kind = next((k for suffix, k in _CONTEXT_ROWS.items() if name.endswith(suffix)), "video")
+            upcast = module.weight.numel() * (4 + torch.empty((), dtype=module.compute_dtype).element_size())
+            sizes.append(max(upcast, scaled_mm_workspace_bytes(rows[kind], module.in_features, module.out_features,
+                                                               module.compute_dtype)))
+    return max(sizes)
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Peak device bytes of one DiT forward under block swap."""
@@ -545,16 +620,21 @@ def resident_weight_bytes(model: nn.Module, blocks_to_swap: int, prefetch: int =
 
 def estimate_peak_bytes(model: nn.Module, height: int, width: int, frames: int, blocks_to_swap: int, *,
                         batch: int = 1, prefetch: int = 1) -> MemoryEstimate:
+    """Weights under swap + activations of one forward + the largest per-layer transient (an fp8 weight being
+    upcast, or the activations of an fp8 matmul being quantised); layers run one at a time, so the largest counts."""
     cfg = model.config
+    fast = fp8_fast_workspace_bytes(model, height, width, frames, batch=batch)
+    workspace = max(dequant_workspace_bytes(model), fast)
     return MemoryEstimate(blocks_to_swap, resident_weight_bytes(model, blocks_to_swap, prefetch),
                           estimate_activation_bytes(cfg, height, width, frames, batch=batch, dtype=model.dtype),
-                          dequant_workspace_bytes(model))
+                          workspace)
 
 
 def _budget(model: nn.Module, device: torch.device) -> int:
     """Free device memory plus what this model already occupies there (it is part of the estimate)."""
+    device = canonical_device(device)
     free, _ = torch.cuda.mem_get_info(device)
-    on_device = _nbytes(t for t in [*model.parameters(), *model.buffers()] if t.device == device)
+    on_device = _nbytes(t for t in [*model.parameters(), *model.buffers()] if same_device(t.device, device))
     return free + on_device
 
 

@@ -6,11 +6,16 @@ replacing it (or its weight) with an fp8 or LoRA-wrapped variant needs no change
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
+import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 class CastLinear(nn.Linear):
@@ -22,11 +27,33 @@ class CastLinear(nn.Linear):
 
 
 class Fp32Linear(nn.Linear):
-    """nn.Linear that always computes in float32 (the official time embedding and head run under fp32 autocast)."""
+    """nn.Linear that always computes in float32 (the official time embedding and head run under fp32 autocast).
+
+    Autocast is switched off inside, for the input's device type, so that an enclosing bf16/fp16 autocast region
+    (training, `accelerator.autocast()`) does not cast the matmul down.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.float()
-        return F.linear(x.float(), self.weight.float(), bias)
+        with without_autocast(x.device):
+            return F.linear(x.float(), self.weight.float(), bias)
+
+
+def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """A region where autocast is off for `device`'s type (a no-op context when it is off already)."""
+    try:
+        enabled = torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type without autocast (meta)
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False) if enabled else contextlib.nullcontext()
+
+
+def torch_release(version: str) -> tuple[int, int]:
+    """(major, minor) of a torch version string such as "2.4.1+cu121" or "2.7.0a0+git1234"."""
+    match = re.match(r"(\d+)\.(\d+)", str(version))
+    if match is None:
+        raise ValueError(f"not a torch version: {version!r}; expected 'major.minor...' such as '2.4.1'")
+    return int(match.group(1)), int(match.group(2))
 
 
 def compute_dtype(module: nn.Module) -> torch.dtype:
@@ -114,6 +141,39 @@ def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor | None, dtype: t
     return (w * (s.reshape(-1, 1) if layout == "channel" else s.reshape(()))).to(dtype)
 
 
+ROWWISE_SM89_FROM = (2, 7)  # first torch release with a row-wise torch._scaled_mm kernel for compute capability 8.9
+
+
+def fp8_fast_support(capability: tuple[int, int], torch_version: str) -> str | None:
+    """Why row-wise scaled fp8 matmuls (`torch._scaled_mm`) cannot run on a CUDA GPU of `capability` with this
+    torch, or None when nothing known stands in the way (`probe_scaled_mm` then tries one).
+
+    Compute capability < 8.9 has no fp8 tensor cores. Row-wise scaling was first a Hopper-only (sm90) kernel;
+    compute capability 8.9 (Ada: RTX 40xx, L4, L40) got one in torch 2.7.
+    """
+    major, minor = capability[:2]
+    if (major, minor) < _FAST_CAPABILITY:
+        return (f"compute capability {major}.{minor} has no fp8 tensor cores (fp8 matmuls need >= 8.9: Ada, "
+                f"Hopper or newer)")
+    if (major, minor) == (8, 9) and torch_release(torch_version) < ROWWISE_SM89_FROM:
+        return (f"torch {torch_version} has row-wise scaled fp8 matmuls (torch._scaled_mm) for Hopper (9.0) only; "
+                f"compute capability 8.9 needs torch >= {ROWWISE_SM89_FROM[0]}.{ROWWISE_SM89_FROM[1]}")
+    return None
+
+
+def probe_scaled_mm(device: torch.device) -> str | None:
+    """One 16 x 16 row-wise scaled fp8 matmul on `device`: None when it runs and is right, else what went wrong."""
+    ones = torch.ones(16, 16, device=device)
+    try:
+        out = torch._scaled_mm(ones.to(FP8_E4M3), ones.to(FP8_E4M3).t(), scale_a=ones[:, :1].contiguous(),
+                               scale_b=ones[:1].contiguous(), out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError, TypeError) as exc:
+        return f"a 16x16 test of torch._scaled_mm with row-wise scales failed ({type(exc).__name__}: {exc})"
+    if not bool((out == 16).all()):
+        return "a 16x16 test of torch._scaled_mm with row-wise scales gave a wrong result"
+    return None
+
+
 def check_scaled_mm_device(device: torch.device) -> None:
     """Raise unless `device` is a CUDA GPU of compute capability >= 8.9 (what fp8 matmuls need)."""
     _check_scaled_mm_device(device.type, device.index)
@@ -132,13 +192,96 @@ def _check_scaled_mm_device(device_type: str, index: int | None) -> None:
                            f"{capability[0]}.{capability[1]}; use fp8_scaled")
 
 
+def fast_matmul_fallback(device: torch.device | str) -> str | None:
+    """None when fp8_fast can run fp8 matmuls on `device`; else the reason, logged once as a warning, and the fp8
+    weights are upcast per call instead (the fp8_scaled way). Raises for devices without fp8 tensor cores.
+
+    Decided once per device: the known torch-version limits (`fp8_fast_support`), then one tiny test call."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _fast_matmul_fallback(device.type, device.index)
+
+
+@functools.cache
+def _fast_matmul_fallback(device_type: str, index: int | None) -> str | None:
+    _check_scaled_mm_device(device_type, index)
+    device = torch.device(device_type, index)
+    reason = fp8_fast_support(torch.cuda.get_device_capability(device), torch.__version__)
+    if reason is None:
+        reason = probe_scaled_mm(device)
+    if reason is not None:
+        logger.warning("fp8_fast on %s: %s. Falling back to upcasting the fp8 weights per call (as fp8_scaled: same "
+                       "memory, no fp8 matmul speed-up)", device, reason)
+    return reason
+
+
+@torch.compiler.assume_constant_result
+def _use_fast_matmul(device_type: str, index: int | None) -> bool:
+    return fast_matmul_fallback(torch.device(device_type, index)) is None
+
+
+QUANT_SLICE_ELEMENTS = 1 << 24  # activations are quantised in row slices of ~16M elements (~128 MB per fp32 copy)
+
+
+def quant_slice_rows(rows: int, in_features: int) -> int:
+    """Rows per slice of `quantize_rows` (at least one)."""
+    return min(rows, max(1, QUANT_SLICE_ELEMENTS // max(1, in_features)))
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (per-token) fp8 quantisation of activations [M, K] -> (float8_e4m3fn [M, K], fp32 scales [M, 1]).
+
+    scale = absmax / 448 of the row in fp32 (clamped to >= 1e-8), values = (x / scale) clamped and rounded to e4m3.
+    The fp32 work runs one slice of `quant_slice_rows` rows at a time, in place, so the temporaries stay at
+    8 bytes per slice element whatever M is (`quantize_rows_bytes`); under torch.compile the whole expression is
+    left to the compiler, which fuses it. Same values either way.
+    """
+    if torch.compiler.is_compiling():
+        return _quantize_rows_at_once(x)
+    m, k = x.shape
+    quantized = torch.empty((m, k), dtype=FP8_E4M3, device=x.device)
+    scales = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    step = quant_slice_rows(m, k)
+    for start in range(0, m, step):
+        rows = slice(start, start + step)
+        part = x[rows].to(torch.float32, copy=True)
+        scale = scales[rows]
+        scale.copy_(part.abs().amax(dim=1, keepdim=True)).div_(FP8_MAX).clamp_min_(SCALE_MIN)
+        quantized[rows].copy_(part.div_(scale).clamp_(-FP8_MAX, FP8_MAX))
+    return quantized, scales
+
+
+def _quantize_rows_at_once(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = x.float()
+    scale = (rows.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(SCALE_MIN)
+    return (rows / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_E4M3), scale
+
+
+def quantize_rows_bytes(rows: int, in_features: int) -> int:
+    """Peak bytes `quantize_rows` allocates for [rows, in_features]: the fp8 result and its fp32 scales, plus, for
+    one slice of r rows, the fp32 copy, its absolute values and their row maxima (8·r·K + 4·r)."""
+    r = quant_slice_rows(rows, in_features)
+    return rows * in_features + 4 * rows + 8 * r * in_features + 4 * r
+
+
+def scaled_mm_workspace_bytes(rows: int, in_features: int, out_features: int, out_dtype: torch.dtype) -> int:
+    """Peak bytes `scaled_mm_linear` allocates besides its output: the larger of `quantize_rows_bytes` and, with
+    the fp32 weight-scale row (4·out), the quantised input during the matmul or the bf16 product while it is
+    converted to `out_dtype` (when that is not bf16)."""
+    product = 2 * rows * out_features if out_dtype != torch.bfloat16 else 0
+    during = max(rows * in_features + 4 * rows, product) + 4 * out_features
+    return max(quantize_rows_bytes(rows, in_features), during)
+
+
 def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
                      out_dtype: torch.dtype) -> torch.Tensor:
     """y = x · (weight·scale)ᵀ + bias with an fp8 matmul (`torch._scaled_mm`, row-wise scales).
 
-    x [..., in] is quantised per row (per token: absmax/448); the weight [out, in] must be float8_e4m3fn with no
-    scale, a per-tensor or a per-channel scale (both expressed as a [1, out] row-wise scale). Block-wise scales
-    are not accepted by `_scaled_mm`. The output is computed in bf16 and returned in `out_dtype`.
+    x [..., in] is quantised per row (`quantize_rows`: per token, absmax/448); the weight [out, in] must be
+    float8_e4m3fn with no scale, a per-tensor or a per-channel scale (both expressed as a [1, out] row-wise scale).
+    Block-wise scales are not accepted by `_scaled_mm`. The output is computed in bf16 and returned in `out_dtype`;
+    the bias is added in place (no second output-sized tensor).
     """
     layout, _ = scale_layout(weight.shape, scale)
     if layout == "block":
@@ -150,17 +293,16 @@ def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor 
     if in_features % 16 or out_features % 16:
         raise ValueError(f"fp8 matmuls need in and out features divisible by 16, got {in_features} -> {out_features}")
     lead = x.shape[:-1]
-    rows = x.reshape(-1, in_features).float()  # [M, in]
-    x_scale = (rows.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(SCALE_MIN)  # [M, 1]
-    x_q = (rows / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_E4M3)
+    x_q, x_scale = quantize_rows(x.reshape(-1, in_features))
     if scale is None:
         w_scale = torch.ones(1, out_features, dtype=torch.float32, device=weight.device)
     else:
         w_scale = scale.float().reshape(1, -1).expand(1, out_features).contiguous()  # [1, out]
     out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
+    del x_q, x_scale
     out = out.to(out_dtype)
     if bias is not None:
-        out = out + bias.to(out_dtype)
+        out.add_(bias.to(out_dtype))
     return out.reshape(*lead, out_features)
 
 
@@ -169,7 +311,8 @@ class FP8Linear(nn.Module):
 
     `weight` is a frozen fp8 Parameter [out, in]; `scale_weight` a buffer of any `scale_layout` (or None);
     the bias stays in `compute_dtype`. With `fast=True` the matmul itself runs in fp8 (`scaled_mm_linear`) when
-    no gradient is needed w.r.t. the input; otherwise (and for backward) the weight is dequantised.
+    no gradient is needed w.r.t. the input and the device runs fp8 matmuls (`fast_matmul_fallback`); otherwise
+    (and for backward) the weight is dequantised.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
@@ -223,9 +366,8 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias
-        if self.fast and not (torch.is_grad_enabled() and x.requires_grad):
-            if not torch.compiler.is_compiling():
-                check_scaled_mm_device(x.device)
+        input_grad = torch.is_grad_enabled() and x.requires_grad
+        if self.fast and not input_grad and _use_fast_matmul(x.device.type, x.device.index):
             return scaled_mm_linear(x, self.weight, self.scale_weight, bias, self.compute_dtype)
         bias = None if bias is None else bias.to(self.compute_dtype)
         return F.linear(x.to(self.compute_dtype), self.dequantized_weight(), bias)

@@ -36,7 +36,7 @@ def merge_spec_loras(model: WanModel, spec: ModelSpec) -> None:
 def place_on_device(model: WanModel, spec: ModelSpec, device: torch.device,
                     size_hint: tuple[int, int, int] | None) -> WanModel:
     """Move the model to `device`, streaming its last blocks from CPU memory when `blocks_to_swap` asks for it."""
-    from .offload import choose_blocks_to_swap, enable_block_swap, parse_blocks_to_swap
+    from .offload import choose_blocks_to_swap, enable_block_swap, parse_blocks_to_swap, pin_mode
 
     count = parse_blocks_to_swap(spec.blocks_to_swap, len(model.blocks))
     if count == "auto":
@@ -45,7 +45,8 @@ def place_on_device(model: WanModel, spec: ModelSpec, device: torch.device,
         if size_hint is None:
             raise ValueError("--blocks_to_swap auto needs the video size to estimate memory")
         count = choose_blocks_to_swap(model, *size_hint, device=device).blocks_to_swap
-    model.block_swapper = enable_block_swap(model, count, device)  # None when count == 0 (plain move)
+    model.block_swapper = enable_block_swap(model, count, device,  # None when count == 0 (plain move)
+                                            pin=pin_mode(spec.pinned_block_swap))
     return model
 
 

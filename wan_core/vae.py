@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VAEConfig
+from .devices import same_device
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class FeatureCache:
         """Store `value`; a view into a chunk (not `fresh`) is copied so the chunk itself can be freed."""
         if isinstance(value, torch.Tensor):
             target = self.device or value.device
-            value = value.to(target) if value.device != target else (value if fresh else value.clone())
+            value = value.to(target) if not same_device(value.device, target) else (value if fresh else value.clone())
         self._slots[index] = value
 
     def tensors(self) -> list[torch.Tensor]:
