@@ -259,10 +259,11 @@ def cache_dataset(group: DatasetGroupConfig, vae: ModelHandle, t5: ModelHandle, 
 
 
 def _frames_problem(frames: Any) -> str | None:
-    if not isinstance(frames, int) or (frames - 1) % 4 == 0:
+    from wan_core.conditioning import nearest_valid
+
+    if not isinstance(frames, int) or (frames >= 1 and (frames - 1) % 4 == 0):
         return None
-    low = (frames - 1) // 4 * 4 + 1
-    return f"frames must be 4n+1 (1, 5, 9, ..., 81) for the Wan VAE, got {frames}; try {low} or {low + 4}"
+    return f"frames must be 4n+1 (1, 5, 9, ..., 81) for the Wan VAE, got {frames}; try {nearest_valid(frames, 4, 1)}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
