@@ -11,6 +11,9 @@ object per line: {"prompt": "...", "negative_prompt": "...", "seed": 1}; only "p
 the job uses --seed plus its index. The prompt goes into every WanTunerTextEncode node, the seed into every
 WanTunerSampler node. Needs `websocket-client` (pip install websocket-client).
 
+Timeouts: --request_timeout (30 s) bounds each HTTP request and the websocket connect, so a server that accepts
+connections but never answers fails quickly; --timeout (3600 s) bounds one job, however quiet its progress.
+
 Exit codes: 0 all jobs succeeded, 1 a job failed while running, 2 bad input, server unreachable or graph rejected.
 """
 
@@ -114,9 +117,24 @@ def apply_job(graph: dict[str, dict], job: Job) -> dict[str, dict]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def check_server_url(url: str) -> str:
+    """The URL without a trailing slash; BatchError unless it is http(s)://host[:port][/path]."""
+    parts = urllib.parse.urlsplit(url.strip())
+    try:
+        port_ok = parts.port is None or 0 < parts.port < 65536
+    except ValueError:  # a port that is not a number
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise BatchError(f"--server {url!r} is not an http(s) URL of a ComfyUI server (e.g. http://127.0.0.1:8188)")
+    return url.strip().rstrip("/")
+
+
 class Server:
+    """ComfyUI's HTTP API. `timeout` bounds each HTTP call and the websocket connect (a server that accepts but
+    never answers fails after it); how long a job may run is up to `follow`."""
+
     def __init__(self, url: str, timeout: float) -> None:
-        self.url = url.rstrip("/")
+        self.url = check_server_url(url)
         self.timeout = timeout
         self.client_id = str(uuid.uuid4())
 
@@ -128,9 +146,20 @@ class Server:
                 return response.read()
         except urllib.error.HTTPError as exc:
             raise _rejection(exc) from None
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-            raise BatchError(f"cannot reach ComfyUI at {self.url} ({getattr(exc, 'reason', exc)}); is it running? "
-                             "Start it with: python main.py --listen 127.0.0.1 --port 8188") from None
+        except TimeoutError:
+            raise BatchError(f"ComfyUI at {self.url} did not answer {path.split('?')[0]} within {self.timeout:g} s "
+                             "(--request_timeout); is the server busy or hung?") from None
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, TimeoutError):
+                raise BatchError(f"ComfyUI at {self.url} did not accept the connection within {self.timeout:g} s "
+                                 "(--request_timeout)") from None
+            raise self._unreachable(exc) from None
+        except OSError as exc:  # ConnectionError and other socket errors
+            raise self._unreachable(exc) from None
+
+    def _unreachable(self, exc: Exception) -> BatchError:
+        return BatchError(f"cannot reach ComfyUI at {self.url} ({getattr(exc, 'reason', exc)}); is it running? "
+                          "Start it with: python main.py --listen 127.0.0.1 --port 8188")
 
     def check(self) -> None:
         stats = json.loads(self._request("/system_stats"))
@@ -187,12 +216,27 @@ def _rejection(exc: urllib.error.HTTPError) -> BatchError:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def follow(ws, prompt_id: str, timeout: float) -> None:
-    """Print progress until the prompt finishes; raise JobFailed on an error or interruption."""
+def _receive(ws, wait: float) -> Any:
+    """The next websocket message, or None when none came within `wait` seconds (a quiet step is not an error:
+    a long VAE decode sends nothing for a while)."""
+    import websocket
+
+    ws.settimeout(wait)
+    try:
+        return ws.recv()
+    except (websocket.WebSocketTimeoutException, TimeoutError):
+        return None
+    except (websocket.WebSocketConnectionClosedException, ConnectionError) as exc:
+        raise BatchError(f"the server closed the websocket ({exc}); did ComfyUI stop?") from None
+
+
+def follow(ws, prompt_id: str, timeout: float, poll: float = 5.0) -> None:
+    """Print progress until the prompt finishes; raise JobFailed on an error, an interruption or when the job
+    takes longer than `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        message = ws.recv()
-        if not isinstance(message, str):
+    while (left := deadline - time.monotonic()) > 0:
+        message = _receive(ws, min(poll, left))
+        if message is None or not isinstance(message, str):
             continue  # binary frames are preview images
         event = json.loads(message)
         kind, data = event.get("type"), event.get("data", {})
@@ -239,7 +283,7 @@ def save_outputs(server: Server, prompt_id: str, out_dir: Path) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     graph = load_workflow(Path(args.workflow))
     jobs = read_jobs(Path(args.prompts), args.seed)
-    server = Server(args.server, args.timeout)
+    server = Server(args.server, args.request_timeout)
     server.check()
     ws = server.websocket()
     failures = 0
@@ -267,8 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server", default="http://127.0.0.1:8188", help="ComfyUI server URL")
     parser.add_argument("--out", default="api_outputs", help="folder for the downloaded files")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first job without a seed (+1 per job)")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for one job")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds one job may run")
+    parser.add_argument("--request_timeout", type=float, default=30.0,
+                        help="seconds to wait for the server to answer one HTTP request or open the websocket")
     args = parser.parse_args(argv)
+    for flag in ("timeout", "request_timeout"):
+        if not getattr(args, flag) > 0:
+            parser.error(f"--{flag} must be a positive number of seconds, got {getattr(args, flag)}")
     try:
         return run(args)
     except BatchError as exc:

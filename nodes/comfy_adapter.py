@@ -19,6 +19,12 @@ as ComfyUI's) and then the toy folder; outputs go to `$WANTUNER_OUTPUT_DIR` (def
 logged; models are placed on CUDA when available, else the CPU; relative dataset paths are read from
 `$WANTUNER_INPUT_DIR` (default `./input`); custom websocket messages are appended to `EVENT_LOG`.
 
+Confinement (both): a loader's name must stay inside its model folders (no absolute path, no '..'); dataset folders,
+TOMLs and every path a TOML names (data, control, JSONL and cache directories) must resolve, symlinks followed, inside
+the input, output or temp directory ($WANTUNER_TEMP_DIR, default ./temp, outside ComfyUI) or a folder registered as
+`datasets` (e.g. in extra_model_paths.yaml); anything else is refused with a message naming it. Symlinks inside model
+folders are honoured (ComfyUI lists them too); only the name a workflow gives is checked there.
+
 Loaded models are cached per loader kind (one entry each): unchanged loader inputs (including the file's size and
 modification time) reuse the loaded model across queued prompts.
 """
@@ -35,7 +41,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import torch
@@ -126,15 +132,34 @@ def list_models(folder: str) -> list[str]:
     return list(dict.fromkeys([*names, *toys]))
 
 
+def model_folders(folder: str) -> list[Path]:
+    """Every folder registered for a model kind (ComfyUI: folder_paths, extra_model_paths.yaml included)."""
+    comfy = comfy_modules()
+    if comfy is None:
+        return _fallback_dirs(folder)
+    return [Path(p) for p in comfy["folder_paths"].folder_names_and_paths.get(folder, ([], set()))[0]]
+
+
+def check_model_name(folder: str, name: str) -> None:
+    """A loader's name is a file name relative to its model folder: no absolute path, drive or '..' (ValueError)."""
+    windows = PureWindowsPath(name)  # also splits at '/', and knows drives ("c:x")
+    if not name.strip() or Path(name).is_absolute() or windows.drive or windows.root or ".." in windows.parts:
+        raise ValueError(f"{folder} file name {name!r} must be a file inside the {folder} folder "
+                         "(relative, without '..'); absolute paths and paths outside ComfyUI's folders are refused")
+
+
 def model_path(folder: str, name: str) -> Path:
-    """The file behind a loader's choice; FileNotFoundError listing what is there."""
+    """The file behind a loader's choice, which must lie inside a folder of its kind (ValueError otherwise);
+    FileNotFoundError listing what is there."""
+    check_model_name(folder, name)
     comfy = comfy_modules()
     candidates: list[Path] = []
     if comfy is None:
-        candidates = [d / name for d in _fallback_dirs(folder)] + [Path(name)]  # a path is taken as given
+        candidates = [d / name for d in _fallback_dirs(folder)]
     else:
         found = comfy["folder_paths"].get_full_path(folder, name)
         candidates = [Path(found)] if found else []
+    candidates = [p for p in candidates if within(p, model_folders(folder), follow_symlinks=False)]
     if name in toy_names(folder):
         candidates.append(TOY_MODEL_DIR / name)
     for path in candidates:
@@ -144,6 +169,60 @@ def model_path(folder: str, name: str) -> Path:
     offered = list_models(folder)
     raise FileNotFoundError(f"{folder} file {name!r} not found in {where} or the toy model folder "
                             f"({TOY_MODEL_DIR}); available: {', '.join(offered) or 'none'}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Confinement: what the nodes read and write stays inside ComfyUI's folders
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _real(path: Path, follow_symlinks: bool) -> Path:
+    return Path(os.path.realpath(path) if follow_symlinks else os.path.abspath(path))
+
+
+def within(path: Path, roots: Sequence[Path], follow_symlinks: bool = True) -> bool:
+    """Whether `path` is one of `roots` or lies below one, comparing resolved paths (symlinks followed unless
+    follow_symlinks is False, in which case only '..' and absolute parts are resolved)."""
+    target = _real(path, follow_symlinks)
+    for root in roots:
+        base = _real(root, follow_symlinks)
+        if target == base or base in target.parents:
+            return True
+    return False
+
+
+def confine(path: Path, roots: Sequence[Path], what: str, hint: str = "", follow_symlinks: bool = True) -> Path:
+    """`path` resolved, or ValueError naming it and the allowed folders when it lies outside all of `roots`."""
+    if within(path, roots, follow_symlinks):
+        return _real(path, follow_symlinks)
+    allowed = ", ".join(str(r) for r in roots) or "none"
+    raise ValueError(f"{what} {path} resolves to {_real(path, follow_symlinks)}, outside the folders WanTuner may "
+                     f"use ({allowed}){hint}")
+
+
+DATA_FOLDER = "datasets"  # folder_paths name whose folders (extra_model_paths.yaml) may hold datasets and caches
+TEMP_DIR_ENV = "WANTUNER_TEMP_DIR"
+
+
+def temp_directory() -> Path:
+    comfy = comfy_modules()
+    if comfy is not None:
+        return Path(comfy["folder_paths"].get_temp_directory())
+    return Path(os.environ.get(TEMP_DIR_ENV, "temp"))
+
+
+def data_roots() -> list[Path]:
+    """Where datasets and their caches may be read and written: ComfyUI's input, output and temp directories and
+    the folders registered as DATA_FOLDER."""
+    registered = model_folders(DATA_FOLDER) if in_comfyui() else []
+    return [input_directory(), output_directory(), temp_directory(), *registered]
+
+
+def confine_data(path: Path | str, what: str) -> Path:
+    """A dataset path (relative paths are taken from the working directory, as the trainer does) confined to
+    data_roots(), symlinks followed."""
+    return confine(Path(path), data_roots(), what, hint=f"; move it into ComfyUI's input folder or register its "
+                   f"folder as '{DATA_FOLDER}' in extra_model_paths.yaml")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -183,9 +262,9 @@ def output_file(prefix: str, extension: str, width: int = 0, height: int = 0) ->
         folder = Path(folder)
     else:
         root = output_directory().resolve()
-        target = (root / prefix).resolve()
-        if root != target and root not in target.parents:
-            raise ValueError(f"filename_prefix {prefix!r} points outside the output folder {root}")
+        target = confine(root / prefix, [root], f"filename_prefix {prefix!r}")
+        if target == root:
+            raise ValueError(f"filename_prefix {prefix!r} names no file inside the output folder {root}")
         folder, stem = target.parent, target.name
         subfolder = str(folder.relative_to(root)) if folder != root else ""
         folder.mkdir(parents=True, exist_ok=True)

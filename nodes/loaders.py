@@ -43,7 +43,7 @@ def _file_state(folder: str, name: str) -> str:
     """IS_CHANGED value: the file's identity, so a replaced file reloads (missing files fail in the loader)."""
     try:
         return repr(comfy.file_key(comfy.model_path(folder, name)))
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):
         return f"missing:{name}"
 
 

@@ -5,9 +5,18 @@ from __future__ import annotations
 import logging
 
 from . import comfy_adapter as comfy
-from .common import CATEGORY, inp
+from .common import CATEGORY, first_problem, inp, problem
 
 logger = logging.getLogger(__name__)
+
+
+def check_prefix(prefix: str) -> str:
+    """The prefix without surrounding spaces; ValueError when it names no file (empty, or only folders)."""
+    cleaned = prefix.strip()
+    if not cleaned or cleaned.replace("\\", "/").endswith("/"):
+        raise ValueError(f"filename_prefix {prefix!r} names no file: give a file name, optionally after subfolders "
+                         "(e.g. WanTuner/video)")
+    return cleaned
 
 
 class WanTunerSaveVideo:
@@ -31,12 +40,17 @@ class WanTunerSaveVideo:
                        default=0, min=0, max=51),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix: str | None = None) -> bool | str:
+        return first_problem(None if filename_prefix is None else problem(lambda: check_prefix(filename_prefix)))
+
     def save(self, images, fps: int, filename_prefix: str, crf: int) -> dict:
         from wan_core.comfy_bridge import check_image_frames
         from wan_core.media import write_video
 
+        prefix = check_prefix(filename_prefix)
         frames = check_image_frames(images, "images")
-        target = comfy.output_file(filename_prefix, "mp4", width=frames.shape[2], height=frames.shape[1])
+        target = comfy.output_file(prefix, "mp4", width=frames.shape[2], height=frames.shape[1])
         write_video(frames, target.path, fps, crf=crf or None)
         logger.info("saved %d frames to %s", frames.shape[0], target.path)
         return {"ui": {"images": [target.ui()], "animated": (True,)}, "result": (str(target.path),)}

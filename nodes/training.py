@@ -93,6 +93,7 @@ def resolve_dataset_path(text: str) -> Path:
     path = Path(cleaned).expanduser()
     if not path.is_absolute():
         path = comfy.input_directory() / path
+    comfy.confine_data(path, "dataset_path")
     if path.is_dir() or (path.is_file() and path.suffix.lower() == ".toml"):
         return path
     if path.is_file():
@@ -144,10 +145,8 @@ def _dataset_files(path: Path) -> list[Path]:
     datasets' folders (JSONL datasets: the JSONL file itself)."""
     if path.is_dir():
         return [p for p in path.iterdir() if p.is_file()]
-    from training.dataset_config import load_dataset_config
-
     files = [path]
-    for cfg in load_dataset_config(path).datasets:
+    for cfg in toml_dataset(path).datasets:
         for folder in (cfg.directory, cfg.control_directory):
             if folder and Path(folder).is_dir():
                 files += [p for p in Path(folder).iterdir() if p.is_file()]
@@ -172,11 +171,42 @@ def dataset_state(text: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def dataset_group(path: Path, settings: FolderSettings) -> DatasetGroupConfig:
-    """The parsed dataset config of a TOML, or of the TOML written for a folder."""
+def confine_dataset(group: DatasetGroupConfig) -> None:
+    """Every folder and file a dataset config makes the node read or write (data, control, JSONL and cache
+    directories) lies inside ComfyUI's data folders (comfy.data_roots); ValueError naming the first that does not."""
+    where = f" in {group.source}" if group.source else ""
+    for cfg in group.datasets:
+        for key, value in (("directory", cfg.directory), ("control_directory", cfg.control_directory),
+                           ("jsonl_file", cfg.jsonl_file), ("cache_directory", cfg.resolved_cache_directory)):
+            if value:
+                comfy.confine_data(Path(value), f"{cfg.label} {key}{where}:")
+
+
+def toml_dataset(path: Path) -> DatasetGroupConfig:
+    """The parsed, confined config of a dataset TOML."""
     from training.dataset_config import load_dataset_config
 
-    return load_dataset_config(folder_dataset_toml(path, settings) if path.is_dir() else path)
+    group = load_dataset_config(path)
+    confine_dataset(group)
+    return group
+
+
+def checked_dataset_path(text: str) -> Path:
+    """resolve_dataset_path, plus (for a TOML) the confinement of every path the TOML names."""
+    path = resolve_dataset_path(text)
+    if path.is_file():
+        toml_dataset(path)
+    else:
+        comfy.confine_data(path / CACHE_FOLDER, "the cache folder")
+    return path
+
+
+def dataset_group(path: Path, settings: FolderSettings) -> DatasetGroupConfig:
+    """The parsed (and confined) dataset config of a TOML, or of the TOML written for a folder."""
+    if path.is_dir():
+        comfy.confine_data(path / CACHE_FOLDER, "the cache folder")
+        return toml_dataset(folder_dataset_toml(path, settings))
+    return toml_dataset(path)
 
 
 def _summary(config: Path, scan: Any, latents: Any, text: Any) -> str:
@@ -209,6 +239,10 @@ def cache_dataset(group: DatasetGroupConfig, vae: ModelHandle, t5: ModelHandle, 
 
     scan = scan_dataset_group(group)
     ensure_not_empty(scan)
+    for item in scan.items:  # a JSONL dataset names its media files one by one
+        for media in (item.media_path, item.control_path):
+            if media is not None:
+                comfy.confine_data(media, "dataset file")
     device = str(comfy.compute_device())
     models = [vae.model] + ([clip_vision.model] if clip_vision is not None else [])
     encoders = comfy.ready_together(models)
@@ -225,10 +259,11 @@ def cache_dataset(group: DatasetGroupConfig, vae: ModelHandle, t5: ModelHandle, 
 
 
 def _frames_problem(frames: Any) -> str | None:
-    if not isinstance(frames, int) or (frames - 1) % 4 == 0:
+    from wan_core.conditioning import nearest_valid
+
+    if not isinstance(frames, int) or (frames >= 1 and (frames - 1) % 4 == 0):
         return None
-    low = (frames - 1) // 4 * 4 + 1
-    return f"frames must be 4n+1 (1, 5, 9, ..., 81) for the Wan VAE, got {frames}; try {low} or {low + 4}"
+    return f"frames must be 4n+1 (1, 5, 9, ..., 81) for the Wan VAE, got {frames}; try {nearest_valid(frames, 4, 1)}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -444,7 +479,7 @@ class WanTunerCacheDataset:
 
     @classmethod
     def VALIDATE_INPUTS(cls, dataset_path: str | None = None, frames: int | None = None) -> bool | str:
-        path = None if dataset_path is None else problem(lambda: resolve_dataset_path(dataset_path))
+        path = None if dataset_path is None else problem(lambda: checked_dataset_path(dataset_path))
         return first_problem(path, _frames_problem(frames))
 
     @classmethod
@@ -542,6 +577,7 @@ class WanTunerTrainLoRA(metaclass=_LiveLoRAOutput):
                                  mixed_precision, fp8_base, blocks_to_swap, attention)
         folder, stem = lora_target(output_name)
         root = comfy.model_folder("loras")
+        comfy.confine(root / folder, [root], f"output_name {output_name!r}:")
         dit_path = comfy.model_path("diffusion_models", dit.name)
         args = parse_argv(train_argv(settings, dit_path, dit.task, dataset.config, root / folder, stem))
         trained = run_training(args, unique_id, steps if epochs == 0 else 0)

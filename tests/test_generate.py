@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import queue
+import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import av
@@ -11,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from tests.model_set import DIT_KINDS, write_model_set
 from wan_core.generate import main
@@ -116,6 +121,9 @@ def test_fun_control_too_few_frames(models, media, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--video_length", "6"], "video length must be 4n+1"),
     (["--video_size", "30", "32"], "height must be a positive multiple of 16 (got 30; try 16 or 32)"),
+    (["--video_size", "-16", "32"], "height must be a positive multiple of 16 (got -16; try 16)\n"),
+    (["--video_size", "5", "32"], "height must be a positive multiple of 16 (got 5; try 16)\n"),
+    (["--video_length", "-3"], "video length must be 4n+1 frames, e.g. 1, 5, 9, ..., 81 (got -3; try 1)\n"),
     (["--image_path", "missing.png"], "missing.png"),
     (["--cfg_skip_mode", "late", "--cfg_apply_ratio", "1.5"], "ratio"),
 ])
@@ -216,3 +224,144 @@ def test_save_merged_model_equals_lora_at_load(models, tmp_path):
         assert main(argv + extra) == 0
     a, b = (load_latent(_only(tmp_path / n, "*.safetensors"))[0] for n in runs)
     assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad files, outputs and options: one line, before any model loads
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fail the test if the CLI loads any model."""
+    from wan_core import models as model_module
+
+    def refuse(self, kind):
+        raise AssertionError(f"{kind} was loaded before the bad input was reported")
+
+    monkeypatch.setattr(model_module.ModelSet, "get", refuse)
+
+
+TOY = Path(__file__).resolve().parents[1] / "wan_core" / "toy_models"
+
+
+@pytest.mark.parametrize("kind, file, name", [
+    ("vae", "wan21_toy_vae.safetensors", "Wan VAE"), ("t5", "wan21_toy_umt5.safetensors", "umT5 text encoder"),
+    ("clip", "wan21_toy_clip_vision.safetensors", "CLIP vision encoder"),
+    ("lora", "wan21_toy_purple_lora.safetensors", "LoRA"),
+])
+def test_a_dit_flag_given_another_kind_of_file_says_which(tmp_path, capsys, no_model_loads, kind, file, name):
+    expected = "is a {} file; --dit expects a Wan2.1 DiT (diffusion transformer) file\n"
+    assert main(["--dit", str(TOY / file), "--prompt", "x", "--save_path", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --dit {TOY / file} " + expected.format(name)
+    plain = tmp_path / f"plain_{file}"  # no config metadata: recognised from the key names
+    save_file(load_file(TOY / file), plain)
+    assert main(["--dit", str(plain), "--prompt", "x", "--save_path", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: --dit {plain} " + expected.format(name)
+
+
+def test_other_model_flags_given_a_dit_say_which(tmp_path, capsys, no_model_loads):
+    dit = TOY / "wan21_toy_t2v_dit.safetensors"
+    for flag, name in (("--vae", "Wan VAE"), ("--t5", "umT5 text encoder"), ("--clip", "CLIP vision encoder"),
+                       ("--lora_weight", "LoRA")):
+        assert main([flag, str(dit), "--prompt", "x", "--save_path", str(tmp_path)]) == 2
+        assert capsys.readouterr().err == (f"error: {flag} {dit} is a Wan2.1 DiT (diffusion transformer) file; "
+                                           f"{flag} expects a {name} file\n")
+
+
+def test_unusable_output_paths_fail_before_any_model_loads(tmp_path, capsys, monkeypatch, no_model_loads):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [(["--save_path", str(afile)], f"--save_path {afile} is a file; expected a folder"),
+             (["--save_path", str(afile / "sub")], f"--save_path {afile / 'sub'} lies under the file {afile}"),
+             (["--save_merged_model", str(afile / "m.safetensors")],
+              f"--save_merged_model {afile / 'm.safetensors'}: its folder {afile} is a file"),
+             (["--save_merged_model", str(tmp_path)], f"--save_merged_model {tmp_path} is a folder")]
+    for extra, message in cases:
+        assert main(["--prompt", "x", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    import wan_core.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint.os, "access", lambda path, mode: False)  # root ignores chmod: fake the refusal
+    assert main(["--prompt", "x", "--save_path", str(tmp_path / "new")]) == 2
+    assert capsys.readouterr().err == f"error: --save_path {tmp_path / 'new'} is not writable (no write permission)\n"
+
+
+@pytest.mark.parametrize("fps", ["0", "-5"])
+def test_fps_must_be_positive(tmp_path, capsys, no_model_loads, fps):
+    assert main(["--prompt", "x", "--fps", fps, "--save_path", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: --fps must be a positive frame rate (e.g. 16), got {fps}\n"
+
+
+def test_a_clip_file_unused_by_the_task_is_reported(models, tmp_path, caplog):
+    pickle = tmp_path / "clip.pth"
+    torch.save(load_file(models["clip"]), pickle)
+    argv = _args(models, "t2v", tmp_path / "out", "--prompt", "a cat", "--output_type", "latent")
+    argv[argv.index("--clip") + 1] = str(pickle)
+    with caplog.at_level("WARNING"):
+        assert main(argv) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"warning: --clip {pickle} is not used: CLIP vision encodes a start image (--image_path / "
+                        "--i), which no prompt of this t2v-1.3B run has"]
+
+
+def test_sigint_while_sampling_prints_one_line_and_exits_130(models, tmp_path):
+    import os
+    import signal
+
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "wan_core.generate", *_args(models, "t2v", out, "--prompt", "a cat",
+                                                              "--infer_steps", "1000000")]
+    argv.remove("--quiet")  # the progress lines tell when sampling started
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    lines: queue.Queue[bytes] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(b) for b in iter(proc.stderr.readline, b"")], daemon=True)
+    reader.start()
+    try:
+        seen = b""
+        while b"sampling video 1/1" not in seen:
+            seen += lines.get(timeout=120)  # queue.Empty fails the test when sampling never starts
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+        reader.join(timeout=30)
+        stdout = proc.stdout.read()
+    finally:
+        proc.kill()
+    text = (seen + b"".join(lines.get() for _ in range(lines.qsize()))).decode()
+    assert proc.returncode == 130, text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text
+    last = text.rstrip("\n").split("\n")[-1].split("\r")[-1]  # the progress bar redraws with carriage returns
+    assert re.fullmatch(r"interrupted at step \d+ of 1000000 \(video 1 of 1\), nothing written", last), text
+    assert text.count("interrupted") == 1 and stdout == b"" and list(out.iterdir()) == []
+
+
+def test_leftovers_of_killed_writes_are_cleaned_on_the_next_run(models, tmp_path):
+    import os
+
+    from wan_core.checkpoint import STALE_TEMP_SECONDS, make_temp, temp_target
+
+    out = tmp_path / "out"
+    out.mkdir()
+    old = time.time() - STALE_TEMP_SECONDS - 60
+    stale = [out / ".a.mp4.k3j9x_2q.tmp.mp4", out / ".b_latent.safetensors.abcdefgh.tmp",
+             out / ".sample.png.12345678.tmp.png"]
+    fresh = out / ".c.mp4.zzzzzzzz.tmp.mp4"  # a concurrent writer's file
+    others = [out / "notes.tmp", out / ".hidden.tmp", out / ".x.mp4.short.tmp", out / "kept.mp4"]
+    for path in [*stale, fresh, *others]:
+        path.write_bytes(b"")
+    frames = out / ".frames.q1w2e3r4.tmp"  # a PNG-frames folder
+    frames.mkdir()
+    (frames / "frame_0000.png").write_bytes(b"")
+    for path in [*stale, frames, *others]:
+        os.utime(path, (old, old))
+    assert main(_args(models, "t2v", out, "--prompt", "a cat", "--output_type", "latent")) == 0
+    left = {p.name for p in out.iterdir()}
+    assert not {p.name for p in [*stale, frames]} & left
+    assert {p.name for p in [fresh, *others]} <= left
+    assert len([n for n in left if n.endswith("_latent.safetensors")]) == 1
+    for ext, directory in (("", False), (".png", False), (".mp4", False), ("", True)):  # every writer's naming
+        tmp = make_temp(tmp_path / "t" / "name.x", ext=ext, directory=directory)
+        assert temp_target(tmp.name) == "name.x" and tmp.name.endswith(f".tmp{ext}")

@@ -264,6 +264,29 @@ def test_block_swap_dit_samples_like_the_plain_one(models: Path) -> None:
     assert swapped.model.placed is None  # detached after a run with LoRAs, re-attached by the next run
 
 
+def test_loader_names_outside_their_model_folder_are_refused(models: Path, tmp_path: Path) -> None:
+    outside = tmp_path / VAE
+    outside.write_bytes((models / "models" / "vae" / VAE).read_bytes())  # a real model file, outside the folders
+    vae_args = {"dtype": "fp32", "cache_on_cpu": False, "tiling": "auto"}
+    for name in (str(outside), f"../vae/{VAE}", f"sub/../../vae/{VAE}", f"..\\vae\\{VAE}", "c:x.safetensors"):
+        with pytest.raises(ValueError, match=r"vae file name .* must be a file inside the vae folder"):
+            run("WanTunerVAELoader", model_name=name, **vae_args)
+    message = N["WanTunerDiTLoader"].VALIDATE_INPUTS(model_name=f"../diffusion_models/{T2V}", task="auto")
+    assert "absolute paths and paths outside ComfyUI's folders are refused" in message
+    assert N["WanTunerVAELoader"].IS_CHANGED(model_name=str(outside)).startswith("missing:")
+    assert run("WanTunerVAELoader", model_name=VAE, **vae_args)[0].name == VAE  # a plain name still loads
+
+
+def test_save_video_refuses_an_empty_prefix_before_writing(models: Path) -> None:
+    for prefix in ("", "  ", "clips/"):
+        message = N["WanTunerSaveVideo"].VALIDATE_INPUTS(filename_prefix=prefix)
+        assert message == (f"filename_prefix {prefix!r} names no file: give a file name, optionally after "
+                           "subfolders (e.g. WanTuner/video)")
+        with pytest.raises(ValueError, match="names no file"):
+            N["WanTunerSaveVideo"]().save(images=image(16, 16), fps=8, filename_prefix=prefix, crf=0)
+    assert N["WanTunerSaveVideo"].VALIDATE_INPUTS(filename_prefix="WanTuner/video") is True
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Output and preview
 # ----------------------------------------------------------------------------------------------------------------
@@ -281,7 +304,7 @@ def test_save_video_numbers_files_and_shows_them(models: Path) -> None:
     with av.open(outs[1]["result"][0]) as container:
         assert sum(1 for _ in container.decode(video=0)) == 5
         assert float(container.streams.video[0].average_rate) == 8.0
-    with pytest.raises(ValueError, match="outside the output folder"):
+    with pytest.raises(ValueError, match="outside the folders WanTuner may use"):
         N["WanTunerSaveVideo"]().save(images=frames, fps=8, filename_prefix="../escape", crf=0)
 
 

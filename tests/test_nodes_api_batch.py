@@ -8,6 +8,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 from pathlib import Path
 
@@ -72,3 +73,46 @@ def test_rejected_graph_lists_the_node_errors() -> None:
     assert "rejected the workflow (HTTP 400): Prompt outputs failed validation" in message
     assert "node 10 (WanTunerSampler): Custom validation failed for node: length - video length must be 4n+1" \
         in message
+
+
+def test_a_server_that_accepts_and_never_answers_fails_after_the_request_timeout(tmp_path: Path) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red square\n")
+    with socket.socket() as listener:  # accepts connections (the kernel's backlog) and never sends a byte
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        start = time.monotonic()
+        result = _run(str(T2V_API), "--prompts", str(prompts), "--server", url, "--request_timeout", "2")
+        elapsed = time.monotonic() - start
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (f"error: ComfyUI at {url} did not answer /system_stats within 2 s (--request_timeout); "
+                             "is the server busy or hung?\n")
+    assert elapsed < 60  # the job timeout (3600 s by default) is not what ends the wait
+
+
+def test_a_silent_websocket_waits_for_the_job_timeout_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Silent:
+        def settimeout(self, seconds: float) -> None:
+            self.wait = seconds
+
+        def recv(self):
+            import websocket
+
+            time.sleep(self.wait)
+            raise websocket.WebSocketTimeoutException("timed out")
+
+    start = time.monotonic()
+    with pytest.raises(api_batch.JobFailed, match="no result within 1 s"):
+        api_batch.follow(Silent(), "p1", timeout=1.0, poll=0.3)
+    assert 1.0 <= time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("url", ["notaurl", "ftp://host:21", "http://", "http://host:port", "127.0.0.1:8188"])
+def test_a_server_that_is_no_url_gives_one_line(tmp_path: Path, url: str) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red square\n")
+    result = _run(str(T2V_API), "--prompts", str(prompts), "--server", url)
+    assert result.returncode == 2
+    assert result.stderr == (f"error: --server {url!r} is not an http(s) URL of a ComfyUI server "
+                             "(e.g. http://127.0.0.1:8188)\n")

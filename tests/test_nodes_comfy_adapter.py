@@ -40,6 +40,8 @@ class FakeComfy:
         fp.get_full_path = lambda name, file: next((str(Path(d) / file) for d in folders[name][0]
                                                    if (Path(d) / file).is_file()), None)
         fp.get_output_directory = lambda: str(output)
+        fp.get_input_directory = lambda: str(output.parent / "input")
+        fp.get_temp_directory = lambda: str(output.parent / "temp")
         fp.get_save_image_path = lambda prefix, out, w, h: (str(Path(out) / Path(prefix).parent), Path(prefix).name,
                                                             7, str(Path(prefix).parent), prefix)
         mm = types.ModuleType("comfy.model_management")

@@ -370,6 +370,80 @@ def test_dataset_path_and_folder_problems_are_reported(tmp_path: Path, monkeypat
         tr.folder_dataset_toml(tmp_path, settings)
 
 
+def _comfy_folders(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for env, name in ((adapter.INPUT_DIR_ENV, "input"), (adapter.OUTPUT_DIR_ENV, "output"),
+                      (adapter.TEMP_DIR_ENV, "temp"), (adapter.MODELS_DIR_ENV, "models")):
+        (root / name).mkdir()
+        monkeypatch.setenv(env, str(root / name))
+
+
+def _image_folder(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "a.png").write_bytes(b"")
+    (folder / "a.txt").write_text("a red square")
+    return folder
+
+
+def _toml(path: Path, data: Path, cache: Path) -> Path:
+    path.write_text(f'[general]\nresolution = [64, 64]\ncaption_extension = ".txt"\n[[datasets]]\n'
+                    f"image_directory = {json.dumps(str(data))}\ncache_directory = {json.dumps(str(cache))}\n")
+    return path
+
+
+CACHE_SETTINGS = {"width": 64, "height": 64, "frames": 9, "frame_extraction": "head", "enable_bucket": True,
+                  "num_repeats": 1, "batch_size": 1, "caption_extension": ".txt"}
+
+
+def test_cache_dataset_refuses_paths_outside_comfyuis_folders(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    _comfy_folders(tmp_path, monkeypatch)
+    validate = N["WanTunerCacheDataset"].VALIDATE_INPUTS
+    outside = _image_folder(tmp_path / "elsewhere")
+    message = validate(dataset_path=str(outside))
+    assert message.startswith(f"dataset_path {outside} resolves to {outside}, outside the folders WanTuner may use (")
+    with pytest.raises(ValueError, match="outside the folders WanTuner may use"):
+        N["WanTunerCacheDataset"]().cache(vae=None, t5=None, dataset_path=str(outside), **CACHE_SETTINGS)
+    assert not (outside / tr.CACHE_FOLDER).exists()  # nothing written there
+    (tmp_path / "input" / "linked").symlink_to(outside)  # symlinks are followed
+    assert f"resolves to {outside}, outside" in validate(dataset_path="linked")
+    loras = tmp_path / "models" / "loras"
+    toml = _toml(tmp_path / "input" / "d.toml", _image_folder(tmp_path / "input" / "data"), loras)
+    message = validate(dataset_path="d.toml")
+    assert message.startswith(f"datasets[0] cache_directory in {toml}: {loras} resolves to {loras}, outside")
+    with pytest.raises(ValueError, match="cache_directory .* outside the folders WanTuner may use"):
+        N["WanTunerCacheDataset"]().cache(vae=None, t5=None, dataset_path="d.toml", **CACHE_SETTINGS)
+    assert not loras.exists()
+    assert "datasets[0] directory" in validate(dataset_path=str(_toml(toml, outside, tmp_path / "temp" / "c")))
+
+
+def test_cache_dataset_accepts_paths_inside_comfyuis_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _comfy_folders(tmp_path, monkeypatch)
+    validate = N["WanTunerCacheDataset"].VALIDATE_INPUTS
+    data = _image_folder(tmp_path / "input" / "data")
+    assert validate(dataset_path="data") is True and validate(dataset_path=str(data)) is True
+    settings = tr.FolderSettings(64, 64, 9, "head", True, 1, 1, ".txt")
+    group = tr.dataset_group(tr.resolve_dataset_path(str(data)), settings)
+    assert group.datasets[0].cache_directory == str(data / tr.CACHE_FOLDER / "images")
+    toml = _toml(tmp_path / "input" / "d.toml", data, tmp_path / "temp" / "cache")
+    assert validate(dataset_path="d.toml") is True
+    assert tr.dataset_group(toml, settings).datasets[0].cache_directory == str(tmp_path / "temp" / "cache")
+
+
+def test_a_folder_registered_for_datasets_is_allowed_inside_comfyui(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.test_nodes_comfy_adapter import FakeComfy
+
+    fake = FakeComfy(tmp_path / "models", tmp_path / "output")
+    for name, module in fake.modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    shared = _image_folder(tmp_path / "shared" / "data")
+    validate = N["WanTunerCacheDataset"].VALIDATE_INPUTS
+    assert "outside the folders WanTuner may use" in validate(dataset_path=str(shared))
+    fake.modules["folder_paths"].folder_names_and_paths[adapter.DATA_FOLDER] = ([str(tmp_path / "shared")], set())
+    assert validate(dataset_path=str(shared)) is True
+    assert "outside the folders" in validate(dataset_path=str(tmp_path / "models"))
+
+
 def test_folder_toml_lists_images_and_videos_separately(tmp_path: Path) -> None:
     from training.dataset_config import load_dataset_config
 

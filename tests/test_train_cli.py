@@ -131,3 +131,24 @@ def test_cli_errors(cached, tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     with pytest.raises(SystemExit) as exit_info:
         training_main(["train", "--help"])
     assert exit_info.value.code == 0
+
+
+def test_unusable_output_folders_are_reported_before_anything_loads(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    base = ["train", "--dit", str(tmp_path / "no_dit.safetensors"), "--dataset_config", str(tmp_path / "d.toml")]
+    assert training_main([*base, "--output_dir", str(afile)]) == 2
+    assert capsys.readouterr().err == (f"error: invalid training flags:\n  - --output_dir {afile} is a file; expected "
+                                       "a folder (it is created when missing)\n")
+    assert training_main([*base, "--output_dir", str(afile / "out"), "--logging_dir", str(afile / "logs")]) == 2
+    err = capsys.readouterr().err
+    assert f"--output_dir {afile / 'out'} lies under the file {afile}" in err
+    assert f"--logging_dir {afile / 'logs'} lies under the file {afile}" in err
+    out = tmp_path / "new" / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        import wan_core.checkpoint as checkpoint
+
+        mp.setattr(checkpoint.os, "access", lambda path, mode: False)  # root ignores chmod: fake the refusal
+        assert training_main([*base, "--output_dir", str(out)]) == 2
+    assert f"--output_dir {out} is not writable (no write permission)" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from training.config_file import add_config_file_argument, parse_args
 from training.timesteps import SCHEMES, WEIGHTING_SCHEMES
+from wan_core.checkpoint import ensure_writable_dir
 from wan_core.config import TASKS
 from wan_core.offload import PINNED_MEMORY_HELP
 
@@ -289,9 +290,25 @@ def _feature_problems(args: argparse.Namespace) -> list[str]:
     return problems
 
 
+def _output_problems(args: argparse.Namespace) -> list[str]:
+    """The output (and TensorBoard) folders are created now and must be writable, so that a bad path fails before
+    the models load rather than at the first save."""
+    problems = []
+    for flag in ("output_dir", "logging_dir"):
+        folder = getattr(args, flag, None)
+        if folder:
+            try:
+                ensure_writable_dir(folder, f"--{flag}")
+            except ValueError as error:
+                problems.append(str(error))
+    return problems
+
+
 def validate_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Raise one ValueError listing every contradictory or out-of-range flag; returns `args`."""
+    """Raise one ValueError listing every contradictory or out-of-range flag or unusable output folder; returns
+    `args`."""
     problems = _network_problems(args) + _schedule_problems(args) + _feature_problems(args)
+    problems += _output_problems(args)
     try:
         attention_backend(args)
     except ValueError as exc:

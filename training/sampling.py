@@ -16,6 +16,7 @@ prompt i is rendered by process i mod P.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -160,15 +161,20 @@ def _frames_for_log(frames: torch.Tensor, limit: int = 8) -> torch.Tensor:
 def _save(frames: torch.Tensor, path: Path) -> Path:
     from PIL import Image
 
+    from wan_core.checkpoint import make_temp, new_file_mode
     from wan_core.media import to_uint8, write_video
 
     if frames.shape[0] > 1:
         return write_video(frames, path.with_suffix(".mp4"), SAMPLE_FPS)
     out = path.with_suffix(".png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    Image.fromarray(to_uint8(frames)[0]).save(tmp)
-    tmp.replace(out)
+    tmp = make_temp(out, ext=".png")  # PIL picks the format from the name
+    try:
+        Image.fromarray(to_uint8(frames)[0]).save(tmp)
+        os.chmod(tmp, new_file_mode())
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return out
 
 

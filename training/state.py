@@ -19,13 +19,12 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from wan_core.checkpoint import load_state_dict, require_finite, save_safetensors
+from wan_core.checkpoint import load_state_dict, make_temp, require_finite, save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +124,7 @@ def save_state(path: Path, objects: TrainingObjects, progress: Progress, run_inf
     """Write a state folder atomically (temporary folder in the same directory, then rename); NaN/inf weights are
     refused (NonFiniteError) before anything is written."""
     require_finite(objects.weights, f"training state {path} (not written)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = make_temp(path, directory=True)
     try:
         save_safetensors(objects.weights, tmp / STATE_WEIGHTS)
         payload = {"version": STATE_VERSION, "optimizer": objects.optimizer.state_dict(),

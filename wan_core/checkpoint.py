@@ -8,8 +8,10 @@ import json
 import logging
 import os
 import re
+import shutil
 import struct
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TypeVar
@@ -268,18 +270,81 @@ def new_file_mode() -> int:
     return 0o666 & ~_UMASK
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Temporary files of atomic writes, and their leftovers
+# ----------------------------------------------------------------------------------------------------------------
+
+# Every atomic write here and in wan_core.media / training writes `.{name}.XXXXXXXX.tmp[.ext]` next to its target
+# (XXXXXXXX: tempfile's random part; `.ext` kept where a writer picks the format from the name), then renames it.
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp(?:\.[A-Za-z0-9]+)?$")
+STALE_TEMP_SECONDS = 600.0  # a temporary file untouched this long belongs to no running writer
+_CLEANED: set[str] = set()  # folders already cleaned by this process
+
+
+def temp_target(name: str) -> str | None:
+    """The file name a temporary name of ours stands for, or None when `name` is not one."""
+    match = _TEMP_NAME.match(name)
+    return match["target"] if match else None
+
+
+def clean_stale_temps(folder: str | os.PathLike, min_age: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """Remove the leftovers of interrupted atomic writes in `folder` (a killed process cannot remove them): files
+    and folders named like our temporary files and not modified for `min_age` seconds, so that a concurrent
+    writer's file stays. Returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    cutoff = time.time() - min_age
+    removed = []
+    for path in sorted(folder.iterdir()):
+        try:
+            if temp_target(path.name) is None or path.is_symlink() or path.stat().st_mtime > cutoff:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError as error:  # gone meanwhile, or not ours to remove
+            logger.debug("left %s: %s", path, error)
+            continue
+        removed.append(path)
+        logger.info("removed the leftover of an interrupted write: %s", path)
+    return removed
+
+
+def clean_stale_temps_once(folder: str | os.PathLike) -> list[Path]:
+    """clean_stale_temps, at most once per folder per process."""
+    key = os.path.realpath(folder)
+    if key in _CLEANED:
+        return []
+    _CLEANED.add(key)
+    return clean_stale_temps(folder)
+
+
+def make_temp(target: str | os.PathLike, ext: str = "", directory: bool = False) -> Path:
+    """A new empty temporary file (or folder) for `target`, in its folder (created if missing), named
+    `.{target name}.XXXXXXXX.tmp{ext}`; stale leftovers in that folder are cleaned first (once per process)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps_once(target.parent)
+    prefix, suffix = f".{target.name}.", f".tmp{ext}"
+    if directory:
+        return Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=target.parent))
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=target.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write `text` (UTF-8) to a temporary file in the same folder, then rename; the file gets the ordinary mode."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = make_temp(path)
     try:
         os.chmod(tmp, new_file_mode())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -288,15 +353,46 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
                      metadata: Mapping[str, str] | None = None) -> Path:
     """Write atomically: a temporary file in the same folder, then rename (an interrupted run leaves no file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = make_temp(path)
     try:
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         save_file(tensors, tmp, metadata=dict(metadata) if metadata else None)
         os.chmod(tmp, new_file_mode())  # after save_file, which may recreate the file
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output folders
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str) -> Path:
+    """Create folder `path` if missing and prove it writable (a temporary file is created and removed); ValueError
+    naming `what` when it is a file, lies under a file, cannot be created or cannot be written. Run it before
+    loading models, so a bad output folder fails in seconds instead of after the work."""
+    path = Path(path)
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        where = "is a file" if blocker == path else f"lies under the file {blocker}"
+        raise ValueError(f"{what} {path} {where}; expected a folder (it is created when missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "no write permission")
+        make_temp(path / "write-test").unlink()
+    except OSError as error:
+        raise ValueError(f"{what} {path} is not writable ({error.strerror or error})") from None
+    return path
+
+
+def ensure_writable_file(path: str | os.PathLike, what: str) -> Path:
+    """`path` can be written as a file: not an existing folder, and its folder passes ensure_writable_dir."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; expected a file name")
+    ensure_writable_dir(path.parent, f"{what} {path}: its folder")
     return path

@@ -47,17 +47,22 @@ def latent_frames(frames: int) -> int:
     return (frames - 1) // 4 + 1
 
 
+def nearest_valid(value: int, step: int, first: int) -> str:
+    """The valid values next to `value` on the grid first, first + step, ... ("9 or 13"; just "16" below it)."""
+    below = first + (value - first) // step * step
+    return " or ".join(str(v) for v in (below, below + step) if v >= first) or str(first)
+
+
 def validate_video_size(height: int, width: int, frames: int) -> None:
     """Raise a ValueError saying what to change when a size cannot be generated."""
     problems = []
     for name, value in (("height", height), ("width", width)):
         if value <= 0 or value % 16:
-            lower, upper = max(16, value // 16 * 16), (value // 16 + 1) * 16
-            problems.append(f"{name} must be a positive multiple of 16 (got {value}; try {lower} or {upper})")
+            problems.append(f"{name} must be a positive multiple of 16 (got {value}; try "
+                            f"{nearest_valid(value, 16, 16)})")
     if frames < 1 or (frames - 1) % 4:
-        lower, upper = max(1, (frames - 1) // 4 * 4 + 1), ((frames - 1) // 4 + 1) * 4 + 1
         problems.append(f"video length must be 4n+1 frames, e.g. 1, 5, 9, ..., 81 "
-                        f"(got {frames}; try {lower} or {upper})")
+                        f"(got {frames}; try {nearest_valid(frames, 4, 1)})")
     if problems:
         raise ValueError("; ".join(problems))
 

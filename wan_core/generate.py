@@ -14,14 +14,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from . import conditioning as cond
+from .checkpoint import ensure_writable_dir, ensure_writable_file
 from .config import TASKS, get_task
 from .guidance import CFG_SKIP_MODES, SLG_MODES, SLGConfig, cfg_apply_pattern
 from .jobs import Job, parse_prompt_line, read_prompt_lines
-from .models import ModelSet, ModelSpec
+from .models import ModelSet, ModelSpec, check_model_file
 from .offload import PINNED_MEMORY_HELP
 from .outputs import OUTPUT_TYPES, load_latent, output_stem, save_outputs
 from .pipeline import SamplerSettings, decode_latents, denoise, encode_prompts
@@ -132,6 +134,7 @@ def infer_task(spec: ModelSpec, image_given: bool) -> str:
     if "task" in meta:
         return meta["task"]
     metadata = read_metadata_safe(path)
+    check_model_file(path, "dit", "--dit")
     cfg = (config_from_json(metadata[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in metadata
            else detect_config(normalize_dit_keys(peek_shapes(path), path.name)))
     fits = tasks_matching(cfg)
@@ -237,6 +240,51 @@ def spec_from_args(args: argparse.Namespace) -> ModelSpec:
                      loras=tuple(zip(args.lora_weight, multipliers, includes, excludes)))
 
 
+def check_files_and_outputs(args: argparse.Namespace, spec: ModelSpec) -> None:
+    """Up-front checks that need no model: each given checkpoint is of the kind its flag expects, the output
+    folder (or merged-model file) can be written, the frame rate is positive."""
+    for kind in ("dit", "vae", "t5", "clip"):
+        if getattr(spec, kind):
+            check_model_file(getattr(spec, kind), kind, f"--{kind}")
+    for path, *_ in spec.loras:
+        check_model_file(path, "lora", "--lora_weight")
+    if args.fps is not None and args.fps <= 0:
+        raise ValueError(f"--fps must be a positive frame rate (e.g. 16), got {args.fps}")
+    if args.save_merged_model:
+        ensure_writable_file(args.save_merged_model, "--save_merged_model")
+    else:
+        ensure_writable_dir(args.save_path, "--save_path")
+
+
+def warn_unused_clip(args: argparse.Namespace, jobs: Sequence[Resolved]) -> None:
+    """--clip is read only for jobs with a start image; say so instead of ignoring the file silently."""
+    if args.clip and not any(r.image is not None for r in jobs):
+        logger.warning("warning: --clip %s is not used: CLIP vision encodes a start image (--image_path / --i), "
+                       "which no prompt of this %s run has", args.clip, jobs[0].task if jobs else "")
+
+
+@dataclass
+class RunStatus:
+    """Where a run is, for the one-line message when it is interrupted."""
+
+    phase: str = "loading models"
+    video: int = 0
+    videos: int = 0
+    step: int = 0
+    steps: int = 0
+    written: int = 0
+    bar: Any = None  # the open progress bar, closed before the message
+
+    def describe(self) -> str:
+        where = (f"at step {self.step} of {self.steps} (video {self.video} of {self.videos})"
+                 if self.phase == "sampling" else f"while {self.phase}")
+        saved = "nothing written" if not self.written else f"{self.written} file(s) written before, listed above"
+        return f"interrupted {where}, {saved}"
+
+
+STATUS = RunStatus()
+
+
 def _per_lora(patterns: list[str] | None, count: int, flag: str) -> list[str | None]:
     if not patterns:
         return [None] * count
@@ -252,8 +300,10 @@ class Progress:
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, desc=desc, disable=disable, leave=False)
+        STATUS.bar = self.bar
 
     def __call__(self, info) -> None:
+        STATUS.step = info.i + 1
         self.bar.update(1)
         if info.i + 1 == info.total:
             self.bar.close()
@@ -276,6 +326,7 @@ def build_conditioning(models: ModelSet, r: Resolved) -> cond.Conditioning:
 
 def run_jobs(models: ModelSet, jobs: Sequence[Resolved], args: argparse.Namespace, keep_loaded: bool) -> list[Path]:
     """Text encoding for all jobs, then conditioning, then the DiT for all, then decoding and saving."""
+    STATUS.phase = "encoding prompts"
     texts = sorted({t for r in jobs for t in (r.job.prompt, r.negative_prompt)})
     embeds = dict(zip(texts, encode_prompts(models.get("t5"), texts)))
     if not keep_loaded:
@@ -289,6 +340,9 @@ def run_jobs(models: ModelSet, jobs: Sequence[Resolved], args: argparse.Namespac
     dit = models.get("dit")
     for n, (r, c) in enumerate(zip(jobs, conds)):
         start = time.perf_counter()
+        STATUS.phase, STATUS.video, STATUS.videos, STATUS.step, STATUS.steps = (
+            "sampling", n + 1, len(jobs), 0, r.settings.steps)
+        logger.info("sampling video %d/%d: %d steps", n + 1, len(jobs), r.settings.steps)
         needs_uncond = r.settings.guidance_scale != 1.0 or r.settings.slg is not None
         progress = Progress(r.settings.steps, f"video {n + 1}/{len(jobs)}", args.quiet)
         latents.append(denoise(dit, c, [embeds[r.job.prompt]], [embeds[r.negative_prompt]] if needs_uncond else None,
@@ -296,6 +350,7 @@ def run_jobs(models: ModelSet, jobs: Sequence[Resolved], args: argparse.Namespac
         logger.info("denoised %d steps in %.2f s", r.settings.steps, time.perf_counter() - start)
     if not keep_loaded:
         models.release("dit")
+    STATUS.phase = "decoding and saving"
     return [path for r, lat in zip(jobs, latents) for path in save_result(models, r, lat, args)]
 
 
@@ -313,6 +368,7 @@ def save_result(models: ModelSet, r: Resolved, latents: torch.Tensor, args: argp
     for path in paths:
         logger.info("saved %s", path)
         print(path)
+    STATUS.written += len(paths)
     return paths
 
 
@@ -377,8 +433,21 @@ def interactive(models: ModelSet, args: argparse.Namespace, spec: ModelSpec, str
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    global STATUS
+    STATUS = RunStatus()
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        if STATUS.bar is not None:
+            STATUS.bar.close()  # clears its line (leave=False)
+        print(STATUS.describe(), file=sys.stderr)
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         spec = spec_from_args(args)
+        check_files_and_outputs(args, spec)
         models = ModelSet(spec)
         if args.save_merged_model:
             save_merged_model(spec, args.save_merged_model)
@@ -395,7 +464,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             lines = [args.prompt]
         else:
             raise ValueError("give --prompt, --from_file, --interactive or --latent_path")
-        run_jobs(models, jobs_from_lines(lines, args, spec), args, keep_loaded=False)
+        jobs = jobs_from_lines(lines, args, spec)
+        warn_unused_clip(args, jobs)
+        run_jobs(models, jobs, args, keep_loaded=False)
         return 0
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

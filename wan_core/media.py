@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .checkpoint import new_file_mode
+from .checkpoint import make_temp, new_file_mode
 
 logger = logging.getLogger(__name__)
 
@@ -220,11 +219,9 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
 
 
 def _temp_path(target: Path, suffix: str) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-    os.close(fd)
+    tmp = make_temp(target, ext=suffix)
     os.chmod(tmp, new_file_mode())
-    return Path(tmp)
+    return tmp
 
 
 def write_video(frames: torch.Tensor, path: str | Path, fps: int, crf: int | None = None) -> Path:
@@ -257,8 +254,7 @@ def write_video(frames: torch.Tensor, path: str | Path, fps: int, crf: int | Non
 def write_png_frames(frames: torch.Tensor, folder: str | Path) -> Path:
     """One PNG per frame (`frame_0000.png`, ...) in `folder`, written to a temporary folder then renamed."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = make_temp(folder, directory=True)
     try:
         for i, frame in enumerate(to_uint8(frames)):
             Image.fromarray(frame).save(tmp / f"frame_{i:04d}.png")

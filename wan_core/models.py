@@ -98,6 +98,47 @@ def sampling_defaults(dit_path: Path) -> dict[str, Any]:
     return json.loads(text) if text else {}
 
 
+# What each kind of model file is called in messages, and the key endings (under any prefix) that identify it.
+KIND_NAMES = {"dit": "Wan2.1 DiT (diffusion transformer)", "vae": "Wan VAE", "t5": "umT5 text encoder",
+              "clip": "CLIP vision encoder", "lora": "LoRA"}
+_CONFIG_KINDS = {"DiTConfig": "dit", "VAEConfig": "vae", "T5Config": "t5", "CLIPVisionConfig": "clip"}
+_KEY_ENDINGS = (  # checked in this order: a LoRA's keys name DiT modules, so LoRA markers come first
+    ("lora", (".lora_down.weight", ".lora_A.weight", ".lora_A.default.weight", ".hada_w1_a", ".lokr_w1",
+              ".lokr_w1_a", ".diff_b")),
+    ("dit", ("head.modulation", "condition_embedder.time_proj.weight")),
+    ("vae", ("decoder.middle.0.residual.0.gamma", "decoder.conv_in.weight")),
+    ("clip", ("cls_embedding", "class_embedding")),
+    ("t5", ("blocks.0.attn.q.weight", "encoder.final_layer_norm.weight")),
+)
+
+
+def model_file_kind(path: str | Path) -> str | None:
+    """'dit', 'vae', 't5', 'clip' or 'lora' from a checkpoint's stored config class or its key names (header only
+    for safetensors); None when the file is none of them or cannot be read."""
+    from .checkpoint import peek_shapes
+    from .config import CONFIG_METADATA_KEY
+
+    try:
+        config = read_metadata(path).get(CONFIG_METADATA_KEY)
+        if config:
+            return _CONFIG_KINDS.get(json.loads(config).get("class", ""))
+        keys = list(peek_shapes(path))
+    except (OSError, ValueError, RuntimeError):
+        return None
+    for kind, endings in _KEY_ENDINGS:
+        if any(key.endswith(ending) for key in keys for ending in endings):
+            return kind
+    return None
+
+
+def check_model_file(path: str | Path, kind: str, flag: str) -> None:
+    """ValueError when `path` is recognisably another kind of model file than `flag` expects (one line saying
+    both); unknown files are left to the loader's own checks."""
+    found = model_file_kind(path)
+    if found is not None and found != kind:
+        raise ValueError(f"{flag} {path} is a {KIND_NAMES[found]} file; {flag} expects a {KIND_NAMES[kind]} file")
+
+
 class ModelSet:
     """Loads each model on first use; `release(kind)` frees it (phases of a batch run)."""
 
