@@ -14,7 +14,10 @@ from typing import Any
 
 import torch
 
-from .checkpoint import read_metadata
+from .checkpoint import peek_shapes, read_metadata
+from .config import CONFIG_METADATA_KEY
+from .lora import lora_multiplier
+from .offload import release_block_swap
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +67,6 @@ class ModelSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from .lora import lora_multiplier
-
         for path, multiplier, *_ in self.loras:  # refuse a NaN/inf strength before any model is loaded
             lora_multiplier(multiplier, path)
 
@@ -115,9 +116,6 @@ _KEY_ENDINGS = (  # checked in this order: a LoRA's keys name DiT modules, so Lo
 def model_file_kind(path: str | Path) -> str | None:
     """'dit', 'vae', 't5', 'clip' or 'lora' from a checkpoint's stored config class or its key names (header only
     for safetensors); None when the file is none of them or cannot be read."""
-    from .checkpoint import peek_shapes
-    from .config import CONFIG_METADATA_KEY
-
     try:
         config = read_metadata(path).get(CONFIG_METADATA_KEY)
         if config:
@@ -167,8 +165,6 @@ class ModelSet:
         """Drop the `kind` model; a block-swapped DiT first detaches its swapper, which unpins its CPU memory."""
         model = self._models.pop(kind, None)
         if model is not None:
-            from .offload import release_block_swap
-
             release_block_swap(model)
             del model
             gc.collect()
