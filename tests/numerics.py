@@ -60,15 +60,15 @@ def float64_upcasts() -> Iterator[None]:
         torch.Tensor.float = original
 
 
+def float64_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A float64 deep copy of the module (run it inside float64_upcasts)."""
+    return copy.deepcopy(module).double()
+
+
 def float64_run(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """module(*args, **kwargs) computed entirely in float64 on a copy (the module itself is left as it is)."""
-    wide = copy.deepcopy(module).double()
     with torch.no_grad(), float64_upcasts():
-        out = wide(*to_float64(args), **to_float64(kwargs))
-    first = out[0] if isinstance(out, (tuple, list)) else out
-    if first.dtype != torch.float64:
-        raise AssertionError(f"the float64 reference run returned {first.dtype}: a cast in the model escaped")
-    return out
+        return float64_copy(module)(*to_float64(args), **to_float64(kwargs))
 
 
 def float32_tolerance(reference32: torch.Tensor, reference64: torch.Tensor, margin: float = MARGIN) -> float:
@@ -79,6 +79,8 @@ def float32_tolerance(reference32: torch.Tensor, reference64: torch.Tensor, marg
 def assert_float32_parity(got: torch.Tensor, reference32: torch.Tensor, reference64: torch.Tensor,
                           margin: float = MARGIN) -> None:
     """`got` (float32) is as close to the float64 result as float32 rounding allows (see the module docstring)."""
+    if reference64.dtype != torch.float64:
+        raise AssertionError(f"the float64 reference is {reference64.dtype}: a cast in the reference escaped")
     err, tol = rel_err(got, reference64), float32_tolerance(reference32, reference64, margin)
     assert err <= tol, (f"relative error {err:.3g} vs the float64 run exceeds {tol:.3g} = {margin:g} x the "
                         f"reference's own float32 error {rel_err(reference32, reference64):.3g} + {FLOOR:.3g}")
