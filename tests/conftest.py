@@ -7,6 +7,7 @@ import os
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +15,24 @@ pytest_plugins = ["pytester"]  # tests of the options below
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+
+
+def _seed_global_generators() -> None:
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _seeded_module() -> None:
+    """Module-scoped fixtures that draw from the global generators see the same numbers in any test order."""
+    _seed_global_generators()
+
+
+@pytest.fixture(autouse=True)
+def _seeded_test() -> None:
+    """Each test starts from the same global generator state (torch, random, numpy), whatever ran before it."""
+    _seed_global_generators()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
