@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.numerics import assert_float32_parity, to_float64
 from tests.tiny import TINY_DIT, randomize_
 from wan_core.attention import available_backends
 from wan_core.compile import (
@@ -43,7 +44,9 @@ def test_attention_op_compiles_into_one_graph() -> None:
     kernel = compile_safe_kernel("torch")  # alias of sdpa
     compiled = torch.compile(lambda q, k, v: kernel(q * 2, k, v) + 1, backend="aot_eager", fullgraph=True)
     q, k, v = _qkv(1)
-    assert torch.allclose(compiled(q, k, v), attention_op(q * 2, k, v, "sdpa") + 1, rtol=0, atol=1e-6)
+    expected = attention_op(q * 2, k, v, "sdpa") + 1
+    exact = attention_op(*to_float64((q * 2, k, v)), "sdpa") + 1
+    assert_float32_parity(compiled(q, k, v), expected, exact)
     with pytest.raises(ValueError, match="unknown attention backend"):
         compile_safe_kernel("nope")
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.numerics import assert_float32_parity, float64_copy, float64_run, float64_upcasts, to_float64
 from tests.tiny import TINY_DIT_BY_TYPE, randomize_
 from wan_core.checkpoint import read_metadata
 from wan_core.lora import LoRANetwork, TrainableLoRA, merge_loras, training_targets
@@ -36,10 +37,6 @@ def _randomize_lora(network: LoRANetwork, seed: int = 7) -> None:
     with torch.no_grad():
         for p in network.trainable_parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def test_targets_are_every_block_linear() -> None:
@@ -83,10 +80,12 @@ def test_forward_equals_merged_lora_and_gradients_flow() -> None:
     network = LoRANetwork(model, rank=4, alpha=1.0, multiplier=0.75)
     _randomize_lora(network)
     x, t, context = _inputs()
-    merged = copy.deepcopy(_model())
+    merged, merged64 = copy.deepcopy(_model()), float64_copy(_model())
     merge_loras(merged, [network.state_dict_in("musubi")], [0.75])
+    with float64_upcasts():
+        merge_loras(merged64, [to_float64(network.state_dict_in("musubi"))], [0.75])
     with torch.no_grad():
-        assert _rel(model(x, t, context), merged(x, t, context)) < 2e-6
+        assert_float32_parity(model(x, t, context), merged(x, t, context), float64_run(merged64, x, t, context))
     network.train()
     model(x, t, context).square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in network.trainable_parameters())

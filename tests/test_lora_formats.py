@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.numerics import assert_float32_parity, float64_copy, float64_run, float64_upcasts, to_float64
 from tests.tiny import TINY_DIT, TINY_DIT_BY_TYPE, diffusers_dit, randomize_
 from wan_core.checkpoint import build_on_meta, load_into, read_metadata
 from wan_core.convert import DIT_DIFFUSERS, rename
@@ -134,17 +135,31 @@ def _run(model, kind: str = "t2v") -> torch.Tensor:
         return model(x, t, context, clip_fea=clip, y=y)
 
 
-def _manual_merge(model: WanModel, lora, multiplier: float = 1.0, alpha: float | None = ALPHA) -> WanModel:
-    merged = copy.deepcopy(model)
+def _run64(model, kind: str = "t2v") -> torch.Tensor:
+    """_run in float64 (tests.numerics.float64_run)."""
+    x, t, context, clip, y = _inputs(kind)
+    return float64_run(model, x, t, context, clip_fea=clip, y=y)
+
+
+def _manual_merge(model: WanModel, lora, multiplier: float = 1.0, alpha: float | None = ALPHA,
+                  dtype: torch.dtype = torch.float32) -> WanModel:
+    merged = copy.deepcopy(model).to(dtype)
     with torch.no_grad():
         for m, (down, up) in lora.items():
             weight = merged.get_submodule(m).weight
-            weight.copy_((weight.double() + multiplier * _ref_delta(down, up, alpha).double()).float())
+            weight.copy_((weight.double() + multiplier * _ref_delta(down, up, alpha).double()).to(dtype))
     return merged
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
+def _expected(model: WanModel, *merges: tuple[dict, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """_run of the model with the (lora, multiplier) pairs merged by hand: in float32, and exactly in float64."""
+    outputs = []
+    for dtype, run in ((torch.float32, _run), (torch.float64, _run64)):
+        merged = model
+        for lora, multiplier in merges:
+            merged = _manual_merge(merged, lora, multiplier, dtype=dtype)
+        outputs.append(run(merged))
+    return outputs[0], outputs[1]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -168,13 +183,13 @@ def test_every_layout_gives_the_same_delta(layout: str) -> None:
 def test_every_layout_gives_the_same_model_output(layout: str) -> None:
     lora = _random_lora()
     model = _model()
-    expected = _run(_manual_merge(model, lora, 0.8))
+    expected = _expected(model, (lora, 0.8))
     merged = copy.deepcopy(model)
     (report,) = merge_loras(merged, [WRITERS[layout](lora)], [0.8])
     assert report.matched == len(lora) and report.unmatched == ()
-    assert _rel(_run(merged), expected) < 2e-6
+    assert_float32_parity(_run(merged), *expected)
     handle = apply_loras(model, [WRITERS[layout](lora)], [0.8])
-    assert _rel(_run(model), expected) < 2e-6
+    assert_float32_parity(_run(model), *expected)
     handle.remove()
 
 
@@ -205,11 +220,12 @@ def test_matches_diffusers_with_its_own_lora_converters(layout: str) -> None:
     padded = torch.cat([context[0], torch.zeros(512 - 7, TINY_DIT.text_dim)])[None]
     with torch.no_grad():
         expected = ref(x, t, padded, return_dict=False)[0]
+    exact = float64_run(ref, x, t, padded, return_dict=False)[0]
     unmerged = apply_loras(ours, [file])
-    assert _rel(_run(ours), expected) < 1e-4  # the gap of the base model parity test (float64 sinusoid)
+    assert_float32_parity(_run(ours), expected, exact)
     unmerged.remove()
     merge_loras(ours, [file])
-    assert _rel(_run(ours), expected) < 1e-4
+    assert_float32_parity(_run(ours), expected, exact)
 
 
 def test_i2v_lora_on_t2v_model_reports_image_keys(caplog: pytest.LogCaptureFixture) -> None:
@@ -332,11 +348,13 @@ def test_lycoris_merge_equals_unmerged() -> None:
     for n, s in (("w1_a", (64, 2)), ("w1_b", (2, 128)), ("w2_a", (64, 2)), ("w2_b", (2, 128))):
         file[f"lora_unet_blocks_0_ffn_2.hada_{n}"] = torch.randn(*s, generator=gen) * 0.3
     model = _model()
-    merged = copy.deepcopy(model)
+    merged, merged64 = copy.deepcopy(model), float64_copy(model)
     merge_loras(merged, [file], [0.7])
+    with float64_upcasts():
+        merge_loras(merged64, [to_float64(file)], [0.7])
     handle = apply_loras(model, [file], [0.7])
     assert handle.matched == 2
-    assert _rel(_run(model), _run(merged)) < 2e-6
+    assert_float32_parity(_run(model), _run(merged), _run64(merged64))
     handle.set_multiplier(0.0)
     assert not torch.allclose(_run(model), _run(merged))
 
@@ -350,22 +368,21 @@ def test_several_loras_merged_unmerged_and_multipliers() -> None:
     files = [WRITERS["musubi"](first), WRITERS["comfyui_alpha"](second)]
     model = _model()
     base_out = _run(model)
-    expected = _run(_manual_merge(_manual_merge(model, first, 0.8), second, -0.5))
+    expected = _expected(model, (first, 0.8), (second, -0.5))
     merged = copy.deepcopy(model)
     reports = merge_loras(merged, files, [0.8, -0.5])
     assert [r.matched for r in reports] == [20, 20]
-    assert _rel(_run(merged), expected) < 2e-6
+    assert_float32_parity(_run(merged), *expected)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     handle = apply_loras(model, files, [0.8, -0.5])
     assert isinstance(model.blocks[0].self_attn.q, LoRAModule) and model.dtype == torch.float32
-    assert _rel(_run(model), expected) < 2e-6
+    assert_float32_parity(_run(model), *expected)
     handle.set_multiplier(0.0)
     assert torch.equal(_run(model), base_out)  # multiplier 0 == base
     handle.set_multiplier(0.8, index=0)
-    assert _rel(_run(model), _run(_manual_merge(_model(), first, 0.8))) < 2e-6  # one LoRA on, one off
+    assert_float32_parity(_run(model), *_expected(_model(), (first, 0.8)))  # one LoRA on, one off
     handle.set_multiplier(1.3, index=1)
-    expected = _run(_manual_merge(_manual_merge(_model(), first, 0.8), second, 1.3))
-    assert _rel(_run(model), expected) < 2e-6
+    assert_float32_parity(_run(model), *_expected(_model(), (first, 0.8), (second, 1.3)))
     assert handle.multipliers == [0.8, 1.3]
     handle.remove()
     assert type(model.blocks[0].self_attn.q) is CastLinear
@@ -396,7 +413,7 @@ def test_two_handles_stack_and_remove_independently() -> None:
     assert not isinstance(model.blocks[0].self_attn.q.base, LoRAModule)  # one wrapper, two branches
     assert torch.equal(_run(copy.deepcopy(model)), _run(model))  # wrapped models copy (ComfyUI clones models)
     h1.remove()
-    assert _rel(_run(model), _run(_manual_merge(_model(), second, 0.5))) < 2e-6
+    assert_float32_parity(_run(model), *_expected(_model(), (second, 0.5)))
     h2.remove()
     assert torch.equal(_run(model), base_out)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.numerics import assert_float32_parity, float64_copy, float64_run, float64_upcasts
 from tests.test_tokenizer import _CORPUS, _reference_clean, _train_spiece
 from tests.tiny import randomize_
 from wan_core.checkpoint import CheckpointError
@@ -19,9 +20,6 @@ from wan_core.ops import CastLinear
 from wan_core.t5 import T5Encoder, UMT5Encoder, detect_t5_config, fp16_clamp, load_t5, relative_position_bucket
 from wan_core.tokenizer import SPIECE_KEY, UMT5Tokenizer, save_spiece_into
 
-# fp32 tolerance: max |ours - ref| / max |ref| over real (non-padded) tokens. Measured: ~4e-7 (SDPA vs matmul
-# summation order only).
-REL_TOL = 1e-5
 TINY_T5 = T5Config(vocab_size=256, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2)
 PROMPTS = ["A cat sits on a red sofa", "  Two dogs &amp; a   fox run across a snowy field at dawn, cinematic  ",
            "色调艳丽，过曝", ""]
@@ -75,12 +73,21 @@ def ref_outputs(ref, hf_tok) -> list[torch.Tensor]:
     return _reference_encode(ref, hf_tok, PROMPTS)
 
 
-def _reference_encode(ref, hf_tok, prompts: list[str]) -> list[torch.Tensor]:
-    """The official pipeline on the references: HF tokenizer (padding 512, truncation), HF model, trim by mask."""
+@pytest.fixture(scope="module")
+def ref_outputs64(ref, hf_tok) -> list[torch.Tensor]:
+    return _reference_encode(ref, hf_tok, PROMPTS, float64=True)
+
+
+def _reference_encode(ref, hf_tok, prompts: list[str], float64: bool = False) -> list[torch.Tensor]:
+    """The official pipeline on the references: HF tokenizer (padding 512, truncation), HF model, trim by mask;
+    with float64, the model runs in float64 (tests.numerics.float64_run)."""
     batch = hf_tok([_reference_clean(p) for p in prompts], padding="max_length", truncation=True, max_length=512,
                    return_tensors="pt")
-    with torch.no_grad():
-        hidden = ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    if float64:
+        hidden = float64_run(ref, input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    else:
+        with torch.no_grad():
+            hidden = ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     return [h[:n] for h, n in zip(hidden, batch.attention_mask.sum(1).tolist())]
 
 
@@ -105,9 +112,10 @@ def test_encoder_matches_transformers_on_real_tokens(ref) -> None:
     with torch.no_grad():
         expected = ref(input_ids=ids, attention_mask=mask).last_hidden_state
         got = ours(ids, mask)
+    exact = float64_run(ref, input_ids=ids, attention_mask=mask).last_hidden_state
     assert got.shape == expected.shape == (2, 512, 32)
     for row, n in enumerate(lengths):
-        assert _rel(got[row, :n], expected[row, :n]) <= REL_TOL
+        assert_float32_parity(got[row, :n], expected[row, :n], exact[row, :n])
 
 
 def test_relative_position_buckets_match_transformers(ref) -> None:
@@ -135,12 +143,13 @@ def test_encode_pipeline_matches_official_reference(ref, hf_tok, spiece: bytes) 
     long_prompt = " ".join(_CORPUS * 12)  # truncated at 512 tokens
     prompts = [*PROMPTS, long_prompt]
     expected = _reference_encode(ref, hf_tok, prompts)
+    exact = _reference_encode(ref, hf_tok, prompts, float64=True)
     got = encoder.encode(prompts)
     assert [g.shape[0] for g in got] == [e.shape[0] for e in expected]
     assert got[-1].shape == (512, 32) and got[-2].shape == (1, 32)  # truncated; empty prompt = EOS only
-    for g, e in zip(got, expected):
+    for g, e, e64 in zip(got, expected, exact):
         assert g.dtype == torch.float32
-        assert _rel(g, e) <= REL_TOL
+        assert_float32_parity(g, e, e64)
 
 
 def test_outputs_are_trimmed_to_the_real_token_count(ref, spiece: bytes) -> None:
@@ -159,10 +168,12 @@ def test_batch_equals_one_at_a_time_and_full_padding(ref, spiece: bytes) -> None
     chunked = T5Encoder(ours, tok, batch_size=3).encode(PROMPTS)
     full_padding = T5Encoder(ours, tok, pad_to_text_len=True).encode(PROMPTS)
     alone = [T5Encoder(ours, tok).encode([p])[0] for p in PROMPTS]
+    with torch.no_grad(), float64_upcasts():
+        exact = T5Encoder(float64_copy(ours), tok, batch_size=8).encode(PROMPTS)
     for outputs in (chunked, full_padding, alone):
-        for a, b in zip(outputs, together):
+        for a, b, e in zip(outputs, together, exact):
             assert a.shape == b.shape
-            assert _rel(a, b) <= REL_TOL  # only the summation order differs
+            assert_float32_parity(a, b, e)  # only the summation order differs
     storages = {t.untyped_storage().data_ptr() for t in together}
     assert len(storages) == len(together)  # each output owns its storage (safe to save individually)
 
@@ -252,7 +263,8 @@ def _write(path: Path, sd: dict[str, torch.Tensor], metadata: dict[str, str] | N
 
 @pytest.mark.parametrize("layout", ["official_pth", "encoder_prefixed_pth", "hf_safetensors", "hf_only_tied_copy",
                                     "hf_full_model", "fp16_safetensors", "bf16_safetensors"])
-def test_layouts_load_with_official_names(layout: str, ref, ref_outputs, spiece: bytes, tmp_path: Path) -> None:
+def test_layouts_load_with_official_names(layout: str, ref, ref_outputs, ref_outputs64, spiece: bytes,
+                                          tmp_path: Path) -> None:
     official = _official_sd(ref)
     tokenizer = None
     if layout == "official_pth":
@@ -292,8 +304,8 @@ def test_layouts_load_with_official_names(layout: str, ref, ref_outputs, spiece:
         assert torch.equal(value, want), key
     assert not any(p.requires_grad for p in encoder.model.parameters()) and not encoder.model.training
     if source_dtype is None:
-        for g, e in zip(encoder.encode(PROMPTS), ref_outputs):
-            assert _rel(g, e) <= REL_TOL
+        for g, e, e64 in zip(encoder.encode(PROMPTS), ref_outputs, ref_outputs64):
+            assert_float32_parity(g, e, e64)
 
 
 @pytest.mark.parametrize("scale_suffix", ["scale_weight", "weight_scale"])

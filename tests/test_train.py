@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.numerics import assert_float32_parity, float64_run
 from tests.tiny import TINY_DIT_BY_TYPE
 from tests.tiny_training import memory_source, tiny_dit_file, tiny_samples, train_args
 from training.data import MemorySource
@@ -57,13 +58,17 @@ def test_training_step_is_velocity_mse_at_the_drawn_noise_level(dit: Path) -> No
     sigma = draw_sigmas(cfg, seeds, (4, 4))
     noise = draw_noise(seeds, batch["latents"].shape[1:])
     x0 = batch["latents"]
-    s = sigma.float().view(-1, 1, 1, 1, 1)
-    with torch.no_grad():
-        pred = model((1 - s) * x0 + s * noise, (sigma * 1000).float(), batch["t5"])
     cosmap = 2 / (torch.pi * (1 - 2 * sigma + 2 * sigma**2))
-    per_sample = ((pred - (noise - x0)) ** 2).mean(dim=(1, 2, 3, 4)) * cosmap
-    torch.testing.assert_close(result.per_sample, per_sample.float(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(result.loss.detach(), per_sample.float().mean(), rtol=1e-5, atol=1e-6)
+
+    def per_sample(dtype: torch.dtype, run) -> torch.Tensor:
+        s, x, eps = (v.to(dtype) for v in (sigma.view(-1, 1, 1, 1, 1), x0, noise))
+        pred = run(model, (1 - s) * x + s * eps, (sigma * 1000).to(dtype), batch["t5"])
+        return ((pred - (eps - x)) ** 2).mean(dim=(1, 2, 3, 4)) * cosmap.to(dtype)
+
+    with torch.no_grad():
+        expected = per_sample(torch.float32, lambda m, *args: m(*args)), per_sample(torch.float64, float64_run)
+    assert_float32_parity(result.per_sample, *expected)
+    assert_float32_parity(result.loss.detach(), *(e.mean() for e in expected))
 
 
 def test_conditioning_layouts_for_i2v_flf2v_and_fun_control() -> None:

@@ -1,5 +1,8 @@
 """DDP on the CPU: two gloo processes train the tiny DiT; both end with identical LoRA weights, equal (to float
-rounding) to one process whose batches are the two ranks' batches combined."""
+rounding) to one process whose batches are the two ranks' batches combined.
+
+The ranks are spawned (fresh interpreters importing this module), so they do not inherit what earlier tests did in
+the pytest process: forked children cannot run autograd once the parent has started autograd's worker threads."""
 
 from __future__ import annotations
 
@@ -45,9 +48,6 @@ def _free_port() -> int:
 def _worker(rank: int, port: int, dit: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)  # forget the parent's single-process state
     torch.set_num_threads(1)
     seen = []
     result = train(train_args(Path(dit), Path(out), *FLAGS), source=memory_source(8, batch_size=1),
@@ -56,12 +56,37 @@ def _worker(rank: int, port: int, dit: str, out: str) -> None:
     save_file({k: v.contiguous() for k, v in result.weights.items()}, str(Path(out) / f"rank{rank}.safetensors"))
 
 
+class _Nested(torch.autograd.Function):
+    """Identity whose backward runs another backward `depth` levels deep."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, depth: int) -> torch.Tensor:
+        ctx.depth = depth
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if ctx.depth:
+            with torch.enable_grad():
+                _Nested.apply(torch.ones(1, requires_grad=True), ctx.depth - 1).sum().backward()
+        return grad, None
+
+
+def _start_autograd_threads() -> None:
+    """Leave the process as an earlier test may: with autograd's worker threads started (any backward on a CUDA
+    machine starts them; on the CPU a backward nested deeper than autograd's recursion limit does)."""
+    x = torch.ones(1, requires_grad=True)
+    _Nested.apply(x, 100).sum().backward()
+    assert x.grad is not None
+
+
 @pytest.mark.slow
 def test_two_process_ddp_equals_one_process_with_the_combined_batch(tmp_path: Path) -> None:
+    _start_autograd_threads()
     dit = tiny_dit_file(tmp_path / "dit.safetensors")
     out = tmp_path / "ddp"
     out.mkdir()
-    mp.start_processes(_worker, args=(_free_port(), str(dit), str(out)), nprocs=WORLD, start_method="fork")
+    mp.start_processes(_worker, args=(_free_port(), str(dit), str(out)), nprocs=WORLD, start_method="spawn")
     rank0, rank1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
     assert sorted(rank0) == sorted(rank1)
     for key in rank0:
