@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from random_dit import random_dit  # noqa: E402
 
-from wan_core.config import TASKS, DiTConfig  # noqa: E402
-from wan_core.convert import DIT_DIFFUSERS, rename  # noqa: E402
+from wan_core.loading.convert import DIT_DIFFUSERS, rename  # noqa: E402
+from wan_core.models.config import TASKS, DiTConfig  # noqa: E402
 
 WIDE = DiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=2)
 

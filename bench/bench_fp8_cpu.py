@@ -7,7 +7,7 @@ official initialisation), runs one forward on 16 video tokens (latent 1x8x8) and
 the model), and compares every fp8 variant with the bf16 model on the same weights and inputs:
 
 - ours: `fp8` (plain cast), `fp8_scaled` (block-wise, 64 columns), `fp8_scaled_channel`, `fp8_scaled_tensor`;
-  targets are the Linear weights inside the blocks (wan_core/fp8.py);
+  targets are the Linear weights inside the blocks (wan_core/runtime/fp8.py);
 - two alternatives for the plain mode, emulated by rounding the weights through float8_e4m3fn (what upcasting
   stored fp8 computes): musubi's cast of every parameter (norms, modulation, embeddings, head included) and
   ComfyUI's fp8 weights for every Linear/conv (norms and biases kept).
@@ -37,9 +37,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from random_dit import random_dit, weight_bytes  # noqa: E402
 
-from wan_core.config import TASKS, DiTConfig  # noqa: E402
-from wan_core.fp8 import apply_fp8  # noqa: E402
-from wan_core.ops import FP8_E4M3, Fp32Linear  # noqa: E402
+from wan_core.models.config import TASKS, DiTConfig  # noqa: E402
+from wan_core.models.ops import FP8_E4M3, Fp32Linear  # noqa: E402
+from wan_core.runtime.fp8 import apply_fp8  # noqa: E402
 
 SMOKE = DiTConfig(dim=128, ffn_dim=256, num_heads=1, num_layers=3, text_dim=64)
 OURS = ("fp8", "fp8_scaled", "fp8_scaled_channel", "fp8_scaled_tensor")

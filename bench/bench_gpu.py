@@ -7,7 +7,7 @@ and 14B at 720x1280x81 with fp8 + block swap under a 24 GB budget.
 Weights are random with the real shapes (bench/random_dit.py). A step is one denoising step with CFG: two forwards
 (positive and negative prompt, batch 1 each), as the sampler runs them. Columns: seconds per step (mean of
 --steps after --warmup steps; compile time shows up in the warm-up column), peak memory allocated / reserved by
-PyTorch over the timed steps (weights included), our estimate of that peak (wan_core.offload), the projected DiT
+PyTorch over the timed steps (weights included), our estimate of that peak (wan_core.runtime.offload), the projected DiT
 time of 50 steps and the achieved TFLOP/s (FLOPs of inference.md 16.3) against 798 TF/s.
 
 Cases (1.3B): bf16 sdpa, + compile, sageattn (+ compile) when installed, fp8, fp8_scaled, fp8_fast (compute
@@ -37,13 +37,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from random_dit import materialize_, random_dit, weight_bytes  # noqa: E402
 
-from wan_core.attention import available_backends  # noqa: E402
-from wan_core.checkpoint import build_on_meta, load_into  # noqa: E402
-from wan_core.compile import compile_blocks  # noqa: E402
-from wan_core.config import TASKS, DiTConfig  # noqa: E402
-from wan_core.fp8 import apply_fp8, is_dit_target  # noqa: E402
-from wan_core.model import WanModel  # noqa: E402
-from wan_core.offload import GIB, choose_blocks_to_swap, enable_block_swap, estimate_peak_bytes, video_tokens  # noqa: E402
+from wan_core.loading.checkpoint import build_on_meta, load_into  # noqa: E402
+from wan_core.models.attention import available_backends  # noqa: E402
+from wan_core.models.config import TASKS, DiTConfig  # noqa: E402
+from wan_core.models.dit import WanModel  # noqa: E402
+from wan_core.runtime.compile import compile_blocks  # noqa: E402
+from wan_core.runtime.fp8 import apply_fp8, is_dit_target  # noqa: E402
+from wan_core.runtime.offload import GIB, choose_blocks_to_swap, enable_block_swap, estimate_peak_bytes, video_tokens  # noqa: E402
 
 PRACTICAL_TFLOPS = 798.0  # measured H100 bf16 GEMM rate (inference.md 16.4)
 SMOKE = DiTConfig(dim=128, ffn_dim=256, num_heads=1, num_layers=4, text_dim=64)
@@ -148,7 +148,7 @@ def _ours(case: Case, master: dict[str, torch.Tensor], setup: Setup):
 def _diffusers(master: dict[str, torch.Tensor], setup: Setup):
     from diffusers import WanTransformer3DModel
 
-    from wan_core.convert import DIT_DIFFUSERS, rename
+    from wan_core.loading.convert import DIT_DIFFUSERS, rename
 
     cfg = setup.cfg
     with torch.device(setup.device):

@@ -12,7 +12,7 @@ One step = `training.step.training_step` (flow matching, `uniform` timesteps) on
 Each case runs in its own process so its numbers are its own:
 - `step s`: mean wall time of `--steps` steps after one warm-up step;
 - `peak live MB`: the largest total size of tensors created during one step and alive at the same time (forward
-  activations kept for backward, gradients, temporaries), counted with `wan_core.offload.LiveTensorBytes`; weights
+  activations kept for backward, gradients, temporaries), counted with `wan_core.runtime.offload.LiveTensorBytes`; weights
   and inputs that existed before the step are not included;
 - `peak RSS MB`: the process's maximum resident set size (weights, Python, allocator caches included).
 """
@@ -37,9 +37,9 @@ from random_dit import random_dit  # noqa: E402
 
 from training.step import StepConfig, sample_seeds, training_step  # noqa: E402
 from training.timesteps import TimestepConfig  # noqa: E402
-from wan_core.config import DiTConfig  # noqa: E402
-from wan_core.lora import LoRANetwork  # noqa: E402
-from wan_core.offload import LiveTensorBytes  # noqa: E402
+from wan_core.lora.apply import LoRANetwork  # noqa: E402
+from wan_core.models.config import DiTConfig  # noqa: E402
+from wan_core.runtime.offload import LiveTensorBytes  # noqa: E402
 
 CONFIGS = {
     "tiny": DiTConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32),

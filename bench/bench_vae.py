@@ -34,10 +34,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wan_core.checkpoint import load_state_dict, save_safetensors  # noqa: E402
-from wan_core.config import VAEConfig  # noqa: E402
-from wan_core.convert import rename, vae_diffusers_rules  # noqa: E402
-from wan_core.vae import VAE_MEAN, VAE_STD, WanVAEModel, latent_frames, load_vae  # noqa: E402
+from wan_core.loading.checkpoint import load_state_dict, save_safetensors  # noqa: E402
+from wan_core.loading.convert import rename, vae_diffusers_rules  # noqa: E402
+from wan_core.models.config import VAEConfig  # noqa: E402
+from wan_core.models.vae import VAE_MEAN, VAE_STD, WanVAEModel, latent_frames, load_vae  # noqa: E402
 
 FRAMES = (17, 81)
 

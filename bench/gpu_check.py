@@ -118,7 +118,7 @@ def inner_env(device: str, out: Path) -> int:
 
     import torch
 
-    from wan_core.attention import available_backends
+    from wan_core.models.attention import available_backends
 
     print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)
     if device != "cpu":
@@ -151,7 +151,7 @@ def _attention_checks(dev, fails: list[str]) -> None:
     import torch
     import torch.nn.functional as F
 
-    from wan_core.attention import attention, available_backends
+    from wan_core.models.attention import attention, available_backends
 
     gen = torch.Generator(device=dev).manual_seed(0)
     # self-attention, text cross-attention (512 tokens), CLIP image tokens (257), the CLIP's head dim 80
@@ -187,7 +187,7 @@ def _attention_checks(dev, fails: list[str]) -> None:
 def _fp32_linear_check(dev, fails: list[str]) -> None:
     import torch
 
-    from wan_core.ops import Fp32Linear
+    from wan_core.models.ops import Fp32Linear
 
     print("--- Fp32Linear under bf16 autocast (the trainer's accelerator.autocast): float32 output, same values")
     torch.manual_seed(0)
@@ -207,7 +207,7 @@ def _fp8_fast_checks(dev, fails: list[str]) -> None:
     import torch
     import torch.nn.functional as F
 
-    from wan_core.ops import dequantize_weight, quantize_weight, scaled_mm_linear
+    from wan_core.models.ops import dequantize_weight, quantize_weight, scaled_mm_linear
 
     if dev.type != "cuda" or torch.cuda.get_device_capability(dev) < (8, 9):
         print("--- fp8_fast: needs CUDA compute capability >= 8.9; skipped here")
@@ -238,8 +238,8 @@ def _fp8_fast_checks(dev, fails: list[str]) -> None:
 def _fp8_memory_check(dev, fails: list[str]) -> None:
     import torch
 
-    from wan_core.offload import LiveTensorBytes
-    from wan_core.ops import quantize_rows, quantize_rows_bytes
+    from wan_core.models.ops import quantize_rows, quantize_rows_bytes
+    from wan_core.runtime.offload import LiveTensorBytes
 
     # 14B 720p FFN down-projection input on CUDA ([75600, 13824] bf16 = 2.09 GB); a small one on the CPU
     rows, k = (75600, 13824) if dev.type == "cuda" else (4096, 1024)
@@ -269,7 +269,7 @@ def _fp8_memory_check(dev, fails: list[str]) -> None:
 def _fp8_support_check(dev, fails: list[str]) -> None:
     import torch
 
-    from wan_core.ops import fp8_fast_support, probe_scaled_mm
+    from wan_core.models.ops import fp8_fast_support, probe_scaled_mm
 
     if dev.type != "cuda":
         print("--- fp8_fast support decision: CUDA only; skipped here")
@@ -285,8 +285,8 @@ def _fp8_support_check(dev, fails: list[str]) -> None:
 def _budget_check(dev, fails: list[str]) -> None:
     import torch
 
-    from wan_core.devices import same_device
-    from wan_core.offload import _budget
+    from wan_core.runtime.devices import same_device
+    from wan_core.runtime.offload import _budget
 
     print("--- devices compare with their index ('cuda' and 'cuda:0' are one device)")
     if dev.type != "cuda":
@@ -307,7 +307,7 @@ def _budget_check(dev, fails: list[str]) -> None:
 def _arena_check(dev, fails: list[str]) -> None:
     import torch
 
-    from wan_core.offload import _HostArena
+    from wan_core.runtime.offload import _HostArena
 
     pin = "register" if dev.type == "cuda" else "none"
     print(f"--- host arena of block swap (pin mode {pin!r})")
@@ -408,7 +408,7 @@ def inner_b14(device: str, out: Path) -> int:
 
     sys.path.insert(0, str(ROOT))
     import bench.bench_gpu as B
-    from wan_core.config import TASKS
+    from wan_core.models.config import TASKS
 
     cfg = TASKS["t2v-14B"].dit
     setup = B.Setup(cfg, 720, 1280, 81, torch.device(device), 1, 0, "inductor")

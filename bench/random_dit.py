@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from wan_core.checkpoint import build_on_meta  # noqa: E402
-from wan_core.config import DiTConfig  # noqa: E402
-from wan_core.model import WanModel  # noqa: E402
+from wan_core.loading.checkpoint import build_on_meta  # noqa: E402
+from wan_core.models.config import DiTConfig  # noqa: E402
+from wan_core.models.dit import WanModel  # noqa: E402
 
 
 def _init_(name: str, t: torch.Tensor, dim: int, gen: torch.Generator) -> None:

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wan_core.models import TOY_FILES, TOY_MODEL_DIR
+from wan_core.loading.model_set import TOY_FILES, TOY_MODEL_DIR
 
 logger = logging.getLogger(__name__)
 

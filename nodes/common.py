@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from wan_core.conditioning import validate_video_size
+from wan_core.sampling.conditioning import validate_video_size
 
 CATEGORY = "WanTuner"
 MAX_SIZE = 4096

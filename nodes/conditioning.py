@@ -12,13 +12,13 @@ OUTPUT_TIPS = ("Conditioning for the sampler (its size and length override the s
 
 
 def _clip(image_embeds: ImageEmbeds | None):
-    from wan_core.comfy_bridge import PrecomputedCLIP
+    from wan_core.media.layouts import PrecomputedCLIP
 
     return None if image_embeds is None else PrecomputedCLIP(image_embeds.features)
 
 
 def _image(images, what: str):
-    from wan_core.comfy_bridge import image_to_wan
+    from wan_core.media.layouts import image_to_wan
 
     return None if images is None else image_to_wan(images, what)
 
@@ -60,7 +60,7 @@ class WanTunerImageToVideo(_SizedNode):
 
     def build(self, vae: ModelHandle, start_image, image_embeds: ImageEmbeds, width: int, height: int, length: int,
               size_from_image: bool, end_image=None) -> tuple:
-        from wan_core.conditioning import image_to_video, size_for_image
+        from wan_core.sampling.conditioning import image_to_video, size_for_image
 
         image = _image(start_image, "start_image")
         if size_from_image:
@@ -86,7 +86,7 @@ class WanTunerFirstLastFrame(_SizedNode):
 
     def build(self, vae: ModelHandle, start_image, end_image, image_embeds: ImageEmbeds, width: int, height: int,
               length: int) -> tuple:
-        from wan_core.conditioning import first_last_to_video
+        from wan_core.sampling.conditioning import first_last_to_video
 
         cond = first_last_to_video(vae.model.ready(), _clip(image_embeds), _image(start_image, "start_image"),
                                    _image(end_image, "end_image"), length, height, width)
@@ -114,8 +114,8 @@ class WanTunerFunControl(_SizedNode):
 
     def build(self, vae: ModelHandle, control_video, width: int, height: int, length: int, start_image=None,
               image_embeds: ImageEmbeds | None = None) -> tuple:
-        from wan_core.comfy_bridge import image_batch_to_wan
-        from wan_core.conditioning import fun_control
+        from wan_core.media.layouts import image_batch_to_wan
+        from wan_core.sampling.conditioning import fun_control
 
         control = image_batch_to_wan(control_video, "control_video")
         cond = fun_control(vae.model.ready(), _clip(image_embeds), control, length, height, width,

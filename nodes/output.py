@@ -45,8 +45,8 @@ class WanTunerSaveVideo:
         return first_problem(None if filename_prefix is None else problem(lambda: check_prefix(filename_prefix)))
 
     def save(self, images, fps: int, filename_prefix: str, crf: int) -> dict:
-        from wan_core.comfy_bridge import check_image_frames
-        from wan_core.media import write_video
+        from wan_core.media.io import write_video
+        from wan_core.media.layouts import check_image_frames
 
         prefix = check_prefix(filename_prefix)
         frames = check_image_frames(images, "images")

@@ -1,7 +1,7 @@
 """Trainer nodes: cache a dataset (VAE latents + umT5 outputs) and train a LoRA inside the ComfyUI process.
 
 - `WanTunerCacheDataset` takes a musubi dataset TOML, or a folder of images/videos with same-named caption files
-  (it then writes the TOML into `<folder>/wantuner_cache/`), brings the content-keyed caches of `training.cache` up
+  (it then writes the TOML into `<folder>/wantuner_cache/`), brings the content-keyed caches of `training.cache.store` up
   to date with the loaded VAE (+ CLIP vision for I2V) and umT5, and outputs a dataset handle and a summary.
 - `WanTunerTrainLoRA` runs `training.train.train` in-process on that dataset and the DiT loader's file: ComfyUI's
   progress bar, Cancel between steps (files saved so far stay valid: every write is atomic), the loss streamed to
@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from training.args import SAVE_FORMATS
-from training.dataset_config import FRAME_EXTRACTION_MODES
+from training.dataset.schema import FRAME_EXTRACTION_MODES
 from training.timesteps import SCHEMES
-from wan_core.checkpoint import write_text_atomic
+from wan_core.loading.checkpoint import write_text_atomic
 
 from . import comfy_adapter as comfy
 from .common import CATEGORY, MAX_FRAMES, MAX_SIZE, first_problem, inp, problem
@@ -38,7 +38,7 @@ from .loaders import _file_choices
 from .types import CLIP_VISION, DIT, T5, VAE, DiTHandle, ModelHandle
 
 if TYPE_CHECKING:
-    from training.dataset_config import DatasetGroupConfig
+    from training.dataset.schema import DatasetGroupConfig
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def _write_if_changed(path: Path, text: str) -> None:
 def folder_dataset_toml(folder: Path, settings: FolderSettings) -> Path:
     """Write `<folder>/wantuner_cache/dataset.toml` for the images and videos directly inside `folder` (one
     [[datasets]] table per kind, caches in wantuner_cache/images and wantuner_cache/videos); returns its path."""
-    from wan_core.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, list_images, list_videos
+    from wan_core.media.io import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, list_images, list_videos
 
     images, videos = list_images(folder), list_videos(folder)
     if not images and not videos:
@@ -184,7 +184,7 @@ def confine_dataset(group: DatasetGroupConfig) -> None:
 
 def toml_dataset(path: Path) -> DatasetGroupConfig:
     """The parsed, confined config of a dataset TOML."""
-    from training.dataset_config import load_dataset_config
+    from training.dataset.schema import load_dataset_config
 
     group = load_dataset_config(path)
     confine_dataset(group)
@@ -210,7 +210,7 @@ def dataset_group(path: Path, settings: FolderSettings) -> DatasetGroupConfig:
 
 
 def _summary(config: Path, scan: Any, latents: Any, text: Any) -> str:
-    from training.dataset import summarize
+    from training.dataset.items import summarize
 
     parts = summarize(scan)
     buckets: dict[tuple[int, int, int], int] = {}
@@ -233,9 +233,9 @@ def _summary(config: Path, scan: Any, latents: Any, text: Any) -> str:
 def cache_dataset(group: DatasetGroupConfig, vae: ModelHandle, t5: ModelHandle, clip_vision: ModelHandle | None,
                   node_id: str | None) -> DatasetHandle:
     """Scan the dataset, bring its latent and T5 caches up to date (progress + Cancel per encoded entry)."""
-    from training.cache_latents import cache_latents
-    from training.cache_text import cache_text
-    from training.dataset import ensure_not_empty, scan_dataset_group
+    from training.cache.latents import cache_latents
+    from training.cache.text import cache_text
+    from training.dataset.items import ensure_not_empty, scan_dataset_group
 
     scan = scan_dataset_group(group)
     ensure_not_empty(scan)
@@ -259,7 +259,7 @@ def cache_dataset(group: DatasetGroupConfig, vae: ModelHandle, t5: ModelHandle, 
 
 
 def _frames_problem(frames: Any) -> str | None:
-    from wan_core.conditioning import nearest_valid
+    from wan_core.sampling.conditioning import nearest_valid
 
     if not isinstance(frames, int) or (frames >= 1 and (frames - 1) % 4 == 0):
         return None

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from wan_core.conditioning import Conditioning
-from wan_core.config import DiTConfig
-from wan_core.lora import LoRAReport
+from wan_core.lora.apply import LoRAReport
+from wan_core.models.config import DiTConfig
+from wan_core.sampling.conditioning import Conditioning
 
 from .comfy_adapter import ManagedModel
 

@@ -10,12 +10,12 @@ from media_helpers import write_image, write_text
 
 from tests.test_tokenizer import _CORPUS, _train_spiece
 from tests.tiny import randomize_
-from wan_core.checkpoint import save_safetensors
-from wan_core.clip import CLIPVision
-from wan_core.config import CONFIG_METADATA_KEY, CLIPVisionConfig, T5Config, VAEConfig, config_to_json
-from wan_core.t5 import UMT5Encoder
-from wan_core.tokenizer import save_spiece_into
-from wan_core.vae import WanVAEModel
+from wan_core.loading.checkpoint import save_safetensors
+from wan_core.models.clip import CLIPVision
+from wan_core.models.config import CONFIG_METADATA_KEY, CLIPVisionConfig, T5Config, VAEConfig, config_to_json
+from wan_core.models.t5 import UMT5Encoder
+from wan_core.models.tokenizer import save_spiece_into
+from wan_core.models.vae import WanVAEModel
 
 TINY_VAE = VAEConfig(dim=8)
 TINY_T5 = T5Config(vocab_size=256, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2)

@@ -13,13 +13,13 @@ import sentencepiece as spm
 import torch
 
 from tests.tiny import TINY_DIT, randomize_
-from wan_core.checkpoint import save_safetensors
-from wan_core.clip import CLIPVision
-from wan_core.config import CONFIG_METADATA_KEY, CLIPVisionConfig, T5Config, VAEConfig, config_to_json
-from wan_core.model import WanModel
-from wan_core.t5 import UMT5Encoder
-from wan_core.tokenizer import save_spiece_into
-from wan_core.vae import WanVAEModel
+from wan_core.loading.checkpoint import save_safetensors
+from wan_core.models.clip import CLIPVision
+from wan_core.models.config import CONFIG_METADATA_KEY, CLIPVisionConfig, T5Config, VAEConfig, config_to_json
+from wan_core.models.dit import WanModel
+from wan_core.models.t5 import UMT5Encoder
+from wan_core.models.tokenizer import save_spiece_into
+from wan_core.models.vae import WanVAEModel
 
 TINY_CLIP = CLIPVisionConfig(dim=32, num_heads=4, num_layers=3)
 TINY_T5 = T5Config(vocab_size=256, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2)

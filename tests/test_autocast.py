@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from tests.tiny import TINY_DIT, randomize_
-from wan_core.model import WanModel
-from wan_core.ops import Fp32Linear
+from wan_core.models.dit import WanModel
+from wan_core.models.ops import Fp32Linear
 
 
 def test_fp32_linear_ignores_an_enclosing_bf16_autocast() -> None:

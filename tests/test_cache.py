@@ -16,8 +16,9 @@ from cache_helpers import frames_dataset, image_dataset, write_frames, write_mod
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import wan_core.checkpoint as checkpoint_module
-from training.cache import (
+import wan_core.loading.checkpoint as checkpoint_module
+from training.cache.latents import cache_latents
+from training.cache.store import (
     EMPTY_TEXT_NAME,
     HASH_INDEX_NAME,
     KEY_METADATA,
@@ -26,13 +27,12 @@ from training.cache import (
     MediaHasher,
     checkpoint_fingerprint,
 )
-from training.cache_latents import cache_latents
-from training.cache_text import cache_text
-from wan_core.clip import load_clip_vision
-from wan_core.conditioning import image_to_video
-from wan_core.media import frames_to_tensor, read_video, resize_to_bucket
-from wan_core.t5 import load_t5
-from wan_core.vae import load_vae
+from training.cache.text import cache_text
+from wan_core.media.io import frames_to_tensor, read_video, resize_to_bucket
+from wan_core.models.clip import load_clip_vision
+from wan_core.models.t5 import load_t5
+from wan_core.models.vae import load_vae
+from wan_core.sampling.conditioning import image_to_video
 
 
 @pytest.fixture(scope="module")
@@ -366,8 +366,8 @@ def test_caption_dropout_uses_the_empty_caption(cached_images):
 
 
 def test_training_source_adapter(cached_images):
-    data = pytest.importorskip("training.data")
-    from training.cache import open_training_source
+    data = pytest.importorskip("training.dataset.batches")
+    from training.cache.store import open_training_source
 
     config, captions = cached_images
     source = open_training_source(config)

@@ -17,12 +17,12 @@ from safetensors.torch import load_file, save_file
 
 from tests.tiny import TINY_DIT_BY_TYPE, randomize_
 from training.__main__ import main as training_main
-from training.cache import TENSORS_METADATA, CachedDataset, CacheError
-from training.cache_latents import cache_latents
-from training.cache_text import cache_text
+from training.cache.latents import cache_latents
+from training.cache.store import TENSORS_METADATA, CachedDataset, CacheError
+from training.cache.text import cache_text
 from training.init_dit import write_dit
-from wan_core.checkpoint import non_finite_count
-from wan_core.model import WanModel
+from wan_core.loading.checkpoint import non_finite_count
+from wan_core.models.dit import WanModel
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +73,7 @@ def test_corrupted_entries_are_encoded_again_by_the_cache_commands(cached, model
     for path in (latent, text):
         _flip_to_nan(path, _only_tensor(path))
         assert sum(non_finite_count(v) for v in load_file(str(path)).values()) == 1
-    with caplog.at_level(logging.WARNING, logger="training.cache"):
+    with caplog.at_level(logging.WARNING, logger="training.cache.store"):
         latents = cache_latents(config, models.vae, vae_dtype="float32", num_workers=0)
         texts = cache_text(config, models.t5)
     assert latents.encoded == [latent] and latents.reused == 1
@@ -92,7 +92,7 @@ def test_older_entries_without_checksums_are_encoded_again_with_a_log_line(cache
     save_file(load_file(str(path)), str(path), metadata=metadata)
     with pytest.raises(CacheError, match=r"a_0032x0032_wan.safetensors: written without tensor checksums"):
         CachedDataset(config)
-    with caplog.at_level(logging.INFO, logger="training.cache"):
+    with caplog.at_level(logging.INFO, logger="training.cache.store"):
         report = cache_latents(config, models.vae, vae_dtype="float32", num_workers=0)
     assert report.encoded == [path]
     assert f"encoding {path} again: written without tensor checksums by an older version" in caplog.text

@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-import wan_core.checkpoint as checkpoint_module
-import wan_core.clip as clip_module
+import wan_core.loading.checkpoint as checkpoint_module
+import wan_core.models.clip as clip_module
 from tests.numerics import assert_float32_parity, float64_run
 from tests.tiny import randomize_
-from wan_core.checkpoint import CheckpointError, build_on_meta, load_into
-from wan_core.clip import CLIPVision, detect_clip_config, load_clip_vision, preprocess
-from wan_core.config import CONFIG_METADATA_KEY, CLIPVisionConfig, config_to_json
-from wan_core.convert import CLIP_OPEN_CLIP, clip_hf_to_ours, rename
+from wan_core.loading.checkpoint import CheckpointError, build_on_meta, load_into
+from wan_core.loading.convert import CLIP_OPEN_CLIP, clip_hf_to_ours, rename
+from wan_core.models.clip import CLIPVision, detect_clip_config, load_clip_vision, preprocess
+from wan_core.models.config import CONFIG_METADATA_KEY, CLIPVisionConfig, config_to_json
 
 TINY = CLIPVisionConfig(dim=32, num_heads=4, num_layers=3)  # models.md 10.3: hidden 32, mlp 128, 3 layers, 4 heads
 METADATA = {CONFIG_METADATA_KEY: config_to_json(TINY)}
@@ -412,7 +412,7 @@ def test_incomplete_or_mismatched_weights(tmp_path, ref) -> None:
 
 def test_file_written_from_the_module_itself_round_trips(tmp_path) -> None:
     """Our own files hold only the used blocks (num_layers - 1); the config in the metadata still counts all."""
-    from wan_core.checkpoint import save_safetensors
+    from wan_core.loading.checkpoint import save_safetensors
 
     model = randomize_(CLIPVision(TINY), seed=5)
     path = save_safetensors(model.state_dict(), tmp_path / "own.safetensors", METADATA)

@@ -41,8 +41,8 @@ def dataset(comfy_server: Server) -> Path:
 
 
 def _lora_report(srv: Server, path: Path):
-    from wan_core.comfy_bridge import lora_report
-    from wan_core.model import load_dit
+    from wan_core.media.layouts import lora_report
+    from wan_core.models.dit import load_dit
 
     model = load_dit(srv.base / "models" / "diffusion_models" / "wan21_toy_t2v_dit.safetensors", device="cpu")
     return lora_report(model, path, 1.0, None, None)

@@ -15,16 +15,16 @@ import torch.nn.functional as F
 
 from tests.numerics import assert_float32_parity, to_float64
 from tests.tiny import TINY_DIT, randomize_
-from wan_core.attention import available_backends
-from wan_core.compile import (
+from wan_core.models.attention import available_backends
+from wan_core.models.dit import WanModel
+from wan_core.runtime.compile import (
     attention_op,
     compile_blocks,
     compile_safe_kernel,
     enable_module_inlining,
     uncompile_blocks,
 )
-from wan_core.model import WanModel
-from wan_core.offload import enable_block_swap
+from wan_core.runtime.offload import enable_block_swap
 
 
 def _qkv(seed: int = 0):

@@ -9,10 +9,10 @@ import torch
 
 from tests.tiny import TINY_DIT, randomize_
 from training.__main__ import main as training_main
-from wan_core.checkpoint import load_state_dict, read_metadata
-from wan_core.lora import LoRANetwork, training_targets
-from wan_core.lora_formats import load_lora
-from wan_core.model import WanModel
+from wan_core.loading.checkpoint import load_state_dict, read_metadata
+from wan_core.lora.apply import LoRANetwork, training_targets
+from wan_core.lora.formats import load_lora
+from wan_core.models.dit import WanModel
 
 
 @pytest.fixture()
@@ -73,7 +73,7 @@ def test_convert_errors(musubi_file, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert exit_info.value.code == 2
     capsys.readouterr()
     not_a_lora = tmp_path / "weights.safetensors"
-    from wan_core.checkpoint import save_safetensors
+    from wan_core.loading.checkpoint import save_safetensors
 
     save_safetensors({"something.weight": torch.zeros(2, 2)}, not_a_lora)
     assert training_main(["convert-lora", "--input", str(not_a_lora), "--output", str(tmp_path / "z.safetensors"),

@@ -12,7 +12,7 @@ import pytest
 from media_helpers import frame_id, write_frames_dir, write_image, write_text, write_video
 from PIL import Image
 
-from training.dataset import (
+from training.dataset.items import (
     DatasetItem,
     DropReason,
     bucket_resolutions,
@@ -25,8 +25,8 @@ from training.dataset import (
     select_bucket,
     summarize,
 )
-from training.dataset_config import DatasetGroupConfig, parse_dataset_config
-from wan_core.media import MediaReadError, inspect_video, read_image, read_video, resize_to_bucket
+from training.dataset.schema import DatasetGroupConfig, parse_dataset_config
+from wan_core.media.io import MediaReadError, inspect_video, read_image, read_video, resize_to_bucket
 
 if sys.version_info >= (3, 11):
     import tomllib

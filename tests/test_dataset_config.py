@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from training.dataset_config import (
+from training.dataset.schema import (
     DatasetGroupConfig,
     ImageDatasetConfig,
     VideoDatasetConfig,

@@ -12,11 +12,11 @@ from safetensors.torch import save_file
 from tests.numerics import assert_float32_parity, reference_pair
 from tests.tiny import TINY_DIT, diffusers_dit, randomize_
 from wan_core import load_dit
-from wan_core.attention import available_backends
-from wan_core.checkpoint import CheckpointError, build_on_meta, save_safetensors
-from wan_core.config import CONFIG_METADATA_KEY, TASKS, check_task, config_to_json
-from wan_core.convert import DIT_DIFFUSERS, rename
-from wan_core.model import WanModel
+from wan_core.loading.checkpoint import CheckpointError, build_on_meta, save_safetensors
+from wan_core.loading.convert import DIT_DIFFUSERS, rename
+from wan_core.models.attention import available_backends
+from wan_core.models.config import CONFIG_METADATA_KEY, TASKS, check_task, config_to_json
+from wan_core.models.dit import WanModel
 
 # head dim 128 (as in the real models) so that the architecture is detectable from shapes alone
 DETECTABLE = dataclasses.replace(TINY_DIT, dim=128, num_heads=1, ffn_dim=256)
@@ -202,8 +202,8 @@ def test_atomically_written_files_get_the_ordinary_file_mode(tmp_path: Path) -> 
 
     import numpy as np
 
-    from wan_core.checkpoint import new_file_mode
-    from wan_core.media import write_video
+    from wan_core.loading.checkpoint import new_file_mode
+    from wan_core.media.io import write_video
 
     mask = os.umask(0o022)
     os.umask(mask)

@@ -14,19 +14,10 @@ from torch import nn
 
 from tests.numerics import assert_float32_parity, float64_run
 from tests.tiny import TINY_DIT, randomize_
-from wan_core import load_dit, ops
-from wan_core.fp8 import (
-    FP8_MODES,
-    apply_fp8,
-    build_fp8_dit,
-    fp8_t5,
-    get_fp8_mode,
-    is_dit_target,
-    quantize_state_dict,
-)
-from wan_core.model import WanModel
-from wan_core.offload import LiveTensorBytes
-from wan_core.ops import (
+from wan_core import load_dit
+from wan_core.models import ops
+from wan_core.models.dit import WanModel
+from wan_core.models.ops import (
     CastLinear,
     FP8Linear,
     Fp32Linear,
@@ -40,6 +31,16 @@ from wan_core.ops import (
     scaled_mm_linear,
     scaled_mm_workspace_bytes,
 )
+from wan_core.runtime.fp8 import (
+    FP8_MODES,
+    apply_fp8,
+    build_fp8_dit,
+    fp8_t5,
+    get_fp8_mode,
+    is_dit_target,
+    quantize_state_dict,
+)
+from wan_core.runtime.offload import LiveTensorBytes
 
 E4M3 = torch.float8_e4m3fn
 # head dim 128 so that shapes identify the architecture; in_features 128 / 256 -> 2 / 4 blocks of 64 columns
@@ -349,7 +350,7 @@ def test_fp8_fast_falls_back_to_upcast_weights_with_one_warning(ada_with_torch_2
     fast = FP8Linear.from_linear(nn.Linear(64, 48), "channel", compute_dtype=torch.float32, fast=True)
     upcast = FP8Linear.from_quantized(fast.weight, fast.scale_weight, fast.bias, compute_dtype=torch.float32)
     x = torch.randn(2, 7, 64, generator=_gen(12))
-    with caplog.at_level(logging.WARNING, logger="wan_core.ops"), torch.no_grad():
+    with caplog.at_level(logging.WARNING, logger="wan_core.models.ops"), torch.no_grad():
         assert torch.equal(fast(x), upcast(x)) and torch.equal(fast(x), upcast(x))
         compiled = torch.compile(fast, backend="eager", fullgraph=True)
         assert torch.equal(compiled(x), upcast(x))

@@ -18,10 +18,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from tests.model_set import DIT_KINDS, write_model_set
-from wan_core.generate import main
-from wan_core.lora_formats import LowRank, save_lora
-from wan_core.media import write_video
-from wan_core.outputs import load_latent
+from wan_core.generate.cli import main
+from wan_core.generate.outputs import load_latent
+from wan_core.lora.formats import LowRank, save_lora
+from wan_core.media.io import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -234,7 +234,7 @@ def test_save_merged_model_equals_lora_at_load(models, tmp_path):
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Fail the test if the CLI loads any model."""
-    from wan_core import models as model_module
+    from wan_core.loading import model_set as model_module
 
     def refuse(self, kind):
         raise AssertionError(f"{kind} was loaded before the bad input was reported")
@@ -282,7 +282,7 @@ def test_unusable_output_paths_fail_before_any_model_loads(tmp_path, capsys, mon
         assert main(["--prompt", "x", *extra]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
-    import wan_core.checkpoint as checkpoint
+    import wan_core.loading.checkpoint as checkpoint
 
     monkeypatch.setattr(checkpoint.os, "access", lambda path, mode: False)  # root ignores chmod: fake the refusal
     assert main(["--prompt", "x", "--save_path", str(tmp_path / "new")]) == 2
@@ -341,7 +341,7 @@ def test_sigint_while_sampling_prints_one_line_and_exits_130(models, tmp_path):
 def test_leftovers_of_killed_writes_are_cleaned_on_the_next_run(models, tmp_path):
     import os
 
-    from wan_core.checkpoint import STALE_TEMP_SECONDS, make_temp, temp_target
+    from wan_core.loading.checkpoint import STALE_TEMP_SECONDS, make_temp, temp_target
 
     out = tmp_path / "out"
     out.mkdir()

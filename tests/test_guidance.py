@@ -1,4 +1,4 @@
-"""CFG-skip patterns, skip-layer guidance and the guided velocity wrapper of wan_core.guidance."""
+"""CFG-skip patterns, skip-layer guidance and the guided velocity wrapper of wan_core.sampling.guidance."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from wan_core import guidance as G
-from wan_core import sampling as S
+from wan_core.sampling import guidance as G
+from wan_core.sampling import solvers as S
 
 # --------------------------------------------------------------------------------------------------- CFG patterns
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from wan_core.jobs import Job, parse_prompt_line, read_prompt_lines
+from wan_core.generate.jobs import Job, parse_prompt_line, read_prompt_lines
 
 
 def test_spec_examples_parse():

@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 
 from tests.numerics import assert_float32_parity, float64_copy, float64_run, float64_upcasts, to_float64
 from tests.tiny import TINY_DIT_BY_TYPE, randomize_
-from wan_core.checkpoint import read_metadata
-from wan_core.lora import LoRANetwork, TrainableLoRA, merge_loras, training_targets
-from wan_core.lora_formats import load_lora, lora_state_dict
-from wan_core.model import WanModel
-from wan_core.ops import CastLinear
+from wan_core.loading.checkpoint import read_metadata
+from wan_core.lora.apply import LoRANetwork, TrainableLoRA, merge_loras, training_targets
+from wan_core.lora.formats import load_lora, lora_state_dict
+from wan_core.models.dit import WanModel
+from wan_core.models.ops import CastLinear
 
 BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
                  "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
@@ -241,8 +241,8 @@ def test_saved_lora_equals_canonical_writer() -> None:
 
 def test_trains_on_fp8_base_layers() -> None:
     """--fp8_base: the network patches FP8Linear layers (called, never read) and only the LoRA gets gradients."""
-    from wan_core.fp8 import apply_fp8
-    from wan_core.ops import FP8Linear
+    from wan_core.models.ops import FP8Linear
+    from wan_core.runtime.fp8 import apply_fp8
 
     model = apply_fp8(_model(), "fp8_scaled", compute_dtype=torch.float32)
     network = LoRANetwork(model, rank=4)

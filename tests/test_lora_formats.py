@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save_file
 
 from tests.numerics import assert_float32_parity, float64_copy, float64_run, float64_upcasts, to_float64
 from tests.tiny import TINY_DIT, TINY_DIT_BY_TYPE, diffusers_dit, randomize_
-from wan_core.checkpoint import build_on_meta, load_into, read_metadata
-from wan_core.convert import DIT_DIFFUSERS, rename
-from wan_core.lora import LoRAModule, apply_loras, inference_filter, linear_modules, merge_loras
-from wan_core.lora_formats import (
+from wan_core.loading.checkpoint import build_on_meta, load_into, read_metadata
+from wan_core.loading.convert import DIT_DIFFUSERS, rename
+from wan_core.lora.apply import LoRAModule, apply_loras, inference_filter, linear_modules, merge_loras
+from wan_core.lora.formats import (
     LoHa,
     LoKr,
     convert_lora_file,
@@ -32,13 +32,13 @@ from wan_core.lora_formats import (
     lora_state_dict,
     parse_lora,
 )
-from wan_core.model import WanModel
-from wan_core.ops import CastLinear
+from wan_core.models.dit import WanModel
+from wan_core.models.ops import CastLinear
 
 BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
                  "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
 IMG_LINEARS = ("cross_attn.k_img", "cross_attn.v_img")
-# diffusers WanTransformer3DModel module names (models.md 9.1), restated here independently of wan_core.convert
+# diffusers WanTransformer3DModel module names (models.md 9.1), restated here independently of wan_core.loading.convert
 DIFFUSERS_NAME = {"self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
                   "self_attn.o": "attn1.to_out.0", "cross_attn.q": "attn2.to_q", "cross_attn.k": "attn2.to_k",
                   "cross_attn.v": "attn2.to_v", "cross_attn.o": "attn2.to_out.0",
@@ -232,7 +232,7 @@ def test_i2v_lora_on_t2v_model_reports_image_keys(caplog: pytest.LogCaptureFixtu
     file = WRITERS["musubi"](_random_lora("i2v"))
     file["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.zeros(4, 8)
     model = _model("t2v")
-    with caplog.at_level(logging.WARNING, logger="wan_core.lora_formats"):
+    with caplog.at_level(logging.WARNING, logger="wan_core.lora.formats"):
         (report,) = merge_loras(model, [file])
     image_keys = {k for k in file if "_img" in k}
     assert len(image_keys) == 2 * 2 * 3  # blocks x (k_img, v_img) x (down, up, alpha)
@@ -468,8 +468,8 @@ def test_unmerged_wraps_layers_without_weight() -> None:
 
 def test_unmerged_on_fp8_layers() -> None:
     """The fp8 path: merge before quantising is refused afterwards; unmerged LoRAs wrap FP8Linear layers."""
-    from wan_core.fp8 import apply_fp8
-    from wan_core.ops import FP8Linear
+    from wan_core.models.ops import FP8Linear
+    from wan_core.runtime.fp8 import apply_fp8
 
     model = apply_fp8(_model(), "fp8_scaled", compute_dtype=torch.float32)
     lora = _random_lora()

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from tests.tiny import TINY_DIT, randomize_
-from wan_core import ops
-from wan_core.config import TASKS
-from wan_core.fp8 import apply_fp8
-from wan_core.model import WanModel
-from wan_core.offload import (
+from wan_core.models import ops
+from wan_core.models.config import TASKS
+from wan_core.models.dit import WanModel
+from wan_core.runtime.fp8 import apply_fp8
+from wan_core.runtime.offload import (
     LiveTensorBytes,
     dequant_workspace_bytes,
     estimate_activation_bytes,

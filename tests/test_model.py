@@ -9,10 +9,10 @@ import torch
 
 from tests.numerics import assert_float32_parity, float64_run
 from tests.tiny import TINY_DIT, TINY_DIT_BY_TYPE, diffusers_dit, randomize_
-from wan_core.checkpoint import build_on_meta, load_into
-from wan_core.config import TASKS, detect_config
-from wan_core.convert import DIT_DIFFUSERS, rename
-from wan_core.model import WanModel, rope_band_sizes, sinusoidal_embedding
+from wan_core.loading.checkpoint import build_on_meta, load_into
+from wan_core.loading.convert import DIT_DIFFUSERS, rename
+from wan_core.models.config import TASKS, detect_config
+from wan_core.models.dit import WanModel, rope_band_sizes, sinusoidal_embedding
 
 
 def _ours_from(ref, kind: str) -> WanModel:
@@ -153,8 +153,8 @@ def test_presets_have_the_published_parameter_counts() -> None:
 
 
 def test_rope_in_slices_equals_rope_in_one_piece(monkeypatch) -> None:
-    import wan_core.model as model_module
-    from wan_core.model import apply_rope, rope_table
+    import wan_core.models.dit as model_module
+    from wan_core.models.dit import apply_rope, rope_table
 
     x = torch.randn(2, 3 * 4 * 5, 4, 16, dtype=torch.bfloat16)
     rope = rope_table((3, 4, 5), 16, torch.device("cpu"))

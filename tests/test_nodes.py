@@ -116,8 +116,8 @@ def test_size_and_slg_validation_messages() -> None:
 
 
 def test_vae_nodes_use_comfyui_image_and_raw_latent_layouts(models: Path) -> None:
-    from wan_core.comfy_bridge import frames_to_wan_video
-    from wan_core.pipeline import decode_latents
+    from wan_core.media.layouts import frames_to_wan_video
+    from wan_core.sampling.pipeline import decode_latents
 
     handle, frames = vae(), image(32, 48, frames=5)
     latent = run("WanTunerVAEEncode", vae=handle, images=frames)[0]
@@ -134,7 +134,7 @@ def test_vae_nodes_use_comfyui_image_and_raw_latent_layouts(models: Path) -> Non
 
 
 def test_image_conversions_and_bad_inputs() -> None:
-    from wan_core.comfy_bridge import (
+    from wan_core.media.layouts import (
         image_batch_to_wan,
         image_to_wan,
         latent_from_comfy,
@@ -161,10 +161,10 @@ def test_image_conversions_and_bad_inputs() -> None:
 
 
 def test_t2v_sampler_equals_the_direct_wan_core_run(models: Path) -> None:
-    from wan_core.comfy_bridge import latent_to_comfy
-    from wan_core.conditioning import text_to_video
-    from wan_core.guidance import SLGConfig
-    from wan_core.pipeline import SamplerSettings, denoise
+    from wan_core.media.layouts import latent_to_comfy
+    from wan_core.sampling.conditioning import text_to_video
+    from wan_core.sampling.guidance import SLGConfig
+    from wan_core.sampling.pipeline import SamplerSettings, denoise
 
     model, text = dit(), embeds()
     got = sample(model, text, cfg_skip_mode="alternate", slg_mode="uncond", slg_end=0.7)
@@ -209,7 +209,7 @@ def test_model_and_conditioning_mismatches_are_explained(models: Path) -> None:
 
 
 def test_i2v_flf_and_fun_control_condition_the_sampler(models: Path) -> None:
-    from wan_core.conditioning import size_for_image
+    from wan_core.sampling.conditioning import size_for_image
 
     text, handle = embeds(), vae()
     clip = run("WanTunerCLIPVisionLoader", model_name=CLIP, dtype="default")[0]
@@ -232,7 +232,7 @@ def test_i2v_flf_and_fun_control_condition_the_sampler(models: Path) -> None:
 
 
 def test_lora_chain_equals_sampling_with_merged_weights(models: Path) -> None:
-    from wan_core.lora import LoRAModule, merge_loras
+    from wan_core.lora.apply import LoRAModule, merge_loras
 
     base, text = dit(dtype="fp32"), embeds()
     path = str(models / "models" / "loras" / LORA)
@@ -316,7 +316,7 @@ def test_save_video_numbers_files_and_shows_them(models: Path) -> None:
 def test_preview_map_is_the_least_squares_fit_of_the_decoder(models: Path) -> None:
     import torch.nn.functional as F
 
-    from wan_core.comfy_bridge import LatentRGB, fit_latent_rgb, latent_preview
+    from wan_core.media.layouts import LatentRGB, fit_latent_rgb, latent_preview
 
     model = vae().model.obj
     rgb = fit_latent_rgb(model, size=12, seed=3)

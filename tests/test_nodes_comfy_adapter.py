@@ -157,7 +157,7 @@ def test_previews_follow_the_preview_method(comfy: FakeComfy) -> None:
 
 
 def test_cancel_interrupts_the_sampler_and_removes_the_loras(comfy: FakeComfy) -> None:
-    from wan_core.lora import LoRAModule
+    from wan_core.lora.apply import LoRAModule
 
     comfy.interrupt_at = 2
     with pytest.raises(Interrupted):

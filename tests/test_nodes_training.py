@@ -62,7 +62,7 @@ def _core(input_dir: Path) -> dict:
 
 
 def _live_wan_models() -> int:
-    from wan_core.model import WanModel
+    from wan_core.models.dit import WanModel
 
     gc.collect()
     return sum(isinstance(o, WanModel) for o in gc.get_objects())
@@ -162,7 +162,7 @@ def workflow(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.mark.slow
 def test_cache_node_writes_the_folder_toml_and_summarises(workflow) -> None:
-    from training.dataset_config import load_dataset_config
+    from training.dataset.schema import load_dataset_config
 
     handle, summary = workflow.result.outputs["5"]
     assert handle.config == workflow.folder / tr.CACHE_FOLDER / tr.TOML_NAME
@@ -181,7 +181,7 @@ def test_cache_node_writes_the_folder_toml_and_summarises(workflow) -> None:
 def test_trained_lora_is_in_the_loras_folder_and_loads_with_zero_unmatched_keys(workflow) -> None:
     from safetensors.torch import load_file
 
-    from wan_core.comfy_bridge import lora_report
+    from wan_core.media.layouts import lora_report
 
     name, image, summary = workflow.result.outputs["6"]
     loras = workflow.root / "models" / "loras"
@@ -215,7 +215,7 @@ def test_the_trained_lora_changes_the_samples_and_the_video_is_written(workflow)
 
 @pytest.mark.slow
 def test_training_leaves_the_shared_dit_as_it_was_and_frees_its_copy(workflow) -> None:
-    from wan_core.lora import LoRAModule
+    from wan_core.lora.apply import LoRAModule
 
     model = workflow.result.outputs["1"][0].model.obj
     assert model is workflow.shared.model.obj
@@ -255,7 +255,7 @@ def test_loss_image_ui_and_websocket_messages(workflow) -> None:
 def test_cancel_stops_between_steps_keeps_the_saved_file_valid_and_frees_the_copy(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.test_nodes_comfy_adapter import FakeComfy, Interrupted
-    from wan_core.comfy_bridge import lora_report
+    from wan_core.media.layouts import lora_report
 
     tms.write_model_set(tmp_path / "models")
     _write_dataset(tmp_path / "input")
@@ -445,7 +445,7 @@ def test_a_folder_registered_for_datasets_is_allowed_inside_comfyui(tmp_path: Pa
 
 
 def test_folder_toml_lists_images_and_videos_separately(tmp_path: Path) -> None:
-    from training.dataset_config import load_dataset_config
+    from training.dataset.schema import load_dataset_config
 
     (tmp_path / "a.mp4").write_bytes(b"")
     (tmp_path / "b.png").write_bytes(b"")

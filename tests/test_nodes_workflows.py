@@ -70,7 +70,7 @@ def _expected_widgets(cls: type) -> tuple[list[tuple[str, object, dict]], list[t
 
 
 def test_examples_use_the_toy_model_names() -> None:
-    from wan_core.models import TOY_FILES
+    from wan_core.loading.model_set import TOY_FILES
 
     api = {name: _api(name) for name in NAMES}
     assert api["wantuner_t2v"]["1"]["inputs"]["model_name"] == TOY_FILES["dit"]
@@ -83,7 +83,7 @@ def test_examples_use_the_toy_model_names() -> None:
 
 
 def test_every_toy_file_the_examples_name_ships_in_the_toy_model_folder() -> None:
-    from wan_core.models import TOY_MODEL_DIR
+    from wan_core.loading.model_set import TOY_MODEL_DIR
 
     named = {value for name in (*NAMES, *TRAINING_NAMES) for node in _api(name).values()
              for value in node["inputs"].values() if isinstance(value, str) and value.startswith("wan21_toy_")}
@@ -183,7 +183,7 @@ def _saved_video(result: RunResult, output: Path) -> Path:
 def test_api_workflow_runs_and_writes_the_video(name: str, runs) -> None:
     import av
 
-    from wan_core.conditioning import size_for_image
+    from wan_core.sampling.conditioning import size_for_image
 
     result, output = runs[name]
     path = _saved_video(result, output)
@@ -204,7 +204,7 @@ def test_api_workflow_runs_and_writes_the_video(name: str, runs) -> None:
 
 @pytest.mark.slow
 def test_lora_workflow_reports_matches_and_changes_the_result(runs) -> None:
-    from wan_core.lora import LoRAModule
+    from wan_core.lora.apply import LoRAModule
 
     result, _ = runs["wantuner_lora_regex"]
     first, second = result.ui["6"]["text"][0], result.ui["7"]["text"][0]

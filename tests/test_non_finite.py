@@ -11,15 +11,15 @@ from cache_helpers import write_models
 from safetensors.torch import load_file, save_file
 
 from tests.tiny_training import tiny_dit_file
-from wan_core.checkpoint import NonFiniteError, non_finite_count, read_metadata
-from wan_core.clip import load_clip_vision
-from wan_core.generate import main as generate_main
-from wan_core.lora import apply_loras, linear_modules, merge_loras
-from wan_core.lora_formats import LowRank, load_lora, save_lora
-from wan_core.model import load_dit
-from wan_core.models import ModelSpec, toy_path
-from wan_core.t5 import load_t5
-from wan_core.vae import load_vae
+from wan_core.generate.cli import main as generate_main
+from wan_core.loading.checkpoint import NonFiniteError, non_finite_count, read_metadata
+from wan_core.loading.model_set import ModelSpec, toy_path
+from wan_core.lora.apply import apply_loras, linear_modules, merge_loras
+from wan_core.lora.formats import LowRank, load_lora, save_lora
+from wan_core.models.clip import load_clip_vision
+from wan_core.models.dit import load_dit
+from wan_core.models.t5 import load_t5
+from wan_core.models.vae import load_vae
 
 NAN, INF = float("nan"), float("inf")
 

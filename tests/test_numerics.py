@@ -18,7 +18,7 @@ from tests.numerics import (
     to_float64,
 )
 from tests.tiny import TINY_DIT, randomize_
-from wan_core.model import WanModel
+from wan_core.models.dit import WanModel
 
 DIT = dataclasses.replace(TINY_DIT, dim=128, num_heads=1, ffn_dim=256)
 

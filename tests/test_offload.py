@@ -21,12 +21,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from tests.tiny import TINY_DIT, randomize_
-from wan_core import offload
-from wan_core.config import TASKS
-from wan_core.devices import canonical_device, same_device
-from wan_core.fp8 import apply_fp8
-from wan_core.model import WanModel
-from wan_core.offload import (
+from wan_core.models.config import TASKS
+from wan_core.models.dit import WanModel
+from wan_core.runtime import offload
+from wan_core.runtime.devices import canonical_device, same_device
+from wan_core.runtime.fp8 import apply_fp8
+from wan_core.runtime.offload import (
     LiveTensorBytes,
     SwapPlan,
     choose_blocks_to_swap,
@@ -387,8 +387,8 @@ def dit_file(tmp_path) -> Path:
 @pytest.mark.parametrize("pinned", [False, True])
 def test_model_set_release_unpins_the_swapped_dit(cudart, no_gc, monkeypatch, dit_file: Path, pinned: bool) -> None:
     """generate's --use_pinned_memory_for_block_swap reaches the swapper; releasing the DiT unpins it at once."""
-    from wan_core import generate
-    from wan_core import models as wan_models
+    from wan_core.generate import cli as generate
+    from wan_core.loading import model_set as wan_models
 
     args = generate.build_parser().parse_args(["--dit", str(dit_file), "--device", "cpu", "--blocks_to_swap", "3",
                                                *(["--use_pinned_memory_for_block_swap"] if pinned else [])])
@@ -441,7 +441,7 @@ _HOST_PEAK_SCRIPT = """
 import ctypes, re, sys
 import torch
 from torch import nn
-from wan_core import offload
+from wan_core.runtime import offload
 
 def status(field):
     return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
@@ -545,7 +545,7 @@ def test_activation_estimate_matches_cpu_measurement(dim: int, ffn: int, frames:
 
 def test_activation_estimate_with_sliced_rope(monkeypatch) -> None:
     """When RoPE runs in token slices, the float64 work is bounded by one slice (the 720p case, scaled down)."""
-    import wan_core.model as wan_model
+    import wan_core.models.dit as wan_model
 
     monkeypatch.setattr(wan_model, "ROPE_CHUNK_ELEMENTS", 40 * 128)  # 40-token slices of 768 tokens
     cfg = dataclasses.replace(TINY_DIT, dim=128, ffn_dim=128, num_heads=2, num_layers=2)  # RoPE phase binds

@@ -1,4 +1,4 @@
-"""Schedules and samplers of wan_core.sampling against diffusers 0.42.1 and analytic Gaussian flows."""
+"""Schedules and samplers of wan_core.sampling.solvers against diffusers 0.42.1 and analytic Gaussian flows."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-from wan_core import sampling as S
+from wan_core.sampling import solvers as S
 
 CASES = [(50, 5.0), (40, 3.0), (30, 8.0), (4, 1.0), (50, 3.0), (10, 5.0), (2, 3.0), (1, 5.0)]
 

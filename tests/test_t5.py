@@ -13,12 +13,12 @@ from safetensors.torch import save_file
 from tests.numerics import assert_float32_parity, float64_copy, float64_run, float64_upcasts
 from tests.test_tokenizer import _CORPUS, _reference_clean, _train_spiece
 from tests.tiny import randomize_
-from wan_core.checkpoint import CheckpointError
-from wan_core.config import CONFIG_METADATA_KEY, DiTConfig, T5Config, config_to_json
-from wan_core.convert import T5_HF, T5_HF_EXTRA, rename
-from wan_core.ops import CastLinear
-from wan_core.t5 import T5Encoder, UMT5Encoder, detect_t5_config, fp16_clamp, load_t5, relative_position_bucket
-from wan_core.tokenizer import SPIECE_KEY, UMT5Tokenizer, save_spiece_into
+from wan_core.loading.checkpoint import CheckpointError
+from wan_core.loading.convert import T5_HF, T5_HF_EXTRA, rename
+from wan_core.models.config import CONFIG_METADATA_KEY, DiTConfig, T5Config, config_to_json
+from wan_core.models.ops import CastLinear
+from wan_core.models.t5 import T5Encoder, UMT5Encoder, detect_t5_config, fp16_clamp, load_t5, relative_position_bucket
+from wan_core.models.tokenizer import SPIECE_KEY, UMT5Tokenizer, save_spiece_into
 
 TINY_T5 = T5Config(vocab_size=256, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2)
 PROMPTS = ["A cat sits on a red sofa", "  Two dogs &amp; a   fox run across a snowy field at dawn, cinematic  ",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from wan_core.tokenizer import (
+from wan_core.models.tokenizer import (
     SPIECE_KEY,
     UMT5Tokenizer,
     clean_prompt,

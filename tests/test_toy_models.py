@@ -24,10 +24,10 @@ from training.toy.vae_train import (
     to_video,
     train_vae,
 )
-from wan_core.checkpoint import read_metadata
-from wan_core.config import CONFIG_METADATA_KEY, VAEConfig, config_from_json
-from wan_core.models import SAMPLING_METADATA_KEY, TOY_FILES, TOY_MODEL_DIR
-from wan_core.vae import WanVAE, WanVAEModel
+from wan_core.loading.checkpoint import read_metadata
+from wan_core.loading.model_set import SAMPLING_METADATA_KEY, TOY_FILES, TOY_MODEL_DIR
+from wan_core.models.config import CONFIG_METADATA_KEY, VAEConfig, config_from_json
+from wan_core.models.vae import WanVAE, WanVAEModel
 
 T2V_FILES = ("dit", "vae", "t5")
 MAX_TOTAL_BYTES = 30 * 1024 * 1024
@@ -125,8 +125,8 @@ def test_lora_through_the_comfyui_lora_node_gives_the_same_samples(toy: ev.ToySe
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from nodes import NODE_CLASS_MAPPINGS as nodes
     from nodes import comfy_adapter as adapter
-    from wan_core.conditioning import text_to_video
-    from wan_core.pipeline import SamplerSettings, denoise, encode_prompts
+    from wan_core.sampling.conditioning import text_to_video
+    from wan_core.sampling.pipeline import SamplerSettings, denoise, encode_prompts
 
     (tmp_path / "loras").mkdir()
     shutil.copyfile(TOY_MODEL_DIR / LORA_FILE, tmp_path / "loras" / LORA_FILE)
@@ -147,7 +147,7 @@ def test_lora_through_the_comfyui_lora_node_gives_the_same_samples(toy: ev.ToySe
                      steps=sampling.steps, guidance_scale=sampling.guidance, shift=sampling.shift, solver="unipc",
                      seed=11, noise_on_cpu=False, cfg_skip_mode="none", cfg_apply_ratio=0.5, slg_mode="none",
                      slg_layers="1", slg_scale=3.0, slg_start=0.0, slg_end=0.3)
-    from wan_core.comfy_bridge import latent_from_comfy
+    from wan_core.media.layouts import latent_from_comfy
 
     via_node = latent_from_comfy(latent["samples"], "latent")
     positive, negative = encode_prompts(toy.t5, [prompt, sampling.negative_prompt or " "])
@@ -167,13 +167,13 @@ def test_lora_through_the_comfyui_lora_node_gives_the_same_samples(toy: ev.ToySe
 
 
 def test_generate_cli_without_model_paths_writes_an_mp4(tmp_path: Path) -> None:
-    from wan_core.generate import main
+    from wan_core.generate.cli import main
 
     assert main(["--prompt", "a red square moving right", "--save_path", str(tmp_path), "--seed", "3",
                  "--quiet"]) == 0
     videos = list(tmp_path.glob("*.mp4"))
     assert len(videos) == 1
-    from wan_core.media import read_video
+    from wan_core.media.io import read_video
 
     frames = read_video(videos[0])
     assert len(frames) == 9 and frames[0].shape[:2] == (64, 64)
@@ -182,7 +182,7 @@ def test_generate_cli_without_model_paths_writes_an_mp4(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("task", "key"), [("t2v-14B", "dit"), ("t2i-14B", "dit"), ("i2v-14B", "dit_i2v"),
                                          ("flf2v-14B", "dit_flf2v"), ("t2v-1.3B-FC", "dit_fun_control")])
 def test_each_task_falls_back_to_the_toy_dit_of_its_kind(task: str, key: str) -> None:
-    from wan_core.models import ModelSpec
+    from wan_core.loading.model_set import ModelSpec
 
     assert ModelSpec(task=task).path("dit") == TOY_MODEL_DIR / TOY_FILES[key]
     assert ModelSpec(task=task, dit="/x/real.safetensors").path("dit") == Path("/x/real.safetensors")
@@ -192,8 +192,8 @@ def test_generate_cli_image_to_video_without_model_paths(tmp_path: Path) -> None
     import numpy as np
     from PIL import Image
 
-    from wan_core.generate import main
-    from wan_core.media import read_video
+    from wan_core.generate.cli import main
+    from wan_core.media.io import read_video
     from wan_core.toy.world import Combo, render_clip
 
     start = tmp_path / "start.png"
@@ -210,7 +210,7 @@ def test_generate_cli_image_to_video_without_model_paths(tmp_path: Path) -> None
 
 
 def test_tokenizer_training_is_reproducible_and_keeps_caption_words_whole() -> None:
-    from wan_core.tokenizer import UMT5Tokenizer
+    from wan_core.models.tokenizer import UMT5Tokenizer
 
     first, second = train_tokenizer(), train_tokenizer()
     assert first == second

@@ -15,11 +15,11 @@ import torch
 from tests import model_set
 from tests.tiny import TINY_DIT, randomize_
 from training.toy import variants as tv
-from wan_core.checkpoint import read_metadata, save_safetensors
-from wan_core.clip import load_clip_vision
-from wan_core.config import CONFIG_METADATA_KEY, config_to_json
-from wan_core.model import WanModel, load_dit
-from wan_core.models import SAMPLING_METADATA_KEY, TOY_FILES, TOY_MODEL_DIR
+from wan_core.loading.checkpoint import read_metadata, save_safetensors
+from wan_core.loading.model_set import SAMPLING_METADATA_KEY, TOY_FILES, TOY_MODEL_DIR
+from wan_core.models.clip import load_clip_vision
+from wan_core.models.config import CONFIG_METADATA_KEY, config_to_json
+from wan_core.models.dit import WanModel, load_dit
 from wan_core.toy.world import Combo, render_clip, sample_params
 
 CLIP_DIM = 24
@@ -166,9 +166,9 @@ def test_silhouette_covers_the_object_of_the_clip() -> None:
 
 
 def test_control_dataset_pairs_every_clip_with_its_silhouette(tmp_path: Path) -> None:
-    from training.cache_latents import load_pixels
-    from training.dataset import scan_dataset_group
-    from training.dataset_config import load_dataset_config
+    from training.cache.latents import load_pixels
+    from training.dataset.items import scan_dataset_group
+    from training.dataset.schema import load_dataset_config
 
     combos = [Combo("red", "circle", "down"), Combo("blue", "square", "right")]
     toml = tv.write_control_dataset(tmp_path / "fc", combos, 1, seed=5, batch=2)
@@ -187,14 +187,14 @@ def test_control_dataset_pairs_every_clip_with_its_silhouette(tmp_path: Path) ->
 
 
 def test_flf2v_cache_entries_hold_the_official_flf2v_layout(tmp_path: Path) -> None:
-    from training.cache import latent_entries, load_latent_entry, open_training_source
-    from training.cache_latents import cache_latents, load_pixels
-    from training.cache_text import cache_text
-    from training.dataset import scan_dataset_group
-    from training.dataset_config import load_dataset_config
+    from training.cache.latents import cache_latents, load_pixels
+    from training.cache.store import latent_entries, load_latent_entry, open_training_source
+    from training.cache.text import cache_text
+    from training.dataset.items import scan_dataset_group
+    from training.dataset.schema import load_dataset_config
     from training.step import InputSpec, conditioning
-    from wan_core.conditioning import first_last_to_video
-    from wan_core.vae import load_vae
+    from wan_core.models.vae import load_vae
+    from wan_core.sampling.conditioning import first_last_to_video
 
     models = model_set.write_model_set(tmp_path / "models")
     combos = [Combo("yellow", "circle", "up"), Combo("red", "triangle", "right")]
@@ -220,8 +220,8 @@ def test_flf2v_cache_entries_hold_the_official_flf2v_layout(tmp_path: Path) -> N
 
 
 def test_rewrite_flf2v_cache_needs_an_i2v_cache(tmp_path: Path) -> None:
-    from training.cache_latents import cache_latents
-    from wan_core.vae import load_vae
+    from training.cache.latents import cache_latents
+    from wan_core.models.vae import load_vae
 
     models = model_set.write_model_set(tmp_path / "models")
     toml = tv.write_image_dataset(tmp_path / "data", [Combo("red", "square", "left")], 1, seed=3, batch=1)

@@ -13,17 +13,17 @@ import torch
 from tests.numerics import assert_float32_parity, float64_run
 from tests.tiny import TINY_DIT_BY_TYPE
 from tests.tiny_training import memory_source, tiny_dit_file, tiny_samples, train_args
-from training.data import MemorySource
+from training.dataset.batches import MemorySource
 from training.init_dit import main as init_dit_main
 from training.step import InputSpec, StepConfig, conditioning, draw_noise, draw_sigmas, sample_seeds, training_step
 from training.timesteps import TimestepConfig
 from training.train import main as train_main
 from training.train import train
-from wan_core.checkpoint import load_state_dict, read_metadata
-from wan_core.config import CONFIG_METADATA_KEY, config_from_json
-from wan_core.lora import LoRANetwork, linear_modules
-from wan_core.lora_formats import load_lora
-from wan_core.model import WanModel, load_dit
+from wan_core.loading.checkpoint import load_state_dict, read_metadata
+from wan_core.lora.apply import LoRANetwork, linear_modules
+from wan_core.lora.formats import load_lora
+from wan_core.models.config import CONFIG_METADATA_KEY, config_from_json
+from wan_core.models.dit import WanModel, load_dit
 
 
 @pytest.fixture(autouse=True)
@@ -118,7 +118,7 @@ def test_overfitting_lowers_the_held_out_loss(dit: Path, tmp_path: Path) -> None
     assert means[2] < 0.6 * means[0], means
     # the saved LoRA, merged into a fresh DiT, reproduces the trained model's held-out loss
     from training.validation import Validator
-    from wan_core.lora import merge_loras
+    from wan_core.lora.apply import merge_loras
 
     model = load_dit(dit)
     merge_loras(model, result.output)

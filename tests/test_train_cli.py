@@ -13,9 +13,9 @@ from tests.cache_helpers import image_dataset, write_models
 from tests.tiny import TINY_DIT_BY_TYPE, randomize_
 from training.__main__ import main as training_main
 from training.init_dit import write_dit
-from wan_core.checkpoint import read_metadata
-from wan_core.lora_formats import load_lora
-from wan_core.model import WanModel
+from wan_core.loading.checkpoint import read_metadata
+from wan_core.lora.formats import load_lora
+from wan_core.models.dit import WanModel
 
 
 @pytest.fixture(autouse=True)
@@ -147,7 +147,7 @@ def test_unusable_output_folders_are_reported_before_anything_loads(tmp_path: Pa
     assert f"--logging_dir {afile / 'logs'} lies under the file {afile}" in err
     out = tmp_path / "new" / "out"
     with pytest.MonkeyPatch.context() as mp:
-        import wan_core.checkpoint as checkpoint
+        import wan_core.loading.checkpoint as checkpoint
 
         mp.setattr(checkpoint.os, "access", lambda path, mode: False)  # root ignores chmod: fake the refusal
         assert training_main([*base, "--output_dir", str(out)]) == 2

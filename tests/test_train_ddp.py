@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from tests.tiny_training import memory_source, tiny_dit_file, train_args
-from training.data import MemorySource, default_epoch_batches
+from training.dataset.batches import MemorySource, default_epoch_batches
 from training.train import train
 
 WORLD = 2

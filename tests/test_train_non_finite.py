@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from tests.tiny_training import memory_source, tiny_dit_file, train_args
 from training import state as st
 from training.train import NonFiniteTrainingError, train
-from wan_core.checkpoint import NonFiniteError, non_finite_count
+from wan_core.loading.checkpoint import NonFiniteError, non_finite_count
 
 
 @pytest.fixture(autouse=True)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from tests.tiny import randomize_
-from wan_core.checkpoint import CheckpointError, build_on_meta, load_into, save_safetensors
-from wan_core.config import CONFIG_METADATA_KEY, DiTConfig, VAEConfig, config_to_json
-from wan_core.convert import rename, vae_diffusers_rules
-from wan_core.vae import (
+from wan_core.loading.checkpoint import CheckpointError, build_on_meta, load_into, save_safetensors
+from wan_core.loading.convert import rename, vae_diffusers_rules
+from wan_core.models.config import CONFIG_METADATA_KEY, DiTConfig, VAEConfig, config_to_json
+from wan_core.models.vae import (
     VAE_MEAN,
     VAE_STD,
     FeatureCache,

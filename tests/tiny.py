@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from wan_core.config import DiTConfig
+from wan_core.models.config import DiTConfig
 
 TINY_DIT = DiTConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, in_dim=16)
 TINY_DIT_BY_TYPE = {

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from tests import model_set
-from wan_core.checkpoint import save_safetensors
+from wan_core.loading.checkpoint import save_safetensors
 
 FILES = {  # tests/model_set.py key -> (ComfyUI folder, file name used by the example workflows)
     "dit_t2v": ("diffusion_models", "wan21_toy_t2v_dit.safetensors"),

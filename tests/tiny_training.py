@@ -9,9 +9,9 @@ import torch
 
 from tests.tiny import TINY_DIT_BY_TYPE, randomize_
 from training.args import parse_train_args
-from training.data import MemorySource
+from training.dataset.batches import MemorySource
 from training.init_dit import write_dit
-from wan_core.model import WanModel
+from wan_core.models.dit import WanModel
 
 LATENT_SHAPE = (16, 1, 4, 4)  # [C, F, h, w]: one latent frame of 4x4 (2x2 tokens)
 

@@ -14,8 +14,8 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "dataset": ("training.dry_run", "check a dataset TOML; --dry-run decodes every file and reports what is used"),
-    "cache-latents": ("training.cache_latents", "encode the dataset's media into latent caches (VAE, CLIP for I2V)"),
-    "cache-text": ("training.cache_text", "encode the captions into T5 caches"),
+    "cache-latents": ("training.cache.latents", "encode the dataset's media into latent caches (VAE, CLIP for I2V)"),
+    "cache-text": ("training.cache.text", "encode the captions into T5 caches"),
     "train": ("training.train", "train a LoRA from the caches"),
     "convert-lora": ("training.convert_lora", "convert a LoRA between musubi, ComfyUI and diffusers key formats"),
     "init-dit": ("training.init_dit", "write a randomly initialised DiT of any size (for training from scratch)"),

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 
 from training.config_file import add_config_file_argument, parse_args
 from training.timesteps import SCHEMES, WEIGHTING_SCHEMES
-from wan_core.checkpoint import ensure_writable_dir
-from wan_core.config import TASKS
-from wan_core.offload import PINNED_MEMORY_HELP
+from wan_core.loading.checkpoint import ensure_writable_dir
+from wan_core.models.config import TASKS
+from wan_core.runtime.offload import PINNED_MEMORY_HELP
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """`python -m training convert-lora --input A --output B --target other|default [--diffusers_prefix P]`.
 
-musubi's `convert_lora.py` flags, wrapping `wan_core.lora_formats.convert_lora_file`: any supported LoRA layout
+musubi's `convert_lora.py` flags, wrapping `wan_core.lora.formats.convert_lora_file`: any supported LoRA layout
 (musubi / sd-scripts, ComfyUI / diffusion-pipe `diffusion_model.*.lora_A/B`, diffusers/PEFT `transformer.*`,
 LyCORIS) is read and written as `--target`: `default` (= musubi: `lora_unet_*` + alpha), `other` (= comfyui:
 `<prefix>.<module>.lora_A/B.weight`, prefix `diffusion_model`, alpha folded into the weights as musubi does, or kept
@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from wan_core.lora_formats import convert_lora_file
+from wan_core.lora.formats import convert_lora_file
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from training.dataset import DatasetScan, FileReport, FrameWindow, ensure_not_empty, scan_dataset_group, summarize
-from training.dataset_config import DatasetConfig, DatasetGroupConfig, load_dataset_config
+from training.dataset.items import (
+    DatasetScan,
+    FileReport,
+    FrameWindow,
+    ensure_not_empty,
+    scan_dataset_group,
+    summarize,
+)
+from training.dataset.schema import DatasetConfig, DatasetGroupConfig, load_dataset_config
 
 logger = logging.getLogger(__name__)
 

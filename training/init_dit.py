@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from wan_core.checkpoint import save_safetensors
-from wan_core.config import CONFIG_METADATA_KEY, TASKS, DiTConfig, config_to_json, get_task
-from wan_core.model import WanModel
+from wan_core.loading.checkpoint import save_safetensors
+from wan_core.models.config import CONFIG_METADATA_KEY, TASKS, DiTConfig, config_to_json, get_task
+from wan_core.models.dit import WanModel
 
 logger = logging.getLogger(__name__)
 

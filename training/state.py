@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from wan_core.checkpoint import load_state_dict, make_temp, require_finite, save_safetensors
+from wan_core.loading.checkpoint import load_state_dict, make_temp, require_finite, save_safetensors
 
 logger = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from training.timesteps import (
     sample_sigmas,
     stratified_uniform,
 )
-from wan_core.config import DiTConfig, get_task
+from wan_core.models.config import DiTConfig, get_task
 
 Batch = dict[str, object]
 AutocastFactory = Callable[[], contextlib.AbstractContextManager]

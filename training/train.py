@@ -32,7 +32,14 @@ import torch
 
 from training import state as st
 from training.args import attention_backend, is_full, parse_train_args
-from training.data import BatchLoader, BatchSource, TrainItem, max_batch_size, split_validation, steps_per_epoch
+from training.dataset.batches import (
+    BatchLoader,
+    BatchSource,
+    TrainItem,
+    max_batch_size,
+    split_validation,
+    steps_per_epoch,
+)
 from training.optim import OptimizerConfig, SchedulerConfig, build_scheduler, current_lrs
 from training.optim import build_optimizer as make_optimizer
 from training.step import InputSpec, StepConfig, sample_seeds, training_step
@@ -47,7 +54,7 @@ from training.trainable import (
     resolve_task,
 )
 from training.validation import Validator
-from wan_core.checkpoint import non_finite_count, require_finite
+from wan_core.loading.checkpoint import non_finite_count, require_finite
 
 logger = logging.getLogger(__name__)
 
@@ -179,10 +186,10 @@ def apply_lora(run: Run, model: torch.nn.Module) -> Trainable:
 
 
 def open_source(run: Run, path: str) -> BatchSource:
-    """The checked caches of a dataset TOML (`training.cache`): entries must match the media, the preprocessing
+    """The checked caches of a dataset TOML (`training.cache.store`): entries must match the media, the preprocessing
     and, when --vae/--clip/--t5 are given, those encoders; the task's extra tensors must be cached. Caption dropout
     is the loop's (`training.step`), so the reader's own is left off."""
-    from training.cache import open_training_source
+    from training.cache.store import open_training_source
 
     needed, args = run.step_cfg.inputs.required_keys(), run.args
     return open_training_source(path, need_image="latents_image" in needed, need_clip="clip" in needed,
@@ -504,7 +511,7 @@ def checkpoint(run: Run, trainable: Trainable, optim: Optim, data: Data, progres
 
 
 def sample_now(run: Run, trainable: Trainable, optim: Optim, extras: Extras, step: int, epoch: int | None) -> None:
-    from training.sampling import generate_samples
+    from training.previews import generate_samples
 
     if extras.samples is None:
         return
@@ -595,7 +602,7 @@ def prepare_sampling(run: Run) -> object | None:
     """Encode the sample prompts (T5, CLIP and VAE come and go before the DiT is loaded)."""
     if not run.args.sample_prompts:
         return None
-    from training.sampling import prepare_samples
+    from training.previews import prepare_samples
 
     return prepare_samples(run.args, run.task, run.info.config.in_dim, run.device, run.seed, run.rank, run.world,
                            run.name)

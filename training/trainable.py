@@ -3,7 +3,7 @@
 - `inspect_dit`: architecture, stored dtype and metadata from the file header (no weights read).
 - `load_training_dit`: `wan_core.load_dit` with the task check, the weight dtype for the chosen mixed precision
   (musubi's rule: bf16 weights need bf16 or no mixed precision, fp16 weights fp16 or no), `--fp8_base` /
-  `--fp8_scaled` through `wan_core.fp8`, gradient checkpointing, and `--blocks_to_swap` through `wan_core.offload`.
+  `--fp8_scaled` through `wan_core.runtime.fp8`, gradient checkpointing, and `--blocks_to_swap` through `wan_core.runtime.offload`.
   Full training keeps fp32 master weights and computes under autocast.
 - `Trainable`: the parameters, optimizer groups (LoRA+ aware), the state dict written into training states, and
   the saved file: a LoRA in musubi or ComfyUI keys through `LoRANetwork.save`, or, for `--network_module full`,
@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
-from wan_core.checkpoint import peek_shapes, read_metadata, save_safetensors
-from wan_core.config import (
+from wan_core.loading.checkpoint import peek_shapes, read_metadata, save_safetensors
+from wan_core.lora.apply import LoRANetwork
+from wan_core.lora.formats import save_lora
+from wan_core.models.config import (
     CONFIG_METADATA_KEY,
     DiTConfig,
     config_from_json,
@@ -30,9 +32,7 @@ from wan_core.config import (
     detect_config,
     tasks_matching,
 )
-from wan_core.lora import LoRANetwork
-from wan_core.lora_formats import save_lora
-from wan_core.model import FP8_DTYPES, WanModel, checkpoint_dtype, load_dit, normalize_dit_keys
+from wan_core.models.dit import FP8_DTYPES, WanModel, checkpoint_dtype, load_dit, normalize_dit_keys
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,8 @@ def weight_dtype(mixed_precision: str | None, stored: torch.dtype, full: bool) -
 
 
 def _block_swap(model: WanModel, blocks: int, device: torch.device, pinned: bool) -> None:
-    """`wan_core.offload`: the last `blocks` blocks' frozen weights stream from CPU memory (LoRA stays on device)."""
-    from wan_core.offload import enable_block_swap, parse_blocks_to_swap, pin_mode
+    """`wan_core.runtime.offload`: the last `blocks` blocks' frozen weights stream from CPU memory (LoRA stays on device)."""
+    from wan_core.runtime.offload import enable_block_swap, parse_blocks_to_swap, pin_mode
 
     count = parse_blocks_to_swap(blocks, len(model.blocks))
     swapper = enable_block_swap(model, count, device, pin=pin_mode(pinned))

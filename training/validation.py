@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from training.data import BatchSource, TrainItem, epoch_batches
+from training.dataset.batches import BatchSource, TrainItem, epoch_batches
 from training.step import AutocastFactory, StepConfig, validation_losses
 from training.timesteps import mix_seed
 

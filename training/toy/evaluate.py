@@ -1,4 +1,4 @@
-"""Behaviour evaluation of a toy model set: generate prompt x seed pairs through `wan_core.pipeline` and score the
+"""Behaviour evaluation of a toy model set: generate prompt x seed pairs through `wan_core.sampling.pipeline` and score the
 decoded clips with the toy-world scorer (`wan_core.toy.score`).
 
 `python -m training.toy.evaluate [--models wan_core/toy_models] [--lora FILE] [--steps N --guidance G --shift S]`
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from wan_core.conditioning import text_to_video
-from wan_core.models import SAMPLING_METADATA_KEY, TOY_FILES, TOY_MODEL_DIR
-from wan_core.pipeline import SamplerSettings, decode_latents, denoise, encode_prompts
+from wan_core.loading.model_set import SAMPLING_METADATA_KEY, TOY_FILES, TOY_MODEL_DIR
+from wan_core.sampling.conditioning import text_to_video
+from wan_core.sampling.pipeline import SamplerSettings, decode_latents, denoise, encode_prompts
 from wan_core.toy.score import ScoreSummary, score_many
 from wan_core.toy.world import HELDOUT, MOTIONS, SHAPES, Combo, train_combos
 
@@ -70,7 +70,7 @@ def purple_pairs(seeds: int = 2) -> list[Pair]:
 
 def sampling_from_file(dit_path: str | Path) -> Sampling:
     """The recommended settings stored in the DiT file (`wantuner_sampling`), else the defaults."""
-    from wan_core.models import sampling_defaults
+    from wan_core.loading.model_set import sampling_defaults
 
     meta = sampling_defaults(Path(dit_path))
     size = meta.get("video_size", (64, 64))
@@ -90,9 +90,9 @@ class ToySet:
 
     @classmethod
     def load(cls, folder: str | Path = TOY_MODEL_DIR, dit: str | Path | None = None) -> ToySet:
-        from wan_core.model import load_dit
-        from wan_core.t5 import load_t5
-        from wan_core.vae import load_vae
+        from wan_core.models.dit import load_dit
+        from wan_core.models.t5 import load_t5
+        from wan_core.models.vae import load_vae
 
         folder = Path(folder)
         dit_path = Path(dit) if dit else folder / TOY_FILES["dit"]
@@ -149,14 +149,14 @@ def evaluate(models: ToySet, pairs: Sequence[Pair], sampling: Sampling) -> Behav
 
 def apply_lora_file(models: ToySet, path: str | Path, multiplier: float = 1.0) -> object:
     """Wrap the DiT's layers with the LoRA (unmerged; `handle.remove()` restores the base model)."""
-    from wan_core.lora import apply_loras
+    from wan_core.lora.apply import apply_loras
 
     return apply_loras(models.dit, [str(path)], [multiplier])
 
 
 def write_sampling(dit_path: str | Path, sampling: Sampling, task: str = "t2v-1.3B") -> None:
     """Store `sampling` as the DiT file's recommended defaults (`wantuner_sampling` metadata), atomically."""
-    from wan_core.checkpoint import load_state_dict, read_metadata, save_safetensors
+    from wan_core.loading.checkpoint import load_state_dict, read_metadata, save_safetensors
 
     meta = read_metadata(dit_path)
     meta[SAMPLING_METADATA_KEY] = json.dumps({

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from wan_core.checkpoint import save_safetensors
-from wan_core.config import CONFIG_METADATA_KEY, DiTConfig, config_to_json
-from wan_core.models import TOY_FILES
+from wan_core.loading.checkpoint import save_safetensors
+from wan_core.loading.model_set import TOY_FILES
+from wan_core.models.config import CONFIG_METADATA_KEY, DiTConfig, config_to_json
 from wan_core.toy.world import MOTIONS, SHAPES, Combo, train_combos, write_dataset
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def init_dit(path: Path, config: DiTConfig, seed: int) -> Path:
     """A DiT with the official initialisation drawn from `seed`, its config in the metadata."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        from wan_core.model import WanModel
+        from wan_core.models.dit import WanModel
 
         model = WanModel(config)
         model.init_weights()

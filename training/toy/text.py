@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from wan_core.checkpoint import save_safetensors
-from wan_core.config import CONFIG_METADATA_KEY, T5Config, config_to_json
-from wan_core.t5 import T5Encoder, UMT5Encoder
-from wan_core.tokenizer import UMT5Tokenizer, save_spiece_into
+from wan_core.loading.checkpoint import save_safetensors
+from wan_core.models.config import CONFIG_METADATA_KEY, T5Config, config_to_json
+from wan_core.models.t5 import T5Encoder, UMT5Encoder
+from wan_core.models.tokenizer import UMT5Tokenizer, save_spiece_into
 from wan_core.toy.world import COLOURS, MOTIONS, SHAPES, all_combos
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def caption_separation(encoder: T5Encoder, captions: list[str] | None = None) ->
 
 def build_toy_text_encoder(path: str | Path, seed: int) -> tuple[float, float]:
     """Train the tokenizer, build the seeded encoder, save it; returns `caption_separation` of the saved file."""
-    from wan_core.t5 import load_t5
+    from wan_core.models.t5 import load_t5
 
     model_bytes = train_tokenizer()
     saved = save_t5(build_t5(seed), model_bytes, path)

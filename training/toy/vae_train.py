@@ -1,4 +1,4 @@
-"""Reconstruction training of a small Wan2.1 VAE (`wan_core.vae.WanVAEModel`, any `dim`) on toy-world clips.
+"""Reconstruction training of a small Wan2.1 VAE (`wan_core.models.vae.WanVAEModel`, any `dim`) on toy-world clips.
 
 `python -m training.toy.vae_train --out toy_vae.safetensors --seed 0 [--steps N ...]`
 
@@ -42,10 +42,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wan_core.checkpoint import save_safetensors, write_text_atomic
-from wan_core.config import CONFIG_METADATA_KEY, VAEConfig, config_to_json
+from wan_core.loading.checkpoint import save_safetensors, write_text_atomic
+from wan_core.models.config import CONFIG_METADATA_KEY, VAEConfig, config_to_json
+from wan_core.models.vae import VAE_MEAN, VAE_STD, FeatureCache, WanVAE, WanVAEModel, latent_frames
 from wan_core.toy.world import COLOURS, DEFAULT_SIZE, MOTIONS, SHAPES, Combo, render_params, sample_params
-from wan_core.vae import VAE_MEAN, VAE_STD, FeatureCache, WanVAE, WanVAEModel, latent_frames
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def identity_path_init(model: WanVAEModel) -> None:
     decoder), every residual branch and attention projection starts at zero (identity blocks, as in SkipInit), and
     the remaining channels keep their random initialisation for training to put detail into. The architecture and
     key names are unchanged; only the starting point differs."""
-    from wan_core.vae import AttentionBlock, Resample, ResidualBlock
+    from wan_core.models.vae import AttentionBlock, Resample, ResidualBlock
 
     z = model.config.z_dim
     for module in model.modules():
@@ -421,7 +421,7 @@ def evaluate_reconstruction(vae: WanVAE, clips: Sequence[np.ndarray], combos: Se
 def build_toy_vae(cfg: VAETrainConfig, out: str | Path, *, stats_clips: int = 48, eval_clips: int = 75,
                   dtype: torch.dtype = torch.float16) -> ReconstructionReport:
     """Train, fold the latent statistics, save, reload through `load_vae` and evaluate held-out clips."""
-    from wan_core.vae import load_vae
+    from wan_core.models.vae import load_vae
 
     start = time.perf_counter()
     model = train_vae(cfg)

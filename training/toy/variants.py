@@ -3,7 +3,7 @@
 `python -m training.toy.variants --out DIR --work DIR --t2v T2V.safetensors --vae VAE --t5 UMT5 [--seed 0]`
 
 Stages (each timed; figures to `<work>/variants_report.json`):
-    1. clip      a small `wan_core.clip.CLIPVision` (224 px, patch 14 -> 257 tokens, width 64), seeded random frozen
+    1. clip      a small `wan_core.models.clip.CLIPVision` (224 px, patch 14 -> 257 tokens, width 64), seeded random frozen
                  weights, its config in the safetensors metadata (`load_clip_vision(path)` needs no arguments)
     2. init      each variant DiT from the T2V DiT: every shared weight copied, the extra patch-embedding input
                  channels and every block's `cross_attn.v_img` zero (so the variant starts as exactly the T2V
@@ -15,7 +15,7 @@ Stages (each timed; figures to `<work>/variants_report.json`):
                  entries are then rewritten with the FLF2V layout (`first_last_to_video`: mask on the first and last
                  frames, 514 CLIP tokens), which cache-latents has no mode for
     5. train     `python -m training train --network_module full` per variant
-    6. evaluate  generation through wan_core.conditioning / pipeline.denoise / decode_latents, scored with
+    6. evaluate  generation through wan_core.sampling.conditioning / pipeline.denoise / decode_latents, scored with
                  wan_core.toy.score (see `evaluate_variant`)
 
 The variants carry the T2V file's sampling defaults (`wantuner_sampling`) with their own task name.
@@ -38,10 +38,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wan_core.checkpoint import read_metadata, save_safetensors
-from wan_core.clip import CLIPVision
-from wan_core.config import CONFIG_METADATA_KEY, CLIPVisionConfig, DiTConfig, config_to_json
-from wan_core.models import SAMPLING_METADATA_KEY, TOY_FILES
+from wan_core.loading.checkpoint import read_metadata, save_safetensors
+from wan_core.loading.model_set import SAMPLING_METADATA_KEY, TOY_FILES
+from wan_core.models.clip import CLIPVision
+from wan_core.models.config import CONFIG_METADATA_KEY, CLIPVisionConfig, DiTConfig, config_to_json
 from wan_core.toy.world import HELDOUT, MOTIONS, Combo, coverage, render_clip, sample_params, train_combos
 
 logger = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def init_variant(t2v_model: torch.nn.Module, kind: str, clip_dim: int, seed: int
     Shared tensors are copied; the patch embedding's extra input channels and each block's `cross_attn.v_img` are
     zero (the image cross-attention then adds exactly 0); `img_emb` and `k_img` get the official init from `seed`.
     """
-    from wan_core.model import WanModel
+    from wan_core.models.dit import WanModel
 
     cfg = variant_config(t2v_model.config, kind, clip_dim)
     source = {k: v.detach().float() for k, v in t2v_model.state_dict().items()}
@@ -151,7 +151,7 @@ def init_variant(t2v_model: torch.nn.Module, kind: str, clip_dim: int, seed: int
 
 def write_variant_init(t2v_path: Path, kind: str, clip_dim: int, seed: int, path: Path) -> Path:
     """The initial `kind` DiT file (fp32), its config and the T2V file's sampling defaults (task renamed)."""
-    from wan_core.model import load_dit
+    from wan_core.models.dit import load_dit
 
     t2v = load_dit(t2v_path, dtype=torch.float32)
     model = init_variant(t2v, kind, clip_dim, seed)
@@ -226,11 +226,17 @@ def rewrite_flf2v_cache(dataset_toml: Path, vae: object, clip: object) -> int:
     official FLF2V y (mask 1 on the first and last frames, VAE of [first, grey..., last]) and `clip` the CLIP
     features of both frames [2, 257, D]. The entry keys stay (same media, preprocessing and encoders). Entries
     already in the FLF2V layout are left alone. Returns the number of entries rewritten."""
-    from training.cache import LatentSettings, latent_entries, load_latent_entry, read_entry_info, save_latent_entry
-    from training.cache_latents import load_pixels
-    from training.dataset import scan_dataset_group
-    from training.dataset_config import load_dataset_config
-    from wan_core.conditioning import first_last_to_video
+    from training.cache.latents import load_pixels
+    from training.cache.store import (
+        LatentSettings,
+        latent_entries,
+        load_latent_entry,
+        read_entry_info,
+        save_latent_entry,
+    )
+    from training.dataset.items import scan_dataset_group
+    from training.dataset.schema import load_dataset_config
+    from wan_core.sampling.conditioning import first_last_to_video
 
     scan = scan_dataset_group(load_dataset_config(dataset_toml))
     count = 0
@@ -298,7 +304,7 @@ def conflict_pairs(pairs: Sequence[VariantPair]) -> list[VariantPair]:
 
 def _conditioning(kind: str, pair: VariantPair, vae: object, clip: object, frames: int, height: int,
                   width: int) -> object:
-    from wan_core.conditioning import first_last_to_video, fun_control, image_to_video
+    from wan_core.sampling.conditioning import first_last_to_video, fun_control, image_to_video
 
     ref = render_clip(pair.combo, seed=pair.seed + 1, num_frames=frames, size=height)
     if kind == "i2v":
@@ -312,7 +318,7 @@ def _conditioning(kind: str, pair: VariantPair, vae: object, clip: object, frame
 def generate_variant(kind: str, dit: torch.nn.Module, vae: object, t5: object, clip: object,
                      pairs: Sequence[VariantPair], sampling: object) -> torch.Tensor:
     """Clips [N, T, H, W, 3] in [0, 1], one per pair, through the nodes' path (conditioning -> denoise -> decode)."""
-    from wan_core.pipeline import SamplerSettings, decode_latents, denoise, encode_prompts
+    from wan_core.sampling.pipeline import SamplerSettings, decode_latents, denoise, encode_prompts
 
     prompts = sorted({p.prompt for p in pairs} | {sampling.negative_prompt})
     embeds = dict(zip(prompts, encode_prompts(t5, prompts)))
@@ -463,8 +469,8 @@ class VariantBuild:
              "--device", "cpu", *clip], self.log)
         run(["-m", "training", "cache-text", "--dataset_config", toml, "--t5", self.t5, "--device", "cpu"], self.log)
         if kind == "flf2v":
-            from wan_core.clip import load_clip_vision
-            from wan_core.vae import load_vae
+            from wan_core.models.clip import load_clip_vision
+            from wan_core.models.vae import load_vae
 
             count = rewrite_flf2v_cache(toml, load_vae(self.vae, dtype=torch.float32),
                                         load_clip_vision(self.path("clip")))
@@ -511,10 +517,10 @@ def evaluate_files(kind: str, dit: Path, vae: Path, t5: Path, clip: Path, pairs:
     """Load the files (CPU, fp32) and run `evaluate_variant` with the DiT's stored sampling defaults (or those of
     `sampling_source`)."""
     from training.toy.evaluate import sampling_from_file
-    from wan_core.clip import load_clip_vision
-    from wan_core.model import load_dit
-    from wan_core.t5 import load_t5
-    from wan_core.vae import load_vae
+    from wan_core.models.clip import load_clip_vision
+    from wan_core.models.dit import load_dit
+    from wan_core.models.t5 import load_t5
+    from wan_core.models.vae import load_vae
 
     sampling = sampling_from_file(sampling_source or dit)
     return evaluate_variant(kind, load_dit(dit, dtype=torch.float32), load_vae(vae, dtype=torch.float32),

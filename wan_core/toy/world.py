@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import write_text_atomic
+from wan_core.loading.checkpoint import write_text_atomic
 
 logger = logging.getLogger(__name__)
 

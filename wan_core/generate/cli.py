@@ -1,0 +1,473 @@
+"""`python -m wan_core.generate`: the generate CLI, with musubi's `wan_generate_video.py` flag names.
+
+Single prompt, `--from_file` batch (models load once; T5 encodes every prompt, then the DiT runs them all, then
+the VAE decodes) and `--interactive` (prompts from stdin, models kept loaded). With no model paths it runs the
+embedded toy model set (see wan_core/toy_models/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wan_core.generate.jobs import Job, parse_prompt_line, read_prompt_lines
+from wan_core.generate.outputs import OUTPUT_TYPES, load_latent, output_stem, save_outputs
+from wan_core.loading.checkpoint import ensure_writable_dir, ensure_writable_file
+from wan_core.loading.model_set import ModelSet, ModelSpec, check_model_file
+from wan_core.models.config import TASKS, get_task
+from wan_core.runtime.offload import PINNED_MEMORY_HELP
+from wan_core.sampling import conditioning as cond
+from wan_core.sampling.guidance import CFG_SKIP_MODES, SLG_MODES, SLGConfig, cfg_apply_pattern
+from wan_core.sampling.pipeline import SamplerSettings, decode_latents, denoise, encode_prompts
+from wan_core.sampling.solvers import SAMPLERS
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m wan_core.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("models")
+    g.add_argument("--task", choices=sorted(TASKS), default=None,
+                   help="task (defaults for steps/shift/guidance/size); inferred from the DiT when omitted")
+    g.add_argument("--dit", help="DiT checkpoint (.safetensors/.pth; official, ComfyUI or diffusers layout)")
+    g.add_argument("--vae", help="VAE checkpoint (Wan2.1_VAE.pth or wan_2.1_vae.safetensors)")
+    g.add_argument("--vae_dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    g.add_argument("--vae_cache_cpu", action="store_true", help="keep the VAE causal cache in main memory")
+    g.add_argument("--vae_tiling", action="store_true", help="decode in spatial tiles (default: automatic at 720p)")
+    g.add_argument("--t5", help="umT5 checkpoint (models_t5_umt5-xxl-enc-bf16.pth or umt5_xxl_*.safetensors)")
+    g.add_argument("--tokenizer", help="umT5 tokenizer (folder with spiece.model, or the .model file)")
+    g.add_argument("--ckpt_dir", help="official checkpoint folder (tokenizer in <ckpt_dir>/google/umt5-xxl)")
+    g.add_argument("--fp8_t5", action="store_true", help="run the T5 in fp8")
+    g.add_argument("--clip", help="CLIP vision checkpoint (I2V/FLF2V/Fun-Control with a start image)")
+    g.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    g = p.add_argument_group("prompt and size")
+    g.add_argument("--prompt", help="prompt text (inline --w/--h/--f/--d/--s/--g/--fs/--n/--i/--ei/--cn allowed)")
+    g.add_argument("--negative_prompt", default=None, help="negative prompt (default: the task's)")
+    g.add_argument("--video_size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=None)
+    g.add_argument("--video_length", type=int, default=None, help="frames, 4n+1 (1 for an image)")
+    g.add_argument("--fps", type=int, default=None)
+    g.add_argument("--infer_steps", type=int, default=None)
+    g.add_argument("--flow_shift", type=float, default=None)
+    g.add_argument("--guidance_scale", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None, help="random when omitted")
+    g.add_argument("--cpu_noise", action="store_true", help="draw the initial noise on the CPU (ComfyUI-compatible)")
+    g.add_argument("--sample_solver", choices=sorted(SAMPLERS), default="unipc")
+    g.add_argument("--cfg_skip_mode", choices=CFG_SKIP_MODES, default="none")
+    g.add_argument("--cfg_apply_ratio", type=float, default=None)
+    g.add_argument("--slg_mode", choices=SLG_MODES, default=None)
+    g.add_argument("--slg_layers", default=None, help="comma-separated block indices, e.g. 4,5,6")
+    g.add_argument("--slg_scale", type=float, default=3.0)
+    g.add_argument("--slg_start", type=float, default=0.0)
+    g.add_argument("--slg_end", type=float, default=0.3)
+    g = p.add_argument_group("image and control inputs")
+    g.add_argument("--image_path", help="start image (I2V, Fun-Control)")
+    g.add_argument("--end_image_path", help="end image (FLF2V; experimental for I2V)")
+    g.add_argument("--trim_tail_frames", type=int, default=0)
+    g.add_argument("--control_path", help="control video file or folder of images (Fun-Control)")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora_weight", nargs="*", default=[])
+    g.add_argument("--lora_multiplier", nargs="*", type=float, default=[])
+    g.add_argument("--include_patterns", nargs="*", default=None)
+    g.add_argument("--exclude_patterns", nargs="*", default=None)
+    g.add_argument("--lycoris", action="store_true", help="accepted for compatibility (LoHa/LoKr are auto-detected)")
+    g.add_argument("--save_merged_model", default=None, help="save the DiT with the LoRAs merged, then exit")
+    g = p.add_argument_group("memory and speed")
+    g.add_argument("--attn_mode", default="torch", help="torch/sdpa, xformers, sageattn, flash2/flash, flash3")
+    g.add_argument("--fp8", action="store_true", help="DiT weights in fp8")
+    g.add_argument("--fp8_scaled", action="store_true", help="block-wise scaled fp8 (with --fp8)")
+    g.add_argument("--fp8_fast", action="store_true", help="fp8 matmuls (compute capability >= 8.9)")
+    g.add_argument("--blocks_to_swap", default=None, help="number of DiT blocks to stream from CPU memory, or 'auto'")
+    g.add_argument("--use_pinned_memory_for_block_swap", action="store_true", help=PINNED_MEMORY_HELP)
+    g.add_argument("--compile", action="store_true", help="torch.compile each DiT block")
+    g = p.add_argument_group("output")
+    g.add_argument("--save_path", default="outputs", help="output folder")
+    g.add_argument("--output_type", choices=OUTPUT_TYPES, default="video")
+    g.add_argument("--no_metadata", action="store_true")
+    g.add_argument("--latent_path", nargs="*", default=None, help="decode saved latents instead of generating")
+    g.add_argument("--from_file", help="prompt file: one prompt per line with inline options")
+    g.add_argument("--interactive", action="store_true", help="read prompts from standard input")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resolving settings
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A job with every setting decided."""
+
+    job: Job
+    task: str
+    height: int
+    width: int
+    frames: int
+    settings: SamplerSettings
+    negative_prompt: str
+    fps: int
+    image: torch.Tensor | None = None
+    end_image: torch.Tensor | None = None
+    control: torch.Tensor | None = None
+
+
+def infer_task(spec: ModelSpec, image_given: bool) -> str:
+    """The task for defaults: --task, else the DiT's stored task, else from its architecture."""
+    from wan_core.loading.checkpoint import peek_shapes
+    from wan_core.models.config import CONFIG_METADATA_KEY, config_from_json, detect_config, tasks_matching
+    from wan_core.models.dit import normalize_dit_keys
+
+    if spec.task:
+        return spec.task
+    path = spec.path("dit")
+    meta = sampling_defaults_for(spec)
+    if "task" in meta:
+        return meta["task"]
+    metadata = read_metadata_safe(path)
+    check_model_file(path, "dit", "--dit")
+    cfg = (config_from_json(metadata[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in metadata
+           else detect_config(normalize_dit_keys(peek_shapes(path), path.name)))
+    fits = tasks_matching(cfg)
+    if cfg.in_dim == 48:
+        return "i2v-14B-FC" if image_given else ("t2v-1.3B-FC" if cfg.dim == 1536 else "t2v-14B-FC")
+    if fits:
+        return fits[0]
+    return {"t2v": "t2v-1.3B", "i2v": "i2v-14B", "flf2v": "flf2v-14B"}[cfg.model_type]
+
+
+def read_metadata_safe(path: Path) -> dict[str, str]:
+    from wan_core.loading.checkpoint import read_metadata
+
+    return read_metadata(path) if path.exists() else {}
+
+
+def sampling_defaults_for(spec: ModelSpec) -> dict:
+    from wan_core.loading.model_set import sampling_defaults
+
+    path = spec.path("dit")
+    return sampling_defaults(path) if path.exists() else {}
+
+
+def _first(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def resolve_job(job: Job, args: argparse.Namespace, task: str, defaults: dict) -> Resolved:
+    """Fill every setting: inline option > command line > the model file's defaults > the task preset."""
+    from wan_core.media.io import frames_to_tensor, image_to_tensor, read_image, read_video
+
+    preset = get_task(task)
+    image = image_to_tensor(read_image(job.image_path)) if job.image_path else None
+    end_image = image_to_tensor(read_image(job.end_image_path)) if job.end_image_path else None
+    control = frames_to_tensor(read_video(job.control_path)) if job.control_path else None
+    size = args.video_size or defaults.get("video_size") or (256, 256)
+    height, width = _first(job.height, size[0]), _first(job.width, size[1])
+    if image is not None and not preset.is_fun_control and preset.dit.model_type != "flf2v":
+        height, width = cond.size_for_image(tuple(image.shape[-2:]), height * width)
+    frames = 1 if preset.is_t2i else _first(job.frames, args.video_length, defaults.get("video_length"),
+                                             preset.frame_num)
+    cond.validate_video_size(height, width, frames)
+    slg = None
+    if args.slg_mode and args.slg_layers:
+        slg = SLGConfig(args.slg_mode, args.slg_layers, args.slg_scale, args.slg_start, args.slg_end)
+    settings = SamplerSettings(
+        steps=_first(job.steps, args.infer_steps, defaults.get("infer_steps"), preset.sample_steps),
+        guidance_scale=_first(job.guidance_scale, args.guidance_scale, defaults.get("guidance_scale"),
+                              preset.guide_scale),
+        flow_shift=_first(job.flow_shift, args.flow_shift, defaults.get("flow_shift"),
+                          preset.shift_for(height, width)),
+        seed=job.seed, solver=args.sample_solver, cpu_noise=args.cpu_noise,
+        cfg_skip_mode=args.cfg_skip_mode, cfg_apply_ratio=args.cfg_apply_ratio, slg=slg)
+    cfg_apply_pattern(settings.cfg_skip_mode, settings.steps, settings.cfg_apply_ratio)  # validate now
+    negative = _first(job.negative_prompt, args.negative_prompt, defaults.get("negative_prompt"),
+                      preset.negative_prompt)
+    fps = _first(args.fps, defaults.get("fps"), preset.fps)
+    _check_inputs(task, image, end_image, control)
+    return Resolved(job, task, height, width, frames, settings, negative, fps, image, end_image, control)
+
+
+def _check_inputs(task: str, image, end_image, control) -> None:
+    preset = get_task(task)
+    kind = preset.dit.model_type
+    if preset.is_fun_control:
+        if control is None:
+            raise ValueError(f"task {task} is a Fun-Control model: give a control video with --control_path (--cn)")
+    elif control is not None:
+        raise ValueError(f"--control_path needs a Fun-Control model (t2v-1.3B-FC, t2v-14B-FC, i2v-14B-FC); "
+                         f"task is {task}")
+    if kind == "flf2v" and (image is None or end_image is None):
+        raise ValueError(f"task {task} needs both --image_path (first frame) and --end_image_path (last frame)")
+    if kind == "t2v" and (image is not None or end_image is not None):
+        raise ValueError(f"task {task} is text-to-video: --image_path / --end_image_path need an I2V model")
+    if kind == "i2v" and not preset.is_fun_control and image is None:
+        raise ValueError(f"task {task} is image-to-video: give a start image with --image_path (--i)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def spec_from_args(args: argparse.Namespace) -> ModelSpec:
+    fp8 = "fp8_fast" if args.fp8_fast else "fp8_scaled" if args.fp8_scaled else "fp8" if args.fp8 else None
+    if args.fp8_scaled and not args.fp8:
+        raise ValueError("--fp8_scaled is used together with --fp8")
+    multipliers = list(args.lora_multiplier) + [1.0] * (len(args.lora_weight) - len(args.lora_multiplier))
+    if len(multipliers) > len(args.lora_weight):
+        raise ValueError(f"{len(args.lora_multiplier)} --lora_multiplier values for {len(args.lora_weight)} LoRAs")
+    includes = _per_lora(args.include_patterns, len(args.lora_weight), "--include_patterns")
+    excludes = _per_lora(args.exclude_patterns, len(args.lora_weight), "--exclude_patterns")
+    swap = args.blocks_to_swap
+    if swap is not None and swap != "auto":
+        swap = int(swap)
+    tokenizer = args.tokenizer or (str(Path(args.ckpt_dir) / "google" / "umt5-xxl") if args.ckpt_dir else None)
+    vae_dtype = getattr(torch, args.vae_dtype) if args.vae_dtype else None
+    return ModelSpec(dit=args.dit, vae=args.vae, t5=args.t5, clip=args.clip, tokenizer=tokenizer, task=args.task,
+                     device=args.device, attn=args.attn_mode, vae_dtype=vae_dtype, vae_cache_cpu=args.vae_cache_cpu,
+                     vae_tiling=True if args.vae_tiling else None, fp8=fp8, fp8_t5=args.fp8_t5,
+                     blocks_to_swap=swap, pinned_block_swap=args.use_pinned_memory_for_block_swap,
+                     compile=args.compile,
+                     loras=tuple(zip(args.lora_weight, multipliers, includes, excludes)))
+
+
+def check_files_and_outputs(args: argparse.Namespace, spec: ModelSpec) -> None:
+    """Up-front checks that need no model: each given checkpoint is of the kind its flag expects, the output
+    folder (or merged-model file) can be written, the frame rate is positive."""
+    for kind in ("dit", "vae", "t5", "clip"):
+        if getattr(spec, kind):
+            check_model_file(getattr(spec, kind), kind, f"--{kind}")
+    for path, *_ in spec.loras:
+        check_model_file(path, "lora", "--lora_weight")
+    if args.fps is not None and args.fps <= 0:
+        raise ValueError(f"--fps must be a positive frame rate (e.g. 16), got {args.fps}")
+    if args.save_merged_model:
+        ensure_writable_file(args.save_merged_model, "--save_merged_model")
+    else:
+        ensure_writable_dir(args.save_path, "--save_path")
+
+
+def warn_unused_clip(args: argparse.Namespace, jobs: Sequence[Resolved]) -> None:
+    """--clip is read only for jobs with a start image; say so instead of ignoring the file silently."""
+    if args.clip and not any(r.image is not None for r in jobs):
+        logger.warning("warning: --clip %s is not used: CLIP vision encodes a start image (--image_path / --i), "
+                       "which no prompt of this %s run has", args.clip, jobs[0].task if jobs else "")
+
+
+@dataclass
+class RunStatus:
+    """Where a run is, for the one-line message when it is interrupted."""
+
+    phase: str = "loading models"
+    video: int = 0
+    videos: int = 0
+    step: int = 0
+    steps: int = 0
+    written: int = 0
+    bar: Any = None  # the open progress bar, closed before the message
+
+    def describe(self) -> str:
+        where = (f"at step {self.step} of {self.steps} (video {self.video} of {self.videos})"
+                 if self.phase == "sampling" else f"while {self.phase}")
+        saved = "nothing written" if not self.written else f"{self.written} file(s) written before, listed above"
+        return f"interrupted {where}, {saved}"
+
+
+STATUS = RunStatus()
+
+
+def _per_lora(patterns: list[str] | None, count: int, flag: str) -> list[str | None]:
+    if not patterns:
+        return [None] * count
+    if len(patterns) != count:
+        raise ValueError(f"{flag} takes one regex per LoRA: got {len(patterns)} for {count} LoRA file(s)")
+    return list(patterns)
+
+
+class Progress:
+    """tqdm bar per denoising step, fed by the library's callback."""
+
+    def __init__(self, total: int, desc: str, disable: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, disable=disable, leave=False)
+        STATUS.bar = self.bar
+
+    def __call__(self, info) -> None:
+        STATUS.step = info.i + 1
+        self.bar.update(1)
+        if info.i + 1 == info.total:
+            self.bar.close()
+
+
+def build_conditioning(models: ModelSet, r: Resolved) -> cond.Conditioning:
+    preset = get_task(r.task)
+    kind = preset.dit.model_type
+    if kind == "t2v" and not preset.is_fun_control:
+        return cond.text_to_video(r.height, r.width, r.frames)
+    vae = models.get("vae")
+    needs_clip = r.image is not None
+    clip = models.get("clip") if needs_clip else None
+    if preset.is_fun_control:
+        return cond.fun_control(vae, clip, r.control, r.frames, r.height, r.width, r.image, r.end_image)
+    if kind == "flf2v":
+        return cond.first_last_to_video(vae, clip, r.image, r.end_image, r.frames, r.height, r.width)
+    return cond.image_to_video(vae, clip, r.image, r.frames, r.height, r.width, end_image=r.end_image)
+
+
+def run_jobs(models: ModelSet, jobs: Sequence[Resolved], args: argparse.Namespace, keep_loaded: bool) -> list[Path]:
+    """Text encoding for all jobs, then conditioning, then the DiT for all, then decoding and saving."""
+    STATUS.phase = "encoding prompts"
+    texts = sorted({t for r in jobs for t in (r.job.prompt, r.negative_prompt)})
+    embeds = dict(zip(texts, encode_prompts(models.get("t5"), texts)))
+    if not keep_loaded:
+        models.release("t5")
+    conds = [build_conditioning(models, r) for r in jobs]
+    if not keep_loaded:
+        models.release("clip")
+    latents = []
+    models.size_hint = max(((r.height, r.width, c.frames) for r, c in zip(jobs, conds)),
+                           key=lambda s: s[0] * s[1] * s[2])
+    dit = models.get("dit")
+    for n, (r, c) in enumerate(zip(jobs, conds)):
+        start = time.perf_counter()
+        STATUS.phase, STATUS.video, STATUS.videos, STATUS.step, STATUS.steps = (
+            "sampling", n + 1, len(jobs), 0, r.settings.steps)
+        logger.info("sampling video %d/%d: %d steps", n + 1, len(jobs), r.settings.steps)
+        needs_uncond = r.settings.guidance_scale != 1.0 or r.settings.slg is not None
+        progress = Progress(r.settings.steps, f"video {n + 1}/{len(jobs)}", args.quiet)
+        latents.append(denoise(dit, c, [embeds[r.job.prompt]], [embeds[r.negative_prompt]] if needs_uncond else None,
+                               r.settings, callback=progress))
+        logger.info("denoised %d steps in %.2f s", r.settings.steps, time.perf_counter() - start)
+    if not keep_loaded:
+        models.release("dit")
+    STATUS.phase = "decoding and saving"
+    return [path for r, lat in zip(jobs, latents) for path in save_result(models, r, lat, args)]
+
+
+def save_result(models: ModelSet, r: Resolved, latents: torch.Tensor, args: argparse.Namespace) -> list[Path]:
+    frames = None
+    if args.output_type != "latent":
+        frames = decode_latents(models.get("vae"), latents, args.trim_tail_frames)[0]
+    meta = None if args.no_metadata else {
+        "prompt": r.job.prompt, "negative_prompt": r.negative_prompt, "seeds": r.settings.seed, "height": r.height,
+        "width": r.width, "video_length": r.frames, "infer_steps": r.settings.steps,
+        "guidance_scale": r.settings.guidance_scale, "flow_shift": r.settings.flow_shift, "task": r.task,
+        "sample_solver": r.settings.solver, "fps": r.fps}
+    paths = save_outputs(args.save_path, output_stem(r.settings.seed), args.output_type, frames=frames,
+                         latents=latents, fps=r.fps, metadata=meta)
+    for path in paths:
+        logger.info("saved %s", path)
+        print(path)
+    STATUS.written += len(paths)
+    return paths
+
+
+def save_merged_model(spec: ModelSpec, output: str) -> Path:
+    """--save_merged_model: the DiT with the LoRAs merged (in its checkpoint dtype, official names), then exit."""
+    from wan_core.loading.checkpoint import save_safetensors
+    from wan_core.models.config import CONFIG_METADATA_KEY, config_to_json
+    from wan_core.models.dit import load_dit
+    from wan_core.runtime.prepare import merge_spec_loras
+
+    if not spec.loras:
+        raise ValueError("--save_merged_model needs at least one --lora_weight")
+    model = load_dit(spec.path("dit"), task=spec.task, attn=spec.attn)
+    merge_spec_loras(model, spec)
+    path = save_safetensors(model.state_dict(), output, {CONFIG_METADATA_KEY: config_to_json(model.config)})
+    print(path)
+    return path
+
+
+def decode_saved(models: ModelSet, args: argparse.Namespace) -> list[Path]:
+    """--latent_path: decode saved latents with the VAE and save them as the output type asks."""
+    out = []
+    for path in args.latent_path:
+        latents, meta = load_latent(path)
+        frames = decode_latents(models.get("vae"), latents, args.trim_tail_frames)[0]
+        fps = int(_first(args.fps, meta.get("fps"), 16))
+        kind = "video" if args.output_type in ("latent", "both") else args.output_type
+        stem = Path(path).name.removesuffix(".safetensors").removesuffix("_latent")
+        for p in save_outputs(args.save_path, stem, kind, frames=frames, latents=None, fps=fps, metadata=None):
+            print(p)
+            out.append(p)
+    return out
+
+
+def jobs_from_lines(lines: Sequence[str], args: argparse.Namespace, spec: ModelSpec) -> list[Resolved]:
+    base = Job(prompt="", negative_prompt=args.negative_prompt, seed=args.seed, image_path=args.image_path,
+               end_image_path=args.end_image_path, control_path=args.control_path)
+    parsed = [parse_prompt_line(line, base).with_seed() for line in lines]
+    task = infer_task(spec, any(j.image_path for j in parsed))
+    defaults = sampling_defaults_for(spec)
+    return [resolve_job(job, args, task, defaults) for job in parsed]
+
+
+def interactive(models: ModelSet, args: argparse.Namespace, spec: ModelSpec, stream=sys.stdin) -> int:
+    """Prompts from `stream` until EOF; models stay loaded. Errors in one prompt are reported, not fatal."""
+    count = 0
+    while True:
+        print("prompt> ", end="", file=sys.stderr, flush=True)
+        line = stream.readline()
+        if not line:
+            print(file=sys.stderr)
+            return count
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            run_jobs(models, jobs_from_lines([line], args, spec), args, keep_loaded=True)
+            count += 1
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    global STATUS
+    STATUS = RunStatus()
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        if STATUS.bar is not None:
+            STATUS.bar.close()  # clears its line (leave=False)
+        print(STATUS.describe(), file=sys.stderr)
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        spec = spec_from_args(args)
+        check_files_and_outputs(args, spec)
+        models = ModelSet(spec)
+        if args.save_merged_model:
+            save_merged_model(spec, args.save_merged_model)
+            return 0
+        if args.latent_path:
+            decode_saved(models, args)
+            return 0
+        if args.interactive:
+            interactive(models, args, spec)
+            return 0
+        if args.from_file:
+            lines = read_prompt_lines(args.from_file)
+        elif args.prompt:
+            lines = [args.prompt]
+        else:
+            raise ValueError("give --prompt, --from_file, --interactive or --latent_path")
+        jobs = jobs_from_lines(lines, args, spec)
+        warn_unused_clip(args, jobs)
+        run_jobs(models, jobs, args, keep_loaded=False)
+        return 0
+    except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,207 @@
+"""Which model files to use, and loading them lazily so that a batch run holds only what each phase needs.
+
+With no paths given, the embedded toy model set (wan_core/toy_models/) is used.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wan_core.loading.checkpoint import peek_shapes, read_metadata
+from wan_core.lora.apply import lora_multiplier
+from wan_core.models.config import CONFIG_METADATA_KEY
+from wan_core.runtime.offload import release_block_swap
+
+logger = logging.getLogger(__name__)
+
+TOY_MODEL_DIR = Path(__file__).resolve().parents[1] / "toy_models"
+TOY_FILES = {
+    "dit": "wan21_toy_t2v_dit.safetensors",
+    "dit_i2v": "wan21_toy_i2v_dit.safetensors",
+    "dit_flf2v": "wan21_toy_flf2v_dit.safetensors",
+    "dit_fun_control": "wan21_toy_fun_control_dit.safetensors",
+    "vae": "wan21_toy_vae.safetensors",
+    "t5": "wan21_toy_umt5.safetensors",
+    "clip": "wan21_toy_clip_vision.safetensors",
+    "lora": "wan21_toy_purple_lora.safetensors",
+}
+SAMPLING_METADATA_KEY = "wantuner_sampling"  # JSON of default settings stored in a DiT file (the toy models)
+
+
+def toy_path(kind: str) -> Path:
+    return TOY_MODEL_DIR / TOY_FILES[kind]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Paths and options of a model set (what the CLI flags describe)."""
+
+    dit: str | None = None
+    vae: str | None = None
+    t5: str | None = None
+    clip: str | None = None
+    tokenizer: str | None = None
+    task: str | None = None
+    device: str | None = None
+    attn: str = "sdpa"
+    vae_dtype: torch.dtype | None = None
+    vae_cache_cpu: bool = False
+    vae_tiling: bool | None = None
+    fp8: str | None = None  # None, "fp8", "fp8_scaled", "fp8_fast"
+    fp8_t5: bool = False
+    blocks_to_swap: int | str | None = None
+    pinned_block_swap: bool = False  # page-locked CPU copy of the swapped blocks (faster copies, RAM held)
+    compile: bool = False
+    loras: tuple[tuple[str, float, str | None, str | None], ...] = ()  # (path, multiplier, include, exclude)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for path, multiplier, *_ in self.loras:  # refuse a NaN/inf strength before any model is loaded
+            lora_multiplier(multiplier, path)
+
+    def path(self, kind: str) -> Path:
+        """The file for `kind` ('dit', 'vae', 't5', 'clip'), falling back to the toy set."""
+        given = getattr(self, kind)
+        if given:
+            return Path(given)
+        if kind == "dit" and self.task:
+            return toy_path(toy_dit_key(self.task))
+        return toy_path(kind)
+
+
+def toy_dit_key(task: str) -> str:
+    """The TOY_FILES key of the toy DiT that stands in for `task` (T2V, I2V, FLF2V or Fun-Control)."""
+    from wan_core.models.config import get_task
+
+    dit = get_task(task).dit
+    if dit.in_dim == 48:
+        return "dit_fun_control"
+    return {"i2v": "dit_i2v", "flf2v": "dit_flf2v"}.get(dit.model_type, "dit")
+
+
+def sampling_defaults(dit_path: Path) -> dict[str, Any]:
+    """Recommended settings stored in a DiT file's metadata (steps, shift, guidance, size, frames, fps, ...)."""
+    try:
+        text = read_metadata(dit_path).get(SAMPLING_METADATA_KEY)
+    except (OSError, ValueError):
+        return {}
+    return json.loads(text) if text else {}
+
+
+# What each kind of model file is called in messages, and the key endings (under any prefix) that identify it.
+KIND_NAMES = {"dit": "Wan2.1 DiT (diffusion transformer)", "vae": "Wan VAE", "t5": "umT5 text encoder",
+              "clip": "CLIP vision encoder", "lora": "LoRA"}
+_CONFIG_KINDS = {"DiTConfig": "dit", "VAEConfig": "vae", "T5Config": "t5", "CLIPVisionConfig": "clip"}
+_KEY_ENDINGS = (  # checked in this order: a LoRA's keys name DiT modules, so LoRA markers come first
+    ("lora", (".lora_down.weight", ".lora_A.weight", ".lora_A.default.weight", ".hada_w1_a", ".lokr_w1",
+              ".lokr_w1_a", ".diff_b")),
+    ("dit", ("head.modulation", "condition_embedder.time_proj.weight")),
+    ("vae", ("decoder.middle.0.residual.0.gamma", "decoder.conv_in.weight")),
+    ("clip", ("cls_embedding", "class_embedding")),
+    ("t5", ("blocks.0.attn.q.weight", "encoder.final_layer_norm.weight")),
+)
+
+
+def model_file_kind(path: str | Path) -> str | None:
+    """'dit', 'vae', 't5', 'clip' or 'lora' from a checkpoint's stored config class or its key names (header only
+    for safetensors); None when the file is none of them or cannot be read."""
+    try:
+        config = read_metadata(path).get(CONFIG_METADATA_KEY)
+        if config:
+            return _CONFIG_KINDS.get(json.loads(config).get("class", ""))
+        keys = list(peek_shapes(path))
+    except (OSError, ValueError, RuntimeError):
+        return None
+    for kind, endings in _KEY_ENDINGS:
+        if any(key.endswith(ending) for key in keys for ending in endings):
+            return kind
+    return None
+
+
+def check_model_file(path: str | Path, kind: str, flag: str) -> None:
+    """ValueError when `path` is recognisably another kind of model file than `flag` expects (one line saying
+    both); unknown files are left to the loader's own checks."""
+    found = model_file_kind(path)
+    if found is not None and found != kind:
+        raise ValueError(f"{flag} {path} is a {KIND_NAMES[found]} file; {flag} expects a {KIND_NAMES[kind]} file")
+
+
+class ModelSet:
+    """Loads each model on first use; `release(kind)` frees it (phases of a batch run)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.device = torch.device(spec.device) if spec.device else default_device()
+        self._models: dict[str, Any] = {}
+        self.size_hint: tuple[int, int, int] | None = None  # largest (height, width, frames): sizes auto swap
+
+    def _check(self, kind: str) -> Path:
+        path = self.spec.path(kind)
+        if not path.exists():
+            hint = (" (the embedded toy models are missing: rebuild them with `python -m training.toy.recipe "
+                    "--out wan_core/toy_models --seed 0`)" if path.parent == TOY_MODEL_DIR else "")
+            raise FileNotFoundError(f"{kind} checkpoint not found: {path}{hint}")
+        return path
+
+    def get(self, kind: str) -> Any:
+        if kind not in self._models:
+            path = self._check(kind)
+            logger.info("loading %s from %s", kind, path)
+            self._models[kind] = getattr(self, f"_load_{kind}")(path)
+        return self._models[kind]
+
+    def release(self, kind: str) -> None:
+        """Drop the `kind` model; a block-swapped DiT first detaches its swapper, which unpins its CPU memory."""
+        model = self._models.pop(kind, None)
+        if model is not None:
+            release_block_swap(model)
+            del model
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _load_dit(self, path: Path) -> torch.nn.Module:
+        from wan_core.runtime.prepare import prepare_dit
+
+        return prepare_dit(path, self.spec, self.device, self.size_hint)
+
+    def _load_vae(self, path: Path) -> Any:
+        from wan_core.models.vae import load_vae
+
+        vae = load_vae(path, dtype=self.spec.vae_dtype, device=self.device)
+        return configure_vae(vae, self.spec)
+
+    def _load_t5(self, path: Path) -> Any:
+        from wan_core.models.t5 import load_t5
+
+        t5 = load_t5(path, tokenizer=self.spec.tokenizer, device=self.device)
+        if self.spec.fp8_t5:
+            from wan_core.runtime.fp8 import fp8_t5
+
+            fp8_t5(t5)
+        return t5
+
+    def _load_clip(self, path: Path) -> Any:
+        from wan_core.models.clip import load_clip_vision
+
+        return load_clip_vision(path, device=self.device)
+
+
+def configure_vae(vae: Any, spec: ModelSpec) -> Any:
+    """Apply the VAE memory options (feature cache on the CPU, spatial tiling)."""
+    if spec.vae_cache_cpu:
+        vae.cache_device = torch.device("cpu")
+    if spec.vae_tiling is not None:
+        vae.tiling = spec.vae_tiling
+    return vae

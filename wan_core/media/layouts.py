@@ -1,0 +1,283 @@
+"""Conversions between ComfyUI's data conventions and wan_core's tensors, plus the small checks and helpers the
+node pack needs. No ComfyUI import: these are plain tensor functions (the pack's `nodes/` does no tensor math).
+
+ComfyUI conventions (comfyui.md sections 11 and 14):
+- IMAGE: [N, H, W, 3] float in [0, 1]; a video is its frames stacked on N.
+- LATENT: {"samples": [B, 16, F, h, w]} holding the Wan VAE's *raw* (un-normalised) encoder mean, as ComfyUI's own
+  Wan nodes and VAEEncode produce it; ComfyUI's `latent_formats.Wan21.process_in` applies the per-channel
+  normalisation inside the sampler. wan_core's VAE and sampler work on normalised latents, so latents are converted
+  at the node boundary with `latent_to_comfy` / `latent_from_comfy`.
+wan_core conventions: images [3, H, W] / batches [N, 3, H, W] and videos [B, 3, T, H, W] in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wan_core.models.config import DiTConfig
+from wan_core.models.vae import SPACE_STRIDE, TIME_STRIDE, VAE_MEAN, VAE_STD, pixel_frames
+from wan_core.sampling.conditioning import Conditioning
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# IMAGE <-> wan_core images and videos
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_image(images: object, what: str) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[-1] not in (3, 4):
+        shape = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"{what} must be a ComfyUI IMAGE [N, H, W, 3] with values in [0, 1], got {shape}")
+    if images.shape[0] < 1:
+        raise ValueError(f"{what} holds no image (batch size 0)")
+    return images[..., :3]  # an alpha channel (RGBA loaders) is dropped
+
+
+def image_batch_to_wan(images: torch.Tensor, what: str = "image") -> torch.Tensor:
+    """IMAGE [N, H, W, 3] in [0, 1] -> [N, 3, H, W] float32 in [-1, 1]."""
+    rgb = _check_image(images, what)
+    return rgb.float().permute(0, 3, 1, 2).mul(2.0).sub(1.0).contiguous()
+
+
+def image_to_wan(images: torch.Tensor, what: str = "image", index: int = 0) -> torch.Tensor:
+    """One image of an IMAGE batch (the first by default) -> [3, H, W] float32 in [-1, 1]."""
+    batch = image_batch_to_wan(images, what)
+    if not -batch.shape[0] <= index < batch.shape[0]:
+        raise ValueError(f"{what} has {batch.shape[0]} image(s); image {index} was asked for")
+    return batch[index]
+
+
+def frames_to_wan_video(images: torch.Tensor, what: str = "frames") -> torch.Tensor:
+    """IMAGE frames [T, H, W, 3] -> a video [1, 3, T, H, W] in [-1, 1] (for the VAE encoder)."""
+    return image_batch_to_wan(images, what).permute(1, 0, 2, 3)[None]
+
+
+def video_to_image(frames: torch.Tensor) -> torch.Tensor:
+    """Decoded videos [B, T, H, W, 3] in [0, 1] -> IMAGE [B*T, H, W, 3] (ComfyUI stacks all frames on N)."""
+    if frames.dim() != 5 or frames.shape[-1] != 3:
+        raise ValueError(f"decoded frames must be [B, T, H, W, 3], got {list(frames.shape)}")
+    return frames.reshape(-1, *frames.shape[2:]).float().clamp(0.0, 1.0).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LATENT <-> normalised latents
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _stats(channels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if channels != len(VAE_MEAN):
+        raise ValueError(f"Wan2.1 latents have {len(VAE_MEAN)} channels, got {channels}")
+    mean = torch.tensor(VAE_MEAN, dtype=torch.float32, device=device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(VAE_STD, dtype=torch.float32, device=device).view(1, -1, 1, 1, 1)
+    return mean, std
+
+
+def check_latent(samples: object, what: str = "latent") -> torch.Tensor:
+    if not isinstance(samples, torch.Tensor) or samples.dim() != 5:
+        shape = list(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
+        raise ValueError(f"{what} must be a video LATENT with samples [B, 16, F, h, w] (from a Wan VAE encode or "
+                         f"sampler), got {shape}")
+    return samples
+
+
+def latent_to_comfy(latents: torch.Tensor) -> torch.Tensor:
+    """Normalised latents [B, 16, F, h, w] -> raw VAE latents for a ComfyUI LATENT (z·std + mean), float32 CPU."""
+    mean, std = _stats(check_latent(latents).shape[1], latents.device)
+    return (latents.float() * std + mean).cpu()
+
+
+def latent_from_comfy(samples: torch.Tensor, what: str = "latent") -> torch.Tensor:
+    """A ComfyUI LATENT's raw samples [B, 16, F, h, w] -> normalised latents ((x − mean) / std), float32."""
+    mean, std = _stats(check_latent(samples, what).shape[1], samples.device)
+    return (samples.float() - mean) / std
+
+
+def video_size_of_latent(samples: torch.Tensor) -> tuple[int, int, int]:
+    """(height, width, frames) in pixels of the video a latent [B, 16, F, h, w] decodes to."""
+    _, _, n, h, w = check_latent(samples).shape
+    return h * SPACE_STRIDE, w * SPACE_STRIDE, pixel_frames(n)
+
+
+def latent_frame_count(frames: int) -> int:
+    """Pixel frames (4n+1) -> latent frames (n+1), without validation (validation is elsewhere)."""
+    return (frames - 1) // TIME_STRIDE + 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLIP vision embeddings computed once, then used by the conditioning builders
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def encode_clip_images(clip: object, first: torch.Tensor, last: torch.Tensor | None = None,
+                       crop: str | None = None) -> torch.Tensor:
+    """CLIP features of one image [3, H, W] -> [1, N, C], or of a first/last pair -> [2, N, C].
+
+    The pair is encoded as the official FLF2V code does: the last frame cover-cropped to the first frame's size,
+    both on the batch axis.
+    """
+    from wan_core.sampling.conditioning import cover_crop
+
+    images = first[None] if last is None else torch.stack([first, cover_crop(last, *first.shape[-2:])])
+    return clip.encode(images, crop=crop)  # type: ignore[attr-defined]
+
+
+class PrecomputedCLIP:
+    """A CLIP stand-in for `wan_core.sampling.conditioning` builders that returns features computed earlier.
+
+    The builders call `clip.encode(images)` with one image (I2V, Fun-Control) or a first/last pair (FLF2V); the
+    stored features must have been computed for the same number of images.
+    """
+
+    def __init__(self, features: torch.Tensor) -> None:
+        if not isinstance(features, torch.Tensor) or features.dim() != 3:
+            raise ValueError(f"image embeddings must be [N, tokens, C], got {getattr(features, 'shape', features)}")
+        self.features = features
+
+    def encode(self, images: torch.Tensor, crop: str | None = None) -> torch.Tensor:
+        if images.shape[0] != self.features.shape[0]:
+            raise ValueError(f"the image embeddings hold {self.features.shape[0]} image(s) but this conditioning "
+                             f"needs {images.shape[0]}: for first-last-frame, encode both the start and the end "
+                             f"image in the CLIP vision encode node")
+        return self.features
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model / conditioning agreement
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def describe_dit(config: DiTConfig) -> str:
+    if config.in_dim == config.out_dim:
+        kind = "text-to-video"
+    elif config.model_type == "flf2v":
+        kind = "first-last-frame"
+    elif config.in_dim == config.out_dim + 32:
+        kind = "Fun-Control"
+    else:
+        kind = "image-to-video"
+    return f"a {kind} model ({config.in_dim} input channels)"
+
+
+def check_conditioning_fits(config: DiTConfig, cond: Conditioning, conditioning_kind: str) -> None:
+    """Raise a ValueError naming the node to use when a conditioning does not fit the DiT."""
+    channels = config.out_dim + (0 if cond.y is None else cond.y.shape[1])
+    if channels != config.in_dim:
+        hint = ("connect no conditioning (text-to-video)" if config.in_dim == config.out_dim else
+                "connect an image-to-video, first-last-frame or Fun-Control conditioning node that fits it")
+        raise ValueError(f"the DiT is {describe_dit(config)} but the {conditioning_kind} conditioning gives "
+                         f"{channels} channels; {hint}")
+    tokens = None if cond.clip_fea is None else cond.clip_fea.shape[1]
+    if tokens is not None and not config.has_image_input:
+        raise ValueError(f"the {conditioning_kind} conditioning carries CLIP image embeddings but the DiT is "
+                         f"{describe_dit(config)} without image cross-attention")
+    if tokens is not None and tokens != config.image_tokens:
+        raise ValueError(f"the DiT is {describe_dit(config)} and needs {config.image_tokens} CLIP tokens, got {tokens}"
+                         f" from the {conditioning_kind} conditioning (first-last-frame models take two images)")
+
+
+def check_dit_file_task(path: str | Path, task: str) -> None:
+    """Header-only check that a DiT file fits `task` (raises the loader's ValueError when it does not)."""
+    from wan_core.loading.checkpoint import peek_shapes, read_metadata
+    from wan_core.models.config import CONFIG_METADATA_KEY, check_task, config_from_json
+    from wan_core.models.dit import check_task_family, normalize_dit_keys
+
+    metadata = read_metadata(path)
+    if CONFIG_METADATA_KEY in metadata:
+        config = config_from_json(metadata[CONFIG_METADATA_KEY])
+        if not isinstance(config, DiTConfig):
+            raise ValueError(f"{Path(path).name} holds a {type(config).__name__}, not a DiT")
+        check_task_family(task, config)
+        return
+    check_task(task, normalize_dit_keys(peek_shapes(path), Path(path).name))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Step previews: a linear latent -> RGB map fitted to the VAE decoder
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LatentRGB:
+    """rgb ≈ latent · weight + bias per latent pixel (weight [C, 3], bias [3]; rgb in [0, 1])."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+
+def fit_latent_rgb(vae: object, size: int = 16, seed: int = 0) -> LatentRGB:
+    """Least-squares fit of the decoder's mean colour per 8x8 pixel cell on normalised latents.
+
+    Decodes one latent frame of seeded N(0, 1) noise (size x size latent pixels) and regresses the average colour
+    of each cell on its latent vector. One small decode; cache the result per VAE.
+    """
+    channels = vae.z_dim  # type: ignore[attr-defined]
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(1, channels, 1, size, size, generator=gen)
+    video = vae.decode(z.to(vae.device))  # type: ignore[attr-defined]  # [1, 3, 1, 8s, 8s] in [-1, 1]
+    cells = F.avg_pool2d(video[0, :, 0].float().cpu(), SPACE_STRIDE)  # [3, s, s]
+    targets = ((cells + 1.0) / 2.0).reshape(3, -1).T.double()  # [s*s, 3]
+    inputs = torch.cat([z[0, :, 0].reshape(channels, -1).T, torch.ones(size * size, 1)], dim=1).double()
+    solution = torch.linalg.lstsq(inputs, targets).solution  # [C+1, 3]
+    return LatentRGB(weight=solution[:-1].float(), bias=solution[-1].float())
+
+
+def latent_preview(latents: torch.Tensor, rgb: LatentRGB, max_size: int = 512) -> np.ndarray:
+    """The middle latent frame of [B, C, F, h, w] as a uint8 RGB image [h', w', 3], upscaled by whole factors up
+    to `max_size` on the longer side (nearest neighbour)."""
+    frame = latents[0, :, latents.shape[2] // 2].float().cpu()  # [C, h, w]
+    rgb01 = torch.einsum("chw,ck->hwk", frame, rgb.weight) + rgb.bias
+    factor = max(1, min(SPACE_STRIDE, max_size // max(frame.shape[-2:])))
+    image = rgb01.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
+    image = image.repeat_interleave(factor, dim=0).repeat_interleave(factor, dim=1)
+    return image.numpy()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA chains applied for one sampling run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def lora_report(model: torch.nn.Module, path: str | Path, strength: float, include: str | None,
+                exclude: str | None) -> object:
+    """Apply one LoRA unmerged, read its `LoRAReport` (matched, filtered and unmatched keys) and remove it again:
+    the same matching and shape checks the sampler will run, without leaving the model changed."""
+    from wan_core.lora.apply import apply_loras
+
+    handle = apply_loras(model, [str(path)], [strength], include_patterns=[include], exclude_patterns=[exclude])
+    try:
+        return handle.reports[0]
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def applied_loras(model: torch.nn.Module,
+                  loras: Sequence[tuple[str, float, str | None, str | None]]) -> Iterator[object]:
+    """Apply a LoRA chain [(path, strength, include, exclude), ...] unmerged for the duration of a `with` block,
+    then remove it (also when the run is interrupted)."""
+    if not loras:
+        yield None
+        return
+    from wan_core.lora.apply import apply_loras
+
+    paths, strengths, includes, excludes = (list(column) for column in zip(*loras))
+    handle = apply_loras(model, paths, strengths, include_patterns=includes, exclude_patterns=excludes)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+def check_image_frames(images: object, what: str = "images") -> torch.Tensor:
+    """A ComfyUI IMAGE as frames [T, H, W, 3] float in [0, 1] (alpha dropped), with a clear error otherwise."""
+    return _check_image(images, what).float()

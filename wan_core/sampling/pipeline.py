@@ -1,0 +1,95 @@
+"""The generation glue: text encoding, the guided denoising loop, and decoding. Used by the CLI, the ComfyUI
+nodes and sampling during training. Conditioning layouts live in `conditioning.py`, solvers in `solvers.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from wan_core.sampling.conditioning import Conditioning
+from wan_core.sampling.guidance import SLGConfig, cfg_apply_pattern, guided_velocity
+from wan_core.sampling.solvers import Schedule, StepCallback, get_schedule, initial_noise, sample
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    steps: int
+    guidance_scale: float
+    flow_shift: float
+    seed: int
+    solver: str = "unipc"
+    cpu_noise: bool = False
+    cfg_skip_mode: str | None = None
+    cfg_apply_ratio: float | None = None
+    slg: SLGConfig | None = None
+    denoise: float = 1.0  # < 1 starts from `init_latents` part-way down the schedule
+
+
+def start_index(steps: int, denoise: float) -> int:
+    """First schedule step when continuing from input latents at `denoise` strength (1.0 = from pure noise)."""
+    if not 0.0 < denoise <= 1.0:
+        raise ValueError(f"denoise strength must be in (0, 1], got {denoise}")
+    return steps - max(1, round(steps * denoise))
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def denoise(dit: torch.nn.Module, cond: Conditioning, context: Sequence[torch.Tensor],
+            negative_context: Sequence[torch.Tensor] | None, settings: SamplerSettings, *,
+            init_latents: torch.Tensor | None = None, callback: StepCallback | None = None) -> torch.Tensor:
+    """Run the guided sampler and return the latents [1, 16, F_lat, h, w] (float32)."""
+    device = _model_device(dit)
+    schedule = get_schedule(settings.solver, settings.steps, settings.flow_shift)
+    first = start_index(settings.steps, settings.denoise)
+    schedule = Schedule(schedule.sigmas[first:], schedule.timesteps[first:])
+    shape = cond.latent_shape(dit.config.out_dim)
+    x = initial_noise(shape, settings.seed, device=device, cpu_noise=settings.cpu_noise)
+    if first > 0:
+        if init_latents is None or tuple(init_latents.shape) != shape:
+            got = None if init_latents is None else list(init_latents.shape)
+            raise ValueError(f"denoise < 1 needs input latents of shape {list(shape)}, got {got}")
+        sigma = float(schedule.sigmas[0])
+        x = (1.0 - sigma) * init_latents.to(device, torch.float32) + sigma * x
+    y = None if cond.y is None else cond.y.to(device)
+    clip_fea = None if cond.clip_fea is None else cond.clip_fea.to(device)
+    contexts = {"cond": [c.to(device) for c in context],
+                "uncond": None if negative_context is None else [c.to(device) for c in negative_context]}
+
+    def predict(x: torch.Tensor, t: torch.Tensor, branch: str, skip: tuple[int, ...]) -> torch.Tensor:
+        if contexts[branch] is None:
+            raise ValueError("guidance needs a negative prompt embedding (negative_context)")
+        return dit(x, t.reshape(-1).expand(x.shape[0]), contexts[branch], clip_fea=clip_fea, y=y,
+                   skip_blocks=skip or None)
+
+    steps = schedule.steps
+    pattern = cfg_apply_pattern(settings.cfg_skip_mode, steps, settings.cfg_apply_ratio)
+    velocity = guided_velocity(predict, steps=steps, guidance_scale=settings.guidance_scale, cfg_pattern=pattern,
+                               slg=settings.slg)
+    with torch.no_grad():
+        return sample(settings.solver, velocity, x, schedule, callback=callback)
+
+
+def encode_prompts(t5: object, prompts: Sequence[str]) -> list[torch.Tensor]:
+    """T5 outputs trimmed to each prompt's length, kept on the CPU (the DiT moves them)."""
+    with torch.no_grad():
+        return [e.cpu() for e in t5.encode(list(prompts))]
+
+
+def decode_latents(vae: object, latents: torch.Tensor, trim_tail_frames: int = 0) -> torch.Tensor:
+    """Latents [B, 16, F, h, w] -> frames [B, T, H, W, 3] float in [0, 1] (ComfyUI IMAGE layout per batch item)."""
+    with torch.no_grad():
+        video = vae.decode(latents)  # [B, 3, T, H, W] in [-1, 1]
+    frames = ((video.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).cpu()
+    if trim_tail_frames:
+        if trim_tail_frames >= frames.shape[1]:
+            raise ValueError(f"trim_tail_frames {trim_tail_frames} would remove all {frames.shape[1]} frames")
+        frames = frames[:, : frames.shape[1] - trim_tail_frames]
+    return frames
