@@ -7,7 +7,8 @@ and 14B at 720x1280x81 with fp8 + block swap under a 24 GB budget.
 Weights are random with the real shapes (bench/random_dit.py). A step is one denoising step with CFG: two forwards
 (positive and negative prompt, batch 1 each), as the sampler runs them. Columns: seconds per step (mean of
 --steps after --warmup steps; compile time shows up in the warm-up column), peak memory allocated / reserved by
-PyTorch over the timed steps (weights included), our estimate of that peak (wan_core.runtime.offload), the projected DiT
+PyTorch over the timed steps (weights included), our estimate of that peak (wan_core.runtime.offload), the projected
+DiT
 time of 50 steps and the achieved TFLOP/s (FLOPs of inference.md 16.3) against 798 TF/s.
 
 Cases (1.3B): bf16 sdpa, + compile, sageattn (+ compile) when installed, fp8, fp8_scaled, fp8_fast (compute

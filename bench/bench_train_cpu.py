@@ -12,7 +12,8 @@ One step = `training.step.training_step` (flow matching, `uniform` timesteps) on
 Each case runs in its own process so its numbers are its own:
 - `step s`: mean wall time of `--steps` steps after one warm-up step;
 - `peak live MB`: the largest total size of tensors created during one step and alive at the same time (forward
-  activations kept for backward, gradients, temporaries), counted with `wan_core.runtime.offload.LiveTensorBytes`; weights
+  activations kept for backward, gradients, temporaries), counted with `wan_core.runtime.offload.LiveTensorBytes`;
+  weights
   and inputs that existed before the step are not included;
 - `peak RSS MB`: the process's maximum resident set size (weights, Python, allocator caches included).
 """

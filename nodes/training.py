@@ -1,7 +1,8 @@
 """Trainer nodes: cache a dataset (VAE latents + umT5 outputs) and train a LoRA inside the ComfyUI process.
 
 - `WanTunerCacheDataset` takes a musubi dataset TOML, or a folder of images/videos with same-named caption files
-  (it then writes the TOML into `<folder>/wantuner_cache/`), brings the content-keyed caches of `training.cache.store` up
+  (it then writes the TOML into `<folder>/wantuner_cache/`), brings the content-keyed caches of
+  `training.cache.store` up
   to date with the loaded VAE (+ CLIP vision for I2V) and umT5, and outputs a dataset handle and a summary.
 - `WanTunerTrainLoRA` runs `training.train.train` in-process on that dataset and the DiT loader's file: ComfyUI's
   progress bar, Cancel between steps (files saved so far stay valid: every write is atomic), the loss streamed to

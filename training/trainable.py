@@ -3,7 +3,8 @@
 - `inspect_dit`: architecture, stored dtype and metadata from the file header (no weights read).
 - `load_training_dit`: `wan_core.load_dit` with the task check, the weight dtype for the chosen mixed precision
   (musubi's rule: bf16 weights need bf16 or no mixed precision, fp16 weights fp16 or no), `--fp8_base` /
-  `--fp8_scaled` through `wan_core.runtime.fp8`, gradient checkpointing, and `--blocks_to_swap` through `wan_core.runtime.offload`.
+  `--fp8_scaled` through `wan_core.runtime.fp8`, gradient checkpointing, and `--blocks_to_swap` through
+  `wan_core.runtime.offload`.
   Full training keeps fp32 master weights and computes under autocast.
 - `Trainable`: the parameters, optimizer groups (LoRA+ aware), the state dict written into training states, and
   the saved file: a LoRA in musubi or ComfyUI keys through `LoRANetwork.save`, or, for `--network_module full`,
@@ -84,7 +85,8 @@ def weight_dtype(mixed_precision: str | None, stored: torch.dtype, full: bool) -
 
 
 def _block_swap(model: WanModel, blocks: int, device: torch.device, pinned: bool) -> None:
-    """`wan_core.runtime.offload`: the last `blocks` blocks' frozen weights stream from CPU memory (LoRA stays on device)."""
+    """`wan_core.runtime.offload`: the last `blocks` blocks' frozen weights stream from CPU memory (LoRA stays on
+    device)."""
     from wan_core.runtime.offload import enable_block_swap, parse_blocks_to_swap, pin_mode
 
     count = parse_blocks_to_swap(blocks, len(model.blocks))

@@ -52,7 +52,8 @@ The reader (`CachedDataset`) rebuilds the items from the dataset config, checks 
 and that its media and preprocessing parts (and, when given, the encoders) match the current files, that all entries
 come from one encoder setting, have tensor checksums and carry what the task needs, verifies every file it reads
 against its checksums and for NaN/inf (CacheError naming the file), and yields musubi-style batches of items with
-identical (W, H, frames). `open_training_source` wraps it as the training loop's `BatchSource` (training.dataset.batches).
+identical (W, H, frames). `open_training_source` wraps it as the training loop's `BatchSource`
+(training.dataset.batches).
 """
 
 from __future__ import annotations
@@ -955,7 +956,8 @@ class EpochBatches(torch.utils.data.Dataset):
 
 
 class CacheSource:
-    """The training loop's `BatchSource` (training.dataset.batches) over a checked `CachedDataset`: one `TrainItem` per latent
+    """The training loop's `BatchSource` (training.dataset.batches) over a checked `CachedDataset`: one `TrainItem`
+    per latent
     entry (key = the cache file's stem, bucket = (W, H, frames), dataset = its index); `load` returns every extra
     (latents_image, clip, latents_control) that all items of the batch have; `empty_t5` is None when not cached.
     Caption dropout and batch planning are the training loop's."""

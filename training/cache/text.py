@@ -122,7 +122,8 @@ def cache_text(dataset: str | os.PathLike[str] | DatasetGroupConfig, t5: Any, *,
     """Bring a dataset's T5 caches up to date; returns what was encoded, reused and removed.
 
     t5: a checkpoint path (loaded on `device` only when something must be encoded) or a loaded
-    `wan_core.models.t5.T5Encoder`, used as it is (its device, dtype and tokenizer; `tokenizer` and `fp8_t5` are ignored).
+    `wan_core.models.t5.T5Encoder`, used as it is (its device, dtype and tokenizer; `tokenizer` and `fp8_t5` are
+    ignored).
     Raises ValueError when no media file has a caption or two entries collide, FileNotFoundError for missing files.
     """
     if batch_size is not None and batch_size < 1:

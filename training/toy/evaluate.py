@@ -1,4 +1,5 @@
-"""Behaviour evaluation of a toy model set: generate prompt x seed pairs through `wan_core.sampling.pipeline` and score the
+"""Behaviour evaluation of a toy model set: generate prompt x seed pairs through `wan_core.sampling.pipeline` and
+score the
 decoded clips with the toy-world scorer (`wan_core.toy.score`).
 
 `python -m training.toy.evaluate [--models wan_core/toy_models] [--lora FILE] [--steps N --guidance G --shift S]`

@@ -3,7 +3,8 @@
 `python -m training.toy.variants --out DIR --work DIR --t2v T2V.safetensors --vae VAE --t5 UMT5 [--seed 0]`
 
 Stages (each timed; figures to `<work>/variants_report.json`):
-    1. clip      a small `wan_core.models.clip.CLIPVision` (224 px, patch 14 -> 257 tokens, width 64), seeded random frozen
+    1. clip      a small `wan_core.models.clip.CLIPVision` (224 px, patch 14 -> 257 tokens, width 64), seeded random
+                 frozen
                  weights, its config in the safetensors metadata (`load_clip_vision(path)` needs no arguments)
     2. init      each variant DiT from the T2V DiT: every shared weight copied, the extra patch-embedding input
                  channels and every block's `cross_attn.v_img` zero (so the variant starts as exactly the T2V

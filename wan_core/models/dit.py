@@ -432,7 +432,8 @@ def load_dit(path: str | Path, task: str | None = None, dtype: torch.dtype | Non
     The architecture comes from `config` if given, else from the file's `wantuner_config` metadata, else from the
     tensor shapes. An explicit `task` must agree with the weights (a ValueError names the key and both shapes).
     `dtype` is the compute dtype; it defaults to the checkpoint's dtype (bf16 for fp8 files).
-    `fp8` (a `wan_core.runtime.fp8.FP8_MODES` name) stores the block Linear weights in fp8; pre-quantised files keep their
+    `fp8` (a `wan_core.runtime.fp8.FP8_MODES` name) stores the block Linear weights in fp8; pre-quantised files keep
+    their
     stored fp8 weights and scales. Without `fp8`, fp8 files are dequantised to `dtype`. To merge LoRAs, load
     without `fp8`, merge, then call `wan_core.runtime.fp8.apply_fp8`.
     """

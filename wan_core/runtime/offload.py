@@ -19,7 +19,8 @@ Three layers, each testable on its own:
 
 Usage: `swapper = enable_block_swap(model, 20, "cuda")` instead of `model.to("cuda")`; `swapper.remove()` undoes
 it and unpins the arena. Do not call `model.to()` while a swapper is attached. `torch.compile` of the blocks
-(`wan_core.runtime.compile`) compiles the block computation only; the hooks and movements stay outside the compiled code.
+(`wan_core.runtime.compile`) compiles the block computation only; the hooks and movements stay outside the compiled
+code.
 """
 
 from __future__ import annotations
