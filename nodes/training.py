@@ -389,7 +389,7 @@ class Trained:
 
 def _trainable_model(dit: DiTHandle) -> Any:
     """The loaded DiT on the compute device, its inference-mode tensors (ComfyUI loads under inference mode) made
-    normal ones first; a block swap is detached for that and placed again."""
+    normal ones over the same memory first; a block swap is detached for that and placed again."""
     from training.trainable import normal_tensors
 
     if any(t.is_inference() for t in [*dit.model.obj.parameters(), *dit.model.obj.buffers()]):

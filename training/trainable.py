@@ -136,32 +136,38 @@ def _check_borrowable(model: WanModel, cfg: TrainConfig, device: torch.device) -
     weight_dtype(cfg.memory.mixed_precision, model.dtype, False)  # a bf16 model with fp16 training etc.
 
 
+def _normal_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A normal tensor over the storage of `tensor` (an inference tensor): same memory, nothing copied."""
+    view = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    with torch.no_grad():
+        return view.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.shape, tensor.stride())
+
+
 def normal_tensors(model: nn.Module) -> int:
     """Replace the inference-mode parameters and buffers (made under torch.inference_mode, as ComfyUI loads models)
-    by normal tensors of the same values, one at a time: autograd can neither save inference tensors for the
-    backward pass nor track their versions. Tied tensors stay tied. The Parameter objects change, so a block
-    swapper holding them must be detached first. Returns how many were replaced."""
+    by normal tensors over the same memory (no copy): autograd can neither save inference tensors for the backward
+    pass nor track their versions. Tied tensors stay tied. The Parameter objects change, so a block swapper holding
+    them must be detached first. Returns how many were replaced."""
     new: dict[int, torch.Tensor] = {}
-    with torch.no_grad():
-        for module in model.modules():
-            for table, make in ((module._parameters, lambda t: nn.Parameter(t.clone(), t.requires_grad)),
-                                (module._buffers, lambda t: t.clone())):
-                for name, tensor in table.items():
-                    if tensor is not None and tensor.is_inference():
-                        table[name] = new.setdefault(id(tensor), make(tensor))
+    for module in model.modules():
+        for table, make in ((module._parameters, lambda t: nn.Parameter(_normal_view(t), t.requires_grad)),
+                            (module._buffers, _normal_view)):
+            for name, tensor in table.items():
+                if tensor is not None and tensor.is_inference():
+                    table[name] = new.setdefault(id(tensor), make(tensor))
     return len(new)
 
 
 @contextlib.contextmanager
 def borrowed_dit(model: WanModel, cfg: TrainConfig, device: torch.device) -> Iterator[WanModel]:
     """Lend `model` to a LoRA training run: for the run its attention backend and gradient checkpointing are the
-    config's and its inference-mode tensors become normal tensors (same values, `normal_tensors`); afterwards
+    config's and its inference-mode tensors become normal tensors (same memory, `normal_tensors`); afterwards
     requires_grad, the train/eval modes, the attention backends and gradient checkpointing are restored and the
     RoPE cache emptied (the caller removes its LoRA)."""
     _check_borrowable(model, cfg, device)
     replaced = normal_tensors(model)
     if replaced:
-        logger.info("%d inference-mode tensors of the given DiT made trainable (values unchanged)", replaced)
+        logger.info("%d inference-mode tensors of the given DiT made usable by autograd (no copy)", replaced)
     grads = [(p, p.requires_grad) for p in model.parameters()]
     modes = [(m, m.training) for m in model.modules()]
     backends = [(m, m.attn_backend) for m in model.modules() if hasattr(m, "attn_backend")]
