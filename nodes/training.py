@@ -10,9 +10,10 @@
   output is the new file's name, typed as ComfyUI's list of LoRA files so that it links straight into the LoRA
   loader's `lora_name`; the second is a loss-curve IMAGE.
 
-The trainer loads its own training copy of the DiT from the loader's file (training dtype, gradient checkpointing,
-fp8/block swap for training), so the DiT shared with the sampler nodes is never changed; ComfyUI's models are moved
-off the GPU before training and the training copy is freed afterwards, also when the run is cancelled or fails.
+The node builds a `training.train_config.TrainConfig` and trains the LoRA on the DiT the loader loaded (its dtype,
+fp8 and block swap; no second copy of the weights): ComfyUI's models are moved off the GPU, the DiT is put on it,
+and the trainer hands it back as it was (same weights, LoRA removed, requires_grad, modes and attention restored),
+also when the run is cancelled or fails.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from training.args import SAVE_FORMATS
+from training.args import ATTENTION_FLAGS, SAVE_FORMATS
 from training.dataset.schema import FRAME_EXTRACTION_MODES
 from training.timesteps import SCHEMES
 from wan_core.loading.checkpoint import write_text_atomic
@@ -40,6 +41,7 @@ from .types import CLIP_VISION, DIT, T5, VAE, DiTHandle, ModelHandle
 
 if TYPE_CHECKING:
     from training.dataset.schema import DatasetGroupConfig
+    from training.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +50,9 @@ CACHE_FOLDER = "wantuner_cache"  # inside a dataset folder: the written TOML and
 TOML_NAME = "dataset.toml"
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor", "Prodigy")
 MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
-ATTENTION = ("sdpa", "flash_attn", "xformers", "flash3")  # training.args flags (SageAttention has no backward)
+# the node's attention choices (training.args flag names) -> wan_core.models.attention backends; SageAttention has no
+# backward
+ATTENTION = {flag: ATTENTION_FLAGS[flag] for flag in ("sdpa", "flash_attn", "xformers", "flash3")}
 NAME_PATTERN = re.compile(r"^[^<>:\"|?*\x00-\x1f]+$")
 
 
@@ -303,47 +307,61 @@ def lora_target(output_name: str) -> tuple[Path, str]:
     return Path(*parts[:-1]) if len(parts) > 1 else Path(), parts[-1]
 
 
-def _mixed_precision(choice: str, dit_path: Path) -> str:
-    """'auto': bf16 on a GPU (fp16 for fp16 files, which training keeps in their dtype), none on the CPU."""
+def _mixed_precision(choice: str, model: Any) -> str:
+    """'auto': bf16 on a GPU (fp16 for an fp16 DiT, which training keeps in its dtype), none on the CPU."""
     if choice != "auto":
         return choice
     if comfy.compute_device().type == "cpu":
         return "no"
     import torch
 
-    from training.trainable import inspect_dit
-
-    return "fp16" if inspect_dit(dit_path).dtype == torch.float16 else "bf16"
+    return "fp16" if model.dtype == torch.float16 else "bf16"
 
 
-def train_argv(settings: TrainSettings, dit_path: Path, task: str | None, dataset_config: Path, output_dir: Path,
-               stem: str) -> list[str]:
-    """`python -m training train` flags for the node's settings."""
+def _memory_problem(settings: TrainSettings, dit: DiTHandle) -> str | None:
+    """The trainer trains the loaded DiT as it is: fp8 and block swap are the DiT loader's settings."""
+    from wan_core.models.dit import FP8_DTYPES
+
+    model = dit.model.obj
+    if settings.fp8_base and not any(p.dtype in FP8_DTYPES for p in model.parameters()):
+        return ("fp8_base is on but the DiT loader loaded the DiT without fp8; the trainer trains the loaded DiT: "
+                "choose fp8 on the DiT Loader")
+    if settings.blocks_to_swap and dit.model.placer is None:
+        return (f"blocks_to_swap is {settings.blocks_to_swap} but the DiT loader loaded the DiT without block swap; "
+                "the trainer trains the loaded DiT: set blocks_to_swap on the DiT Loader")
+    return None
+
+
+def train_config(settings: TrainSettings, dit: DiTHandle, dit_path: Path, dataset_config: Path, output_dir: Path,
+                 stem: str) -> TrainConfig:
+    """The TrainConfig of the node's settings, for a LoRA on the loaded DiT (`dit_path` gives the metadata)."""
+    from training.optim import OptimizerConfig
+    from training.timesteps import TimestepConfig
+    from training.train_config import (
+        DataConfig,
+        MemoryConfig,
+        ModelConfig,
+        SaveConfig,
+        ScheduleConfig,
+        TrainConfig,
+    )
+    from training.trainable import NetworkConfig
+
     s = settings
-    argv = ["--dit", str(dit_path), "--dataset_config", str(dataset_config), "--output_dir", str(output_dir),
-            "--output_name", stem, "--network_module", "networks.lora_wan", "--network_dim", str(s.rank),
-            "--network_alpha", repr(float(s.alpha)), "--learning_rate", repr(float(s.learning_rate)),
-            "--optimizer_type", s.optimizer, "--timestep_sampling", s.timestep_sampling,
-            "--discrete_flow_shift", repr(float(s.discrete_flow_shift)), "--seed", str(s.seed),
-            "--save_format", s.save_format, "--mixed_precision", _mixed_precision(s.mixed_precision, dit_path),
-            "--max_data_loader_n_workers", "0", f"--{s.attention}"]
-    argv += ["--max_train_epochs", str(s.epochs)] if s.epochs > 0 else ["--max_train_steps", str(s.steps)]
-    argv += ["--task", task] if task else []
-    argv += ["--gradient_checkpointing"] if s.gradient_checkpointing else []
-    argv += ["--save_every_n_steps", str(s.save_every_n_steps)] if s.save_every_n_steps > 0 else []
-    argv += ["--fp8_base"] if s.fp8_base else []
-    argv += ["--blocks_to_swap", str(s.blocks_to_swap)] if s.blocks_to_swap > 0 else []
-    return argv
-
-
-def parse_argv(argv: list[str]) -> Any:
-    """training.args.parse_train_args, with argparse's exit turned into a ValueError naming the flags."""
-    from training.args import parse_train_args
-
-    try:
-        return parse_train_args(argv)
-    except SystemExit:
-        raise ValueError(f"the trainer rejected the settings: {' '.join(argv)}") from None
+    problem_text = _memory_problem(s, dit)
+    if problem_text:
+        raise ValueError(problem_text)
+    return TrainConfig(
+        model=ModelConfig(dit=str(dit_path), task=dit.task, attention=ATTENTION[s.attention]),
+        data=DataConfig(dataset_config=str(dataset_config), max_data_loader_n_workers=0),
+        network=NetworkConfig(rank=s.rank, alpha=float(s.alpha)),
+        optimizer=OptimizerConfig(optimizer_type=s.optimizer, learning_rate=float(s.learning_rate)),
+        timesteps=TimestepConfig(s.timestep_sampling, discrete_flow_shift=float(s.discrete_flow_shift)),
+        schedule=ScheduleConfig(max_train_steps=s.steps, max_train_epochs=s.epochs or None, seed=s.seed),
+        memory=MemoryConfig(mixed_precision=_mixed_precision(s.mixed_precision, dit.model.obj),
+                            gradient_checkpointing=s.gradient_checkpointing),
+        save=SaveConfig(output_dir=str(output_dir), output_name=stem, save_format=s.save_format,
+                        save_every_n_steps=s.save_every_n_steps or None))
 
 
 def check_fits(dit: DiTHandle, dataset: DatasetHandle) -> None:
@@ -371,10 +389,22 @@ class Trained:
     seconds: float
 
 
-def run_training(args: Any, node_id: str | None, total: int) -> Trained:
-    """train(args) with progress, Cancel and the live loss stream. ComfyUI runs nodes under torch.inference_mode(),
-    so autograd is switched back on for the run. The training copy of the DiT is unreachable when this returns or
-    raises (the frames of an aborted run are cleared), and the allocator cache is emptied."""
+def _trainable_model(dit: DiTHandle) -> Any:
+    """The loaded DiT on the compute device, its inference-mode tensors (ComfyUI loads under inference mode) made
+    normal ones over the same memory first; a block swap is detached for that and placed again."""
+    from training.trainable import normal_tensors
+
+    if any(t.is_inference() for t in [*dit.model.obj.parameters(), *dit.model.obj.buffers()]):
+        dit.model.unplace()
+        normal_tensors(dit.model.obj)
+    return dit.model.ready()
+
+
+def run_training(config: TrainConfig, dit: DiTHandle, node_id: str | None, total: int) -> Trained:
+    """train(config) on the loaded DiT with progress, Cancel and the live loss stream. ComfyUI's models leave the GPU
+    first, then the DiT is put on it (as for sampling) and trained in place; the trainer hands it back unchanged,
+    also when the run is cancelled or fails. ComfyUI runs nodes under torch.inference_mode(), so autograd is
+    switched back on for the run. The frames of an aborted run are cleared and the allocator cache is emptied."""
     import torch
 
     from training.train import train
@@ -390,8 +420,9 @@ def run_training(args: Any, node_id: str | None, total: int) -> Trained:
     stream.start(total)
     started = time.monotonic()
     try:
+        model = _trainable_model(dit)
         with torch.inference_mode(False), torch.enable_grad():
-            result = train(args, on_step=on_step)
+            result = train(config, on_step=on_step, model=model)
     except BaseException as error:
         stream.close("error" if isinstance(error, Exception) else "interrupted")
         traceback.clear_frames(error.__traceback__)
@@ -517,8 +548,8 @@ class WanTunerTrainLoRA(metaclass=_LiveLoRAOutput):
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "dit": inp(DIT, "DiT from the DiT loader: its file is trained (a training copy is loaded; the "
-                           "loaded DiT stays as it is for sampling)."),
+                "dit": inp(DIT, "DiT from the DiT loader: a LoRA is trained on this loaded DiT (no second copy; "
+                           "its dtype, fp8 and block swap are the loader's) and the DiT is left as it was."),
                 "dataset": inp(DATASET, "Cached dataset from Cache Dataset."),
                 "output_name": inp("STRING", "LoRA file name inside models/loras (subfolders allowed); an existing "
                                    "file of that name is replaced.", default="wantuner/my_lora"),
@@ -553,10 +584,11 @@ class WanTunerTrainLoRA(metaclass=_LiveLoRAOutput):
             "optional": {
                 "mixed_precision": inp(list(MIXED_PRECISION), "Training precision; 'auto' is bf16 on a GPU (fp16 for "
                                        "fp16 files) and full precision on the CPU.", default="auto"),
-                "fp8_base": inp("BOOLEAN", "Keep the frozen DiT weights in fp8 (about half the memory).",
-                                default=False),
-                "blocks_to_swap": inp("INT", "DiT blocks kept in CPU memory and streamed to the GPU (0 = off); for "
-                                      "14B models on 24 GB cards.", default=0, min=0, max=39),
+                "fp8_base": inp("BOOLEAN", "Train on fp8 DiT weights (about half the memory): the DiT Loader's "
+                                "fp8 setting does it; on here requires it.", default=False),
+                "blocks_to_swap": inp("INT", "DiT blocks kept in CPU memory and streamed to the GPU, for 14B "
+                                      "models on 24 GB cards: the DiT Loader's blocks_to_swap does it; non-zero "
+                                      "here requires it.", default=0, min=0, max=39),
                 "attention": inp(list(ATTENTION), "Attention kernel (sdpa always works; the others need their "
                                  "package).", default="sdpa"),
             },
@@ -580,8 +612,8 @@ class WanTunerTrainLoRA(metaclass=_LiveLoRAOutput):
         root = comfy.model_folder("loras")
         comfy.confine(root / folder, [root], f"output_name {output_name!r}:")
         dit_path = comfy.model_path("diffusion_models", dit.name)
-        args = parse_argv(train_argv(settings, dit_path, dit.task, dataset.config, root / folder, stem))
-        trained = run_training(args, unique_id, steps if epochs == 0 else 0)
+        config = train_config(settings, dit, dit_path, dataset.config, root / folder, stem)
+        trained = run_training(config, dit, unique_id, steps if epochs == 0 else 0)
         name = trained.path.relative_to(root).as_posix()
         summary = _training_summary(name, trained)
         from .loss_chart import chart_image

@@ -247,6 +247,73 @@ def test_loss_image_ui_and_websocket_messages(workflow) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Training the loaded DiT itself
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _weights_hash(model: torch.nn.Module) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of every tensor of the state dict."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _model_state(model: torch.nn.Module) -> tuple:
+    """Everything besides the weights that training could leave changed: module types (LoRA/fp8 wrappers),
+    requires_grad, train/eval modes, attention backends, gradient checkpointing, forward overrides."""
+    return ([(n, type(m).__name__, m.training, getattr(m, "attn_backend", None), "forward" in m.__dict__)
+             for n, m in model.named_modules()],
+            [(n, p.requires_grad) for n, p in model.named_parameters()], model.gradient_checkpointing)
+
+
+def test_train_node_trains_the_loaded_dit_itself_and_leaves_it_unchanged(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DiT loaded (under inference mode, as ComfyUI runs nodes) by the loader is the model the LoRA is trained
+    on: no second WanModel exists during training, the LoRA file is written, and afterwards the loaded DiT has the
+    same weights hash, no LoRA, and its requires_grad flags, modes and attention backends as before."""
+    import training.train as train_module
+
+    tms.write_model_set(tmp_path / "models")
+    _write_dataset(tmp_path / "input")
+    for env, name in ((adapter.MODELS_DIR_ENV, "models"), (adapter.OUTPUT_DIR_ENV, "output"),
+                      (adapter.INPUT_DIR_ENV, "input")):
+        monkeypatch.setenv(env, str(tmp_path / name))
+    adapter.clear_cache()
+    graph = _test_graph(output_name="wantuner/shared", steps=2, save_every_n_steps=0)
+    with torch.inference_mode():
+        shared = N["WanTunerDiTLoader"]().load(**graph["1"]["inputs"])[0]
+        vae = N["WanTunerVAELoader"]().load(**graph["3"]["inputs"])[0]
+        t5 = N["WanTunerT5Loader"]().load(**graph["2"]["inputs"])[0]
+        cache = {k: v for k, v in graph["5"]["inputs"].items() if not isinstance(v, list)}
+        dataset = N["WanTunerCacheDataset"]().cache(vae=vae, t5=t5, unique_id="5", **cache)["result"][0]
+    model = shared.model.obj
+    model.eval()  # as sampling leaves it
+    hash_before, state_before, models_before = _weights_hash(model), _model_state(model), _live_wan_models()
+    trained_on: list[tuple[object, int]] = []
+    apply_lora = train_module.apply_lora
+
+    def spy(run, dit):  # the model the trainer attaches its LoRA to, and how many DiTs are alive then
+        trained_on.append((dit, _live_wan_models()))
+        return apply_lora(run, dit)
+
+    monkeypatch.setattr(train_module, "apply_lora", spy)
+    train = {k: v for k, v in graph["6"]["inputs"].items() if not isinstance(v, list)}
+    with torch.inference_mode():
+        name, _, summary = N["WanTunerTrainLoRA"]().train(dit=shared, dataset=dataset, unique_id="6",
+                                                          **train)["result"]
+    assert [(dit is model, count) for dit, count in trained_on] == [(True, models_before)]
+    assert name == "wantuner/shared.safetensors" and (tmp_path / "models" / "loras" / name).is_file()
+    assert "2 steps in" in summary
+    assert _weights_hash(model) == hash_before
+    assert _model_state(model) == state_before
+    adapter.clear_cache()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Cancel, inside the ComfyUI stand-in
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -485,6 +552,8 @@ def test_dataset_state_follows_the_files(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_output_names_and_settings_are_checked() -> None:
+    from dataclasses import replace
+
     validate = N["WanTunerTrainLoRA"].VALIDATE_INPUTS
     assert validate(output_name="wantuner/my_lora") is True
     assert tr.lora_target("a/b/c.safetensors") == (Path("a/b"), "c")
@@ -492,22 +561,31 @@ def test_output_names_and_settings_are_checked() -> None:
     for bad in ("", "../up", "/abs/x", "a/../b", "c:x", "x?"):
         message = validate(output_name=bad)
         assert isinstance(message, str) and f"output_name {bad!r} must be a file name" in message
+    from wan_core.models.dit import WanModel
+
+    from nodes.comfy_adapter import ManagedModel
+    from nodes.types import DiTHandle
+    from tests.tiny import TINY_DIT
+
+    model = WanModel(TINY_DIT)
+    dit = DiTHandle(ManagedModel(model, model, "dit"), "d.safetensors", None)
     settings = tr.TrainSettings(4, 4.0, 1e-3, 10, 0, "AdamW", "shift", 3.0, 1, True, 0, "musubi")
-    argv = tr.train_argv(settings, Path("d.safetensors"), None, Path("x.toml"), Path("out"), "n")
-    args = tr.parse_argv(argv)
-    assert (args.network_dim, args.network_alpha, args.learning_rate, args.max_train_steps, args.max_train_epochs,
-            args.timestep_sampling, args.discrete_flow_shift, args.gradient_checkpointing, args.save_every_n_steps,
-            args.mixed_precision, args.sdpa, args.max_data_loader_n_workers) == (
-        4, 4.0, 1e-3, 10, None, "shift", 3.0, True, None, "no", True, 0)
-    epochs = tr.train_argv(tr.TrainSettings(4, 4.0, 1e-3, 10, 3, "AdamW", "sigma", 1.0, 1, False, 5, "comfyui",
-                                            "bf16", True, 2, "xformers"), Path("d"), "t2v-1.3B", Path("x"),
-                           Path("o"), "n")
-    args = tr.parse_argv(epochs)
-    assert (args.max_train_epochs, args.task, args.save_every_n_steps, args.save_format, args.fp8_base,
-            args.blocks_to_swap, args.xformers, args.mixed_precision) == (3, "t2v-1.3B", 5, "comfyui", True, 2, True,
-                                                                          "bf16")
-    with pytest.raises(ValueError, match="the trainer rejected the settings"):
-        tr.parse_argv([*argv, "--network_dim", "many"])
+    config = tr.train_config(settings, dit, Path("d.safetensors"), Path("x.toml"), Path("out"), "n")
+    assert (config.network.rank, config.network.alpha, config.optimizer.learning_rate, config.schedule.max_train_steps,
+            config.schedule.max_train_epochs, config.timesteps.sampling, config.timesteps.discrete_flow_shift,
+            config.memory.gradient_checkpointing, config.save.save_every_n_steps, config.memory.mixed_precision,
+            config.model.attention, config.data.max_data_loader_n_workers) == (
+        4, 4.0, 1e-3, 10, None, "shift", 3.0, True, None, "no", "sdpa", 0)
+    epochs = tr.TrainSettings(4, 4.0, 1e-3, 10, 3, "AdamW", "sigma", 1.0, 1, False, 5, "comfyui", "bf16", False, 0,
+                              "xformers")
+    config = tr.train_config(epochs, replace(dit, task="t2v-1.3B"), Path("d"), Path("x"), Path("o"), "n")
+    assert (config.schedule.max_train_epochs, config.model.task, config.save.save_every_n_steps,
+            config.save.save_format, config.model.attention, config.memory.mixed_precision) == (
+        3, "t2v-1.3B", 5, "comfyui", "xformers", "bf16")
+    with pytest.raises(ValueError, match="fp8_base is on but the DiT loader loaded the DiT without fp8"):
+        tr.train_config(replace(epochs, fp8_base=True), dit, Path("d"), Path("x"), Path("o"), "n")
+    with pytest.raises(ValueError, match="blocks_to_swap is 2 but the DiT loader loaded the DiT without block swap"):
+        tr.train_config(replace(epochs, blocks_to_swap=2), dit, Path("d"), Path("x"), Path("o"), "n")
 
 
 def test_trainer_refuses_datasets_and_dits_that_do_not_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

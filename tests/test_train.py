@@ -416,3 +416,14 @@ def test_sample_prompt_problems_are_reported_before_training(tmp_path: Path) -> 
     with pytest.raises(FileNotFoundError, match="prompt file not found"):
         train(train_args(dit, tmp_path, "--sample_prompts", str(tmp_path / "none.txt"), *flags),
               source=memory_source(2, "i2v"))
+
+
+def test_train_config_defaults_are_the_cli_defaults(tmp_path: Path) -> None:
+    """Only the required flags: the parsed TrainConfig equals the dataclass defaults with those three set."""
+    from training.args import parse_train_config
+    from training.train_config import DataConfig, ModelConfig, SaveConfig, TrainConfig
+
+    parsed = parse_train_config(["--dit", "d.safetensors", "--dataset_config", "x.toml", "--output_dir",
+                                 str(tmp_path)])
+    assert parsed == TrainConfig(model=ModelConfig(dit="d.safetensors"), data=DataConfig(dataset_config="x.toml"),
+                                 save=SaveConfig(output_dir=str(tmp_path)))

@@ -85,11 +85,11 @@ def test_train_from_caches_with_validation_sampling_and_tensorboard(cached, tmp_
 
 
 def test_cache_source_leaves_caption_dropout_to_the_loop(cached, tmp_path: Path) -> None:
-    from training.args import parse_train_args
+    from training.args import parse_train_config
     from training.train import open_source, setup_run
 
     _, _, config, dit = cached
-    args = parse_train_args(["--dataset_config", str(config), "--dit", str(dit), "--output_dir", str(tmp_path),
+    args = parse_train_config(["--dataset_config", str(config), "--dit", str(dit), "--output_dir", str(tmp_path),
                              "--caption_dropout_rate", "0.9"])
     source = open_source(setup_run(args), str(config))
     assert source.empty_t5 is not None

@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 
 from tests.tiny import TINY_DIT_BY_TYPE, randomize_
-from training.args import parse_train_args
+from training.args import parse_train_config
 from training.dataset.batches import MemorySource
 from training.init_dit import write_dit
+from training.train_config import TrainConfig
 from wan_core.models.dit import WanModel
 
 LATENT_SHAPE = (16, 1, 4, 4)  # [C, F, h, w]: one latent frame of 4x4 (2x2 tokens)
@@ -50,10 +51,11 @@ def memory_source(count: int = 4, kind: str = "t2v", batch_size: int = 1, seed: 
     return MemorySource(tiny_samples(count, kind, seed), batch_size=batch_size, empty_t5=empty)
 
 
-def train_args(dit: Path, out: Path, *extra: str):
+def train_args(dit: Path, out: Path, *extra: str) -> TrainConfig:
+    """The TrainConfig of these flags plus the tests' defaults."""
     base = ["--dit", str(dit), "--dataset_config", str(out / "unused.toml"), "--output_dir", str(out),
             "--max_data_loader_n_workers", "0", "--seed", "5", "--learning_rate", "1e-2", "--timestep_sampling",
             "uniform"]
     if "full" not in extra:
         base += ["--network_dim", "4", "--network_alpha", "4"]
-    return parse_train_args([*base, *extra])
+    return parse_train_config([*base, *extra])

@@ -19,7 +19,19 @@ import logging
 from collections.abc import Sequence
 
 from training.config_file import add_config_file_argument, parse_args
-from training.timesteps import SCHEMES, WEIGHTING_SCHEMES
+from training.optim import OptimizerConfig, SchedulerConfig
+from training.timesteps import SCHEMES, WEIGHTING_SCHEMES, TimestepConfig
+from training.train_config import (
+    DEFAULT_VALIDATION_TIMESTEPS,
+    DataConfig,
+    MemoryConfig,
+    ModelConfig,
+    MonitorConfig,
+    SaveConfig,
+    ScheduleConfig,
+    TrainConfig,
+)
+from training.trainable import NetworkConfig
 from wan_core.loading.checkpoint import ensure_writable_dir
 from wan_core.models.config import TASKS
 from wan_core.runtime.offload import PINNED_MEMORY_HELP
@@ -33,7 +45,6 @@ ATTENTION_FLAGS = {"sdpa": "sdpa", "flash_attn": "flash2", "sage_attn": "sageatt
 SAVE_FORMATS = ("musubi", "comfyui")
 SAVE_PRECISIONS = {"float": "float32", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 REQUIRED = ("dataset_config", "dit", "output_dir")
-DEFAULT_VALIDATION_TIMESTEPS = (100, 300, 500, 700, 900)
 
 
 def int_or_float(value: str) -> int | float:
@@ -321,3 +332,26 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
 def parse_train_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse (with `--config_file`), check required flags (exit code 2), then `validate_args` (ValueError)."""
     return validate_args(parse_args(build_parser(), argv, required=REQUIRED))
+
+
+def _fields(cls: type, args: argparse.Namespace, *computed: str) -> dict[str, object]:
+    """The flags named like the fields of the dataclass `cls`, except the `computed` ones."""
+    return {name: getattr(args, name) for name in cls.__dataclass_fields__ if name not in computed}
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed (and validated) training flags."""
+    model = ModelConfig(**_fields(ModelConfig, args, "attention"), attention=attention_backend(args))
+    monitor = MonitorConfig(**_fields(MonitorConfig, args, "validation_timesteps"),
+                            validation_timesteps=tuple(args.validation_timesteps))
+    return TrainConfig(model=model, data=DataConfig(**_fields(DataConfig, args)),
+                       network=NetworkConfig.from_args(args), optimizer=OptimizerConfig.from_args(args),
+                       scheduler=SchedulerConfig.from_args(args), timesteps=TimestepConfig.from_args(args),
+                       schedule=ScheduleConfig(**_fields(ScheduleConfig, args)),
+                       memory=MemoryConfig(**_fields(MemoryConfig, args)),
+                       save=SaveConfig(**_fields(SaveConfig, args)), monitor=monitor)
+
+
+def parse_train_config(argv: Sequence[str] | None = None) -> TrainConfig:
+    """`parse_train_args`, as a TrainConfig."""
+    return config_from_args(parse_train_args(argv))

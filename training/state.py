@@ -14,7 +14,6 @@ finding 3), counters are restored, and resuming reproduces an uninterrupted run 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import random
@@ -175,8 +174,3 @@ def check_resumed_run(saved: dict[str, object], current: dict[str, object]) -> N
         if key in saved and saved[key] != value:
             logger.warning("resuming with %s = %r, but the state was saved with %r", key, value, saved[key])
 
-
-def run_fingerprint(args: argparse.Namespace) -> dict[str, object]:
-    keys = ("seed", "learning_rate", "gradient_accumulation_steps", "max_train_steps", "lr_scheduler",
-            "timestep_sampling", "network_dim", "network_alpha", "network_module", "dataset_config")
-    return {k: str(getattr(args, k)) for k in keys}

@@ -1,6 +1,8 @@
 """`python -m training train`: LoRA (or full) flow-matching training of a Wan2.1 DiT from cached latents and T5
-outputs. Runs plainly or under `accelerate launch` (DDP: gradients are averaged explicitly after each
-accumulation, every process holds identical weights). See `training.args` for the flags.
+outputs. Runs plainly or under `accelerate launch` (DDP: gradients are averaged after each accumulation, every
+process holds identical weights). `train(config)` takes a `training.train_config.TrainConfig`; the command line
+(`training.args`) parses into one. A caller holding a loaded DiT (the ComfyUI Train LoRA node) passes it as
+`model=` and it is trained in place of a loaded copy, then handed back as it was.
 
 The recipe (`train`) reads as its steps: setup_run, load_model, apply_lora, build_dataloader, build_optimizer,
 resume, then per optimizer step `run_step` (micro-batches through the pure `training.step.training_step`,
@@ -15,7 +17,6 @@ state saves refuse NaN/inf tensors, so no saved file holds them.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import json
@@ -27,11 +28,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from training import state as st
-from training.args import attention_backend, is_full, parse_train_args
+from training.args import config_from_args, parse_train_args
 from training.dataset.batches import (
     BatchLoader,
     BatchSource,
@@ -40,15 +42,16 @@ from training.dataset.batches import (
     split_validation,
     steps_per_epoch,
 )
-from training.optim import OptimizerConfig, SchedulerConfig, build_scheduler, current_lrs
 from training.optim import build_optimizer as make_optimizer
+from training.optim import build_scheduler, current_lrs
 from training.step import InputSpec, StepConfig, sample_seeds, training_step
-from training.timesteps import TimestepConfig
+from training.train_config import TrainConfig, fingerprint
 from training.trainable import (
     DiTInfo,
-    NetworkConfig,
     Trainable,
     apply_network,
+    borrowed_dit,
+    given_dit_info,
     inspect_dit,
     load_training_dit,
     resolve_task,
@@ -65,7 +68,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Run:
-    args: argparse.Namespace
+    cfg: TrainConfig
     accelerator: object
     seed: int
     name: str
@@ -97,7 +100,7 @@ class Run:
     def autocast(self) -> contextlib.AbstractContextManager:
         stack = contextlib.ExitStack()
         stack.enter_context(self.accelerator.autocast())
-        if self.args.gradient_checkpointing_cpu_offload and torch.is_grad_enabled():
+        if self.cfg.memory.gradient_checkpointing_cpu_offload and torch.is_grad_enabled():
             stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda"))
         return stack
 
@@ -121,7 +124,7 @@ class Optim:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     name: str
     schedule_free: bool
-    scaler: torch.amp.GradScaler | None
+    scaler: torch.amp.GradScaler | None  # the accelerator's (fp16 on a GPU)
 
     def train_mode(self) -> None:
         if self.schedule_free:
@@ -136,16 +139,17 @@ class Optim:
 # Setup steps
 # ----------------------------------------------------------------------------------------------------------------
 
-def _make_accelerator(args: argparse.Namespace) -> object:
-    """accelerate's Accelerator: CUDA when available, else the CPU (several CPU processes use gloo). A second run in
-    the same process with another mixed precision resets accelerate's shared state (not the process group)."""
+def _make_accelerator(cfg: TrainConfig) -> object:
+    """accelerate's Accelerator: CUDA when available, else the CPU (several CPU processes use gloo); its fp16
+    gradient scaler (GPU only) scales the loss in `backward`. A second run in the same process with another mixed
+    precision resets accelerate's shared state (not the process group)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import InitProcessGroupKwargs
 
-    handlers = [InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=args.ddp_timeout))] if args.ddp_timeout \
-        else []
-    kwargs = {"mixed_precision": args.mixed_precision or "no", "cpu": not torch.cuda.is_available(),
+    timeout = cfg.memory.ddp_timeout
+    handlers = [InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=timeout))] if timeout else []
+    kwargs = {"mixed_precision": cfg.memory.mixed_precision or "no", "cpu": not torch.cuda.is_available(),
               "kwargs_handlers": handlers}
     try:
         return Accelerator(**kwargs)
@@ -156,31 +160,32 @@ def _make_accelerator(args: argparse.Namespace) -> object:
         return Accelerator(**kwargs)
 
 
-def setup_run(args: argparse.Namespace) -> Run:
-    """Accelerator, seed, output folder, DiT header, task and the step configuration."""
-    info = inspect_dit(args.dit)
-    task = resolve_task(args.task, info)
-    accelerator = _make_accelerator(args)
-    seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
+def setup_run(cfg: TrainConfig, model: torch.nn.Module | None = None) -> Run:
+    """Accelerator, seed, output folder, DiT header (or the given model's), task and the step configuration."""
+    info = inspect_dit(cfg.model.dit) if model is None else given_dit_info(model, cfg.model.dit)
+    task = resolve_task(cfg.model.task, info)
+    accelerator = _make_accelerator(cfg)
+    seed = cfg.schedule.seed if cfg.schedule.seed is not None else random.randint(0, 2**31 - 1)
     torch.manual_seed(seed)
-    step_cfg = StepConfig(TimestepConfig.from_args(args), InputSpec.for_model(info.config, task),
-                          args.caption_dropout_rate, seed)
-    name = args.output_name or ("dit" if is_full(args) else "lora")
-    output_dir = Path(args.output_dir)
+    step_cfg = StepConfig(cfg.timesteps, InputSpec.for_model(info.config, task), cfg.data.caption_dropout_rate,
+                          seed)
+    name = cfg.output_name
+    output_dir = Path(cfg.save.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     logger.info("task %s, %s inputs, seed %d, %d process(es) on %s", task or "(from the DiT)", step_cfg.inputs.kind,
                 seed, accelerator.num_processes, accelerator.device)
-    return Run(args, accelerator, seed, name, output_dir, info, task, step_cfg,
+    return Run(cfg, accelerator, seed, name, output_dir, info, task, step_cfg,
                session_id=random.Random(seed).randint(0, 2**32 - 1))
 
 
 def load_model(run: Run) -> torch.nn.Module:
-    return load_training_dit(run.args, run.info, run.device, attention_backend(run.args), is_full(run.args))
+    cfg = run.cfg
+    return load_training_dit(cfg.model, cfg.memory, run.info, run.device, cfg.network.full)
 
 
 def apply_lora(run: Run, model: torch.nn.Module) -> Trainable:
-    trainable = apply_network(model, NetworkConfig.from_args(run.args))
+    trainable = apply_network(model, run.cfg.network)
     trainable.train()
     return trainable
 
@@ -191,17 +196,18 @@ def open_source(run: Run, path: str) -> BatchSource:
     is the loop's (`training.step`), so the reader's own is left off."""
     from training.cache.store import open_training_source
 
-    needed, args = run.step_cfg.inputs.required_keys(), run.args
+    needed, models = run.step_cfg.inputs.required_keys(), run.cfg.model
     return open_training_source(path, need_image="latents_image" in needed, need_clip="clip" in needed,
-                                need_control="latents_control" in needed, seed=run.seed, vae=args.vae,
-                                clip=args.clip if "clip" in needed else None, t5=args.t5, tokenizer=args.tokenizer,
-                                caption_dropout_rate=0.0)
+                                need_control="latents_control" in needed, seed=run.seed, vae=models.vae,
+                                clip=models.clip if "clip" in needed else None, t5=models.t5,
+                                tokenizer=models.tokenizer, caption_dropout_rate=0.0)
 
 
 def _check_source(run: Run, source: BatchSource, items: list[TrainItem]) -> None:
     if not items:
-        raise ValueError(f"{run.args.dataset_config}: no cached training items (run cache-latents and cache-text)")
-    if run.args.caption_dropout_rate and source.empty_t5 is None:
+        raise ValueError(f"{run.cfg.data.dataset_config}: no cached training items (run cache-latents and "
+                         f"cache-text)")
+    if run.cfg.data.caption_dropout_rate and source.empty_t5 is None:
         raise ValueError("--caption_dropout_rate needs the empty caption's T5 embedding in the text cache "
                          "(re-run cache-text)")
     needed = run.step_cfg.inputs.required_keys()
@@ -216,23 +222,24 @@ def _check_source(run: Run, source: BatchSource, items: list[TrainItem]) -> None
 def build_dataloader(run: Run, source: BatchSource | None = None,
                      validation_source: BatchSource | None = None) -> Data:
     """Items, optional validation set, epoch/step counts, and the loader of this process's share."""
-    args = run.args
-    source = source if source is not None else open_source(run, args.dataset_config)
+    data, monitor, schedule = run.cfg.data, run.cfg.monitor, run.cfg.schedule
+    source = source if source is not None else open_source(run, data.dataset_config)
     items = list(source.items())
     validator = None
-    if args.validation_split is not None:
-        items, held = split_validation(items, args.validation_split, run.seed)
-        validator = Validator(source, held, run.seed, args.validation_timesteps, run.rank, run.world)
-    elif args.validation_dataset_config or validation_source is not None:
-        val = validation_source or open_source(run, args.validation_dataset_config)
-        validator = Validator(val, list(val.items()), run.seed, args.validation_timesteps, run.rank, run.world)
+    timesteps = list(monitor.validation_timesteps)
+    if monitor.validation_split is not None:
+        items, held = split_validation(items, monitor.validation_split, run.seed)
+        validator = Validator(source, held, run.seed, timesteps, run.rank, run.world)
+    elif monitor.validation_dataset_config or validation_source is not None:
+        val = validation_source or open_source(run, monitor.validation_dataset_config)
+        validator = Validator(val, list(val.items()), run.seed, timesteps, run.rank, run.world)
     _check_source(run, source, items)
-    loader = BatchLoader(source, items, run.seed, run.rank, run.world, args.max_data_loader_n_workers,
-                         args.persistent_data_loader_workers)
+    loader = BatchLoader(source, items, run.seed, run.rank, run.world, data.max_data_loader_n_workers,
+                         data.persistent_data_loader_workers)
     micro = len(loader.plan(0))
-    per_epoch = steps_per_epoch(micro, args.gradient_accumulation_steps)
-    epochs = args.max_train_epochs or math.ceil(args.max_train_steps / per_epoch)
-    total = epochs * per_epoch if args.max_train_epochs else args.max_train_steps
+    per_epoch = steps_per_epoch(micro, schedule.gradient_accumulation_steps)
+    epochs = schedule.max_train_epochs or math.ceil(schedule.max_train_steps / per_epoch)
+    total = epochs * per_epoch if schedule.max_train_epochs else schedule.max_train_steps
     logger.info("%d items, %d micro-batches (%d optimizer steps) per epoch per process, %d epochs, %d steps",
                 len(items), micro, per_epoch, epochs, total)
     return Data(source, items, loader, micro, per_epoch, epochs, total, run.world * max_batch_size(source, items),
@@ -240,24 +247,27 @@ def build_dataloader(run: Run, source: BatchSource | None = None,
 
 
 def build_optimizer(run: Run, trainable: Trainable, data: Data) -> Optim:
-    args = run.args
-    built = make_optimizer(OptimizerConfig.from_args(args), trainable.param_groups(args.learning_rate))
-    scheduler = build_scheduler(SchedulerConfig.from_args(args), built, data.total_steps, args.learning_rate)
-    scaler = torch.amp.GradScaler(run.device.type) if args.mixed_precision == "fp16" else None
-    optim = Optim(built.optimizer, scheduler, built.name, built.schedule_free, scaler)
+    cfg = run.cfg
+    built = make_optimizer(cfg.optimizer, trainable.param_groups(cfg.optimizer.learning_rate))
+    scheduler = build_scheduler(cfg.scheduler, built, data.total_steps, cfg.optimizer.learning_rate)
+    # accelerate's optimizer wrapper steps through the accelerator's fp16 scaler (and unscales for clipping); the
+    # scheduler stays unwrapped: accelerate's would step once per process
+    optimizer = run.accelerator.prepare_optimizer(built.optimizer, device_placement=False)
+    optim = Optim(optimizer, scheduler, built.name, built.schedule_free, run.accelerator.scaler)
     optim.train_mode()
     return optim
 
 
 def resume(run: Run, trainable: Trainable, optim: Optim) -> st.Progress:
     """Restore a `--resume` state folder (weights, optimizer, scheduler, scaler, RNG, counters)."""
-    if not run.args.resume:
+    folder = run.cfg.save.resume
+    if not folder:
         return st.Progress()
-    weights, payload = st.read_state(run.args.resume)
+    weights, payload = st.read_state(folder)
     trainable.load_state_dict(weights)
     progress = st.restore_state(payload, st.TrainingObjects({}, optim.optimizer, optim.scheduler, optim.scaler))
-    st.check_resumed_run(payload.get("run", {}), st.run_fingerprint(run.args))
-    logger.info("resumed from %s at step %d (epoch %d, %d micro-batches into it)", run.args.resume,
+    st.check_resumed_run(payload.get("run", {}), fingerprint(run.cfg))
+    logger.info("resumed from %s at step %d (epoch %d, %d micro-batches into it)", folder,
                 progress.global_step, progress.epoch + 1, progress.micro_in_epoch)
     return progress
 
@@ -266,16 +276,16 @@ def resume(run: Run, trainable: Trainable, optim: Optim) -> st.Progress:
 # One optimizer step
 # ----------------------------------------------------------------------------------------------------------------
 
-def _backward(loss: torch.Tensor, optim: Optim) -> None:
-    (optim.scaler.scale(loss) if optim.scaler is not None else loss).backward()
-
-
 SYNC_BUCKET_BYTES = 256 << 20
 
 
 def sync_gradients(run: Run, params: Sequence[torch.nn.Parameter]) -> None:
     """Average the gradients over processes (all-reduce of flat buckets of up to 256 MiB); no-op in one process.
-    A missing gradient counts as zeros, so every process reduces the same buckets."""
+    A missing gradient counts as zeros, so every process reduces the same buckets.
+
+    Not DDP through `accelerator.prepare(model)`: DDP reduces the parameters of the module whose forward it runs
+    and broadcasts that module's whole state at wrapping, but the LoRA parameters live outside the DiT's module
+    tree (the DiT runs with patched Linear forwards) and a block-swapped DiT holds its weights on two devices."""
     if run.world == 1:
         return
     bucket: list[torch.nn.Parameter] = []
@@ -302,10 +312,10 @@ def run_step(run: Run, trainable: Trainable, optim: Optim, data: Data, group: li
     for a, (position, batch) in enumerate(group):
         offset, count = plan.offsets[position], len(plan.batches[position])
         seeds = sample_seeds(run.seed, progress.global_step, a, offset, count)
-        slot = (progress.global_step * run.args.gradient_accumulation_steps + a) * data.stride + offset
+        slot = (progress.global_step * run.cfg.schedule.gradient_accumulation_steps + a) * data.stride + offset
         result = training_step(trainable.model, batch, run.step_cfg, seeds, empty_t5=data.source.empty_t5,
                                draw_indices=[slot + i for i in range(count)], autocast=run.autocast)
-        _backward(result.loss / len(group), optim)
+        run.accelerator.backward(result.loss / len(group))
         losses.append(result.loss.detach())
         per_sample.append(result.per_sample)
     loss = torch.stack(losses).mean()
@@ -315,15 +325,9 @@ def run_step(run: Run, trainable: Trainable, optim: Optim, data: Data, group: li
         raise NonFiniteTrainingError(non_finite_loss_message(run, data, group, per_sample, progress, float(loss)))
     params = trainable.parameters()
     sync_gradients(run, params)
-    if optim.scaler is not None:
-        optim.scaler.unscale_(optim.optimizer)
-    if run.args.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, run.args.max_grad_norm)
-    if optim.scaler is not None:
-        optim.scaler.step(optim.optimizer)
-        optim.scaler.update()
-    else:
-        optim.optimizer.step()
+    if run.cfg.optimizer.max_grad_norm > 0:
+        run.accelerator.clip_grad_norm_(params, run.cfg.optimizer.max_grad_norm)  # unscales fp16 gradients first
+    optim.optimizer.step()  # fp16: the scaler's step (skipped after inf/NaN gradients) and update
     optim.scheduler.step()
     optim.optimizer.zero_grad(set_to_none=True)
     check_weights(run, trainable, params, progress)
@@ -337,8 +341,8 @@ class NonFiniteTrainingError(RuntimeError):
 def _last_good(run: Run) -> str:
     if run.last_saved is not None:
         return f"last good checkpoint: {run.last_saved}"
-    if run.args.resume:
-        return f"no checkpoint saved by this run yet (it resumed from {run.args.resume})"
+    if run.cfg.save.resume:
+        return f"no checkpoint saved by this run yet (it resumed from {run.cfg.save.resume})"
     return "last good checkpoint: none saved yet"
 
 
@@ -417,50 +421,51 @@ SAVE_DTYPES = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.floa
 def training_metadata(run: Run, data: Data, optim: Optim, trainable: Trainable,
                       progress: st.Progress) -> dict[str, str]:
     """musubi's `ss_*` keys and the SAI model spec (`modelspec.*`), as strings."""
-    args = run.args
-    minimal = {"ss_base_model_version": "wan", "ss_network_module": args.network_module or "networks.lora_wan",
-               "ss_network_dim": str(args.network_dim or 4), "ss_network_alpha": str(trainable.cfg.alpha),
+    cfg, net, ts, mem = run.cfg, run.cfg.network, run.cfg.timesteps, run.cfg.memory
+    minimal = {"ss_base_model_version": "wan", "ss_network_module": net.module, "ss_network_dim": str(net.rank),
+               "ss_network_alpha": str(trainable.cfg.alpha),
                "ss_network_args": json.dumps(dict(a.split("=", 1) for a in trainable.cfg.raw_args))}
-    if args.no_metadata:
+    if cfg.save.no_metadata:
         return minimal
     values = {"ss_session_id": run.session_id, "ss_training_started_at": run.started_at, "ss_output_name": run.name,
-              "ss_learning_rate": args.learning_rate, "ss_num_train_items": len(data.items),
+              "ss_learning_rate": cfg.optimizer.learning_rate, "ss_num_train_items": len(data.items),
               "ss_num_batches_per_epoch": data.micro_per_epoch, "ss_num_epochs": data.num_epochs,
-              "ss_gradient_checkpointing": args.gradient_checkpointing,
-              "ss_gradient_checkpointing_cpu_offload": args.gradient_checkpointing_cpu_offload,
-              "ss_gradient_accumulation_steps": args.gradient_accumulation_steps,
-              "ss_max_train_steps": data.total_steps, "ss_lr_warmup_steps": args.lr_warmup_steps,
-              "ss_lr_scheduler": args.lr_scheduler, "ss_network_dropout": args.network_dropout,
-              "ss_mixed_precision": args.mixed_precision, "ss_seed": run.seed,
-              "ss_training_comment": args.training_comment, "ss_optimizer": optim.name,
-              "ss_max_grad_norm": args.max_grad_norm, "ss_fp8_base": bool(args.fp8_base), "ss_full_fp16": False,
-              "ss_full_bf16": False, "ss_weighting_scheme": args.weighting_scheme, "ss_logit_mean": args.logit_mean,
-              "ss_logit_std": args.logit_std, "ss_mode_scale": args.mode_scale, "ss_guidance_scale": 1.0,
-              "ss_timestep_sampling": args.timestep_sampling, "ss_sigmoid_scale": args.sigmoid_scale,
-              "ss_discrete_flow_shift": args.discrete_flow_shift,
-              "ss_datasets": json.dumps([str(args.dataset_config)]),
-              "ss_sd_model_name": Path(args.dit).name, "ss_vae_name": Path(args.vae).name if args.vae else None,
+              "ss_gradient_checkpointing": mem.gradient_checkpointing,
+              "ss_gradient_checkpointing_cpu_offload": mem.gradient_checkpointing_cpu_offload,
+              "ss_gradient_accumulation_steps": cfg.schedule.gradient_accumulation_steps,
+              "ss_max_train_steps": data.total_steps, "ss_lr_warmup_steps": cfg.scheduler.warmup_steps,
+              "ss_lr_scheduler": cfg.scheduler.name, "ss_network_dropout": net.dropout,
+              "ss_mixed_precision": mem.mixed_precision, "ss_seed": run.seed,
+              "ss_training_comment": cfg.save.training_comment, "ss_optimizer": optim.name,
+              "ss_max_grad_norm": cfg.optimizer.max_grad_norm, "ss_fp8_base": bool(mem.fp8_base),
+              "ss_full_fp16": False, "ss_full_bf16": False, "ss_weighting_scheme": ts.weighting_scheme,
+              "ss_logit_mean": ts.logit_mean, "ss_logit_std": ts.logit_std, "ss_mode_scale": ts.mode_scale,
+              "ss_guidance_scale": 1.0, "ss_timestep_sampling": ts.sampling, "ss_sigmoid_scale": ts.sigmoid_scale,
+              "ss_discrete_flow_shift": ts.discrete_flow_shift,
+              "ss_datasets": json.dumps([str(cfg.data.dataset_config)]),
+              "ss_sd_model_name": Path(cfg.model.dit).name if cfg.model.dit else "",
+              "ss_vae_name": Path(cfg.model.vae).name if cfg.model.vae else None,
               "ss_training_finished_at": time.time(), "ss_steps": progress.global_step, "ss_epoch": progress.epoch,
-              "ss_caption_dropout_rate": args.caption_dropout_rate, "wantuner_task": run.task or ""}
+              "ss_caption_dropout_rate": cfg.data.caption_dropout_rate, "wantuner_task": run.task or ""}
     spec = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "wan2.1" + ("" if trainable.is_full
                                                                                       else "/lora"),
             "modelspec.implementation": "https://github.com/Wan-Video/Wan2.1",
-            "modelspec.title": args.metadata_title or f"{run.name}@{int(run.started_at)}",
+            "modelspec.title": cfg.save.metadata_title or f"{run.name}@{int(run.started_at)}",
             "modelspec.date": datetime.datetime.fromtimestamp(int(run.started_at)).isoformat(),
             "modelspec.resolution": "1280x720"}
     for key in ("author", "description", "license", "tags"):
-        if getattr(args, f"metadata_{key}"):
-            spec[f"modelspec.{key}"] = getattr(args, f"metadata_{key}")
-    if args.min_timestep is not None or args.max_timestep is not None:
-        spec["modelspec.timestep_range"] = f"{args.min_timestep or 0},{args.max_timestep or 1000}"
+        if getattr(cfg.save, f"metadata_{key}"):
+            spec[f"modelspec.{key}"] = getattr(cfg.save, f"metadata_{key}")
+    if ts.min_timestep is not None or ts.max_timestep is not None:
+        spec["modelspec.timestep_range"] = f"{ts.min_timestep or 0},{ts.max_timestep or 1000}"
     return {**minimal, **{k: str(v) for k, v in values.items()}, **spec}
 
 
 def save_weights(run: Run, trainable: Trainable, meta: dict[str, str], file_name: str) -> Path:
     """Write the trained weights; NaN/inf weights are refused (NonFiniteError) and nothing is written."""
-    dtype = SAVE_DTYPES[run.args.save_precision or "fp32"]
+    dtype = SAVE_DTYPES[run.cfg.save.save_precision or "fp32"]
     require_finite(trainable.state_dict(), f"{run.output_dir / file_name} (not written)")
-    path = trainable.save(run.output_dir / file_name, run.args.save_format, meta, dtype, run.info.metadata)
+    path = trainable.save(run.output_dir / file_name, run.cfg.save.save_format, meta, dtype, run.info.metadata)
     run.last_saved = path
     logger.info("saved %s", path)
     return path
@@ -468,7 +473,7 @@ def save_weights(run: Run, trainable: Trainable, meta: dict[str, str], file_name
 
 def save_training_state(run: Run, trainable: Trainable, optim: Optim, progress: st.Progress, folder: str) -> None:
     objects = st.TrainingObjects(trainable.state_dict(), optim.optimizer, optim.scheduler, optim.scaler)
-    st.save_state(run.output_dir / folder, objects, progress, st.run_fingerprint(run.args))
+    st.save_state(run.output_dir / folder, objects, progress, fingerprint(run.cfg))
 
 
 StepCallback = Callable[[int, int, float], None]  # (step, total steps, loss); raising stops the run
@@ -489,19 +494,19 @@ class Extras:
 def checkpoint(run: Run, trainable: Trainable, optim: Optim, data: Data, progress: st.Progress, unit: str,
                number: int) -> None:
     """Save `{name}-stepN` / `{name}-N` (+ state) on the main process, applying --save_last_n_* retention."""
-    args = run.args
+    save = run.cfg.save
     optim.eval_mode()
     if run.is_main:
         meta = training_metadata(run, data, optim, trainable, progress)
-        every, keep, keep_state = (getattr(args, f"save_every_n_{unit}s"), getattr(args, f"save_last_n_{unit}s"),
-                                   getattr(args, f"save_last_n_{unit}s_state"))
+        every, keep, keep_state = (getattr(save, f"save_every_n_{unit}s"), getattr(save, f"save_last_n_{unit}s"),
+                                   getattr(save, f"save_last_n_{unit}s_state"))
         file_of, state_of, remove = ((st.step_file, st.step_state, st.step_to_remove) if unit == "step"
                                      else (st.epoch_file, st.epoch_state, st.epoch_to_remove))
         save_weights(run, trainable, meta, file_of(run.name, number))
         old = remove(number, every, keep)
         if old is not None:
             st.remove_path(run.output_dir / file_of(run.name, old))
-        if args.save_state:
+        if save.save_state:
             save_training_state(run, trainable, optim, progress, state_of(run.name, number))
             old = remove(number, every, keep_state if keep_state is not None else keep)
             if old is not None:
@@ -548,7 +553,7 @@ def _due(every: int | None, count: int) -> bool:
 def after_step(run: Run, trainable: Trainable, optim: Optim, data: Data, extras: Extras, progress: st.Progress,
                loss: float) -> None:
     """Moving-average loss, progress bar and TensorBoard; step-based saving, sampling and validation."""
-    args, step = run.args, progress.global_step
+    save, monitor, step = run.cfg.save, run.cfg.monitor, progress.global_step
     progress.recent_losses = (progress.recent_losses + [loss])[-data.steps_per_epoch:]
     extras.losses.append((step, loss))
     if extras.on_step is not None:
@@ -562,25 +567,25 @@ def after_step(run: Run, trainable: Trainable, optim: Optim, data: Data, extras:
         extras.writer.add_scalar("loss/average", progress.moving_average(), step)
         for i, lr in enumerate(lrs):
             extras.writer.add_scalar(f"lr/group{i}", lr, step)
-    if _due(args.save_every_n_steps, step):
+    if _due(save.save_every_n_steps, step):
         checkpoint(run, trainable, optim, data, progress, "step", step)
-    if _due(args.sample_every_n_steps, step):
+    if _due(monitor.sample_every_n_steps, step):
         sample_now(run, trainable, optim, extras, step, None)
-    if _due(args.validate_every_n_steps, step):
+    if _due(monitor.validate_every_n_steps, step):
         validate_now(run, trainable, optim, data, extras, step)
 
 
 def after_epoch(run: Run, trainable: Trainable, optim: Optim, data: Data, extras: Extras,
                 progress: st.Progress) -> None:
     """Epoch-based saving (not after the last epoch: the final save covers it), sampling and validation."""
-    args, epoch = run.args, progress.epoch  # `epoch` epochs are complete
+    monitor, epoch = run.cfg.monitor, progress.epoch  # `epoch` epochs are complete
     if extras.writer is not None and progress.recent_losses:
         extras.writer.add_scalar("loss/epoch", progress.moving_average(), epoch)
-    if _due(args.save_every_n_epochs, epoch) and epoch < data.num_epochs:
+    if _due(run.cfg.save.save_every_n_epochs, epoch) and epoch < data.num_epochs:
         checkpoint(run, trainable, optim, data, progress, "epoch", epoch)
-    if _due(args.sample_every_n_epochs, epoch):
+    if _due(monitor.sample_every_n_epochs, epoch):
         sample_now(run, trainable, optim, extras, progress.global_step, epoch)
-    every = args.validate_every_n_epochs or (None if args.validate_every_n_steps else 1)
+    every = monitor.validate_every_n_epochs or (None if monitor.validate_every_n_steps else 1)
     if _due(every, epoch):
         validate_now(run, trainable, optim, data, extras, progress.global_step)
 
@@ -592,20 +597,27 @@ def finish(run: Run, trainable: Trainable, optim: Optim, data: Data, progress: s
     if run.is_main:
         path = save_weights(run, trainable, training_metadata(run, data, optim, trainable, progress),
                             st.last_file(run.name))
-        if run.args.save_state or run.args.save_state_on_train_end:
+        if run.cfg.save.save_state or run.cfg.save.save_state_on_train_end:
             save_training_state(run, trainable, optim, progress, st.last_state(run.name))
     run.accelerator.wait_for_everyone()
     return path
 
 
+def sampling_settings(cfg: TrainConfig) -> SimpleNamespace:
+    """The flags `training.previews.prepare_samples` reads, by their CLI names."""
+    m = cfg.model
+    return SimpleNamespace(sample_prompts=cfg.monitor.sample_prompts, vae=m.vae, vae_dtype=m.vae_dtype, t5=m.t5,
+                           tokenizer=m.tokenizer, fp8_t5=m.fp8_t5, clip=m.clip, output_dir=cfg.save.output_dir)
+
+
 def prepare_sampling(run: Run) -> object | None:
     """Encode the sample prompts (T5, CLIP and VAE come and go before the DiT is loaded)."""
-    if not run.args.sample_prompts:
+    if not run.cfg.monitor.sample_prompts:
         return None
     from training.previews import prepare_samples
 
-    return prepare_samples(run.args, run.task, run.info.config.in_dim, run.device, run.seed, run.rank, run.world,
-                           run.name)
+    return prepare_samples(sampling_settings(run.cfg), run.task, run.info.config.in_dim, run.device, run.seed,
+                           run.rank, run.world, run.name)
 
 
 def open_extras(run: Run, data: Data, progress: st.Progress, samples: object | None,
@@ -613,13 +625,14 @@ def open_extras(run: Run, data: Data, progress: st.Progress, samples: object | N
     """Open TensorBoard (main process) and the tqdm bar."""
     from tqdm import tqdm
 
-    args = run.args
+    monitor = run.cfg.monitor
     extras = Extras(samples=samples, on_step=on_step)
-    if args.log_with and run.is_main:
+    if monitor.log_with and run.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
-        folder = (args.log_prefix or "") + (args.log_tracker_name or "network_train") + time.strftime("%Y%m%d%H%M%S")
-        extras.writer = SummaryWriter(str(Path(args.logging_dir) / folder))
+        folder = ((monitor.log_prefix or "") + (monitor.log_tracker_name or "network_train")
+                  + time.strftime("%Y%m%d%H%M%S"))
+        extras.writer = SummaryWriter(str(Path(monitor.logging_dir) / folder))
     extras.bar = tqdm(total=data.total_steps, initial=progress.global_step, desc="steps", smoothing=0,
                       disable=not run.accelerator.is_local_main_process)
     return extras
@@ -638,26 +651,47 @@ class TrainResult:
     weights: dict[str, torch.Tensor]  # the trained tensors (LoRA network or DiT state dict, not copied)
 
 
-def train(args: argparse.Namespace, source: BatchSource | None = None, validation_source: BatchSource | None = None,
-          on_step: StepCallback | None = None) -> TrainResult:
-    """Train as `args` say. `source`/`validation_source` replace the dataset caches and `on_step(step, total, loss)`
-    is called after every optimizer step (in-process callers such as the ComfyUI nodes; tests)."""
-    run = setup_run(args)
+def train(config: TrainConfig, source: BatchSource | None = None, validation_source: BatchSource | None = None,
+          on_step: StepCallback | None = None, model: torch.nn.Module | None = None) -> TrainResult:
+    """Train as `config` says. `source`/`validation_source` replace the dataset caches and `on_step(step, total,
+    loss)` is called after every optimizer step (in-process callers such as the ComfyUI nodes; tests).
+
+    `model`: a loaded DiT to train a LoRA on instead of loading `config.model.dit` (whose file then only gives the
+    metadata). It is used as it is (its dtype, fp8 and block swap; no copy of its weights) and handed back
+    unchanged when this returns or raises: LoRA removed, requires_grad, train/eval modes, attention backend and
+    gradient checkpointing as they were."""
+    run = setup_run(config, model)
     samples = prepare_sampling(run)
-    model = load_model(run)
+    if model is None:
+        return _train_loaded(run, samples, load_model(run), source, validation_source, on_step)
+    with borrowed_dit(model, config, run.device) as borrowed:
+        return _train_loaded(run, samples, borrowed, source, validation_source, on_step)
+
+
+def _train_loaded(run: Run, samples: object | None, model: torch.nn.Module, source: BatchSource | None,
+                  validation_source: BatchSource | None, on_step: StepCallback | None) -> TrainResult:
     trainable = apply_lora(run, model)
+    try:
+        return _train_steps(run, samples, trainable, source, validation_source, on_step)
+    finally:
+        if trainable.network is not None:
+            trainable.network.remove()
+
+
+def _train_steps(run: Run, samples: object | None, trainable: Trainable, source: BatchSource | None,
+                 validation_source: BatchSource | None, on_step: StepCallback | None) -> TrainResult:
+    accumulation = run.cfg.schedule.gradient_accumulation_steps
     data = build_dataloader(run, source, validation_source)
     optim = build_optimizer(run, trainable, data)
     progress = resume(run, trainable, optim)
     extras = open_extras(run, data, progress, samples, on_step)
     if progress.global_step == 0:
         validate_now(run, trainable, optim, data, extras, 0)
-        if args.sample_at_first:
+        if run.cfg.monitor.sample_at_first:
             sample_now(run, trainable, optim, extras, 0, 0)
     try:
         while progress.global_step < data.total_steps and progress.epoch < data.num_epochs:
-            groups = accumulation_groups(data, progress.epoch, progress.micro_in_epoch,
-                                         args.gradient_accumulation_steps)
+            groups = accumulation_groups(data, progress.epoch, progress.micro_in_epoch, accumulation)
             for group in groups:
                 loss = run_step(run, trainable, optim, data, group, progress)
                 progress.global_step += 1
@@ -682,12 +716,12 @@ def train(args: argparse.Namespace, source: BatchSource | None = None, validatio
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = parse_train_args(argv)
+        config = config_from_args(parse_train_args(argv))
     except ValueError as error:
         sys.stderr.write(f"error: {error}\n")
         return 2
     try:
-        result = train(args)
+        result = train(config)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         sys.stderr.write(f"error: {error}\n")
         return 1

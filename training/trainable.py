@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from wan_core.loading.checkpoint import peek_shapes, read_metadata, save_safetensors
 from wan_core.lora.apply import LoRANetwork
@@ -34,6 +37,9 @@ from wan_core.models.config import (
     tasks_matching,
 )
 from wan_core.models.dit import FP8_DTYPES, WanModel, checkpoint_dtype, load_dit, normalize_dit_keys
+
+if TYPE_CHECKING:
+    from training.train_config import MemoryConfig, ModelConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -94,16 +100,94 @@ def _block_swap(model: WanModel, blocks: int, device: torch.device, pinned: bool
     model._block_swapper = swapper  # keep it alive with the model
 
 
-def load_training_dit(args: argparse.Namespace, info: DiTInfo, device: torch.device, attn: str,
+def load_training_dit(models: ModelConfig, memory: MemoryConfig, info: DiTInfo, device: torch.device,
                       full: bool) -> WanModel:
-    dtype = weight_dtype(args.mixed_precision, info.dtype, full)
-    fp8 = ("fp8_scaled" if args.fp8_scaled else "fp8") if args.fp8_base else None
-    staged = args.blocks_to_swap is not None
-    model = load_dit(args.dit, task=args.task, dtype=dtype, device="cpu" if staged else device, attn=attn, fp8=fp8)
-    model.gradient_checkpointing = bool(args.gradient_checkpointing)
+    dtype = weight_dtype(memory.mixed_precision, info.dtype, full)
+    fp8 = ("fp8_scaled" if memory.fp8_scaled else "fp8") if memory.fp8_base else None
+    staged = memory.blocks_to_swap is not None
+    model = load_dit(models.dit, task=models.task, dtype=dtype, device="cpu" if staged else device,
+                     attn=models.attention, fp8=fp8)
+    model.gradient_checkpointing = bool(memory.gradient_checkpointing)
     if staged:
-        _block_swap(model, args.blocks_to_swap, device, args.use_pinned_memory_for_block_swap)
+        _block_swap(model, memory.blocks_to_swap, device, memory.use_pinned_memory_for_block_swap)
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A DiT loaded by someone else (the ComfyUI DiT loader)
+# ----------------------------------------------------------------------------------------------------------------
+
+def given_dit_info(model: WanModel, path: str | Path | None) -> DiTInfo:
+    """DiTInfo of a loaded model: its config and compute dtype, and the metadata of its file (when given)."""
+    metadata = read_metadata(Path(path)) if path is not None and Path(path).suffix == ".safetensors" else {}
+    return DiTInfo(model.config, model.dtype, metadata)
+
+
+def _check_borrowable(model: WanModel, cfg: TrainConfig, device: torch.device) -> None:
+    """A given DiT is trained as it is loaded: LoRA only, its own fp8/block swap, on the training device."""
+    problems = []
+    if cfg.network.full:
+        problems.append("full training would change the given DiT's weights; train a LoRA")
+    if cfg.memory.fp8_base or cfg.memory.blocks_to_swap:
+        problems.append("fp8_base / blocks_to_swap are the given DiT's own (set them where it is loaded)")
+    where = next(model.parameters()).device
+    if where.type != device.type:
+        problems.append(f"the given DiT is on {where}, the training runs on {device}")
+    if problems:
+        raise ValueError("cannot train the given DiT: " + "; ".join(problems))
+    weight_dtype(cfg.memory.mixed_precision, model.dtype, False)  # a bf16 model with fp16 training etc.
+
+
+def _normal_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A normal tensor over the storage of `tensor` (an inference tensor): same memory, nothing copied."""
+    view = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    with torch.no_grad():
+        return view.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.shape, tensor.stride())
+
+
+def normal_tensors(model: nn.Module) -> int:
+    """Replace the inference-mode parameters and buffers (made under torch.inference_mode, as ComfyUI loads models)
+    by normal tensors over the same memory (no copy): autograd can neither save inference tensors for the backward
+    pass nor track their versions. Tied tensors stay tied. The Parameter objects change, so a block swapper holding
+    them must be detached first. Returns how many were replaced."""
+    new: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table, make in ((module._parameters, lambda t: nn.Parameter(_normal_view(t), t.requires_grad)),
+                            (module._buffers, _normal_view)):
+            for name, tensor in table.items():
+                if tensor is not None and tensor.is_inference():
+                    table[name] = new.setdefault(id(tensor), make(tensor))
+    return len(new)
+
+
+@contextlib.contextmanager
+def borrowed_dit(model: WanModel, cfg: TrainConfig, device: torch.device) -> Iterator[WanModel]:
+    """Lend `model` to a LoRA training run: for the run its attention backend and gradient checkpointing are the
+    config's and its inference-mode tensors become normal tensors (same memory, `normal_tensors`); afterwards
+    requires_grad, the train/eval modes, the attention backends and gradient checkpointing are restored and the
+    RoPE cache emptied (the caller removes its LoRA)."""
+    _check_borrowable(model, cfg, device)
+    replaced = normal_tensors(model)
+    if replaced:
+        logger.info("%d inference-mode tensors of the given DiT made usable by autograd (no copy)", replaced)
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    backends = [(m, m.attn_backend) for m in model.modules() if hasattr(m, "attn_backend")]
+    checkpointing = model.gradient_checkpointing
+    model._rope_cache = {}
+    model.set_attention_backend(cfg.model.attention)
+    model.gradient_checkpointing = cfg.memory.gradient_checkpointing
+    try:
+        yield model
+    finally:
+        for param, flag in grads:
+            param.requires_grad_(flag)
+        for module, training in modes:
+            module.training = training
+        for module, backend in backends:
+            module.attn_backend = backend
+        model.gradient_checkpointing = checkpointing
+        model._rope_cache = {}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -143,13 +227,14 @@ class NetworkConfig:
     raw_args: tuple[str, ...] = ()
     weights: str | None = None
     dim_from_weights: bool = False
+    module: str = "networks.lora_wan"  # musubi's --network_module name, recorded in the metadata
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> NetworkConfig:
         full = args.network_module == "full"
         return cls(full, args.network_dim or 4, 1.0 if args.network_alpha is None else args.network_alpha,
                    args.network_dropout, parse_network_args(args.network_args), tuple(args.network_args or ()),
-                   args.network_weights, args.dim_from_weights)
+                   args.network_weights, args.dim_from_weights, args.network_module or "networks.lora_wan")
 
 
 class Trainable:
