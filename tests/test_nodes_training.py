@@ -561,11 +561,10 @@ def test_output_names_and_settings_are_checked() -> None:
     for bad in ("", "../up", "/abs/x", "a/../b", "c:x", "x?"):
         message = validate(output_name=bad)
         assert isinstance(message, str) and f"output_name {bad!r} must be a file name" in message
-    from wan_core.models.dit import WanModel
-
     from nodes.comfy_adapter import ManagedModel
     from nodes.types import DiTHandle
     from tests.tiny import TINY_DIT
+    from wan_core.models.dit import WanModel
 
     model = WanModel(TINY_DIT)
     dit = DiTHandle(ManagedModel(model, model, "dit"), "d.safetensors", None)
