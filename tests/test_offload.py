@@ -403,15 +403,16 @@ def test_model_set_release_unpins_the_swapped_dit(cudart, no_gc, monkeypatch, di
 
 
 @pytest.mark.parametrize("pinned", [False, True])
-def test_training_block_swap_pins_only_with_the_flag(cudart, dit_file: Path, pinned: bool) -> None:
-    from training.args import build_parser
+def test_training_block_swap_pins_only_with_the_flag(cudart, tmp_path: Path, dit_file: Path, pinned: bool) -> None:
+    from training.args import parse_train_config
     from training.trainable import inspect_dit, load_training_dit
 
     flag = ["--use_pinned_memory_for_block_swap"] if pinned else []
-    assert build_parser().parse_known_args(flag)[0].use_pinned_memory_for_block_swap is pinned
-    args = argparse.Namespace(dit=str(dit_file), task=None, mixed_precision=None, fp8_base=False, fp8_scaled=False,
-                              blocks_to_swap=3, gradient_checkpointing=False, use_pinned_memory_for_block_swap=pinned)
-    model = load_training_dit(args, inspect_dit(dit_file), torch.device("cpu"), "sdpa", full=False)
+    (tmp_path / "data.toml").write_text("")
+    cfg = parse_train_config(["--dit", str(dit_file), "--dataset_config", str(tmp_path / "data.toml"), "--output_dir",
+                              str(tmp_path / "out"), "--blocks_to_swap", "3", *flag])
+    assert cfg.memory.use_pinned_memory_for_block_swap is pinned
+    model = load_training_dit(cfg.model, cfg.memory, inspect_dit(dit_file), torch.device("cpu"), full=False)
     assert len(cudart.registered) == (3 if pinned else 0)
     assert model._block_swapper.pin == ("register" if pinned else "none")
 
