@@ -16,8 +16,13 @@ import torch
 
 from wan_core.loading.checkpoint import peek_shapes, read_metadata
 from wan_core.lora.apply import lora_multiplier
-from wan_core.models.config import CONFIG_METADATA_KEY
+from wan_core.models.clip import load_clip_vision
+from wan_core.models.config import CONFIG_METADATA_KEY, get_task
+from wan_core.models.t5 import load_t5
+from wan_core.models.vae import load_vae
+from wan_core.runtime.fp8 import fp8_t5
 from wan_core.runtime.offload import release_block_swap
+from wan_core.runtime.prepare import prepare_dit
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +87,6 @@ class ModelSpec:
 
 def toy_dit_key(task: str) -> str:
     """The TOY_FILES key of the toy DiT that stands in for `task` (T2V, I2V, FLF2V or Fun-Control)."""
-    from wan_core.models.config import get_task
-
     dit = get_task(task).dit
     if dit.in_dim == 48:
         return "dit_fun_control"
@@ -172,29 +175,19 @@ class ModelSet:
                 torch.cuda.empty_cache()
 
     def _load_dit(self, path: Path) -> torch.nn.Module:
-        from wan_core.runtime.prepare import prepare_dit
-
         return prepare_dit(path, self.spec, self.device, self.size_hint)
 
     def _load_vae(self, path: Path) -> Any:
-        from wan_core.models.vae import load_vae
-
         vae = load_vae(path, dtype=self.spec.vae_dtype, device=self.device)
         return configure_vae(vae, self.spec)
 
     def _load_t5(self, path: Path) -> Any:
-        from wan_core.models.t5 import load_t5
-
         t5 = load_t5(path, tokenizer=self.spec.tokenizer, device=self.device)
         if self.spec.fp8_t5:
-            from wan_core.runtime.fp8 import fp8_t5
-
             fp8_t5(t5)
         return t5
 
     def _load_clip(self, path: Path) -> Any:
-        from wan_core.models.clip import load_clip_vision
-
         return load_clip_vision(path, device=self.device)
 
 

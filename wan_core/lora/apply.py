@@ -37,6 +37,7 @@ from torch import nn
 
 from wan_core.loading.convert import kohya_lora_name
 from wan_core.lora.formats import Adapter, LoRA, LoRASource, LowRank, load_lora, lora_state_dict, save_lora
+from wan_core.models.dit import WanAttentionBlock
 from wan_core.models.ops import Fp32Linear
 
 logger = logging.getLogger(__name__)
@@ -417,8 +418,6 @@ def training_targets(model: nn.Module, include_patterns: str | Sequence[str] | N
     """musubi's Wan targets: every Linear-like layer inside a WanAttentionBlock, filtered with `re.fullmatch` on
     official names; skipped when an exclude pattern matches and no include pattern does; the default exclude
     pattern is always appended."""
-    from wan_core.models.dit import WanAttentionBlock
-
     excludes = [_compile(p, "exclude") for p in [*_as_list(exclude_patterns), DEFAULT_TRAIN_EXCLUDE]]
     includes = [_compile(p, "include") for p in _as_list(include_patterns)]
     targets: dict[str, nn.Module] = {}
@@ -545,8 +544,6 @@ class LoRANetwork(nn.Module):
     def from_weights(cls, model: nn.Module, source: LoRASource, multiplier: float = 1.0,
                      **kwargs: object) -> LoRANetwork:
         """A network shaped after a LoRA file (per-module rank and alpha; musubi `--dim_from_weights`), loaded."""
-        from wan_core.models.dit import WanAttentionBlock
-
         names = {n for b, block in model.named_modules() if isinstance(block, WanAttentionBlock)
                  for n, _ in _walk_linears(block, f"{b}.")}
         lora = load_lora(source, names)
