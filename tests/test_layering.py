@@ -166,9 +166,19 @@ def test_import_graph_has_no_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+def _has_reason(lines: list[str], node: ast.stmt) -> bool:
+    """A comment on the import's own lines or on the line above it (or above the run of imports it ends)."""
+    if any("#" in line for line in lines[node.lineno - 1: node.end_lineno]):
+        return True
+    above = node.lineno - 2
+    while above >= 0 and lines[above].lstrip().startswith(("import ", "from ")) and "#" not in lines[above]:
+        above -= 1
+    return above >= 0 and lines[above].lstrip().startswith("#")
+
+
 def test_no_function_level_imports_of_own_modules_and_third_party_ones_say_why():
     problems = []
-    for name, path in _own_modules().items():
+    for path in _own_modules().values():
         lines = path.read_text().splitlines()
         for node, targets, in_function in _imports(path):
             if not in_function:
@@ -176,6 +186,6 @@ def test_no_function_level_imports_of_own_modules_and_third_party_ones_say_why()
             where = f"{path.relative_to(ROOT)}:{node.lineno}"
             if isinstance(node, ast.ImportFrom) and node.level or targets[0].split(".")[0] in OWN_PACKAGES:
                 problems.append(f"{where} imports {targets[0]} inside a function")
-            elif not any("#" in line for line in lines[max(node.lineno - 2, 0): node.end_lineno]):
+            elif not _has_reason(lines, node):
                 problems.append(f"{where} defers importing {targets[0]} without a comment saying why")
     assert not problems, "\n".join(problems)
