@@ -12,7 +12,7 @@ OUTPUT_TIPS = ("Conditioning for the sampler (its size and length override the s
 
 
 def _clip(image_embeds: ImageEmbeds | None):
-    from wan_core.media.layouts import PrecomputedCLIP
+    from wan_core.sampling.conditioning import PrecomputedCLIP
 
     return None if image_embeds is None else PrecomputedCLIP(image_embeds.features)
 

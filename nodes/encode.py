@@ -60,7 +60,8 @@ class WanTunerCLIPVisionEncode:
         }
 
     def encode(self, clip_vision: ModelHandle, image, crop: str, end_image=None) -> tuple[ImageEmbeds]:
-        from wan_core.media.layouts import encode_clip_images, image_to_wan
+        from wan_core.media.layouts import image_to_wan
+        from wan_core.sampling.conditioning import encode_clip_images
 
         clip = clip_vision.model.ready()
         last = None if end_image is None else image_to_wan(end_image, "end_image")

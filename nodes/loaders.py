@@ -29,7 +29,7 @@ def _file_choices(folder: str) -> list[str]:
 def _dit_problem(model_name: str | None, task: str | None) -> str | None:
     """The file must exist (naming model_name in VALIDATE_INPUTS turns off ComfyUI's own list check) and, with an
     explicit task, fit it (read from the header only)."""
-    from wan_core.media.layouts import check_dit_file_task
+    from wan_core.loading.model_set import check_dit_file_task
 
     if model_name is None:
         return None
@@ -286,7 +286,7 @@ class WanTunerLoRALoader:
         return first_problem(_regex_problem(include, "include"), _regex_problem(exclude, "exclude"))
 
     def add(self, dit: DiTHandle, lora_name: str, strength: float, include: str, exclude: str) -> dict:
-        from wan_core.media.layouts import lora_report
+        from wan_core.lora.apply import lora_report
 
         path = comfy.model_path("loras", lora_name)
         inc, exc = include.strip() or None, exclude.strip() or None

@@ -61,7 +61,7 @@ def _preview(vae: ModelHandle | None):
 def _prepared(dit: DiTHandle) -> Iterator[Any]:
     """The DiT on its device with the LoRA chain applied for one run. A block-swapped DiT is placed after the
     LoRAs are applied (so their weights stream with the blocks) and unplaced afterwards."""
-    from wan_core.media.layouts import applied_loras
+    from wan_core.lora.apply import applied_loras
 
     loras = [(s.path, s.strength, s.include, s.exclude) for s in dit.loras]
     self_placed = dit.model.placer is not None and bool(loras)
@@ -152,7 +152,8 @@ class WanTunerSampler:
                cfg_apply_ratio: float, slg_mode: str, slg_layers: str, slg_scale: float, slg_start: float,
                slg_end: float, conditioning: WanConditioning | None = None, latent: dict | None = None,
                denoise: float = 1.0, vae: ModelHandle | None = None, unique_id: str | None = None) -> tuple[dict]:
-        from wan_core.media.layouts import check_conditioning_fits, latent_from_comfy, latent_to_comfy
+        from wan_core.media.layouts import latent_from_comfy, latent_to_comfy
+        from wan_core.sampling.conditioning import check_conditioning_fits
         from wan_core.sampling.pipeline import denoise as run_denoise
 
         cond, kind = _conditioning(conditioning, latent, width, height, length)

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from wan_core.loading.checkpoint import peek_shapes, read_metadata, save_safetensors
-from wan_core.lora.apply import LoRANetwork
 from wan_core.lora.formats import save_lora
+from wan_core.lora.network import LoRANetwork
 from wan_core.models.config import (
     CONFIG_METADATA_KEY,
     DiTConfig,

@@ -17,7 +17,8 @@ import torch
 from wan_core.loading.checkpoint import peek_shapes, read_metadata
 from wan_core.lora.apply import lora_multiplier
 from wan_core.models.clip import load_clip_vision
-from wan_core.models.config import CONFIG_METADATA_KEY, get_task
+from wan_core.models.config import CONFIG_METADATA_KEY, DiTConfig, config_from_json, get_task
+from wan_core.models.dit import check_task, check_task_family, normalize_dit_keys
 from wan_core.models.t5 import load_t5
 from wan_core.models.vae import load_vae
 from wan_core.runtime.fp8 import fp8_t5
@@ -138,6 +139,18 @@ def check_model_file(path: str | Path, kind: str, flag: str) -> None:
     found = model_file_kind(path)
     if found is not None and found != kind:
         raise ValueError(f"{flag} {path} is a {KIND_NAMES[found]} file; {flag} expects a {KIND_NAMES[kind]} file")
+
+
+def check_dit_file_task(path: str | Path, task: str) -> None:
+    """Header-only check that a DiT file fits `task` (raises the loader's ValueError when it does not)."""
+    metadata = read_metadata(path)
+    if CONFIG_METADATA_KEY in metadata:
+        config = config_from_json(metadata[CONFIG_METADATA_KEY])
+        if not isinstance(config, DiTConfig):
+            raise ValueError(f"{Path(path).name} holds a {type(config).__name__}, not a DiT")
+        check_task_family(task, config)
+        return
+    check_task(task, normalize_dit_keys(peek_shapes(path), Path(path).name))
 
 
 class ModelSet:

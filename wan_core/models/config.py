@@ -233,3 +233,16 @@ def detect_config(sd: Mapping[str, torch.Tensor], num_heads: int | None = None) 
 def tasks_matching(config: DiTConfig) -> list[str]:
     """Tasks whose architecture equals `config`."""
     return [name for name, task in TASKS.items() if task.dit == config]
+
+
+def describe_dit(config: DiTConfig) -> str:
+    """What a DiT does, for messages: 'a text-to-video model (16 input channels)'."""
+    if config.in_dim == config.out_dim:
+        kind = "text-to-video"
+    elif config.model_type == "flf2v":
+        kind = "first-last-frame"
+    elif config.in_dim == config.out_dim + 32:
+        kind = "Fun-Control"
+    else:
+        kind = "image-to-video"
+    return f"a {kind} model ({config.in_dim} input channels)"
