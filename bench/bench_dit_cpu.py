@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -34,7 +35,7 @@ WIDE = DiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=2)
 
 
 def diffusers_from(ours: torch.nn.Module, cfg: DiTConfig):
-    from diffusers import WanTransformer3DModel
+    from diffusers import WanTransformer3DModel  # the reference: optional, seconds to import
 
     ref = WanTransformer3DModel(num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
                                 in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim,
@@ -89,8 +90,6 @@ print(json.dumps({{"seconds": loaded, "vmhwm_kb": int(status["VmHWM"].split()[0]
 
 
 def bench_load(folder: Path) -> dict:
-    from safetensors.torch import save_file
-
     cfg = TASKS["t2v-1.3B"].dit
     path = folder / "wan2.1_t2v_1.3B_random_bf16.safetensors"
     if not path.exists():

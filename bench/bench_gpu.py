@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from random_dit import materialize_, random_dit, weight_bytes  # noqa: E402
 
 from wan_core.loading.checkpoint import build_on_meta, load_into  # noqa: E402
+from wan_core.loading.convert import DIT_DIFFUSERS, rename  # noqa: E402
 from wan_core.models.attention import available_backends  # noqa: E402
 from wan_core.models.config import TASKS, DiTConfig  # noqa: E402
 from wan_core.models.dit import WanModel  # noqa: E402
@@ -147,9 +148,7 @@ def _ours(case: Case, master: dict[str, torch.Tensor], setup: Setup):
 
 
 def _diffusers(master: dict[str, torch.Tensor], setup: Setup):
-    from diffusers import WanTransformer3DModel
-
-    from wan_core.loading.convert import DIT_DIFFUSERS, rename
+    from diffusers import WanTransformer3DModel  # the reference: optional, seconds to import
 
     cfg = setup.cfg
     with torch.device(setup.device):

@@ -38,7 +38,7 @@ from random_dit import random_dit  # noqa: E402
 
 from training.step import StepConfig, sample_seeds, training_step  # noqa: E402
 from training.timesteps import TimestepConfig  # noqa: E402
-from wan_core.lora.apply import LoRANetwork  # noqa: E402
+from wan_core.lora.network import LoRANetwork  # noqa: E402
 from wan_core.models.config import DiTConfig  # noqa: E402
 from wan_core.runtime.offload import LiveTensorBytes  # noqa: E402
 

@@ -81,7 +81,7 @@ def _denormalize(z: torch.Tensor) -> torch.Tensor:
 
 
 def _diffusers(weights: Path):
-    from diffusers import AutoencoderKLWan
+    from diffusers import AutoencoderKLWan  # the reference: optional, seconds to import
 
     with torch.device("meta"):
         model = AutoencoderKLWan()  # the default config is the Wan2.1 VAE

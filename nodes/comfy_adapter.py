@@ -45,6 +45,7 @@ from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 
 from wan_core.loading.model_set import TOY_FILES, TOY_MODEL_DIR
@@ -431,8 +432,6 @@ class Progress:
             return
         image = None
         if self.preview is not None and latents is not None:
-            from PIL import Image
-
             size = preview_max_size()
             image = ("JPEG", Image.fromarray(self.preview(latents, size)), size)
         self.bar.update_absolute(done, total, image)

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+from wan_core.media.layouts import image_batch_to_wan, image_to_wan
+from wan_core.sampling.conditioning import (
+    PrecomputedCLIP,
+    first_last_to_video,
+    fun_control,
+    image_to_video,
+    size_for_image,
+)
+
 from .common import CATEGORY, first_problem, inp, size_inputs, size_problem
 from .types import CONDITIONING, IMAGE_EMBEDS, VAE, ImageEmbeds, ModelHandle, WanConditioning
 
@@ -12,14 +21,10 @@ OUTPUT_TIPS = ("Conditioning for the sampler (its size and length override the s
 
 
 def _clip(image_embeds: ImageEmbeds | None):
-    from wan_core.media.layouts import PrecomputedCLIP
-
     return None if image_embeds is None else PrecomputedCLIP(image_embeds.features)
 
 
 def _image(images, what: str):
-    from wan_core.media.layouts import image_to_wan
-
     return None if images is None else image_to_wan(images, what)
 
 
@@ -60,8 +65,6 @@ class WanTunerImageToVideo(_SizedNode):
 
     def build(self, vae: ModelHandle, start_image, image_embeds: ImageEmbeds, width: int, height: int, length: int,
               size_from_image: bool, end_image=None) -> tuple:
-        from wan_core.sampling.conditioning import image_to_video, size_for_image
-
         image = _image(start_image, "start_image")
         if size_from_image:
             height, width = size_for_image(tuple(image.shape[-2:]), width * height)
@@ -86,8 +89,6 @@ class WanTunerFirstLastFrame(_SizedNode):
 
     def build(self, vae: ModelHandle, start_image, end_image, image_embeds: ImageEmbeds, width: int, height: int,
               length: int) -> tuple:
-        from wan_core.sampling.conditioning import first_last_to_video
-
         cond = first_last_to_video(vae.model.ready(), _clip(image_embeds), _image(start_image, "start_image"),
                                    _image(end_image, "end_image"), length, height, width)
         return (WanConditioning(cond, "first-last-frame"), width, height)
@@ -114,9 +115,6 @@ class WanTunerFunControl(_SizedNode):
 
     def build(self, vae: ModelHandle, control_video, width: int, height: int, length: int, start_image=None,
               image_embeds: ImageEmbeds | None = None) -> tuple:
-        from wan_core.media.layouts import image_batch_to_wan
-        from wan_core.sampling.conditioning import fun_control
-
         control = image_batch_to_wan(control_video, "control_video")
         cond = fun_control(vae.model.ready(), _clip(image_embeds), control, length, height, width,
                            image=_image(start_image, "start_image"))

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+from wan_core.media.layouts import (
+    frames_to_wan_video,
+    image_to_wan,
+    latent_from_comfy,
+    latent_to_comfy,
+    video_to_image,
+)
 from wan_core.models.config import DEFAULT_NEGATIVE_PROMPT
+from wan_core.sampling.conditioning import encode_clip_images
+from wan_core.sampling.pipeline import decode_latents, encode_prompts
 
 from .common import CATEGORY, inp
 from .types import CLIP_VISION, IMAGE_EMBEDS, T5, TEXT_EMBEDS, VAE, ImageEmbeds, ModelHandle, TextEmbeds
@@ -27,8 +36,6 @@ class WanTunerTextEncode:
         }}
 
     def encode(self, t5: ModelHandle, prompt: str, negative_prompt: str) -> tuple[TextEmbeds]:
-        from wan_core.sampling.pipeline import encode_prompts
-
         encoder = t5.model.ready()
         # An empty negative prompt is the empty caption (what caption dropout trains as "unconditional"), as an
         # empty CLIPTextEncode is in ComfyUI; it is not "no negative".
@@ -60,8 +67,6 @@ class WanTunerCLIPVisionEncode:
         }
 
     def encode(self, clip_vision: ModelHandle, image, crop: str, end_image=None) -> tuple[ImageEmbeds]:
-        from wan_core.media.layouts import encode_clip_images, image_to_wan
-
         clip = clip_vision.model.ready()
         last = None if end_image is None else image_to_wan(end_image, "end_image")
         features = encode_clip_images(clip, image_to_wan(image, "image"), last, crop=crop)
@@ -84,8 +89,6 @@ class WanTunerVAEEncode:
         }}
 
     def encode(self, vae: ModelHandle, images) -> tuple[dict]:
-        from wan_core.media.layouts import frames_to_wan_video, latent_to_comfy
-
         model = vae.model.ready()
         latents = model.encode(frames_to_wan_video(images, "images").to(model.device))
         return ({"samples": latent_to_comfy(latents)},)
@@ -107,9 +110,6 @@ class WanTunerVAEDecode:
         }}
 
     def decode(self, vae: ModelHandle, latent: dict) -> tuple:
-        from wan_core.media.layouts import latent_from_comfy, video_to_image
-        from wan_core.sampling.pipeline import decode_latents
-
         model = vae.model.ready()
         frames = decode_latents(model, latent_from_comfy(latent["samples"]).to(model.device))
         return (video_to_image(frames),)

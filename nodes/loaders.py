@@ -7,9 +7,17 @@ from dataclasses import replace
 
 import torch
 
+from wan_core.loading.model_set import check_dit_file_task
+from wan_core.lora.apply import inference_filter, lora_report
 from wan_core.models.attention import Backend
+from wan_core.models.clip import default_clip_dtype, load_clip_vision
 from wan_core.models.config import TASKS
-from wan_core.runtime.fp8 import FP8_MODES
+from wan_core.models.dit import load_dit
+from wan_core.models.t5 import load_t5
+from wan_core.models.vae import load_vae
+from wan_core.runtime.compile import compile_blocks
+from wan_core.runtime.fp8 import FP8_MODES, fp8_t5
+from wan_core.runtime.offload import enable_block_swap, resident_weight_bytes
 
 from . import comfy_adapter as comfy
 from .common import CATEGORY, first_problem, inp, problem
@@ -29,8 +37,6 @@ def _file_choices(folder: str) -> list[str]:
 def _dit_problem(model_name: str | None, task: str | None) -> str | None:
     """The file must exist (naming model_name in VALIDATE_INPUTS turns off ComfyUI's own list check) and, with an
     explicit task, fit it (read from the header only)."""
-    from wan_core.media.layouts import check_dit_file_task
-
     if model_name is None:
         return None
     missing = problem(lambda: comfy.model_path("diffusion_models", model_name))
@@ -102,18 +108,13 @@ def _unplace_replaced(kind: str, key: tuple) -> None:
 
 def _load_dit(path, task: str | None, dtype: str, fp8: str, attention: str, blocks_to_swap: int,
               compile: bool) -> comfy.ManagedModel:
-    from wan_core.models.dit import load_dit
-
     device = "cpu" if blocks_to_swap else comfy.load_device()
     model = load_dit(path, task=task, dtype=DTYPES[dtype], device=device, attn=attention,
                      fp8=None if fp8 == "none" else fp8)
     if compile:
-        from wan_core.runtime.compile import compile_blocks
-
         compile_blocks(model)
     if not blocks_to_swap:
         return comfy.ManagedModel(model, model, "dit")
-    from wan_core.runtime.offload import enable_block_swap, resident_weight_bytes
 
     return comfy.ManagedModel(model, model, "dit", placer=lambda d: enable_block_swap(model, blocks_to_swap, d),
                               reserve_bytes=resident_weight_bytes(model, blocks_to_swap))
@@ -152,9 +153,6 @@ class WanTunerT5Loader:
 
 
 def _load_t5(path, dtype: str, fp8: bool, tokenizer: str) -> comfy.ManagedModel:
-    from wan_core.models.t5 import load_t5
-    from wan_core.runtime.fp8 import fp8_t5
-
     t5 = load_t5(path, tokenizer=tokenizer.strip() or None, dtype=DTYPES[dtype], device=comfy.load_device())
     if fp8:
         fp8_t5(t5)
@@ -185,8 +183,6 @@ class WanTunerVAELoader:
         return _file_state("vae", model_name)
 
     def load(self, model_name: str, dtype: str, cache_on_cpu: bool, tiling: str) -> tuple[ModelHandle]:
-        from wan_core.models.vae import load_vae
-
         path = comfy.model_path("vae", model_name)
         options = {"cache_device": "cpu" if cache_on_cpu else None,
                    "tiling": {"auto": "auto", "on": True, "off": False}[tiling]}
@@ -220,8 +216,6 @@ class WanTunerCLIPVisionLoader:
         return _file_state("clip_vision", model_name)
 
     def load(self, model_name: str, dtype: str) -> tuple[ModelHandle]:
-        from wan_core.models.clip import default_clip_dtype, load_clip_vision
-
         path = comfy.model_path("clip_vision", model_name)
         chosen = DTYPES[dtype] or default_clip_dtype(comfy.compute_device())
         key = (comfy.file_key(path), dtype)
@@ -234,8 +228,6 @@ class WanTunerCLIPVisionLoader:
 
 
 def _regex_problem(pattern: str | None, what: str) -> str | None:
-    from wan_core.lora.apply import inference_filter
-
     if not pattern or not pattern.strip():
         return None
     return problem(lambda: inference_filter(**{what: pattern.strip()}))
@@ -286,8 +278,6 @@ class WanTunerLoRALoader:
         return first_problem(_regex_problem(include, "include"), _regex_problem(exclude, "exclude"))
 
     def add(self, dit: DiTHandle, lora_name: str, strength: float, include: str, exclude: str) -> dict:
-        from wan_core.media.layouts import lora_report
-
         path = comfy.model_path("loras", lora_name)
         inc, exc = include.strip() or None, exclude.strip() or None
         report = lora_report(dit.model.obj, path, strength, inc, exc)

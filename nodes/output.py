@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 
+from wan_core.media.io import write_video
+from wan_core.media.layouts import check_image_frames
+
 from . import comfy_adapter as comfy
 from .common import CATEGORY, first_problem, inp, problem
 
@@ -45,9 +48,6 @@ class WanTunerSaveVideo:
         return first_problem(None if filename_prefix is None else problem(lambda: check_prefix(filename_prefix)))
 
     def save(self, images, fps: int, filename_prefix: str, crf: int) -> dict:
-        from wan_core.media.io import write_video
-        from wan_core.media.layouts import check_image_frames
-
         prefix = check_prefix(filename_prefix)
         frames = check_image_frames(images, "images")
         target = comfy.output_file(prefix, "mp4", width=frames.shape[2], height=frames.shape[1])

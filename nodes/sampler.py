@@ -7,8 +7,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from wan_core.lora.apply import applied_loras
+from wan_core.media.layouts import (
+    fit_latent_rgb,
+    latent_from_comfy,
+    latent_preview,
+    latent_to_comfy,
+    video_size_of_latent,
+)
+from wan_core.sampling.conditioning import check_conditioning_fits, text_to_video
 from wan_core.sampling.guidance import CFG_SKIP_MODES, SLG_MODES, SLGConfig, parse_slg_layers
 from wan_core.sampling.pipeline import SamplerSettings
+from wan_core.sampling.pipeline import denoise as run_denoise
 from wan_core.sampling.solvers import SAMPLERS
 
 from . import comfy_adapter as comfy
@@ -24,9 +34,6 @@ def _conditioning(conditioning: WanConditioning | None, latent: dict | None, wid
                   length: int) -> tuple[Any, str]:
     """The wan_core Conditioning and its source: a conditioning node, else the input latent's size, else the
     sampler's own width/height/length (text-to-video)."""
-    from wan_core.media.layouts import video_size_of_latent
-    from wan_core.sampling.conditioning import text_to_video
-
     if conditioning is not None:
         return conditioning.cond, conditioning.kind
     if latent is not None:
@@ -47,8 +54,6 @@ def _slg(mode: str, layers: str, scale: float, start: float, end: float) -> SLGC
 
 def _preview(vae: ModelHandle | None):
     """A per-step preview function (latent -> RGB uint8 image), or None without a VAE or with previews off."""
-    from wan_core.media.layouts import fit_latent_rgb, latent_preview
-
     if vae is None or not comfy.previews_enabled():
         return None
     if "latent_rgb" not in vae.cache:  # fitted before the DiT is loaded, so it never displaces the DiT
@@ -61,8 +66,6 @@ def _preview(vae: ModelHandle | None):
 def _prepared(dit: DiTHandle) -> Iterator[Any]:
     """The DiT on its device with the LoRA chain applied for one run. A block-swapped DiT is placed after the
     LoRAs are applied (so their weights stream with the blocks) and unplaced afterwards."""
-    from wan_core.media.layouts import applied_loras
-
     loras = [(s.path, s.strength, s.include, s.exclude) for s in dit.loras]
     self_placed = dit.model.placer is not None and bool(loras)
     if self_placed:
@@ -152,9 +155,6 @@ class WanTunerSampler:
                cfg_apply_ratio: float, slg_mode: str, slg_layers: str, slg_scale: float, slg_start: float,
                slg_end: float, conditioning: WanConditioning | None = None, latent: dict | None = None,
                denoise: float = 1.0, vae: ModelHandle | None = None, unique_id: str | None = None) -> tuple[dict]:
-        from wan_core.media.layouts import check_conditioning_fits, latent_from_comfy, latent_to_comfy
-        from wan_core.sampling.pipeline import denoise as run_denoise
-
         cond, kind = _conditioning(conditioning, latent, width, height, length)
         check_conditioning_fits(dit.config, cond, kind)
         settings = _settings(steps, guidance_scale, shift, solver, seed, noise_on_cpu, cfg_skip_mode,

@@ -41,7 +41,7 @@ def dataset(comfy_server: Server) -> Path:
 
 
 def _lora_report(srv: Server, path: Path):
-    from wan_core.media.layouts import lora_report
+    from wan_core.lora.apply import lora_report
     from wan_core.models.dit import load_dit
 
     model = load_dit(srv.base / "models" / "diffusion_models" / "wan21_toy_t2v_dit.safetensors", device="cpu")

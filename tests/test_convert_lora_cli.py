@@ -10,8 +10,8 @@ import torch
 from tests.tiny import TINY_DIT, randomize_
 from training.__main__ import main as training_main
 from wan_core.loading.checkpoint import load_state_dict, read_metadata
-from wan_core.lora.apply import LoRANetwork, training_targets
 from wan_core.lora.formats import load_lora
+from wan_core.lora.network import LoRANetwork, training_targets
 from wan_core.models.dit import WanModel
 
 

@@ -15,8 +15,8 @@ from wan_core import load_dit
 from wan_core.loading.checkpoint import CheckpointError, build_on_meta, save_safetensors
 from wan_core.loading.convert import DIT_DIFFUSERS, rename
 from wan_core.models.attention import available_backends
-from wan_core.models.config import CONFIG_METADATA_KEY, TASKS, check_task, config_to_json
-from wan_core.models.dit import WanModel
+from wan_core.models.config import CONFIG_METADATA_KEY, TASKS, config_to_json
+from wan_core.models.dit import WanModel, check_task
 
 # head dim 128 (as in the real models) so that the architecture is detectable from shapes alone
 DETECTABLE = dataclasses.replace(TINY_DIT, dim=128, num_heads=1, ffn_dim=256)

@@ -16,7 +16,7 @@ from tests.numerics import assert_float32_parity, float64_run
 from tests.tiny import TINY_DIT, randomize_
 from wan_core import load_dit
 from wan_core.models import ops
-from wan_core.models.dit import WanModel
+from wan_core.models.dit import WanModel, build_fp8_dit
 from wan_core.models.ops import (
     CastLinear,
     FP8Linear,
@@ -34,7 +34,6 @@ from wan_core.models.ops import (
 from wan_core.runtime.fp8 import (
     FP8_MODES,
     apply_fp8,
-    build_fp8_dit,
     fp8_t5,
     get_fp8_mode,
     is_dit_target,

@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 from tests.numerics import assert_float32_parity, float64_copy, float64_run, float64_upcasts, to_float64
 from tests.tiny import TINY_DIT_BY_TYPE, randomize_
 from wan_core.loading.checkpoint import read_metadata
-from wan_core.lora.apply import LoRANetwork, TrainableLoRA, merge_loras, training_targets
+from wan_core.lora.apply import merge_loras
 from wan_core.lora.formats import load_lora, lora_state_dict
+from wan_core.lora.network import LoRANetwork, TrainableLoRA, training_targets
 from wan_core.models.dit import WanModel
 from wan_core.models.ops import CastLinear
 

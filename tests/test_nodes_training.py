@@ -181,7 +181,7 @@ def test_cache_node_writes_the_folder_toml_and_summarises(workflow) -> None:
 def test_trained_lora_is_in_the_loras_folder_and_loads_with_zero_unmatched_keys(workflow) -> None:
     from safetensors.torch import load_file
 
-    from wan_core.media.layouts import lora_report
+    from wan_core.lora.apply import lora_report
 
     name, image, summary = workflow.result.outputs["6"]
     loras = workflow.root / "models" / "loras"
@@ -322,7 +322,7 @@ def test_train_node_trains_the_loaded_dit_itself_and_leaves_it_unchanged(tmp_pat
 def test_cancel_stops_between_steps_keeps_the_saved_file_valid_and_frees_the_copy(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.test_nodes_comfy_adapter import FakeComfy, Interrupted
-    from wan_core.media.layouts import lora_report
+    from wan_core.lora.apply import lora_report
 
     tms.write_model_set(tmp_path / "models")
     _write_dataset(tmp_path / "input")

@@ -20,8 +20,9 @@ from training.timesteps import TimestepConfig
 from training.train import main as train_main
 from training.train import train
 from wan_core.loading.checkpoint import load_state_dict, read_metadata
-from wan_core.lora.apply import LoRANetwork, linear_modules
+from wan_core.lora.apply import linear_modules
 from wan_core.lora.formats import load_lora
+from wan_core.lora.network import LoRANetwork
 from wan_core.models.config import CONFIG_METADATA_KEY, config_from_json
 from wan_core.models.dit import WanModel, load_dit
 

@@ -23,10 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from wan_core.generate.jobs import Job, parse_prompt_line, read_prompt_lines
+from wan_core.loading.checkpoint import make_temp, new_file_mode
+from wan_core.media.io import frames_to_tensor, image_to_tensor, read_image, read_video, to_uint8, write_video
+from wan_core.models.clip import load_clip_vision
 from wan_core.models.config import DEFAULT_NEGATIVE_PROMPT, get_task
+from wan_core.models.t5 import load_t5
+from wan_core.models.vae import load_vae
+from wan_core.runtime.fp8 import fp8_t5
 from wan_core.sampling import conditioning as cond
+from wan_core.sampling.pipeline import SamplerSettings, decode_latents, denoise
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +77,6 @@ def _round_size(job: Job) -> tuple[int, int, int]:
 
 def _conditioning(job: Job, task: str | None, in_dim: int, vae: object, clip: object | None,
                   size: tuple[int, int, int]) -> cond.Conditioning:
-    from wan_core.media.io import frames_to_tensor, image_to_tensor, read_image, read_video
-
     height, width, frames = size
     if in_dim == 16:
         return cond.text_to_video(height, width, frames)
@@ -98,12 +104,8 @@ def read_sample_jobs(path: str | Path) -> list[Job]:
 
 
 def _encode_texts(args: object, texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-    from wan_core.models.t5 import load_t5
-
     t5 = load_t5(args.t5, tokenizer=args.tokenizer, device=device)
     if args.fp8_t5:
-        from wan_core.runtime.fp8 import fp8_t5
-
         fp8_t5(t5)
     with torch.no_grad():
         embeds = {text: e.float().cpu() for text, e in zip(texts, t5.encode(texts))}
@@ -116,8 +118,6 @@ def _encode_texts(args: object, texts: list[str], device: torch.device) -> dict[
 def prepare_samples(args: object, task: str | None, in_dim: int, device: torch.device, seed: int, rank: int,
                     world: int, name: str) -> SamplePlan:
     """Encode the prompts and conditioning of this process's share of the prompt file."""
-    from wan_core.models.vae import load_vae
-
     jobs = read_sample_jobs(args.sample_prompts)
     if in_dim == 36 and not args.clip:
         raise ValueError("--sample_prompts for an I2V model needs --clip (the CLIP vision model for the start images)")
@@ -130,8 +130,6 @@ def prepare_samples(args: object, task: str | None, in_dim: int, device: torch.d
     vae = load_vae(args.vae, dtype=vae_dtype, device=device)
     clip = None
     if args.clip and any(job.image_path for _, job in mine):
-        from wan_core.models.clip import load_clip_vision
-
         clip = load_clip_vision(args.clip, device=device)
     sample_jobs = []
     for (index, job), negative in zip(mine, negatives):
@@ -159,11 +157,6 @@ def _frames_for_log(frames: torch.Tensor, limit: int = 8) -> torch.Tensor:
 
 
 def _save(frames: torch.Tensor, path: Path) -> Path:
-    from PIL import Image
-
-    from wan_core.loading.checkpoint import make_temp, new_file_mode
-    from wan_core.media.io import to_uint8, write_video
-
     if frames.shape[0] > 1:
         return write_video(frames, path.with_suffix(".mp4"), SAMPLE_FPS)
     out = path.with_suffix(".png")
@@ -181,8 +174,6 @@ def _save(frames: torch.Tensor, path: Path) -> Path:
 def generate_samples(plan: SamplePlan, dit: torch.nn.Module, step: int, epoch: int | None, autocast: object,
                      writer: object | None = None) -> list[Path]:
     """Render every job of `plan` with the current weights; returns the written files."""
-    from wan_core.sampling.pipeline import SamplerSettings, decode_latents, denoise
-
     torch_state, py_state = torch.get_rng_state(), random.getstate()
     cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     suffix = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"

@@ -37,6 +37,7 @@ Outside `sigma`, σ is rescaled into [t_min, t_max]/1000 linearly, or with `--pr
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import math
 from collections.abc import Callable
@@ -239,7 +240,5 @@ def stratified_uniform(num_buckets: int, draw_index: int, seed: int, v: float) -
 
 def mix_seed(*parts: object) -> int:
     """A 63-bit seed from a tuple of ints/strings (blake2b), for per-sample generators."""
-    import hashlib
-
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)

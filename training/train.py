@@ -31,9 +31,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from tqdm import tqdm
 
 from training import state as st
 from training.args import config_from_args, parse_train_args
+from training.cache.store import open_training_source
 from training.dataset.batches import (
     BatchLoader,
     BatchSource,
@@ -44,6 +46,7 @@ from training.dataset.batches import (
 )
 from training.optim import build_optimizer as make_optimizer
 from training.optim import build_scheduler, current_lrs
+from training.previews import generate_samples, prepare_samples
 from training.step import InputSpec, StepConfig, sample_seeds, training_step
 from training.train_config import TrainConfig, fingerprint
 from training.trainable import (
@@ -143,6 +146,7 @@ def _make_accelerator(cfg: TrainConfig) -> object:
     """accelerate's Accelerator: CUDA when available, else the CPU (several CPU processes use gloo); its fp16
     gradient scaler (GPU only) scales the loss in `backward`. A second run in the same process with another mixed
     precision resets accelerate's shared state (not the process group)."""
+    # accelerate is imported when a run starts: it takes ~0.1 s and pulls in much of torch.distributed
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import InitProcessGroupKwargs
@@ -194,8 +198,6 @@ def open_source(run: Run, path: str) -> BatchSource:
     """The checked caches of a dataset TOML (`training.cache.store`): entries must match the media, the preprocessing
     and, when --vae/--clip/--t5 are given, those encoders; the task's extra tensors must be cached. Caption dropout
     is the loop's (`training.step`), so the reader's own is left off."""
-    from training.cache.store import open_training_source
-
     needed, models = run.step_cfg.inputs.required_keys(), run.cfg.model
     return open_training_source(path, need_image="latents_image" in needed, need_clip="clip" in needed,
                                 need_control="latents_control" in needed, seed=run.seed, vae=models.vae,
@@ -516,8 +518,6 @@ def checkpoint(run: Run, trainable: Trainable, optim: Optim, data: Data, progres
 
 
 def sample_now(run: Run, trainable: Trainable, optim: Optim, extras: Extras, step: int, epoch: int | None) -> None:
-    from training.previews import generate_samples
-
     if extras.samples is None:
         return
     optim.eval_mode()
@@ -614,8 +614,6 @@ def prepare_sampling(run: Run) -> object | None:
     """Encode the sample prompts (T5, CLIP and VAE come and go before the DiT is loaded)."""
     if not run.cfg.monitor.sample_prompts:
         return None
-    from training.previews import prepare_samples
-
     return prepare_samples(sampling_settings(run.cfg), run.task, run.info.config.in_dim, run.device, run.seed,
                            run.rank, run.world, run.name)
 
@@ -623,12 +621,10 @@ def prepare_sampling(run: Run) -> object | None:
 def open_extras(run: Run, data: Data, progress: st.Progress, samples: object | None,
                 on_step: StepCallback | None) -> Extras:
     """Open TensorBoard (main process) and the tqdm bar."""
-    from tqdm import tqdm
-
     monitor = run.cfg.monitor
     extras = Extras(samples=samples, on_step=on_step)
     if monitor.log_with and run.is_main:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # only with --log_with: ~0.3 s to import
 
         folder = ((monitor.log_prefix or "") + (monitor.log_tracker_name or "network_train")
                   + time.strftime("%Y%m%d%H%M%S"))

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from wan_core.loading.checkpoint import peek_shapes, read_metadata, save_safetensors
-from wan_core.lora.apply import LoRANetwork
 from wan_core.lora.formats import save_lora
+from wan_core.lora.network import LoRANetwork
 from wan_core.models.config import (
     CONFIG_METADATA_KEY,
     DiTConfig,
@@ -37,6 +37,7 @@ from wan_core.models.config import (
     tasks_matching,
 )
 from wan_core.models.dit import FP8_DTYPES, WanModel, checkpoint_dtype, load_dit, normalize_dit_keys
+from wan_core.runtime.offload import enable_block_swap, parse_blocks_to_swap, pin_mode
 
 if TYPE_CHECKING:
     from training.train_config import MemoryConfig, ModelConfig, TrainConfig
@@ -93,8 +94,6 @@ def weight_dtype(mixed_precision: str | None, stored: torch.dtype, full: bool) -
 def _block_swap(model: WanModel, blocks: int, device: torch.device, pinned: bool) -> None:
     """`wan_core.runtime.offload`: the last `blocks` blocks' frozen weights stream from CPU memory (LoRA stays on
     device)."""
-    from wan_core.runtime.offload import enable_block_swap, parse_blocks_to_swap, pin_mode
-
     count = parse_blocks_to_swap(blocks, len(model.blocks))
     swapper = enable_block_swap(model, count, device, pin=pin_mode(pinned))
     model._block_swapper = swapper  # keep it alive with the model

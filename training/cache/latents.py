@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from training import dry_run
 from training.cache.store import (
     HASH_INDEX_NAME,
     CacheRunReport,
@@ -54,6 +55,9 @@ from training.config_file import add_config_file_argument, parse_args
 from training.dataset.items import DatasetItem, DatasetScan, ensure_not_empty, scan_dataset_group
 from training.dataset.schema import DatasetGroupConfig, load_dataset_config
 from wan_core.media.io import MediaReadError, frames_to_tensor, read_image, read_video, resize_to_bucket
+from wan_core.models.clip import default_clip_dtype, load_clip_vision
+from wan_core.models.config import get_task
+from wan_core.models.vae import load_vae
 from wan_core.sampling.conditioning import frame_mask
 
 logger = logging.getLogger(__name__)
@@ -167,16 +171,12 @@ def _resolve_scan(dataset: str | os.PathLike[str] | DatasetGroupConfig | Dataset
 
 def _load_vae(vae: Any, dtype: torch.dtype, device: str, cache_cpu: bool) -> Any:
     """A path is loaded; a loaded VAE is used as it is (its device, dtype and cache device)."""
-    from wan_core.models.vae import load_vae
-
     if isinstance(vae, (str, os.PathLike)):
         return load_vae(vae, dtype=dtype, device=device, cache_device="cpu" if cache_cpu else None)
     return vae
 
 
 def _load_clip(clip: Any, device: str) -> Any:
-    from wan_core.models.clip import load_clip_vision
-
     return load_clip_vision(clip, device=device) if isinstance(clip, (str, os.PathLike)) else clip
 
 
@@ -184,8 +184,6 @@ def _clip_dtype(clip: Any, device: str) -> str | None:
     if clip is None:
         return None
     if isinstance(clip, (str, os.PathLike)):
-        from wan_core.models.clip import default_clip_dtype
-
         return dtype_name(default_clip_dtype(device))
     return dtype_name(clip.dtype)
 
@@ -303,8 +301,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_task(name: str, clip: str | None, scan: DatasetScan) -> bool:
     """Raise ValueError when the cache would not fit task `name`; returns whether the task needs I2V latents."""
-    from wan_core.models.config import get_task
-
     task = get_task(name)
     if task.needs_clip and not clip:
         raise ValueError(f"task {task.name} needs CLIP features in the latent cache: pass --clip "
@@ -327,8 +323,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv, required=("dataset_config",))
     if args.debug_mode is not None:
-        from training import dry_run
-
         sys.stderr.write(f"--debug_mode {args.debug_mode} is not supported; showing the dataset dry-run report "
                          "(python -m training dataset --dry-run) instead; nothing is encoded\n")
         return dry_run.main(["--dataset_config", args.dataset_config, "--dry-run"])

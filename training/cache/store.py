@@ -72,7 +72,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
 
+from training.dataset.batches import DatasetBatching, TrainItem
 from training.dataset.items import DatasetItem, DatasetScan, ensure_not_empty, epoch_batches, scan_dataset_group
 from training.dataset.schema import DatasetConfig, DatasetGroupConfig, load_dataset_config
 from wan_core.loading.checkpoint import (
@@ -84,6 +87,8 @@ from wan_core.loading.checkpoint import (
     write_text_atomic,
 )
 from wan_core.media.io import MediaReadError, list_images
+from wan_core.models.config import CONFIG_METADATA_KEY, T5Config, config_from_json
+from wan_core.models.tokenizer import SPIECE_KEY, find_tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +157,6 @@ class TqdmProgress:
         self.desc, self.unit, self.bar = desc, unit, None
 
     def __call__(self, done: int, total: int) -> None:
-        from tqdm import tqdm
-
         if self.bar is None:
             self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, dynamic_ncols=True)
         self.bar.update(done - self.bar.n)
@@ -407,11 +410,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 def resolve_tokenizer(t5_path: str | os.PathLike[str], tokenizer: Any = None) -> Any:
     """The tokenizer `load_t5` would use: `tokenizer` if given (folder, .model file, bytes or instance), else the
     `spiece_model` tensor embedded in the checkpoint, else `google/umt5-xxl` next to it."""
-    from safetensors import safe_open
-
-    from wan_core.models.config import CONFIG_METADATA_KEY, T5Config, config_from_json
-    from wan_core.models.tokenizer import SPIECE_KEY, find_tokenizer, load_tokenizer
-
     metadata = read_metadata(t5_path)
     config = config_from_json(metadata[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in metadata else None
     text_len = config.text_len if isinstance(config, T5Config) else T5Config().text_len
@@ -498,8 +496,6 @@ def corruption(path: Path, tensors: Mapping[str, torch.Tensor], digests: Mapping
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, _stored_digests(f.metadata() or {})
@@ -963,8 +959,6 @@ class CacheSource:
     Caption dropout and batch planning are the training loop's."""
 
     def __init__(self, dataset: CachedDataset) -> None:
-        from training.dataset.batches import DatasetBatching, TrainItem
-
         self.dataset = dataset
         self._items: dict[tuple[int, str], DatasetItem] = {}
         self._train_items = []

@@ -54,6 +54,9 @@ from training.cache.store import (
 from training.config_file import add_config_file_argument, parse_args
 from training.dataset.items import _list_sources
 from training.dataset.schema import DatasetGroupConfig, check_dataset_group, load_dataset_config
+from wan_core.loading.checkpoint import peek_shapes
+from wan_core.models.t5 import load_t5
+from wan_core.runtime.fp8 import fp8_t5
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +100,6 @@ def text_settings(t5: Any, tokenizer: Any, fp8: bool) -> tuple[TextSettings, Any
 
 def _compute_name(t5_path: Any) -> str:
     """load_t5's default compute dtype: bf16, except that fp32 files stay fp32."""
-    from wan_core.loading.checkpoint import peek_shapes
-
     dtypes = {t.dtype for t in peek_shapes(t5_path).values() if t.is_floating_point()}
     return "float32" if dtypes == {torch.float32} else "bfloat16"
 
@@ -106,12 +107,9 @@ def _compute_name(t5_path: Any) -> str:
 def _load_t5(t5: Any, tokenizer: Any, device: str, fp8: bool, batch_size: int) -> Any:
     if not isinstance(t5, (str, os.PathLike)):
         return t5
-    from wan_core.models.t5 import load_t5
 
     encoder = load_t5(t5, tokenizer=tokenizer, device=device, batch_size=batch_size)
     if fp8:
-        from wan_core.runtime.fp8 import fp8_t5
-
         fp8_t5(encoder, FP8_T5_MODE)
     return encoder
 

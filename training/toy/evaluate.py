@@ -24,7 +24,12 @@ from pathlib import Path
 
 import torch
 
-from wan_core.loading.model_set import SAMPLING_METADATA_KEY, TOY_FILES, TOY_MODEL_DIR
+from wan_core.loading.checkpoint import load_state_dict, read_metadata, save_safetensors
+from wan_core.loading.model_set import SAMPLING_METADATA_KEY, TOY_FILES, TOY_MODEL_DIR, sampling_defaults
+from wan_core.lora.apply import apply_loras
+from wan_core.models.dit import load_dit
+from wan_core.models.t5 import load_t5
+from wan_core.models.vae import load_vae
 from wan_core.sampling.conditioning import text_to_video
 from wan_core.sampling.pipeline import SamplerSettings, decode_latents, denoise, encode_prompts
 from wan_core.toy.score import ScoreSummary, score_many
@@ -71,8 +76,6 @@ def purple_pairs(seeds: int = 2) -> list[Pair]:
 
 def sampling_from_file(dit_path: str | Path) -> Sampling:
     """The recommended settings stored in the DiT file (`wantuner_sampling`), else the defaults."""
-    from wan_core.loading.model_set import sampling_defaults
-
     meta = sampling_defaults(Path(dit_path))
     size = meta.get("video_size", (64, 64))
     return Sampling(steps=int(meta.get("infer_steps", 20)), guidance=float(meta.get("guidance_scale", 5.0)),
@@ -91,10 +94,6 @@ class ToySet:
 
     @classmethod
     def load(cls, folder: str | Path = TOY_MODEL_DIR, dit: str | Path | None = None) -> ToySet:
-        from wan_core.models.dit import load_dit
-        from wan_core.models.t5 import load_t5
-        from wan_core.models.vae import load_vae
-
         folder = Path(folder)
         dit_path = Path(dit) if dit else folder / TOY_FILES["dit"]
         return cls(load_dit(dit_path, dtype=torch.float32), load_vae(folder / TOY_FILES["vae"]),
@@ -150,15 +149,11 @@ def evaluate(models: ToySet, pairs: Sequence[Pair], sampling: Sampling) -> Behav
 
 def apply_lora_file(models: ToySet, path: str | Path, multiplier: float = 1.0) -> object:
     """Wrap the DiT's layers with the LoRA (unmerged; `handle.remove()` restores the base model)."""
-    from wan_core.lora.apply import apply_loras
-
     return apply_loras(models.dit, [str(path)], [multiplier])
 
 
 def write_sampling(dit_path: str | Path, sampling: Sampling, task: str = "t2v-1.3B") -> None:
     """Store `sampling` as the DiT file's recommended defaults (`wantuner_sampling` metadata), atomically."""
-    from wan_core.loading.checkpoint import load_state_dict, read_metadata, save_safetensors
-
     meta = read_metadata(dit_path)
     meta[SAMPLING_METADATA_KEY] = json.dumps({
         "task": task, "video_size": [sampling.height, sampling.width], "video_length": sampling.frames,

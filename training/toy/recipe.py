@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,9 +29,24 @@ from pathlib import Path
 
 import torch
 
+from training.toy.commands import run
+from training.toy.evaluate import (
+    Sampling,
+    ToySet,
+    apply_lora_file,
+    base_pairs,
+    colour_rate,
+    evaluate,
+    purple_pairs,
+    sampling_from_file,
+    write_sampling,
+)
+from training.toy.text import build_toy_text_encoder
+from training.toy.variants import build_variants
 from wan_core.loading.checkpoint import save_safetensors
 from wan_core.loading.model_set import TOY_FILES
 from wan_core.models.config import CONFIG_METADATA_KEY, DiTConfig, config_to_json
+from wan_core.models.dit import WanModel
 from wan_core.toy.world import MOTIONS, SHAPES, Combo, train_combos, write_dataset
 
 logger = logging.getLogger(__name__)
@@ -84,31 +97,10 @@ class Report:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-def run(args: Sequence[str], log: Path) -> None:
-    """Run `python <args>` with its output appended to `log`; a failure raises RuntimeError naming the log."""
-    command = [sys.executable, *map(str, args)]
-    logger.info("$ %s", " ".join(command[1:]))
-    with open(log, "a", encoding="utf-8") as f:
-        f.write(f"\n$ {' '.join(command)}\n")
-        f.flush()
-        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=_env(), check=False)
-    if done.returncode:
-        raise RuntimeError(f"`{' '.join(command[1:4])} ...` failed with exit code {done.returncode}; see {log}")
-
-
 def init_dit(path: Path, config: DiTConfig, seed: int) -> Path:
     """A DiT with the official initialisation drawn from `seed`, its config in the metadata."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        from wan_core.models.dit import WanModel
 
         model = WanModel(config)
         model.init_weights()
@@ -146,8 +138,6 @@ class Recipe:
         logger.info("== stage %s done in %.1f s", name, self.report.stages[name])
 
     def stage_text(self) -> None:
-        from training.toy.text import build_toy_text_encoder
-
         low, median = build_toy_text_encoder(self.path("t5"), self.cfg.seed)
         self.report.figures["t5_caption_separation"] = {"min": round(low, 3), "median": round(median, 3)}
 
@@ -205,8 +195,6 @@ class Recipe:
         shutil.copyfile(self.work / "dit" / "dit.safetensors", self.path("dit"))
 
     def stage_evaluate(self) -> None:
-        from training.toy.evaluate import Sampling, ToySet, base_pairs, evaluate, write_sampling
-
         models = ToySet.load(self.out)
         pairs = base_pairs(heldout_seeds=1, train_count=12)  # the grid uses a smaller set than the final figures
         grid = {}
@@ -230,16 +218,6 @@ class Recipe:
         self.report.figures["behaviour"] = final.as_dict()
 
     def stage_lora(self) -> None:
-        from training.toy.evaluate import (
-            ToySet,
-            apply_lora_file,
-            base_pairs,
-            colour_rate,
-            evaluate,
-            purple_pairs,
-            sampling_from_file,
-        )
-
         cfg = self.cfg
         if not (self.work / "data_lora" / "dataset.toml").exists():
             self.stage_data()
@@ -271,8 +249,6 @@ class Recipe:
             "base_motion_with": base_with.overall.motion}
 
     def stage_variants(self) -> None:
-        from training.toy.variants import build_variants
-
         result = build_variants(self.out, self.work / "variants", self.path("dit"), self.path("vae"), self.path("t5"),
                                 seed=self.cfg.seed)
         self.report.figures["variants"] = result

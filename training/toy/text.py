@@ -14,11 +14,12 @@ import logging
 import tempfile
 from pathlib import Path
 
+import sentencepiece as spm
 import torch
 
 from wan_core.loading.checkpoint import save_safetensors
 from wan_core.models.config import CONFIG_METADATA_KEY, T5Config, config_to_json
-from wan_core.models.t5 import T5Encoder, UMT5Encoder
+from wan_core.models.t5 import T5Encoder, UMT5Encoder, load_t5
 from wan_core.models.tokenizer import UMT5Tokenizer, save_spiece_into
 from wan_core.toy.world import COLOURS, MOTIONS, SHAPES, all_combos
 
@@ -42,8 +43,6 @@ def train_tokenizer(vocab_limit: int = TOY_T5_CONFIG.vocab_size) -> bytes:
     """Train the SentencePiece model (deterministic: one thread, fixed corpus) -> serialised model bytes.
 
     Ids follow umT5: <pad> 0, </s> 1, <unk> 2; no BOS."""
-    import sentencepiece as spm
-
     words = caption_words()
     with tempfile.TemporaryDirectory() as tmp:
         rules = Path(tmp) / "lowercase.tsv"
@@ -67,7 +66,7 @@ def train_tokenizer(vocab_limit: int = TOY_T5_CONFIG.vocab_size) -> bytes:
 def _without_rule_path(model: bytes) -> bytes:
     """Drop the (temporary) path of the normalisation table that the trainer records, so the bytes are
     reproducible; the compiled table itself stays in the model."""
-    from sentencepiece import sentencepiece_model_pb2
+    from sentencepiece import sentencepiece_model_pb2  # needs protobuf, a development-only dependency
 
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(model)
@@ -106,8 +105,6 @@ def caption_separation(encoder: T5Encoder, captions: list[str] | None = None) ->
 
 def build_toy_text_encoder(path: str | Path, seed: int) -> tuple[float, float]:
     """Train the tokenizer, build the seeded encoder, save it; returns `caption_separation` of the saved file."""
-    from wan_core.models.t5 import load_t5
-
     model_bytes = train_tokenizer()
     saved = save_t5(build_t5(seed), model_bytes, path)
     encoder = load_t5(saved)

@@ -44,7 +44,19 @@ import torch.nn.functional as F
 
 from wan_core.loading.checkpoint import save_safetensors, write_text_atomic
 from wan_core.models.config import CONFIG_METADATA_KEY, VAEConfig, config_to_json
-from wan_core.models.vae import VAE_MEAN, VAE_STD, FeatureCache, WanVAE, WanVAEModel, latent_frames
+from wan_core.models.vae import (
+    VAE_MEAN,
+    VAE_STD,
+    AttentionBlock,
+    FeatureCache,
+    Resample,
+    ResidualBlock,
+    WanVAE,
+    WanVAEModel,
+    latent_frames,
+    load_vae,
+)
+from wan_core.toy.score import score_many
 from wan_core.toy.world import COLOURS, DEFAULT_SIZE, MOTIONS, SHAPES, Combo, render_params, sample_params
 
 logger = logging.getLogger(__name__)
@@ -208,8 +220,6 @@ def identity_path_init(model: WanVAEModel) -> None:
     decoder), every residual branch and attention projection starts at zero (identity blocks, as in SkipInit), and
     the remaining channels keep their random initialisation for training to put detail into. The architecture and
     key names are unchanged; only the starting point differs."""
-    from wan_core.models.vae import AttentionBlock, Resample, ResidualBlock
-
     z = model.config.z_dim
     for module in model.modules():
         if isinstance(module, ResidualBlock):
@@ -400,8 +410,6 @@ def to_video(clips: Sequence[np.ndarray]) -> torch.Tensor:
 def evaluate_reconstruction(vae: WanVAE, clips: Sequence[np.ndarray], combos: Sequence[Combo],
                             batch: int = 8) -> ReconstructionReport:
     """Encode + decode through the inference wrapper; PSNR and the toy-world scorer on the reconstructions."""
-    from wan_core.toy.score import score_many
-
     recon = []
     for i in range(0, len(clips), batch):
         video = to_video(clips[i : i + batch])
@@ -421,8 +429,6 @@ def evaluate_reconstruction(vae: WanVAE, clips: Sequence[np.ndarray], combos: Se
 def build_toy_vae(cfg: VAETrainConfig, out: str | Path, *, stats_clips: int = 48, eval_clips: int = 75,
                   dtype: torch.dtype = torch.float16) -> ReconstructionReport:
     """Train, fold the latent statistics, save, reload through `load_vae` and evaluate held-out clips."""
-    from wan_core.models.vae import load_vae
-
     start = time.perf_counter()
     model = train_vae(cfg)
     train_s = time.perf_counter() - start

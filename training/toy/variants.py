@@ -38,12 +38,34 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
+from training.cache.latents import load_pixels
+from training.cache.store import LatentSettings, latent_entries, load_latent_entry, read_entry_info, save_latent_entry
+from training.dataset.items import scan_dataset_group
+from training.dataset.schema import load_dataset_config
+from training.toy.commands import run
+from training.toy.evaluate import sampling_from_file
 from wan_core.loading.checkpoint import read_metadata, save_safetensors
 from wan_core.loading.model_set import SAMPLING_METADATA_KEY, TOY_FILES
-from wan_core.models.clip import CLIPVision
+from wan_core.models.clip import CLIPVision, load_clip_vision
 from wan_core.models.config import CONFIG_METADATA_KEY, CLIPVisionConfig, DiTConfig, config_to_json
-from wan_core.toy.world import HELDOUT, MOTIONS, Combo, coverage, render_clip, sample_params, train_combos
+from wan_core.models.dit import WanModel, load_dit
+from wan_core.models.t5 import load_t5
+from wan_core.models.vae import load_vae
+from wan_core.sampling.conditioning import first_last_to_video, fun_control, image_to_video
+from wan_core.sampling.pipeline import SamplerSettings, decode_latents, denoise, encode_prompts
+from wan_core.toy.score import analyze_clip
+from wan_core.toy.world import (
+    HELDOUT,
+    MOTIONS,
+    Combo,
+    coverage,
+    render_clip,
+    sample_params,
+    train_combos,
+    write_dataset,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +143,6 @@ def init_variant(t2v_model: torch.nn.Module, kind: str, clip_dim: int, seed: int
     Shared tensors are copied; the patch embedding's extra input channels and each block's `cross_attn.v_img` are
     zero (the image cross-attention then adds exactly 0); `img_emb` and `k_img` get the official init from `seed`.
     """
-    from wan_core.models.dit import WanModel
-
     cfg = variant_config(t2v_model.config, kind, clip_dim)
     source = {k: v.detach().float() for k, v in t2v_model.state_dict().items()}
     with torch.random.fork_rng():
@@ -152,8 +172,6 @@ def init_variant(t2v_model: torch.nn.Module, kind: str, clip_dim: int, seed: int
 
 def write_variant_init(t2v_path: Path, kind: str, clip_dim: int, seed: int, path: Path) -> Path:
     """The initial `kind` DiT file (fp32), its config and the T2V file's sampling defaults (task renamed)."""
-    from wan_core.models.dit import load_dit
-
     t2v = load_dit(t2v_path, dtype=torch.float32)
     model = init_variant(t2v, kind, clip_dim, seed)
     meta = {CONFIG_METADATA_KEY: config_to_json(model.config)}
@@ -176,8 +194,6 @@ def silhouette(combo: Combo, seed: int, num_frames: int = 9, size: int = 64) -> 
 
 
 def _write_frames(directory: Path, frames: np.ndarray) -> None:
-    from PIL import Image
-
     tmp = directory.with_name(f".{directory.name}.tmp")
     tmp.mkdir(parents=True)
     for t, frame in enumerate(frames):
@@ -187,8 +203,6 @@ def _write_frames(directory: Path, frames: np.ndarray) -> None:
 
 def write_image_dataset(out: Path, combos: Sequence[Combo], clips_per_combo: int, seed: int, batch: int) -> Path:
     """Toy-world png clips for I2V/FLF2V; returns the dataset toml."""
-    from wan_core.toy.world import write_dataset
-
     write_dataset(out, combos, clips_per_combo, seed=seed, batch_size=batch)
     return out / "dataset.toml"
 
@@ -196,8 +210,6 @@ def write_image_dataset(out: Path, combos: Sequence[Combo], clips_per_combo: int
 def write_control_dataset(out: Path, combos: Sequence[Combo], clips_per_combo: int, seed: int, batch: int) -> Path:
     """Fun-Control dataset, musubi layout: mp4 clips in videos/ (+ captions) and, in control/, a frame folder per
     clip named like its stem holding the object's silhouette; the toml names `control_directory`."""
-    from wan_core.toy.world import write_dataset
-
     paths = write_dataset(out, combos, clips_per_combo, seed=seed, fmt="mp4", batch_size=batch)
     # write_dataset gives clip i the i-th seed spawned from SeedSequence(seed) (its documented rule)
     jobs = [combo for combo in combos for _ in range(int(clips_per_combo))]
@@ -227,18 +239,6 @@ def rewrite_flf2v_cache(dataset_toml: Path, vae: object, clip: object) -> int:
     official FLF2V y (mask 1 on the first and last frames, VAE of [first, grey..., last]) and `clip` the CLIP
     features of both frames [2, 257, D]. The entry keys stay (same media, preprocessing and encoders). Entries
     already in the FLF2V layout are left alone. Returns the number of entries rewritten."""
-    from training.cache.latents import load_pixels
-    from training.cache.store import (
-        LatentSettings,
-        latent_entries,
-        load_latent_entry,
-        read_entry_info,
-        save_latent_entry,
-    )
-    from training.dataset.items import scan_dataset_group
-    from training.dataset.schema import load_dataset_config
-    from wan_core.sampling.conditioning import first_last_to_video
-
     scan = scan_dataset_group(load_dataset_config(dataset_toml))
     count = 0
     for entry in latent_entries(scan):
@@ -305,8 +305,6 @@ def conflict_pairs(pairs: Sequence[VariantPair]) -> list[VariantPair]:
 
 def _conditioning(kind: str, pair: VariantPair, vae: object, clip: object, frames: int, height: int,
                   width: int) -> object:
-    from wan_core.sampling.conditioning import first_last_to_video, fun_control, image_to_video
-
     ref = render_clip(pair.combo, seed=pair.seed + 1, num_frames=frames, size=height)
     if kind == "i2v":
         return image_to_video(vae, clip, to_image(ref[0]), frames, height, width)
@@ -319,8 +317,6 @@ def _conditioning(kind: str, pair: VariantPair, vae: object, clip: object, frame
 def generate_variant(kind: str, dit: torch.nn.Module, vae: object, t5: object, clip: object,
                      pairs: Sequence[VariantPair], sampling: object) -> torch.Tensor:
     """Clips [N, T, H, W, 3] in [0, 1], one per pair, through the nodes' path (conditioning -> denoise -> decode)."""
-    from wan_core.sampling.pipeline import SamplerSettings, decode_latents, denoise, encode_prompts
-
     prompts = sorted({p.prompt for p in pairs} | {sampling.negative_prompt})
     embeds = dict(zip(prompts, encode_prompts(t5, prompts)))
     out = []
@@ -349,8 +345,6 @@ class PairResult:
 
 def judge(clip: np.ndarray, pair: VariantPair) -> PairResult:
     """Score a generated clip against the reference clip of `pair` (its object, path and motion)."""
-    from wan_core.toy.score import analyze_clip
-
     det = analyze_clip(clip)
     frames, size = clip.shape[0], clip.shape[1]
     ref = sample_params(pair.combo, seed=pair.seed + 1, num_frames=frames, size=size).centroids(pair.combo.shape)
@@ -462,24 +456,17 @@ class VariantBuild:
         marker.write_text(json.dumps(recipe) + "\n")
 
     def stage_cache(self, kind: str) -> None:
-        from training.toy.recipe import run
-
         toml = self.dataset(kind)
         clip = ["--clip", self.path("clip")] if kind != "fun_control" else []
         run(["-m", "training", "cache-latents", "--dataset_config", toml, "--vae", self.vae, "--vae_dtype", "float32",
              "--device", "cpu", *clip], self.log)
         run(["-m", "training", "cache-text", "--dataset_config", toml, "--t5", self.t5, "--device", "cpu"], self.log)
         if kind == "flf2v":
-            from wan_core.models.clip import load_clip_vision
-            from wan_core.models.vae import load_vae
-
             count = rewrite_flf2v_cache(toml, load_vae(self.vae, dtype=torch.float32),
                                         load_clip_vision(self.path("clip")))
             logger.info("rewrote %d cache entries with the FLF2V layout", count)
 
     def stage_train(self, kind: str) -> None:
-        from training.toy.recipe import run
-
         cfg = self.cfg
         steps = cfg.flf2v_steps if kind == "flf2v" else cfg.steps
         folder = self.work / f"train_{kind}"
@@ -517,12 +504,6 @@ def evaluate_files(kind: str, dit: Path, vae: Path, t5: Path, clip: Path, pairs:
                    sampling_source: Path | None = None, conflict: bool = True) -> dict[str, object]:
     """Load the files (CPU, fp32) and run `evaluate_variant` with the DiT's stored sampling defaults (or those of
     `sampling_source`)."""
-    from training.toy.evaluate import sampling_from_file
-    from wan_core.models.clip import load_clip_vision
-    from wan_core.models.dit import load_dit
-    from wan_core.models.t5 import load_t5
-    from wan_core.models.vae import load_vae
-
     sampling = sampling_from_file(sampling_source or dit)
     return evaluate_variant(kind, load_dit(dit, dtype=torch.float32), load_vae(vae, dtype=torch.float32),
                             load_t5(t5), load_clip_vision(clip), pairs, sampling, conflict)

@@ -17,13 +17,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from wan_core.generate.jobs import Job, parse_prompt_line, read_prompt_lines
 from wan_core.generate.outputs import OUTPUT_TYPES, load_latent, output_stem, save_outputs
-from wan_core.loading.checkpoint import ensure_writable_dir, ensure_writable_file
-from wan_core.loading.model_set import ModelSet, ModelSpec, check_model_file
-from wan_core.models.config import TASKS, get_task
+from wan_core.loading.checkpoint import (
+    ensure_writable_dir,
+    ensure_writable_file,
+    peek_shapes,
+    read_metadata,
+    save_safetensors,
+)
+from wan_core.loading.model_set import ModelSet, ModelSpec, check_model_file, sampling_defaults
+from wan_core.media.io import frames_to_tensor, image_to_tensor, read_image, read_video
+from wan_core.models.config import (
+    CONFIG_METADATA_KEY,
+    TASKS,
+    config_from_json,
+    config_to_json,
+    detect_config,
+    get_task,
+    tasks_matching,
+)
+from wan_core.models.dit import load_dit, normalize_dit_keys
 from wan_core.runtime.offload import PINNED_MEMORY_HELP
+from wan_core.runtime.prepare import merge_spec_loras
 from wan_core.sampling import conditioning as cond
 from wan_core.sampling.guidance import CFG_SKIP_MODES, SLG_MODES, SLGConfig, cfg_apply_pattern
 from wan_core.sampling.pipeline import SamplerSettings, decode_latents, denoise, encode_prompts
@@ -123,10 +141,6 @@ class Resolved:
 
 def infer_task(spec: ModelSpec, image_given: bool) -> str:
     """The task for defaults: --task, else the DiT's stored task, else from its architecture."""
-    from wan_core.loading.checkpoint import peek_shapes
-    from wan_core.models.config import CONFIG_METADATA_KEY, config_from_json, detect_config, tasks_matching
-    from wan_core.models.dit import normalize_dit_keys
-
     if spec.task:
         return spec.task
     path = spec.path("dit")
@@ -146,14 +160,10 @@ def infer_task(spec: ModelSpec, image_given: bool) -> str:
 
 
 def read_metadata_safe(path: Path) -> dict[str, str]:
-    from wan_core.loading.checkpoint import read_metadata
-
     return read_metadata(path) if path.exists() else {}
 
 
 def sampling_defaults_for(spec: ModelSpec) -> dict:
-    from wan_core.loading.model_set import sampling_defaults
-
     path = spec.path("dit")
     return sampling_defaults(path) if path.exists() else {}
 
@@ -164,8 +174,6 @@ def _first(*values):
 
 def resolve_job(job: Job, args: argparse.Namespace, task: str, defaults: dict) -> Resolved:
     """Fill every setting: inline option > command line > the model file's defaults > the task preset."""
-    from wan_core.media.io import frames_to_tensor, image_to_tensor, read_image, read_video
-
     preset = get_task(task)
     image = image_to_tensor(read_image(job.image_path)) if job.image_path else None
     end_image = image_to_tensor(read_image(job.end_image_path)) if job.end_image_path else None
@@ -297,8 +305,6 @@ class Progress:
     """tqdm bar per denoising step, fed by the library's callback."""
 
     def __init__(self, total: int, desc: str, disable: bool) -> None:
-        from tqdm import tqdm
-
         self.bar = tqdm(total=total, desc=desc, disable=disable, leave=False)
         STATUS.bar = self.bar
 
@@ -325,33 +331,53 @@ def build_conditioning(models: ModelSet, r: Resolved) -> cond.Conditioning:
 
 
 def run_jobs(models: ModelSet, jobs: Sequence[Resolved], args: argparse.Namespace, keep_loaded: bool) -> list[Path]:
-    """Text encoding for all jobs, then conditioning, then the DiT for all, then decoding and saving."""
+    """The phases of a batch, each loading the models it needs and (unless `keep_loaded`) releasing them before the
+    next: encode all prompts (T5), build all conditionings (VAE, CLIP), denoise all videos (DiT), decode and save
+    (VAE)."""
+    embeds = encode_job_prompts(models, jobs, keep_loaded)
+    conds = build_job_conditioning(models, jobs, keep_loaded)
+    latents = denoise_jobs(models, jobs, conds, embeds, args.quiet, keep_loaded)
+    STATUS.phase = "decoding and saving"
+    return [path for r, lat in zip(jobs, latents) for path in save_result(models, r, lat, args)]
+
+
+def encode_job_prompts(models: ModelSet, jobs: Sequence[Resolved], keep_loaded: bool) -> dict[str, torch.Tensor]:
+    """Prompt and negative prompt of every job -> its T5 embedding (each distinct text encoded once)."""
     STATUS.phase = "encoding prompts"
     texts = sorted({t for r in jobs for t in (r.job.prompt, r.negative_prompt)})
     embeds = dict(zip(texts, encode_prompts(models.get("t5"), texts)))
     if not keep_loaded:
         models.release("t5")
+    return embeds
+
+
+def build_job_conditioning(models: ModelSet, jobs: Sequence[Resolved], keep_loaded: bool) -> list[cond.Conditioning]:
     conds = [build_conditioning(models, r) for r in jobs]
     if not keep_loaded:
         models.release("clip")
-    latents = []
+    return conds
+
+
+def denoise_jobs(models: ModelSet, jobs: Sequence[Resolved], conds: Sequence[cond.Conditioning],
+                 embeds: dict[str, torch.Tensor], quiet: bool, keep_loaded: bool) -> list[torch.Tensor]:
+    """One denoising run per job with the DiT, which is loaded once, sized for the largest video."""
     models.size_hint = max(((r.height, r.width, c.frames) for r, c in zip(jobs, conds)),
                            key=lambda s: s[0] * s[1] * s[2])
     dit = models.get("dit")
+    latents = []
     for n, (r, c) in enumerate(zip(jobs, conds)):
         start = time.perf_counter()
         STATUS.phase, STATUS.video, STATUS.videos, STATUS.step, STATUS.steps = (
             "sampling", n + 1, len(jobs), 0, r.settings.steps)
         logger.info("sampling video %d/%d: %d steps", n + 1, len(jobs), r.settings.steps)
         needs_uncond = r.settings.guidance_scale != 1.0 or r.settings.slg is not None
-        progress = Progress(r.settings.steps, f"video {n + 1}/{len(jobs)}", args.quiet)
+        progress = Progress(r.settings.steps, f"video {n + 1}/{len(jobs)}", quiet)
         latents.append(denoise(dit, c, [embeds[r.job.prompt]], [embeds[r.negative_prompt]] if needs_uncond else None,
                                r.settings, callback=progress))
         logger.info("denoised %d steps in %.2f s", r.settings.steps, time.perf_counter() - start)
     if not keep_loaded:
         models.release("dit")
-    STATUS.phase = "decoding and saving"
-    return [path for r, lat in zip(jobs, latents) for path in save_result(models, r, lat, args)]
+    return latents
 
 
 def save_result(models: ModelSet, r: Resolved, latents: torch.Tensor, args: argparse.Namespace) -> list[Path]:
@@ -374,11 +400,6 @@ def save_result(models: ModelSet, r: Resolved, latents: torch.Tensor, args: argp
 
 def save_merged_model(spec: ModelSpec, output: str) -> Path:
     """--save_merged_model: the DiT with the LoRAs merged (in its checkpoint dtype, official names), then exit."""
-    from wan_core.loading.checkpoint import save_safetensors
-    from wan_core.models.config import CONFIG_METADATA_KEY, config_to_json
-    from wan_core.models.dit import load_dit
-    from wan_core.runtime.prepare import merge_spec_loras
-
     if not spec.loras:
         raise ValueError("--save_merged_model needs at least one --lora_weight")
     model = load_dit(spec.path("dit"), task=spec.task, attn=spec.attn)
@@ -431,6 +452,7 @@ def interactive(models: ModelSet, args: argparse.Namespace, spec: ModelSpec, str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the flags and `run` them; Ctrl-C ends with one line saying where the run was (exit code 130)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     global STATUS
@@ -445,29 +467,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check the flags and files, then do what they ask: merge and save a DiT, decode saved latents, read prompts
+    interactively, or plan the jobs of the given prompts and run them (`run_jobs`)."""
     try:
         spec = spec_from_args(args)
         check_files_and_outputs(args, spec)
-        models = ModelSet(spec)
+        models = ModelSet(spec)  # nothing is loaded until a phase asks for it
         if args.save_merged_model:
             save_merged_model(spec, args.save_merged_model)
-            return 0
-        if args.latent_path:
+        elif args.latent_path:
             decode_saved(models, args)
-            return 0
-        if args.interactive:
+        elif args.interactive:
             interactive(models, args, spec)
-            return 0
-        if args.from_file:
-            lines = read_prompt_lines(args.from_file)
-        elif args.prompt:
-            lines = [args.prompt]
         else:
-            raise ValueError("give --prompt, --from_file, --interactive or --latent_path")
-        jobs = jobs_from_lines(lines, args, spec)
-        warn_unused_clip(args, jobs)
-        run_jobs(models, jobs, args, keep_loaded=False)
+            jobs = jobs_from_lines(prompt_lines(args), args, spec)
+            warn_unused_clip(args, jobs)
+            run_jobs(models, jobs, args, keep_loaded=False)
         return 0
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def prompt_lines(args: argparse.Namespace) -> list[str]:
+    """The prompt lines of a batch run: the --from_file lines, else --prompt."""
+    if args.from_file:
+        return read_prompt_lines(args.from_file)
+    if args.prompt:
+        return [args.prompt]
+    raise ValueError("give --prompt, --from_file, --interactive or --latent_path")

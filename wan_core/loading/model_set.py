@@ -16,8 +16,14 @@ import torch
 
 from wan_core.loading.checkpoint import peek_shapes, read_metadata
 from wan_core.lora.apply import lora_multiplier
-from wan_core.models.config import CONFIG_METADATA_KEY
+from wan_core.models.clip import load_clip_vision
+from wan_core.models.config import CONFIG_METADATA_KEY, DiTConfig, config_from_json, get_task
+from wan_core.models.dit import check_task, check_task_family, normalize_dit_keys
+from wan_core.models.t5 import load_t5
+from wan_core.models.vae import load_vae
+from wan_core.runtime.fp8 import fp8_t5
 from wan_core.runtime.offload import release_block_swap
+from wan_core.runtime.prepare import prepare_dit
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +88,6 @@ class ModelSpec:
 
 def toy_dit_key(task: str) -> str:
     """The TOY_FILES key of the toy DiT that stands in for `task` (T2V, I2V, FLF2V or Fun-Control)."""
-    from wan_core.models.config import get_task
-
     dit = get_task(task).dit
     if dit.in_dim == 48:
         return "dit_fun_control"
@@ -137,6 +141,18 @@ def check_model_file(path: str | Path, kind: str, flag: str) -> None:
         raise ValueError(f"{flag} {path} is a {KIND_NAMES[found]} file; {flag} expects a {KIND_NAMES[kind]} file")
 
 
+def check_dit_file_task(path: str | Path, task: str) -> None:
+    """Header-only check that a DiT file fits `task` (raises the loader's ValueError when it does not)."""
+    metadata = read_metadata(path)
+    if CONFIG_METADATA_KEY in metadata:
+        config = config_from_json(metadata[CONFIG_METADATA_KEY])
+        if not isinstance(config, DiTConfig):
+            raise ValueError(f"{Path(path).name} holds a {type(config).__name__}, not a DiT")
+        check_task_family(task, config)
+        return
+    check_task(task, normalize_dit_keys(peek_shapes(path), Path(path).name))
+
+
 class ModelSet:
     """Loads each model on first use; `release(kind)` frees it (phases of a batch run)."""
 
@@ -172,29 +188,19 @@ class ModelSet:
                 torch.cuda.empty_cache()
 
     def _load_dit(self, path: Path) -> torch.nn.Module:
-        from wan_core.runtime.prepare import prepare_dit
-
         return prepare_dit(path, self.spec, self.device, self.size_hint)
 
     def _load_vae(self, path: Path) -> Any:
-        from wan_core.models.vae import load_vae
-
         vae = load_vae(path, dtype=self.spec.vae_dtype, device=self.device)
         return configure_vae(vae, self.spec)
 
     def _load_t5(self, path: Path) -> Any:
-        from wan_core.models.t5 import load_t5
-
         t5 = load_t5(path, tokenizer=self.spec.tokenizer, device=self.device)
         if self.spec.fp8_t5:
-            from wan_core.runtime.fp8 import fp8_t5
-
             fp8_t5(t5)
         return t5
 
     def _load_clip(self, path: Path) -> Any:
-        from wan_core.models.clip import load_clip_vision
-
         return load_clip_vision(path, device=self.device)
 
 

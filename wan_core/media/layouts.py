@@ -1,36 +1,32 @@
-"""Conversions between ComfyUI's data conventions and wan_core's tensors, plus the small checks and helpers the
-node pack needs. No ComfyUI import: these are plain tensor functions (the pack's `nodes/` does no tensor math).
+"""Frame and latent tensor layouts of host applications, converted to and from wan_core's, and latent previews.
 
-ComfyUI conventions (comfyui.md sections 11 and 14):
-- IMAGE: [N, H, W, 3] float in [0, 1]; a video is its frames stacked on N.
-- LATENT: {"samples": [B, 16, F, h, w]} holding the Wan VAE's *raw* (un-normalised) encoder mean, as ComfyUI's own
-  Wan nodes and VAEEncode produce it; ComfyUI's `latent_formats.Wan21.process_in` applies the per-channel
-  normalisation inside the sampler. wan_core's VAE and sampler work on normalised latents, so latents are converted
-  at the node boundary with `latent_to_comfy` / `latent_from_comfy`.
-wan_core conventions: images [3, H, W] / batches [N, 3, H, W] and videos [B, 3, T, H, W] in [-1, 1].
+Plain tensor functions (no host import). The host layouts are the ones ComfyUI uses (the node pack's `nodes/` does
+no tensor math itself):
+- frames: [N, H, W, 3] float in [0, 1]; a video is its frames stacked on N (ComfyUI's IMAGE).
+- latents: [B, 16, F, h, w] holding the Wan VAE's *raw* (un-normalised) encoder mean (ComfyUI's LATENT samples,
+  as its own Wan nodes and VAEEncode produce them; ComfyUI normalises per channel inside its sampler). wan_core's
+  VAE and sampler work on normalised latents, so latents are converted at the boundary with `latent_to_comfy` /
+  `latent_from_comfy`.
+- previews: `LatentRGB`, a linear latent -> RGB map fitted to the VAE decoder, for step previews.
+wan_core's layouts: images [3, H, W] / batches [N, 3, H, W] and videos [B, 3, T, H, W] in [-1, 1].
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wan_core.models.config import DiTConfig
 from wan_core.models.vae import SPACE_STRIDE, TIME_STRIDE, VAE_MEAN, VAE_STD, pixel_frames
-from wan_core.sampling.conditioning import Conditioning
 
 logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# IMAGE <-> wan_core images and videos
+# Frames [N, H, W, 3] in [0, 1] <-> wan_core images and videos
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -41,6 +37,11 @@ def _check_image(images: object, what: str) -> torch.Tensor:
     if images.shape[0] < 1:
         raise ValueError(f"{what} holds no image (batch size 0)")
     return images[..., :3]  # an alpha channel (RGBA loaders) is dropped
+
+
+def check_image_frames(images: object, what: str = "images") -> torch.Tensor:
+    """An IMAGE batch as frames [T, H, W, 3] float in [0, 1] (alpha dropped), with a clear error otherwise."""
+    return _check_image(images, what).float()
 
 
 def image_batch_to_wan(images: torch.Tensor, what: str = "image") -> torch.Tensor:
@@ -70,7 +71,7 @@ def video_to_image(frames: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# LATENT <-> normalised latents
+# Raw VAE latents <-> normalised latents
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -114,94 +115,6 @@ def latent_frame_count(frames: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CLIP vision embeddings computed once, then used by the conditioning builders
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def encode_clip_images(clip: object, first: torch.Tensor, last: torch.Tensor | None = None,
-                       crop: str | None = None) -> torch.Tensor:
-    """CLIP features of one image [3, H, W] -> [1, N, C], or of a first/last pair -> [2, N, C].
-
-    The pair is encoded as the official FLF2V code does: the last frame cover-cropped to the first frame's size,
-    both on the batch axis.
-    """
-    from wan_core.sampling.conditioning import cover_crop
-
-    images = first[None] if last is None else torch.stack([first, cover_crop(last, *first.shape[-2:])])
-    return clip.encode(images, crop=crop)  # type: ignore[attr-defined]
-
-
-class PrecomputedCLIP:
-    """A CLIP stand-in for `wan_core.sampling.conditioning` builders that returns features computed earlier.
-
-    The builders call `clip.encode(images)` with one image (I2V, Fun-Control) or a first/last pair (FLF2V); the
-    stored features must have been computed for the same number of images.
-    """
-
-    def __init__(self, features: torch.Tensor) -> None:
-        if not isinstance(features, torch.Tensor) or features.dim() != 3:
-            raise ValueError(f"image embeddings must be [N, tokens, C], got {getattr(features, 'shape', features)}")
-        self.features = features
-
-    def encode(self, images: torch.Tensor, crop: str | None = None) -> torch.Tensor:
-        if images.shape[0] != self.features.shape[0]:
-            raise ValueError(f"the image embeddings hold {self.features.shape[0]} image(s) but this conditioning "
-                             f"needs {images.shape[0]}: for first-last-frame, encode both the start and the end "
-                             f"image in the CLIP vision encode node")
-        return self.features
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Model / conditioning agreement
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def describe_dit(config: DiTConfig) -> str:
-    if config.in_dim == config.out_dim:
-        kind = "text-to-video"
-    elif config.model_type == "flf2v":
-        kind = "first-last-frame"
-    elif config.in_dim == config.out_dim + 32:
-        kind = "Fun-Control"
-    else:
-        kind = "image-to-video"
-    return f"a {kind} model ({config.in_dim} input channels)"
-
-
-def check_conditioning_fits(config: DiTConfig, cond: Conditioning, conditioning_kind: str) -> None:
-    """Raise a ValueError naming the node to use when a conditioning does not fit the DiT."""
-    channels = config.out_dim + (0 if cond.y is None else cond.y.shape[1])
-    if channels != config.in_dim:
-        hint = ("connect no conditioning (text-to-video)" if config.in_dim == config.out_dim else
-                "connect an image-to-video, first-last-frame or Fun-Control conditioning node that fits it")
-        raise ValueError(f"the DiT is {describe_dit(config)} but the {conditioning_kind} conditioning gives "
-                         f"{channels} channels; {hint}")
-    tokens = None if cond.clip_fea is None else cond.clip_fea.shape[1]
-    if tokens is not None and not config.has_image_input:
-        raise ValueError(f"the {conditioning_kind} conditioning carries CLIP image embeddings but the DiT is "
-                         f"{describe_dit(config)} without image cross-attention")
-    if tokens is not None and tokens != config.image_tokens:
-        raise ValueError(f"the DiT is {describe_dit(config)} and needs {config.image_tokens} CLIP tokens, got {tokens}"
-                         f" from the {conditioning_kind} conditioning (first-last-frame models take two images)")
-
-
-def check_dit_file_task(path: str | Path, task: str) -> None:
-    """Header-only check that a DiT file fits `task` (raises the loader's ValueError when it does not)."""
-    from wan_core.loading.checkpoint import peek_shapes, read_metadata
-    from wan_core.models.config import CONFIG_METADATA_KEY, check_task, config_from_json
-    from wan_core.models.dit import check_task_family, normalize_dit_keys
-
-    metadata = read_metadata(path)
-    if CONFIG_METADATA_KEY in metadata:
-        config = config_from_json(metadata[CONFIG_METADATA_KEY])
-        if not isinstance(config, DiTConfig):
-            raise ValueError(f"{Path(path).name} holds a {type(config).__name__}, not a DiT")
-        check_task_family(task, config)
-        return
-    check_task(task, normalize_dit_keys(peek_shapes(path), Path(path).name))
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Step previews: a linear latent -> RGB map fitted to the VAE decoder
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -240,44 +153,3 @@ def latent_preview(latents: torch.Tensor, rgb: LatentRGB, max_size: int = 512) -
     image = rgb01.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
     image = image.repeat_interleave(factor, dim=0).repeat_interleave(factor, dim=1)
     return image.numpy()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# LoRA chains applied for one sampling run
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def lora_report(model: torch.nn.Module, path: str | Path, strength: float, include: str | None,
-                exclude: str | None) -> object:
-    """Apply one LoRA unmerged, read its `LoRAReport` (matched, filtered and unmatched keys) and remove it again:
-    the same matching and shape checks the sampler will run, without leaving the model changed."""
-    from wan_core.lora.apply import apply_loras
-
-    handle = apply_loras(model, [str(path)], [strength], include_patterns=[include], exclude_patterns=[exclude])
-    try:
-        return handle.reports[0]
-    finally:
-        handle.remove()
-
-
-@contextmanager
-def applied_loras(model: torch.nn.Module,
-                  loras: Sequence[tuple[str, float, str | None, str | None]]) -> Iterator[object]:
-    """Apply a LoRA chain [(path, strength, include, exclude), ...] unmerged for the duration of a `with` block,
-    then remove it (also when the run is interrupted)."""
-    if not loras:
-        yield None
-        return
-    from wan_core.lora.apply import apply_loras
-
-    paths, strengths, includes, excludes = (list(column) for column in zip(*loras))
-    handle = apply_loras(model, paths, strengths, include_patterns=includes, exclude_patterns=excludes)
-    try:
-        yield handle
-    finally:
-        handle.remove()
-
-
-def check_image_frames(images: object, what: str = "images") -> torch.Tensor:
-    """A ComfyUI IMAGE as frames [T, H, W, 3] float in [0, 1] (alpha dropped), with a clear error otherwise."""
-    return _check_image(images, what).float()

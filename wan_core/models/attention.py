@@ -77,18 +77,18 @@ def _load_kernel(backend: Backend) -> AttnFn:
     """Import the optional kernel (guarded: broken builds raise ImportError/OSError/RuntimeError)."""
     try:
         if backend is Backend.XFORMERS:
-            import xformers.ops
+            import xformers.ops  # optional kernels: imported only when their backend is chosen
 
             return lambda q, k, v: xformers.ops.memory_efficient_attention(q, k, v)
         if backend is Backend.SAGE:
-            from sageattention import sageattn
+            from sageattention import sageattn  # optional
 
             return lambda q, k, v: sageattn(q, k, v, tensor_layout="NHD")
         if backend is Backend.FLASH2:
-            from flash_attn import flash_attn_func
+            from flash_attn import flash_attn_func  # optional
 
             return lambda q, k, v: flash_attn_func(q, k, v)
-        from flash_attn_interface import flash_attn_func as fa3
+        from flash_attn_interface import flash_attn_func as fa3  # optional (FlashAttention 3)
 
         def _fa3(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             out = fa3(q, k, v)

@@ -235,33 +235,14 @@ def tasks_matching(config: DiTConfig) -> list[str]:
     return [name for name, task in TASKS.items() if task.dit == config]
 
 
-def check_task(task: str, sd: Mapping[str, torch.Tensor]) -> None:
-    """Raise a ValueError naming the offending key, both shapes and the task that would fit."""
-    preset = get_task(task)
-    from wan_core.models.dit import WanModel  # local import: config must not depend on the model at import time
-
-    expected = WanModel.expected_shapes(preset.dit)
-    for key, shape in expected.items():
-        if key not in sd:
-            if key.startswith("blocks.") and not key.startswith("blocks.0."):
-                continue  # block-count mismatch is reported through the last-block key below
-            break_msg = f"key {key!r} (shape {list(shape)}) is missing from the checkpoint"
-            raise ValueError(f"checkpoint does not fit task {task!r}: {break_msg}; {_fitting_hint(sd)}")
-        got = tuple(sd[key].shape)
-        if got != shape:
-            raise ValueError(
-                f"checkpoint does not fit task {task!r}: {key!r} has shape {list(got)} but {task} expects "
-                f"{list(shape)}; {_fitting_hint(sd)}"
-            )
-    extra = sorted(k for k in sd if k not in expected and not k.endswith(("scale_weight", "weight_scale")))
-    if extra:
-        raise ValueError(f"checkpoint does not fit task {task!r}: unexpected key {extra[0]!r} "
-                         f"(shape {list(sd[extra[0]].shape)}); {_fitting_hint(sd)}")
-
-
-def _fitting_hint(sd: Mapping[str, torch.Tensor]) -> str:
-    try:
-        fits = tasks_matching(detect_config(sd))
-    except ValueError as exc:
-        return f"and no task fits ({exc})"
-    return f"the weights fit task {' / '.join(fits)}" if fits else "the weights match no known task"
+def describe_dit(config: DiTConfig) -> str:
+    """What a DiT does, for messages: 'a text-to-video model (16 input channels)'."""
+    if config.in_dim == config.out_dim:
+        kind = "text-to-video"
+    elif config.model_type == "flf2v":
+        kind = "first-last-frame"
+    elif config.in_dim == config.out_dim + 32:
+        kind = "Fun-Control"
+    else:
+        kind = "image-to-video"
+    return f"a {kind} model ({config.in_dim} input channels)"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -20,9 +20,27 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from wan_core.loading.checkpoint import build_on_meta, load_into, load_state_dict, read_metadata, strip_prefix
+from wan_core.loading.convert import DIT_DIFFUSERS, DIT_DIFFUSERS_SENTINEL, rename
 from wan_core.models.attention import attention, resolve_backend
-from wan_core.models.config import DiTConfig
-from wan_core.models.ops import CastLinear, Fp32Linear, compute_dtype
+from wan_core.models.config import (
+    CONFIG_METADATA_KEY,
+    TASKS,
+    DiTConfig,
+    config_from_json,
+    detect_config,
+    get_task,
+    tasks_matching,
+)
+from wan_core.models.ops import FP8_DTYPES, CastLinear, FP8Linear, Fp32Linear, compute_dtype, dequantize_weight
+from wan_core.runtime.fp8 import (
+    FP8Mode,
+    convert_to_fp8_modules,
+    drop_fp8_markers,
+    get_fp8_mode,
+    quantize_state_dict,
+    weight_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -366,15 +384,12 @@ class WanModel(nn.Module):
 # Loading
 # ----------------------------------------------------------------------------------------------------------------
 
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 
 
 def dequantize_scaled_fp8(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Scaled fp8 files (ComfyUI per-tensor `.scale_weight` / `.weight_scale`, or per-channel / block-wise scales
     as written by wan_core.runtime.fp8) -> `dtype` weights (the product is formed in fp32, rounded once)."""
-    from wan_core.models.ops import dequantize_weight
-
     out = {}
     for key, value in sd.items():
         if key == "scaled_fp8" or key.endswith(_SCALE_SUFFIXES) or key.endswith(".scale_input"):
@@ -402,9 +417,6 @@ def checkpoint_dtype(sd: dict[str, torch.Tensor]) -> torch.dtype:
 
 def normalize_dit_keys(sd: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
     """Any supported DiT key layout (official, prefixed, diffusers) -> official names."""
-    from wan_core.loading.checkpoint import strip_prefix
-    from wan_core.loading.convert import DIT_DIFFUSERS, DIT_DIFFUSERS_SENTINEL, rename
-
     if DIT_DIFFUSERS_SENTINEL not in sd and any(k.endswith(DIT_DIFFUSERS_SENTINEL) for k in sd):
         sd = strip_prefix(sd, DIT_DIFFUSERS_SENTINEL, ("transformer.", "model.", "diffusion_model."))
     if DIT_DIFFUSERS_SENTINEL in sd:
@@ -419,8 +431,6 @@ def normalize_dit_keys(sd: dict[str, torch.Tensor], name: str) -> dict[str, torc
 
 def dit_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a DiT file in any supported layout and return (official-named state dict, metadata)."""
-    from wan_core.loading.checkpoint import load_state_dict, read_metadata
-
     return normalize_dit_keys(load_state_dict(path), str(path)), read_metadata(path)
 
 
@@ -437,17 +447,12 @@ def load_dit(path: str | Path, task: str | None = None, dtype: torch.dtype | Non
     stored fp8 weights and scales. Without `fp8`, fp8 files are dequantised to `dtype`. To merge LoRAs, load
     without `fp8`, merge, then call `wan_core.runtime.fp8.apply_fp8`.
     """
-    from wan_core.loading.checkpoint import build_on_meta, load_into
-    from wan_core.models.config import CONFIG_METADATA_KEY, check_task, config_from_json, detect_config
-
     backend = resolve_backend(attn).value  # fail before reading gigabytes
     sd, metadata = dit_state_dict(path)
     source_dtype = checkpoint_dtype(sd)
     if dtype is None:
         dtype = torch.bfloat16 if source_dtype in FP8_DTYPES else source_dtype
     if fp8 is not None:
-        from wan_core.runtime.fp8 import drop_fp8_markers, get_fp8_mode
-
         get_fp8_mode(fp8)
         sd = drop_fp8_markers(sd)
     elif is_scaled_fp8(sd):
@@ -461,8 +466,6 @@ def load_dit(path: str | Path, task: str | None = None, dtype: torch.dtype | Non
             check_task_family(task, config)
     cfg = config or detect_config(sd)
     if fp8 is not None:
-        from wan_core.runtime.fp8 import build_fp8_dit
-
         model = build_fp8_dit(cfg, sd, fp8, dtype, what=f"DiT {Path(path).name}")
     else:
         model = build_on_meta(lambda: WanModel(cfg))
@@ -476,11 +479,53 @@ def load_dit(path: str | Path, task: str | None = None, dtype: torch.dtype | Non
 
 def check_task_family(task: str, cfg: DiTConfig) -> None:
     """A model with its own (non-preset) config still has to be of the task's kind: same type and inputs."""
-    from wan_core.models.config import TASKS, get_task
-
     want = get_task(task).dit
     if (want.model_type, want.in_dim) != (cfg.model_type, cfg.in_dim):
         fits = [n for n, t in TASKS.items() if (t.dit.model_type, t.dit.in_dim) == (cfg.model_type, cfg.in_dim)]
         raise ValueError(f"task {task!r} needs a {want.model_type} model with {want.in_dim} input channels, but the "
                          f"checkpoint is a {cfg.model_type} model with {cfg.in_dim} (patch_embedding.weight); "
                          f"tasks that fit: {', '.join(fits) or 'none'}")
+
+
+def check_task(task: str, sd: Mapping[str, torch.Tensor]) -> None:
+    """Raise a ValueError naming the offending key, both shapes and the task that would fit."""
+    preset = get_task(task)
+    expected = WanModel.expected_shapes(preset.dit)
+    for key, shape in expected.items():
+        if key not in sd:
+            if key.startswith("blocks.") and not key.startswith("blocks.0."):
+                continue  # block-count mismatch is reported through the last-block key below
+            break_msg = f"key {key!r} (shape {list(shape)}) is missing from the checkpoint"
+            raise ValueError(f"checkpoint does not fit task {task!r}: {break_msg}; {_fitting_hint(sd)}")
+        got = tuple(sd[key].shape)
+        if got != shape:
+            raise ValueError(
+                f"checkpoint does not fit task {task!r}: {key!r} has shape {list(got)} but {task} expects "
+                f"{list(shape)}; {_fitting_hint(sd)}"
+            )
+    extra = sorted(k for k in sd if k not in expected and not k.endswith(("scale_weight", "weight_scale")))
+    if extra:
+        raise ValueError(f"checkpoint does not fit task {task!r}: unexpected key {extra[0]!r} "
+                         f"(shape {list(sd[extra[0]].shape)}); {_fitting_hint(sd)}")
+
+
+def _fitting_hint(sd: Mapping[str, torch.Tensor]) -> str:
+    try:
+        fits = tasks_matching(detect_config(sd))
+    except ValueError as exc:
+        return f"and no task fits ({exc})"
+    return f"the weights fit task {' / '.join(fits)}" if fits else "the weights match no known task"
+
+
+def build_fp8_dit(cfg: DiTConfig, sd: Mapping[str, torch.Tensor], mode: str | FP8Mode,
+                  compute_dtype: torch.dtype, what: str = "DiT") -> WanModel:
+    """A WanModel with fp8 target layers straight from a state dict (bf16/fp16/fp8/scaled_fp8): the loader path
+    of `load_dit(..., fp8=mode)`; never materialises a bf16 copy of pre-quantised weights."""
+    quantized = quantize_state_dict(sd, mode, compute_dtype)
+    model = build_on_meta(lambda: WanModel(cfg))
+    convert_to_fp8_modules(model, quantized, mode, compute_dtype)
+    load_into(model, quantized, what=what)
+    n_fp8 = sum(isinstance(m, FP8Linear) for m in model.modules())
+    logger.info("%s: %d fp8 Linear layers (%s), weights %.2f GB", what, n_fp8, get_fp8_mode(mode).name,
+                weight_bytes(model) / 1e9)
+    return model

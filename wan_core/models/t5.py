@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wan_core.models.config import T5Config
+from wan_core.loading.checkpoint import build_on_meta, load_into, load_state_dict, read_metadata
+from wan_core.loading.convert import T5_HF, T5_HF_EXTRA, T5_HF_SENTINEL, rename
+from wan_core.models.config import CONFIG_METADATA_KEY, T5Config, config_from_json
 from wan_core.models.ops import CastLinear
 from wan_core.models.tokenizer import SPIECE_KEY, UMT5Tokenizer, find_tokenizer, load_tokenizer
 
@@ -253,8 +255,6 @@ def _official_names(keys: Sequence[str], what: str) -> dict[str, str]:
     """Map official, `encoder.`-prefixed official, or HF / ComfyUI key names -> {official name: file key}.
 
     Keys of other parts (a decoder, an LM head, the tied embedding copy) are left out; unknown keys are an error."""
-    from wan_core.loading.convert import T5_HF, T5_HF_EXTRA, T5_HF_SENTINEL, rename
-
     hf_prefix = _prefix_of(keys, T5_HF_SENTINEL)
     if hf_prefix is not None:
         inner = {k[len(hf_prefix):]: k for k in keys if k.startswith(hf_prefix)}
@@ -306,8 +306,6 @@ def t5_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     """Read a umT5 file -> (official-named weights, their fp8 scales, embedded spiece_model or None, metadata).
 
     Tensors are memory-mapped (safetensors) and not yet converted."""
-    from wan_core.loading.checkpoint import load_state_dict, read_metadata
-
     raw = load_state_dict(path)
     metadata = read_metadata(path)
     spiece_keys = [k for k in raw if k == SPIECE_KEY or k.endswith("." + SPIECE_KEY)]
@@ -333,9 +331,6 @@ def load_t5(path: str | os.PathLike, tokenizer: UMT5Tokenizer | str | os.PathLik
     dtype: defaults to bf16 as the official encoder (fp32 files stay fp32); fp16 runs with the overflow clamp.
     config: the architecture; else the file's `wantuner_config` metadata; else detected from the shapes.
     """
-    from wan_core.loading.checkpoint import build_on_meta, load_into
-    from wan_core.models.config import CONFIG_METADATA_KEY, config_from_json
-
     sd, scales, spiece, metadata = t5_state_dict(path)
     if config is None and CONFIG_METADATA_KEY in metadata:
         config = config_from_json(metadata[CONFIG_METADATA_KEY])

@@ -21,6 +21,7 @@ import re
 from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 
+import sentencepiece as spm
 import torch
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ _WHITESPACE = re.compile(r"\s+")
 def clean_prompt(text: str) -> str:
     """The official `clean="whitespace"` cleaning: ftfy.fix_text, html.unescape twice, collapse whitespace, strip."""
     try:
-        import ftfy
+        import ftfy  # optional at run time (a clear error without it); ~0.1 s to import
     except ImportError:
         raise RuntimeError("the umT5 text cleaning needs the 'ftfy' package: pip install ftfy") from None
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
@@ -47,8 +48,6 @@ class UMT5Tokenizer:
     """Cleans, tokenises (EOS appended, no BOS), truncates and pads prompts to `text_len`."""
 
     def __init__(self, model_proto: bytes, text_len: int = DEFAULT_TEXT_LEN, source: str = "<bytes>") -> None:
-        import sentencepiece as spm
-
         if text_len < 1:
             raise ValueError(f"text_len must be at least 1 (room for the EOS token), got {text_len}")
         if not model_proto:

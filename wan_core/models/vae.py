@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wan_core.models.config import VAEConfig
+from wan_core.loading.checkpoint import CheckpointError, build_on_meta, load_into, load_state_dict, read_metadata
+from wan_core.loading.convert import rename, vae_diffusers_rules
+from wan_core.models.config import CONFIG_METADATA_KEY, VAEConfig, config_from_json
 from wan_core.runtime.devices import same_device
 
 logger = logging.getLogger(__name__)
@@ -657,21 +659,15 @@ def _strip_to(sd: Mapping[str, torch.Tensor], sentinel: str) -> dict[str, torch.
 
 
 def _diffusers_to_official(sd: Mapping[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
-    from wan_core.loading.convert import rename, vae_diffusers_rules
-
     levels = {int(k.split(".")[2]) for k in sd if k.startswith("decoder.up_blocks.")}
     resnets = {int(k.split(".")[4]) for k in sd if k.startswith("decoder.up_blocks.0.resnets.")}
     if not levels or not resnets:
-        from wan_core.loading.checkpoint import CheckpointError
-
         raise CheckpointError(f"{what}: diffusers-style VAE without decoder.up_blocks.*.resnets.* keys")
     return rename(sd, vae_diffusers_rules(len(resnets) - 1, len(levels)), to_ours=True, what=what)
 
 
 def official_vae_state_dict(sd: Mapping[str, torch.Tensor], what: str = "VAE") -> dict[str, torch.Tensor]:
     """Any supported layout (official / ComfyUI, prefixed or not; diffusers AutoencoderKLWan) -> official names."""
-    from wan_core.loading.checkpoint import CheckpointError
-
     diffusers = _strip_to(sd, DIFFUSERS_SENTINEL)
     if diffusers is not None:
         return _diffusers_to_official(diffusers, f"{what} (diffusers layout)")
@@ -743,9 +739,6 @@ def load_vae(path: str | Path, dtype: torch.dtype | None = None, device: str | t
     (`detect_vae_config`). `dtype` is the compute dtype (default float32, as the official pipeline). The other
     keywords are `WanVAE` options (see the module docstring).
     """
-    from wan_core.loading.checkpoint import build_on_meta, load_into, load_state_dict, read_metadata
-    from wan_core.models.config import CONFIG_METADATA_KEY, config_from_json
-
     name = Path(path).name
     sd = official_vae_state_dict(load_state_dict(path), what=f"VAE {name}")
     if config is None:

@@ -20,7 +20,7 @@ variant costs accuracy for that (bench/bench_fp8_cpu.py measures both).
 
 Order with LoRA: merge into bf16 weights first, then `apply_fp8(model, mode)`; unmerged LoRA wrappers simply
 call the FP8Linear they wrap. Files that are already fp8 (ComfyUI `scaled_fp8`, plain e4m3fn) are loaded with
-their stored weights and scales by `load_dit(..., fp8=mode)` through `build_fp8_dit`.
+their stored weights and scales by `load_dit(..., fp8=mode)` (`wan_core.models.dit.build_fp8_dit`).
 """
 
 from __future__ import annotations
@@ -114,18 +114,18 @@ def apply_fp8(model: nn.Module, mode: str | FP8Mode, *, compute_dtype: torch.dty
     if not targets:
         raise ValueError(f"apply_fp8({mode.name}): the model has no Linear layer to quantise "
                          f"({sum(isinstance(m, FP8Linear) for m in model.modules())} are fp8 already)")
-    before = _weight_bytes(model)
+    before = weight_bytes(model)
     for name, linear in targets:
         fast = mode.fast and _fast_capable(linear.in_features, linear.out_features)
         new = FP8Linear.from_linear(linear, mode.scaling, block_size=mode.block_size, compute_dtype=compute_dtype,
                                     fast=fast)
         _replace(model, name, new)
     logger.info("fp8 (%s): %d Linear layers quantised, weights %.2f -> %.2f GB", mode.name, len(targets),
-                before / 1e9, _weight_bytes(model) / 1e9)
+                before / 1e9, weight_bytes(model) / 1e9)
     return model
 
 
-def _weight_bytes(model: nn.Module) -> int:
+def weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
@@ -238,21 +238,4 @@ def convert_to_fp8_modules(model: nn.Module, sd: Mapping[str, torch.Tensor], mod
                         compute_dtype=compute_dtype, fp8_dtype=weight.dtype, fast=fast, device="meta",
                         scale_shape=None if scale is None else tuple(scale.shape))
         _replace(model, name, new)
-    return model
-
-
-def build_fp8_dit(cfg: object, sd: Mapping[str, torch.Tensor], mode: str | FP8Mode,
-                  compute_dtype: torch.dtype, what: str = "DiT") -> nn.Module:
-    """A WanModel with fp8 target layers straight from a state dict (bf16/fp16/fp8/scaled_fp8): the loader path
-    of `load_dit(..., fp8=mode)`; never materialises a bf16 copy of pre-quantised weights."""
-    from wan_core.loading.checkpoint import build_on_meta, load_into
-    from wan_core.models.dit import WanModel
-
-    quantized = quantize_state_dict(sd, mode, compute_dtype)
-    model = build_on_meta(lambda: WanModel(cfg))
-    convert_to_fp8_modules(model, quantized, mode, compute_dtype)
-    load_into(model, quantized, what=what)
-    n_fp8 = sum(isinstance(m, FP8Linear) for m in model.modules())
-    logger.info("%s: %d fp8 Linear layers (%s), weights %.2f GB", what, n_fp8, get_fp8_mode(mode).name,
-                _weight_bytes(model) / 1e9)
     return model

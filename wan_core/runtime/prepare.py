@@ -12,7 +12,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from wan_core.lora.apply import merge_loras
 from wan_core.models.dit import WanModel, load_dit
+from wan_core.runtime.compile import compile_blocks
+from wan_core.runtime.fp8 import apply_fp8
+from wan_core.runtime.offload import choose_blocks_to_swap, enable_block_swap, parse_blocks_to_swap, pin_mode
 
 if TYPE_CHECKING:
     from wan_core.loading.model_set import ModelSpec
@@ -22,8 +26,6 @@ logger = logging.getLogger(__name__)
 
 def merge_spec_loras(model: WanModel, spec: ModelSpec) -> None:
     """Merge the LoRAs of `spec` (path, multiplier, include, exclude) and log what each matched."""
-    from wan_core.lora.apply import merge_loras
-
     paths, multipliers, includes, excludes = zip(*spec.loras)
     for report in merge_loras(model, list(paths), list(multipliers), include_patterns=list(includes),
                               exclude_patterns=list(excludes)):
@@ -36,8 +38,6 @@ def merge_spec_loras(model: WanModel, spec: ModelSpec) -> None:
 def place_on_device(model: WanModel, spec: ModelSpec, device: torch.device,
                     size_hint: tuple[int, int, int] | None) -> WanModel:
     """Move the model to `device`, streaming its last blocks from CPU memory when `blocks_to_swap` asks for it."""
-    from wan_core.runtime.offload import choose_blocks_to_swap, enable_block_swap, parse_blocks_to_swap, pin_mode
-
     count = parse_blocks_to_swap(spec.blocks_to_swap, len(model.blocks))
     if count == "auto":
         if device.type != "cuda":
@@ -59,12 +59,8 @@ def prepare_dit(path: str | Path, spec: ModelSpec, device: torch.device,
     if spec.loras:
         merge_spec_loras(model, spec)
         if spec.fp8 is not None:
-            from wan_core.runtime.fp8 import apply_fp8
-
             apply_fp8(model, spec.fp8, device=device)
     place_on_device(model, spec, device, size_hint)
     if spec.compile:
-        from wan_core.runtime.compile import compile_blocks
-
         compile_blocks(model)
     return model

@@ -15,6 +15,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from wan_core.models.config import DiTConfig, describe_dit
+
 VAE_SPATIAL = 8
 PATCH = 2
 
@@ -176,3 +178,56 @@ def fun_control(vae: VAELike, clip: CLIPLike | None, control: torch.Tensor, fram
         y = torch.cat([y, torch.cat([extra_control, extra_image])], dim=1)
         n_lat += 1
     return Conditioning(height, width, 1 + 4 * (n_lat - 1), n_lat, y=y[None], clip_fea=clip_fea)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Agreement of a conditioning with a DiT; CLIP vision embeddings computed once, used by the builders above
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_conditioning_fits(config: DiTConfig, cond: Conditioning, conditioning_kind: str) -> None:
+    """Raise a ValueError naming the node to use when a conditioning does not fit the DiT."""
+    channels = config.out_dim + (0 if cond.y is None else cond.y.shape[1])
+    if channels != config.in_dim:
+        hint = ("connect no conditioning (text-to-video)" if config.in_dim == config.out_dim else
+                "connect an image-to-video, first-last-frame or Fun-Control conditioning node that fits it")
+        raise ValueError(f"the DiT is {describe_dit(config)} but the {conditioning_kind} conditioning gives "
+                         f"{channels} channels; {hint}")
+    tokens = None if cond.clip_fea is None else cond.clip_fea.shape[1]
+    if tokens is not None and not config.has_image_input:
+        raise ValueError(f"the {conditioning_kind} conditioning carries CLIP image embeddings but the DiT is "
+                         f"{describe_dit(config)} without image cross-attention")
+    if tokens is not None and tokens != config.image_tokens:
+        raise ValueError(f"the DiT is {describe_dit(config)} and needs {config.image_tokens} CLIP tokens, got {tokens}"
+                         f" from the {conditioning_kind} conditioning (first-last-frame models take two images)")
+
+
+def encode_clip_images(clip: object, first: torch.Tensor, last: torch.Tensor | None = None,
+                       crop: str | None = None) -> torch.Tensor:
+    """CLIP features of one image [3, H, W] -> [1, N, C], or of a first/last pair -> [2, N, C].
+
+    The pair is encoded as the official FLF2V code does: the last frame cover-cropped to the first frame's size,
+    both on the batch axis.
+    """
+    images = first[None] if last is None else torch.stack([first, cover_crop(last, *first.shape[-2:])])
+    return clip.encode(images, crop=crop)  # type: ignore[attr-defined]
+
+
+class PrecomputedCLIP:
+    """A CLIP stand-in for `wan_core.sampling.conditioning` builders that returns features computed earlier.
+
+    The builders call `clip.encode(images)` with one image (I2V, Fun-Control) or a first/last pair (FLF2V); the
+    stored features must have been computed for the same number of images.
+    """
+
+    def __init__(self, features: torch.Tensor) -> None:
+        if not isinstance(features, torch.Tensor) or features.dim() != 3:
+            raise ValueError(f"image embeddings must be [N, tokens, C], got {getattr(features, 'shape', features)}")
+        self.features = features
+
+    def encode(self, images: torch.Tensor, crop: str | None = None) -> torch.Tensor:
+        if images.shape[0] != self.features.shape[0]:
+            raise ValueError(f"the image embeddings hold {self.features.shape[0]} image(s) but this conditioning "
+                             f"needs {images.shape[0]}: for first-last-frame, encode both the start and the end "
+                             f"image in the CLIP vision encode node")
+        return self.features
