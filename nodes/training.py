@@ -320,7 +320,7 @@ def _mixed_precision(choice: str, model: Any) -> str:
 
 def _memory_problem(settings: TrainSettings, dit: DiTHandle) -> str | None:
     """The trainer trains the loaded DiT as it is: fp8 and block swap are the DiT loader's settings."""
-    from wan_core.models.dit import FP8_DTYPES
+    from wan_core.models.ops import FP8_DTYPES
 
     model = dit.model.obj
     if settings.fp8_base and not any(p.dtype in FP8_DTYPES for p in model.parameters()):

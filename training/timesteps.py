@@ -44,9 +44,10 @@ from dataclasses import dataclass
 
 import torch
 
+from wan_core.sampling.solvers import NUM_TRAIN_TIMESTEPS
+
 logger = logging.getLogger(__name__)
 
-NUM_TRAIN_TIMESTEPS = 1000
 SCHEMES = ("sigma", "uniform", "sigmoid", "shift", "flux_shift", "flux2_shift", "qwen_shift", "krea2_shift", "logsnr",
            "qinglong_flux", "qinglong_qwen")
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "cosmap", "sigma_sqrt")

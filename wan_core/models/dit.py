@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from wan_core.models.attention import attention, resolve_backend
 from wan_core.models.config import DiTConfig
-from wan_core.models.ops import CastLinear, Fp32Linear, compute_dtype
+from wan_core.models.ops import FP8_DTYPES, CastLinear, Fp32Linear, compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -366,7 +366,6 @@ class WanModel(nn.Module):
 # Loading
 # ----------------------------------------------------------------------------------------------------------------
 
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 
 

@@ -24,12 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from wan_core.models.config import T5Config
-from wan_core.models.ops import CastLinear
+from wan_core.models.ops import FP8_DTYPES, CastLinear
 from wan_core.models.tokenizer import SPIECE_KEY, UMT5Tokenizer, find_tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
-
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def fp16_clamp(x: torch.Tensor) -> torch.Tensor:
