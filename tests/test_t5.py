@@ -1,5 +1,5 @@
-"""umT5 encoder parity against transformers' UMT5EncoderModel through the real key map (tiny fp32 config from
-models.md 10.3), the official encode pipeline (clean, EOS, mask, trim), batching, and every file layout."""
+"""umT5 encoder parity against transformers' UMT5EncoderModel through the real key map (tiny fp32
+config), the official encode pipeline (clean, EOS, mask, trim), batching, and every file layout."""
 
 from __future__ import annotations
 

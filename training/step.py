@@ -1,6 +1,6 @@
 """One training step as a pure function: batch + model + per-sample seeds -> flow-matching loss.
 
-For each sample i of a batch (training.md section 8):
+For each sample i of a batch:
     σ_i from the timestep scheme, ε_i ~ N(0, I), x_t = (1 − σ_i)·x0_i + σ_i·ε_i,
     v̂_i = DiT(x_t, 1000·σ_i, context_i, clip_fea_i, y_i),
     loss = mean_i( w(σ_i) · mean((v̂_i − (ε_i − x0_i))²) ).

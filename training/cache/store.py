@@ -1,6 +1,6 @@
 """Latent and T5 caches: musubi-tuner's files and keys, content keys for invalidation, and the reader training uses.
 
-Files (training.md section 6), one per entry, in the dataset's `cache_directory` (default: its data directory):
+Files, one per entry, in the dataset's `cache_directory` (default: its data directory):
 
 - latents: `{stem}[_{start:05d}-{frames:03d}]_{W:04d}x{H:04d}_wan.safetensors` (W, H = the source size; the frame
   part only for videos) holding `latents_{F}x{h}x{w}_{dtype}` [16, F, h, w] in the VAE dtype (bf16 by default);

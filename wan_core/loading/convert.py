@@ -71,7 +71,7 @@ def _same(*templates: str) -> list[Rule]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# DiT: official <-> diffusers WanTransformer3DModel (models.md section 9.1)
+# DiT: official <-> diffusers WanTransformer3DModel
 # ----------------------------------------------------------------------------------------------------------------
 
 _ATTN = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0", "norm_q": "norm_q", "norm_k": "norm_k"}
@@ -103,7 +103,7 @@ DIT_DIFFUSERS_SENTINEL = "condition_embedder.time_proj.weight"
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# VAE: official (= ComfyUI) <-> diffusers AutoencoderKLWan (models.md section 9.2)
+# VAE: official (= ComfyUI) <-> diffusers AutoencoderKLWan
 # ----------------------------------------------------------------------------------------------------------------
 
 _RESIDUAL = {"residual.0.gamma": "norm1.gamma", "residual.2.{s}": "conv1.{s}", "residual.3.gamma": "norm2.gamma",
@@ -145,7 +145,7 @@ VAE_DIFFUSERS_SENTINEL = "decoder.conv_in.weight"
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# umT5 encoder: official .pth <-> HF UMT5EncoderModel (= ComfyUI umt5_xxl_*.safetensors) (models.md 7.2)
+# umT5 encoder: official .pth <-> HF UMT5EncoderModel (= ComfyUI umt5_xxl_*.safetensors)
 # ----------------------------------------------------------------------------------------------------------------
 
 _T5_LAYER = "encoder.block.{n}.layer"
@@ -166,7 +166,7 @@ T5_HF_EXTRA = ("encoder.embed_tokens.weight", "spiece_model")  # tied copy of sh
 
 # ----------------------------------------------------------------------------------------------------------------
 # CLIP ViT-H/14 visual: official Wan (`visual.` prefix stripped) <-> HF CLIPVisionModel <-> open_clip `visual.`
-# (models.md 9.4). q/k/v are stacked in `to_qkv` (ours, open_clip) and split in HF.
+# q/k/v are stacked in `to_qkv` (ours, open_clip) and split in HF.
 # ----------------------------------------------------------------------------------------------------------------
 
 _HF_VM = "vision_model"
@@ -237,7 +237,7 @@ def clip_ours_to_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# LoRA module names (inference.md 11.3-11.4, training.md 9, comfyui.md 12). A LoRA targets a Linear layer by its
+# LoRA module names. A LoRA targets a Linear layer by its
 # module name: official dotted names are canonical (`blocks.9.cross_attn.k`). sd-scripts/musubi write
 # `lora_unet_` + the name with every "." replaced by "_" (ComfyUI maps model key `diffusion_model.<k>.weight` the
 # same way); ComfyUI / diffusion-pipe / musubi `convert_lora --target other` write `diffusion_model.<name>`;

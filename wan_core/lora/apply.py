@@ -1,6 +1,6 @@
 """LoRA for the Wan2.1 DiT: merging, unmerged application with live strengths, and the training network.
 
-Inference (inference.md 11):
+Inference:
 - `merge_loras(model_or_state_dict, loras, multipliers)`: W ← W + Σ m·ΔW, computed in fp32 and cast back once.
   Merging needs bf16/fp16/fp32 weights: a loader that quantises to fp8 merges first, then quantises.
 - `apply_loras(model, loras, multipliers) -> LoRAHandle`: wraps each matched Linear-like layer in a `LoRAModule`
@@ -10,7 +10,7 @@ Inference (inference.md 11):
   sd-scripts module name (`lora_unet_blocks_9_cross_attn_k`); include first, then exclude, so a module matching
   both is dropped. Module names are the same whatever the file's format.
 
-Training (training.md 9): `LoRANetwork(model, rank, alpha, ...)` puts a LoRA on every Linear of each
+Training: `LoRANetwork(model, rank, alpha, ...)` puts a LoRA on every Linear of each
 `WanAttentionBlock` (musubi's `networks.lora_wan`). Its include/exclude patterns work differently from the
 inference ones, as in musubi: `re.fullmatch` on official module names (`blocks.0.self_attn.q`), a module is skipped
 when it matches an exclude pattern and no include pattern (include wins), and the default exclude

@@ -8,7 +8,7 @@ Canonical form: a `LoRA` maps official dotted module names (`blocks.9.cross_attn
 - `LoKr` (LyCORIS): lokr_w1 or lokr_w1_a @ lokr_w1_b, lokr_w2 or lokr_w2_a @ lokr_w2_b, alpha
                                                               ΔW = kron(w1, w2) · alpha / r  (1 if both are full)
 
-Accepted layouts (inference.md 11.3, comfyui.md 12): musubi / sd-scripts `lora_unet_blocks_9_cross_attn_k.lora_down
+Accepted layouts: musubi / sd-scripts `lora_unet_blocks_9_cross_attn_k.lora_down
 .weight`; Wan-Fun `lora_unet__…`; LyCORIS `lycoris_…`; ComfyUI / diffusion-pipe / musubi `convert_lora --target
 other` `diffusion_model.blocks.9.cross_attn.k.lora_A.weight` (or `.lora_down/.lora_up`, with or without `.alpha`);
 diffusers `transformer.blocks.9.attn2.to_k.lora_A.weight`; PEFT `base_model.model.…lora_A.default.weight` and bare

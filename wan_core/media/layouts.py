@@ -1,7 +1,7 @@
 """Conversions between ComfyUI's data conventions and wan_core's tensors, plus the small checks and helpers the
 node pack needs. No ComfyUI import: these are plain tensor functions (the pack's `nodes/` does no tensor math).
 
-ComfyUI conventions (comfyui.md sections 11 and 14):
+ComfyUI conventions:
 - IMAGE: [N, H, W, 3] float in [0, 1]; a video is its frames stacked on N.
 - LATENT: {"samples": [B, 16, F, h, w]} holding the Wan VAE's *raw* (un-normalised) encoder mean, as ComfyUI's own
   Wan nodes and VAEEncode produce it; ComfyUI's `latent_formats.Wan21.process_in` applies the per-channel

@@ -1,7 +1,7 @@
 """The CLIP ViT-H/14 visual encoder that Wan2.1 I2V / FLF2V / Fun-Control use for image conditioning.
 
 Written from the semantics of the official `wan/modules/clip.py` (the visual tower of open-clip
-xlm-roberta-large-vit-huge-14, i.e. LAION ViT-H/14; models.md section 8): a pre-norm ViT with a CLS token, no
+xlm-roberta-large-vit-huge-14, i.e. LAION ViT-H/14): a pre-norm ViT with a CLS token, no
 patch-conv bias, exact GELU and LayerNorm eps 1e-5. Module paths equal the official checkpoint keys under
 `visual.` (patch_embedding, cls_embedding, pos_embedding, pre_norm, transformer.N.{norm1, attn.{to_qkv, proj},
 norm2, mlp.{0,2}}).

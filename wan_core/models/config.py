@@ -192,7 +192,7 @@ def config_from_json(text: str) -> DiTConfig | VAEConfig | T5Config | CLIPVision
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Detection from tensor shapes (sentinel keys as in models.md section 5)
+# Detection from tensor shapes (each size is read from the shape of one sentinel key)
 # ----------------------------------------------------------------------------------------------------------------
 
 

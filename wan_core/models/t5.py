@@ -1,7 +1,7 @@
 """The umT5-XXL text encoder (encoder only), with official Wan2.1 state-dict names, and its loader.
 
-Reimplemented from the semantics of Wan-Video/Wan2.1 `wan/modules/t5.py` (Apache-2.0) and the facts in models.md
-section 7: T5 RMSNorm (no mean, no bias), attention without 1/sqrt(d) scaling, a bidirectional relative position
+Reimplemented from the semantics of Wan-Video/Wan2.1 `wan/modules/t5.py` (Apache-2.0):
+T5 RMSNorm (no mean, no bias), attention without 1/sqrt(d) scaling, a bidirectional relative position
 bias table in every block (`shared_pos=False`), a gated GELU-tanh feed-forward, and the fp16 overflow clamp applied
 only when running in fp16. Every Linear is a `CastLinear`, so an fp8 or LoRA wrapper can replace it without touching
 any `forward`.

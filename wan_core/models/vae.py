@@ -1,6 +1,6 @@
 """The Wan2.1 causal 3-D VAE (official `WanVAE_` semantics and state-dict names) and its user-facing wrapper.
 
-Facts: models.md sections 6, 9.2 and 10. Video is [B, 3, T, H, W] in [-1, 1] with T = 4n + 1; latents are
+Video is [B, 3, T, H, W] in [-1, 1] with T = 4n + 1; latents are
 [B, 16, (T - 1) // 4 + 1, H / 8, W / 8], normalised with the official per-channel mean/std.
 
 Processing is chunked and causal exactly as in the official code: the encoder sees frame 0 alone and then chunks

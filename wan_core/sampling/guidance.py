@@ -1,6 +1,6 @@
 """Classifier-free guidance for flow models: musubi's CFG-skip patterns and skip-layer guidance (SLG).
 
-Facts: reference/inference.md sections 4-6. ``guided_velocity`` turns a caller-supplied ``predict`` (one DiT forward
+``guided_velocity`` turns a caller-supplied ``predict`` (one DiT forward
 for the conditional or the negative-prompt inputs, optionally with some blocks skipped) into the ``VelocityFn`` the
 samplers in ``wan_core.sampling.solvers`` consume.
 """

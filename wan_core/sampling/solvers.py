@@ -1,6 +1,6 @@
 """Flow-matching samplers for Wan2.1 as pure functions of (model, x, sigmas).
 
-Conventions (reference/inference.md section 2): x_σ = (1 − σ)·x0 + σ·ε, the model predicts the velocity
+Conventions: x_σ = (1 − σ)·x0 + σ·ε, the model predicts the velocity
 v ≈ ε − x0, the denoised estimate is x0 = x − σ·v and the model receives the timestep t = σ·1000 (truncated to an
 integer where the official code truncates).
 
