@@ -36,7 +36,9 @@ from training.cache.store import (
     MediaHasher,
     Progress,
     TqdmProgress,
+    add_cache_run_flags,
     cache_directory,
+    cache_parser,
     checkpoint_fingerprint,
     dtype_name,
     entry_key,
@@ -50,7 +52,7 @@ from training.cache.store import (
     remove_stale,
     save_latent_entry,
 )
-from training.config_file import add_config_file_argument, parse_args
+from training.config_file import parse_args
 from training.dataset.items import DatasetItem, DatasetScan, ensure_not_empty, scan_dataset_group
 from training.dataset.schema import DatasetGroupConfig, load_dataset_config
 from wan_core.media.io import MediaReadError, frames_to_tensor, read_image, read_video, resize_to_bucket
@@ -274,9 +276,7 @@ def _encode_pending(pending: list[LatentEntry], scan: DatasetScan, keys: dict[Pa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training cache-latents", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset_config", help="dataset TOML (musubi schema); required")
+    parser = cache_parser("cache-latents", __doc__)
     parser.add_argument("--vae", help="Wan2.1 VAE checkpoint (.safetensors or .pth); required")
     parser.add_argument("--vae_dtype", default="bfloat16", type=str,
                         help="VAE compute dtype, also the stored latent dtype (default bfloat16)")
@@ -286,18 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--i2v", action="store_true", help="also cache the I2V image latents (mask + first frame)")
     parser.add_argument("--task", help="optional: check the cache fits this task (i2v-14B needs --clip, *-FC a "
                                        "control_directory)")
-    parser.add_argument("--batch_size", type=int, default=None, help="items per VAE call (default: the dataset's)")
-    parser.add_argument("--num_workers", type=int, default=None,
-                        help="threads decoding media (default: CPU count - 1)")
-    parser.add_argument("--skip_existing", action="store_true",
-                        help="accepted for musubi compatibility; up-to-date entries are always skipped (keys "
-                             "verified)")
-    parser.add_argument("--force", action="store_true", help="re-encode every entry")
-    parser.add_argument("--keep_cache", action="store_true", help="keep cache files no longer in the dataset")
-    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    add_cache_run_flags(parser, batch_help="items per VAE call (default: the dataset's)",
+                        workers_help="threads decoding media (default: CPU count - 1)")
     parser.add_argument("--debug_mode", choices=("image", "console", "video"), default=None,
                         help="not supported: prints the dataset dry-run report instead and encodes nothing")
-    add_config_file_argument(parser)
     return parser
 
 

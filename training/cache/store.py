@@ -58,6 +58,7 @@ identical (W, H, frames). `open_training_source` wraps it as the training loop's
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -73,6 +74,7 @@ from typing import Any
 
 import torch
 
+from training.config_file import add_config_file_argument
 from training.dataset.items import DatasetItem, DatasetScan, ensure_not_empty, epoch_batches, scan_dataset_group
 from training.dataset.schema import DatasetConfig, DatasetGroupConfig, load_dataset_config
 from wan_core.loading.checkpoint import (
@@ -159,6 +161,27 @@ class TqdmProgress:
         self.bar.update(done - self.bar.n)
         if done >= total:
             self.bar.close()
+
+
+def cache_parser(command: str, description: str | None) -> argparse.ArgumentParser:
+    """The parser of a cache command (`cache-latents`, `cache-text`), starting with `--dataset_config`."""
+    parser = argparse.ArgumentParser(prog=f"python -m training {command}", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset_config", help="dataset TOML (musubi schema); required")
+    return parser
+
+
+def add_cache_run_flags(parser: argparse.ArgumentParser, batch_help: str, workers_help: str) -> None:
+    """The flags both cache commands share: batching, workers, what to (re)encode and keep, device, config file."""
+    parser.add_argument("--batch_size", type=int, default=None, help=batch_help)
+    parser.add_argument("--num_workers", type=int, default=None, help=workers_help)
+    parser.add_argument("--skip_existing", action="store_true",
+                        help="accepted for musubi compatibility; up-to-date entries are always skipped (keys "
+                             "verified)")
+    parser.add_argument("--force", action="store_true", help="re-encode every entry")
+    parser.add_argument("--keep_cache", action="store_true", help="keep cache files no longer in the dataset")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    add_config_file_argument(parser)
 
 
 # --------------------------------------------------------------------------------------------------------------------

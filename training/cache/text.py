@@ -35,7 +35,9 @@ from training.cache.store import (
     TextEntry,
     TextSettings,
     TqdmProgress,
+    add_cache_run_flags,
     cache_directory,
+    cache_parser,
     checkpoint_fingerprint,
     dtype_name,
     entry_key,
@@ -51,7 +53,7 @@ from training.cache.store import (
     tokenizer_fingerprint,
     unique_text_entries,
 )
-from training.config_file import add_config_file_argument, parse_args
+from training.config_file import parse_args
 from training.dataset.items import _list_sources
 from training.dataset.schema import DatasetGroupConfig, check_dataset_group, load_dataset_config
 
@@ -164,23 +166,13 @@ def cache_text(dataset: str | os.PathLike[str] | DatasetGroupConfig, t5: Any, *,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training cache-text", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset_config", help="dataset TOML (musubi schema); required")
+    parser = cache_parser("cache-text", __doc__)
     parser.add_argument("--t5", help="umT5 checkpoint (models_t5_umt5-xxl-enc-bf16.pth or umt5_xxl_*.safetensors); "
                                      "required")
     parser.add_argument("--tokenizer", default=None, help="folder with spiece.model, or a SentencePiece .model file")
     parser.add_argument("--fp8_t5", action="store_true", help="store the T5 weights in fp8 (less memory)")
-    parser.add_argument("--batch_size", type=int, default=None, help="captions per T5 call (default: the dataset's)")
-    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    parser.add_argument("--num_workers", type=int, default=None,
-                        help="accepted for musubi compatibility; captions are read without decoding any media")
-    parser.add_argument("--skip_existing", action="store_true",
-                        help="accepted for musubi compatibility; up-to-date entries are always skipped (keys "
-                             "verified)")
-    parser.add_argument("--force", action="store_true", help="re-encode every entry")
-    parser.add_argument("--keep_cache", action="store_true", help="keep cache files no longer in the dataset")
-    add_config_file_argument(parser)
+    add_cache_run_flags(parser, batch_help="captions per T5 call (default: the dataset's)",
+                        workers_help="accepted for musubi compatibility; captions are read without decoding any media")
     return parser
 
 
