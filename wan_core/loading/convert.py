@@ -43,18 +43,24 @@ def _compiled(rules: tuple[Rule, ...], to_ours: bool) -> list[tuple[re.Pattern[s
 def rename(sd: Mapping[str, torch.Tensor], rules: Iterable[Rule], *, to_ours: bool, what: str,
            ignore: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """Rename every key of `sd` through `rules` (foreign -> ours when `to_ours`, else ours -> foreign)."""
+    names = renamed_keys(sd, rules, to_ours=to_ours, what=what, ignore=ignore)
+    return {target: transform(sd[key]) if transform else sd[key] for target, (key, transform) in names.items()}
+
+
+def renamed_keys(keys: Iterable[str], rules: Iterable[Rule], *, to_ours: bool, what: str,
+                 ignore: Callable[[str], bool] | None = None) -> dict[str, tuple[str, Transform | None]]:
+    """{new name: (key, the transform its value needs)} for every key not ignored (see `rename`)."""
     compiled = _compiled(tuple(rules), to_ours)
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, tuple[str, Transform | None]] = {}
     unknown: list[str] = []
-    for key, value in sd.items():
+    for key in keys:
         if ignore is not None and ignore(key):
             continue
         for pattern, rule in compiled:
             match = pattern.match(key)
             if match:
                 target = rule.ours if to_ours else rule.theirs
-                transform = rule.to_ours if to_ours else rule.to_theirs
-                out[target.format(**match.groupdict())] = transform(value) if transform else value
+                out[target.format(**match.groupdict())] = (key, rule.to_ours if to_ours else rule.to_theirs)
                 break
         else:
             unknown.append(key)

@@ -27,9 +27,10 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -44,11 +45,18 @@ logger = logging.getLogger(__name__)
 DEFAULT_TRAIN_EXCLUDE = r".*(patch_embedding|text_embedding|time_embedding|time_projection|norm|head).*"
 MUSUBI_NETWORK_MODULE = "networks.lora_wan"
 Target = nn.Module | MutableMapping[str, torch.Tensor]
+Multipliers = float | Sequence[float] | None  # one per LoRA, or one for all (None: 1.0)
+Patterns = str | Sequence[str | None] | None  # one regex per LoRA, or one for all (None: no filter)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Target discovery
 # ----------------------------------------------------------------------------------------------------------------
+
+def _out_in_features(layer: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a layer `_is_linear_like` accepted."""
+    return cast(int, layer.out_features), cast(int, layer.in_features)
+
 
 def _is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (isinstance(getattr(module, "in_features", None), int)
@@ -97,6 +105,10 @@ class LoRAReport:
                 f"{len(self.filtered)} filtered out, {len(self.unmatched)} unmatched keys")
 
 
+@overload
+def _compile(pattern: str, what: str) -> re.Pattern[str]: ...
+@overload
+def _compile(pattern: str | None, what: str) -> re.Pattern[str] | None: ...
 def _compile(pattern: str | None, what: str) -> re.Pattern[str] | None:
     if pattern is None:
         return None
@@ -131,15 +143,18 @@ def lora_multiplier(value: object, source: object = None) -> float:
     return number
 
 
-def _per_lora(values: object, count: int, what: str, default: object) -> list:
+def _per_lora(values: object, count: int, what: str, default: object) -> list[Any]:
+    """One entry per LoRA from user input: None (`default` for each), a single value, or a sequence."""
     if values is None:
         return [default] * count
     if isinstance(values, (str, int, float)):
         values = [values]
-    values = list(values)  # type: ignore[arg-type]
-    if len(values) != count:
-        raise ValueError(f"got {len(values)} {what} for {count} LoRA(s); give one per LoRA (in the same order)")
-    return values
+    if not isinstance(values, Iterable):
+        raise ValueError(f"{what} must be one value or one per LoRA, got a {type(values).__name__}")
+    items = list(values)
+    if len(items) != count:
+        raise ValueError(f"got {len(items)} {what} for {count} LoRA(s); give one per LoRA (in the same order)")
+    return items
 
 
 def _source_name(source: LoRASource) -> str:
@@ -148,8 +163,9 @@ def _source_name(source: LoRASource) -> str:
     return "<state dict>" if isinstance(source, Mapping) else str(source)
 
 
-def _prepare(loras: Sequence[LoRASource] | LoRASource, modules: set[str], multipliers: object,
-             include_patterns: object, exclude_patterns: object) -> list[tuple[dict[str, Adapter], float, LoRAReport]]:
+def _prepare(loras: Sequence[LoRASource] | LoRASource, modules: set[str], multipliers: Multipliers,
+             include_patterns: Patterns,
+             exclude_patterns: Patterns) -> list[tuple[dict[str, Adapter], float, LoRAReport]]:
     if isinstance(loras, (str, os.PathLike, Mapping, LoRA)):
         loras = [loras]
     count = len(loras)
@@ -200,25 +216,26 @@ def _weight(layer: nn.Module, name: str) -> torch.Tensor:
     return weight
 
 
-def merge_loras(target: Target, loras: Sequence[LoRASource] | LoRASource, multipliers: object = None, *,
-                include_patterns: object = None, exclude_patterns: object = None) -> list[LoRAReport]:
+def merge_loras(target: Target, loras: Sequence[LoRASource] | LoRASource, multipliers: Multipliers = None, *,
+                include_patterns: Patterns = None, exclude_patterns: Patterns = None) -> list[LoRAReport]:
     """Merge LoRAs into a model (in place) or a state dict with official names (entries replaced in place).
 
     W ← W + Σ_i m_i·ΔW_i, summed in float32 and rounded once to W's dtype. `loras`: paths, state dicts or parsed
     `LoRA`s; `multipliers`, `include_patterns`, `exclude_patterns`: one per LoRA (None = 1.0 / no filter).
     """
+    layers: dict[str, nn.Module] | None = None
+    keys: dict[str, str] = {}
+    state: MutableMapping[str, torch.Tensor] = {}
     if isinstance(target, nn.Module):
         layers = linear_modules(target)
-        keys = None
     else:
-        keys = _state_dict_linears(target)
-        layers = None
+        keys, state = _state_dict_linears(target), target
     names = set(layers if layers is not None else keys)
     prepared = _prepare(loras, names, multipliers, include_patterns, exclude_patterns)
     per_module: dict[str, list[tuple[Adapter, float]]] = {}
     for used, mult, report in prepared:
         for module, adapter in used.items():
-            shape = _weight(layers[module], module).shape if layers is not None else target[keys[module]].shape
+            shape = _weight(layers[module], module).shape if layers is not None else state[keys[module]].shape
             _check_shape(module, adapter, tuple(shape), report.source)
             if mult != 0.0:
                 per_module.setdefault(module, []).append((adapter, mult))
@@ -228,7 +245,7 @@ def merge_loras(target: Target, loras: Sequence[LoRASource] | LoRASource, multip
                 weight = _weight(layers[module], module)
                 weight.copy_(_merged(weight, parts, module))
             else:
-                target[keys[module]] = _merged(target[keys[module]], parts, keys[module])
+                state[keys[module]] = _merged(state[keys[module]], parts, keys[module])
     logger.info("merged %d LoRA(s) into %d layers", len(prepared), len(per_module))
     return [report for _, _, report in prepared]
 
@@ -257,6 +274,9 @@ def _lora_dtype(base: nn.Module) -> torch.dtype:
 class _LowRankBranch(nn.Module):
     """m·(alpha/r)·up(down(x)) with the weights held in the compute dtype."""
 
+    down: torch.Tensor
+    up: torch.Tensor
+
     def __init__(self, adapter: LowRank, multiplier: float, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.register_buffer("down", adapter.down.to(device, dtype), persistent=False)  # [r, in]
@@ -272,6 +292,8 @@ class _LowRankBranch(nn.Module):
 
 class _DeltaBranch(nn.Module):
     """m·ΔW x for LoHa/LoKr, with ΔW materialised once (alpha/rank included) in the compute dtype."""
+
+    delta: torch.Tensor
 
     def __init__(self, adapter: Adapter, multiplier: float, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
@@ -345,7 +367,7 @@ class LoRAHandle:
             value = lora_multiplier(multiplier, self.reports[i].source)
             self._multipliers[i] = value
             for _, wrapper, key in self._branches[i]:
-                wrapper.branches[key].multiplier = value
+                cast(_LowRankBranch | _DeltaBranch, wrapper.branches[key]).multiplier = value
 
     def remove(self) -> None:
         """Remove this handle's branches; layers left without branches get their original module back."""
@@ -366,7 +388,7 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 def _wrap(model: nn.Module, name: str) -> LoRAModule:
     parent, child = _parent(model, name)
-    current = parent._modules[child]
+    current = parent.get_submodule(child)
     if isinstance(current, LoRAModule):
         return current
     wrapper = LoRAModule(current)
@@ -380,8 +402,8 @@ def _unwrap(model: nn.Module, name: str, wrapper: LoRAModule) -> None:
         setattr(parent, child, wrapper.base)
 
 
-def apply_loras(model: nn.Module, loras: Sequence[LoRASource] | LoRASource, multipliers: object = None, *,
-                include_patterns: object = None, exclude_patterns: object = None) -> LoRAHandle:
+def apply_loras(model: nn.Module, loras: Sequence[LoRASource] | LoRASource, multipliers: Multipliers = None, *,
+                include_patterns: Patterns = None, exclude_patterns: Patterns = None) -> LoRAHandle:
     """Apply LoRAs without touching the weights (see the module docstring); returns a `LoRAHandle`."""
     layers = linear_modules(model)
     prepared = _prepare(loras, set(layers), multipliers, include_patterns, exclude_patterns)
@@ -390,12 +412,13 @@ def apply_loras(model: nn.Module, loras: Sequence[LoRASource] | LoRASource, mult
     for index, (used, mult, report) in enumerate(prepared):
         for module, adapter in used.items():
             base = layers[module]
-            _check_shape(module, adapter, (base.out_features, base.in_features), report.source)
+            _check_shape(module, adapter, _out_in_features(base), report.source)
             dtype, device = _lora_dtype(base), _device_of(base)
-            branch_cls = _LowRankBranch if isinstance(adapter, LowRank) else _DeltaBranch
+            branch = (_LowRankBranch(adapter, mult, dtype, device) if isinstance(adapter, LowRank)
+                      else _DeltaBranch(adapter, mult, dtype, device))
             wrapper = _wrap(model, module)
             key = f"lora{handle_id}_{index}"
-            wrapper.branches[key] = branch_cls(adapter, mult, dtype, device)
+            wrapper.branches[key] = branch
             handle._branches[index].append((module, wrapper, key))
     logger.info("applied %d LoRA(s) unmerged to %d layers", len(prepared),
                 len({m for entries in handle._branches for m, _, _ in entries}))
@@ -450,10 +473,12 @@ class TrainableLoRA(nn.Module):
             raise ValueError(f"LoRA rank must be >= 1, got {rank} for {name}")
         self.name, self.rank, self.multiplier = name, rank, multiplier
         self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
-        self.lora_down = nn.Linear(base.in_features, rank, bias=False)
-        self.lora_up = nn.Linear(rank, base.out_features, bias=False)
+        out_features, in_features = _out_in_features(base)
+        self.lora_down = nn.Linear(in_features, rank, bias=False)
+        self.lora_up = nn.Linear(rank, out_features, bias=False)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
+        self.alpha: torch.Tensor
         self.register_buffer("alpha", torch.tensor(0.0))
         self.set_alpha(alpha)
         self._base = [base]  # a list, so the base layer is not registered (not saved, not moved)
@@ -491,7 +516,10 @@ class TrainableLoRA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, L, in] -> [B, L, out] (the patched forward of the base layer)."""
-        out = self._original_forward(x)
+        original = self._original_forward
+        if original is None:
+            raise RuntimeError(f"LoRA {self.name} is not applied to its layer (call apply_to first)")
+        out = original(x)
         if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
             return out
         hidden = self.lora_down(self._lora_input(x))  # [B, L, r]
@@ -543,7 +571,7 @@ class LoRANetwork(nn.Module):
 
     @classmethod
     def from_weights(cls, model: nn.Module, source: LoRASource, multiplier: float = 1.0,
-                     **kwargs: object) -> LoRANetwork:
+                     **kwargs: Any) -> LoRANetwork:
         """A network shaped after a LoRA file (per-module rank and alpha; musubi `--dim_from_weights`), loaded."""
         from wan_core.models.dit import WanAttentionBlock
 
@@ -578,7 +606,7 @@ class LoRANetwork(nn.Module):
         for module in self.by_name.values():
             module.multiplier = multiplier
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
+    def trainable_parameters(self) -> list[torch.Tensor]:
         return [p for module in self.by_name.values() for p in (module.lora_down.weight, module.lora_up.weight)]
 
     def param_groups(self, lr: float, loraplus_lr_ratio: float | None = None) -> list[dict]:
@@ -595,11 +623,11 @@ class LoRANetwork(nn.Module):
         return {name: LowRank(m.lora_down.weight.detach(), m.lora_up.weight.detach(), float(m.alpha))
                 for name, m in self.by_name.items()}
 
-    def state_dict_in(self, format: str = "musubi", *, dtype: torch.dtype | None = None,
-                      **kwargs: object) -> dict[str, torch.Tensor]:
+    def state_dict_in(self, format: str = "musubi", *, dtype: torch.dtype | None = None, prefix: str | None = None,
+                      keep_alpha: bool = False) -> dict[str, torch.Tensor]:
         """The weights in "musubi" (sd-scripts keys + alpha), "comfyui" or "diffusers" layout (see
         `wan_core.lora.formats.lora_state_dict` for `prefix`, `keep_alpha`)."""
-        tensors = lora_state_dict(self.adapters(), format, **kwargs)
+        tensors = lora_state_dict(self.adapters(), format, prefix=prefix, keep_alpha=keep_alpha)
         return {k: v.to(dtype) if dtype is not None and v.dim() else v for k, v in tensors.items()}
 
     def network_metadata(self) -> dict[str, str]:
@@ -612,10 +640,11 @@ class LoRANetwork(nn.Module):
                 "ss_network_args": json.dumps(args)}
 
     def save(self, path: str | os.PathLike, format: str = "musubi", *, metadata: Mapping[str, str] | None = None,
-             dtype: torch.dtype | None = None, **kwargs: object) -> Path:
+             dtype: torch.dtype | None = None, prefix: str | None = None, keep_alpha: bool = False) -> Path:
         """Write the LoRA atomically, with `network_metadata()` updated by `metadata` (passed through)."""
         meta = {**self.network_metadata(), **{k: str(v) for k, v in (metadata or {}).items()}}
-        return save_lora(self.adapters(), path, format, metadata=meta, dtype=dtype, **kwargs)
+        return save_lora(self.adapters(), path, format, metadata=meta, dtype=dtype, prefix=prefix,
+                         keep_alpha=keep_alpha)
 
     def load_weights(self, source: LoRASource) -> LoRAReport:
         """Continue from a LoRA in any format: copies down/up and takes the file's alpha (so the delta is the

@@ -27,6 +27,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -192,7 +193,7 @@ class CLIPVision(nn.Module):
     def set_attention_backend(self, name: str) -> None:
         backend = resolve_backend(name).value
         for block in self.visual.transformer:
-            block.attn.attn_backend = backend
+            cast(CLIPBlock, block).attn.attn_backend = backend
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, crop: str | None = None) -> torch.Tensor:
@@ -237,7 +238,12 @@ _LAYOUT_HELP = ("official Wan (`visual.cls_embedding`, `visual.transformer.N...`
 def _checkpoint_keys(path: Path) -> list[str]:
     """All tensor names of a checkpoint without reading any tensor data (a filter that accepts nothing)."""
     names: list[str] = []
-    load_state_dict(path, keys=lambda key: names.append(key) or False)
+
+    def collect(key: str) -> bool:
+        names.append(key)
+        return False
+
+    load_state_dict(path, keys=collect)
     return names
 
 

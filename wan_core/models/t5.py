@@ -251,16 +251,16 @@ def _official_names(keys: Sequence[str], what: str) -> dict[str, str]:
     """Map official, `encoder.`-prefixed official, or HF / ComfyUI key names -> {official name: file key}.
 
     Keys of other parts (a decoder, an LM head, the tied embedding copy) are left out; unknown keys are an error."""
-    from wan_core.loading.convert import T5_HF, T5_HF_EXTRA, T5_HF_SENTINEL, rename
+    from wan_core.loading.convert import T5_HF, T5_HF_EXTRA, T5_HF_SENTINEL, renamed_keys
 
     hf_prefix = _prefix_of(keys, T5_HF_SENTINEL)
     if hf_prefix is not None:
         inner = {k[len(hf_prefix):]: k for k in keys if k.startswith(hf_prefix)}
         if "shared.weight" not in inner and "encoder.embed_tokens.weight" in inner:
             inner["shared.weight"] = inner["encoder.embed_tokens.weight"]  # files that kept only the tied copy
-        # the rename engine moves values untouched (T5 rules have no transforms), so it maps the names too
-        return rename(inner, T5_HF, to_ours=True, what=f"umT5 {what} (Hugging Face / ComfyUI layout)",
-                      ignore=lambda k: k in T5_HF_EXTRA or k.startswith(_HF_SKIP))
+        names = renamed_keys(inner, T5_HF, to_ours=True, what=f"umT5 {what} (Hugging Face / ComfyUI layout)",
+                             ignore=lambda k: k in T5_HF_EXTRA or k.startswith(_HF_SKIP))
+        return {ours: inner[key] for ours, (key, _) in names.items()}  # T5 rules have no transforms
     prefix = _prefix_of(keys, _OFFICIAL_SENTINEL)
     if prefix is None:
         raise ValueError(f"{what} is not a umT5 text encoder: none of its {len(keys)} keys match the official "
@@ -332,14 +332,11 @@ def load_t5(path: str | os.PathLike, tokenizer: UMT5Tokenizer | str | os.PathLik
     config: the architecture; else the file's `wantuner_config` metadata; else detected from the shapes.
     """
     from wan_core.loading.checkpoint import build_on_meta, load_into
-    from wan_core.models.config import CONFIG_METADATA_KEY, config_from_json
+    from wan_core.models.config import stored_config
 
     sd, scales, spiece, metadata = t5_state_dict(path)
-    if config is None and CONFIG_METADATA_KEY in metadata:
-        config = config_from_json(metadata[CONFIG_METADATA_KEY])
-        if not isinstance(config, T5Config):
-            raise ValueError(f"{path}: its {CONFIG_METADATA_KEY} metadata describes a {type(config).__name__}, "
-                             "not a T5Config; this is not a text-encoder file")
+    if config is None:
+        config = stored_config(metadata, T5Config, f"{path} (not a text-encoder file)")
     cfg = config or detect_t5_config(sd)
     tok = (load_tokenizer(tokenizer, cfg.text_len) if tokenizer is not None
            else find_tokenizer(path, spiece, cfg.text_len))

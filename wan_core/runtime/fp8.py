@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import nn
@@ -41,6 +42,13 @@ from wan_core.models.ops import (
     quantize_weight,
 )
 from wan_core.models.ops import scale_layout as _scale_layout
+
+if TYPE_CHECKING:
+    from wan_core.models.config import DiTConfig
+    from wan_core.models.dit import WanModel
+    from wan_core.models.t5 import T5Encoder
+
+T5Like = TypeVar("T5Like", bound="nn.Module | T5Encoder")
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +142,7 @@ def _weight_bytes(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def fp8_t5(t5: object, mode: str | FP8Mode = "fp8_scaled", compute_dtype: torch.dtype | None = None) -> object:
+def fp8_t5(t5: T5Like, mode: str | FP8Mode = "fp8_scaled", compute_dtype: torch.dtype | None = None) -> T5Like:
     """Store every Linear of a T5 encoder in fp8 (norms, the token and relative-position embeddings untouched).
 
     Accepts an `nn.Module` or a wrapper with a `.model` module (`wan_core.models.t5.T5Encoder`); returns its argument.
@@ -241,8 +249,8 @@ def convert_to_fp8_modules(model: nn.Module, sd: Mapping[str, torch.Tensor], mod
     return model
 
 
-def build_fp8_dit(cfg: object, sd: Mapping[str, torch.Tensor], mode: str | FP8Mode,
-                  compute_dtype: torch.dtype, what: str = "DiT") -> nn.Module:
+def build_fp8_dit(cfg: DiTConfig, sd: Mapping[str, torch.Tensor], mode: str | FP8Mode,
+                  compute_dtype: torch.dtype, what: str = "DiT") -> WanModel:
     """A WanModel with fp8 target layers straight from a state dict (bf16/fp16/fp8/scaled_fp8): the loader path
     of `load_dit(..., fp8=mode)`; never materialises a bf16 copy of pre-quantised weights."""
     from wan_core.loading.checkpoint import build_on_meta, load_into
