@@ -392,6 +392,12 @@ def test_several_loras_merged_unmerged_and_multipliers() -> None:
         handle.set_multiplier(1.0)
 
 
+def test_multipliers_that_are_neither_a_number_nor_a_sequence_are_a_clear_error() -> None:
+    files = [WRITERS["musubi"](_random_lora(seed=3))]
+    with pytest.raises(ValueError, match="multipliers must be one value or one per LoRA, got a dtype"):
+        merge_loras(_model(), files, torch.float32)  # type: ignore[arg-type]
+
+
 def test_merge_with_multiplier_zero_is_bit_identical_and_state_dict_merge() -> None:
     model = _model()
     file = WRITERS["musubi"](_random_lora())
