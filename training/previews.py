@@ -19,14 +19,23 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from wan_core.generate.jobs import Job, parse_prompt_line, read_prompt_lines
 from wan_core.models.config import DEFAULT_NEGATIVE_PROMPT, get_task
 from wan_core.sampling import conditioning as cond
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from wan_core.models.dit import WanModel
+    from wan_core.models.vae import WanVAE
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +56,24 @@ class SampleJob:
     flow_shift: float
 
 
+@dataclass(frozen=True)
+class SampleSettings:
+    """The training flags the previews use (by their CLI names)."""
+
+    sample_prompts: str | None
+    vae: str | None
+    vae_dtype: str | None
+    t5: str | None
+    tokenizer: str | None
+    fp8_t5: bool
+    clip: str | None
+    output_dir: str | None
+
+
 @dataclass
 class SamplePlan:
     jobs: list[SampleJob]
-    vae: object  # WanVAE, kept in CPU memory for decoding
+    vae: WanVAE  # kept in CPU memory for decoding
     output_dir: Path
     name: str
     device: torch.device
@@ -67,7 +90,7 @@ def _round_size(job: Job) -> tuple[int, int, int]:
     return rounded
 
 
-def _conditioning(job: Job, task: str | None, in_dim: int, vae: object, clip: object | None,
+def _conditioning(job: Job, task: str | None, in_dim: int, vae: cond.VAELike, clip: cond.CLIPLike | None,
                   size: tuple[int, int, int]) -> cond.Conditioning:
     from wan_core.media.io import frames_to_tensor, image_to_tensor, read_image, read_video
 
@@ -97,7 +120,7 @@ def read_sample_jobs(path: str | Path) -> list[Job]:
     return [parse_prompt_line(line) for line in read_prompt_lines(path)]
 
 
-def _encode_texts(args: object, texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+def _encode_texts(args: SampleSettings, texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
     from wan_core.models.t5 import load_t5
 
     t5 = load_t5(args.t5, tokenizer=args.tokenizer, device=device)
@@ -113,7 +136,7 @@ def _encode_texts(args: object, texts: list[str], device: torch.device) -> dict[
     return embeds
 
 
-def prepare_samples(args: object, task: str | None, in_dim: int, device: torch.device, seed: int, rank: int,
+def prepare_samples(args: SampleSettings, task: str | None, in_dim: int, device: torch.device, seed: int, rank: int,
                     world: int, name: str) -> SamplePlan:
     """Encode the prompts and conditioning of this process's share of the prompt file."""
     from wan_core.models.vae import load_vae
@@ -178,8 +201,9 @@ def _save(frames: torch.Tensor, path: Path) -> Path:
     return out
 
 
-def generate_samples(plan: SamplePlan, dit: torch.nn.Module, step: int, epoch: int | None, autocast: object,
-                     writer: object | None = None) -> list[Path]:
+def generate_samples(plan: SamplePlan, dit: WanModel, step: int, epoch: int | None,
+                     autocast: Callable[[], AbstractContextManager[object]],
+                     writer: SummaryWriter | None = None) -> list[Path]:
     """Render every job of `plan` with the current weights; returns the written files."""
     from wan_core.sampling.pipeline import SamplerSettings, decode_latents, denoise
 

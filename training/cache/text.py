@@ -23,7 +23,7 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypeAlias
 
 import torch
 
@@ -34,6 +34,7 @@ from training.cache.store import (
     Progress,
     TextEntry,
     TextSettings,
+    TokenizerSource,
     TqdmProgress,
     add_cache_run_flags,
     cache_directory,
@@ -56,6 +57,12 @@ from training.cache.store import (
 from training.config_file import parse_args
 from training.dataset.items import _list_sources
 from training.dataset.schema import DatasetGroupConfig, check_dataset_group, load_dataset_config
+
+if TYPE_CHECKING:
+    from wan_core.models.t5 import T5Encoder
+    from wan_core.models.tokenizer import UMT5Tokenizer
+
+T5Source: TypeAlias = "str | os.PathLike[str] | T5Encoder"  # a checkpoint path or a loaded encoder
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +92,7 @@ def _empty_entries(group: DatasetGroupConfig) -> list[TextEntry]:
     return [TextEntry(cfg.index, Path(""), "", cache_directory(cfg) / EMPTY_TEXT_NAME) for cfg in group.datasets]
 
 
-def text_settings(t5: Any, tokenizer: Any, fp8: bool) -> tuple[TextSettings, Any]:
+def text_settings(t5: T5Source, tokenizer: TokenizerSource | None, fp8: bool) -> tuple[TextSettings, UMT5Tokenizer]:
     """(settings, the tokenizer to encode with) for a T5 checkpoint path or a loaded `T5Encoder` (used as it is:
     its own tokenizer, dtype and weights; `fp8` applies to paths only)."""
     if isinstance(t5, (str, os.PathLike)):
@@ -97,7 +104,7 @@ def text_settings(t5: Any, tokenizer: Any, fp8: bool) -> tuple[TextSettings, Any
                         compute=dtype_name(t5.dtype)), tok
 
 
-def _compute_name(t5_path: Any) -> str:
+def _compute_name(t5_path: str | os.PathLike[str]) -> str:
     """load_t5's default compute dtype: bf16, except that fp32 files stay fp32."""
     from wan_core.loading.checkpoint import peek_shapes
 
@@ -105,7 +112,7 @@ def _compute_name(t5_path: Any) -> str:
     return "float32" if dtypes == {torch.float32} else "bfloat16"
 
 
-def _load_t5(t5: Any, tokenizer: Any, device: str, fp8: bool, batch_size: int) -> Any:
+def _load_t5(t5: T5Source, tokenizer: TokenizerSource | None, device: str, fp8: bool, batch_size: int) -> T5Encoder:
     if not isinstance(t5, (str, os.PathLike)):
         return t5
     from wan_core.models.t5 import load_t5
@@ -118,7 +125,8 @@ def _load_t5(t5: Any, tokenizer: Any, device: str, fp8: bool, batch_size: int) -
     return encoder
 
 
-def cache_text(dataset: str | os.PathLike[str] | DatasetGroupConfig, t5: Any, *, tokenizer: Any = None,
+def cache_text(dataset: str | os.PathLike[str] | DatasetGroupConfig, t5: T5Source, *,
+               tokenizer: TokenizerSource | None = None,
                fp8_t5: bool = False, device: str = "cpu", batch_size: int | None = None, force: bool = False,
                keep_cache: bool = False, progress: Progress | None = None) -> CacheRunReport:
     """Bring a dataset's T5 caches up to date; returns what was encoded, reused and removed.
