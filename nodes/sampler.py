@@ -34,13 +34,6 @@ def _conditioning(conditioning: WanConditioning | None, latent: dict | None, wid
     return text_to_video(height, width, length), "text-to-video"
 
 
-def _settings(steps: int, guidance_scale: float, shift: float, solver: str, seed: int, noise_on_cpu: bool,
-              cfg_skip_mode: str, cfg_apply_ratio: float, slg: SLGConfig | None, denoise: float) -> SamplerSettings:
-    return SamplerSettings(steps=steps, guidance_scale=guidance_scale, flow_shift=shift, seed=seed, solver=solver,
-                           cpu_noise=noise_on_cpu, cfg_skip_mode=cfg_skip_mode, cfg_apply_ratio=cfg_apply_ratio,
-                           slg=slg, denoise=denoise)
-
-
 def _slg(mode: str, layers: str, scale: float, start: float, end: float) -> SLGConfig | None:
     return None if mode == "none" else SLGConfig(mode, layers, scale, start, end)
 
@@ -157,8 +150,10 @@ class WanTunerSampler:
 
         cond, kind = _conditioning(conditioning, latent, width, height, length)
         check_conditioning_fits(dit.config, cond, kind)
-        settings = _settings(steps, guidance_scale, shift, solver, seed, noise_on_cpu, cfg_skip_mode,
-                             cfg_apply_ratio, _slg(slg_mode, slg_layers, slg_scale, slg_start, slg_end), denoise)
+        settings = SamplerSettings(steps=steps, guidance_scale=guidance_scale, flow_shift=shift, seed=seed,
+                                   solver=solver, cpu_noise=noise_on_cpu, cfg_skip_mode=cfg_skip_mode,
+                                   cfg_apply_ratio=cfg_apply_ratio,
+                                   slg=_slg(slg_mode, slg_layers, slg_scale, slg_start, slg_end), denoise=denoise)
         negative = _negative(text_embeds, settings)
         progress = comfy.Progress(steps, unique_id, "WanTuner sampler", _preview(vae))
         init = None if latent is None else latent_from_comfy(latent["samples"], "latent")
