@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -28,6 +28,9 @@ from wan_core.sampling import conditioning as cond
 from wan_core.sampling.guidance import CFG_SKIP_MODES, SLG_MODES, SLGConfig, cfg_apply_pattern
 from wan_core.sampling.pipeline import SamplerSettings, decode_latents, denoise, encode_prompts
 from wan_core.sampling.solvers import SAMPLERS
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -283,7 +286,7 @@ class RunStatus:
     step: int = 0
     steps: int = 0
     written: int = 0
-    bar: Any = None  # the open progress bar, closed before the message
+    bar: tqdm | None = None  # the open progress bar, closed before the message
 
     def describe(self) -> str:
         where = (f"at step {self.step} of {self.steps} (video {self.video} of {self.videos})"

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,11 @@ import torch.nn.functional as F
 from wan_core.models.config import DiTConfig
 from wan_core.models.vae import SPACE_STRIDE, TIME_STRIDE, VAE_MEAN, VAE_STD, pixel_frames
 from wan_core.sampling.conditioning import Conditioning
+
+if TYPE_CHECKING:
+    from wan_core.lora.apply import LoRAHandle, LoRAReport
+    from wan_core.models.clip import CLIPVision
+    from wan_core.models.vae import WanVAE
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +124,7 @@ def latent_frame_count(frames: int) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def encode_clip_images(clip: object, first: torch.Tensor, last: torch.Tensor | None = None,
+def encode_clip_images(clip: CLIPVision, first: torch.Tensor, last: torch.Tensor | None = None,
                        crop: str | None = None) -> torch.Tensor:
     """CLIP features of one image [3, H, W] -> [1, N, C], or of a first/last pair -> [2, N, C].
 
@@ -128,7 +134,7 @@ def encode_clip_images(clip: object, first: torch.Tensor, last: torch.Tensor | N
     from wan_core.sampling.conditioning import cover_crop
 
     images = first[None] if last is None else torch.stack([first, cover_crop(last, *first.shape[-2:])])
-    return clip.encode(images, crop=crop)  # type: ignore[attr-defined]
+    return clip.encode(images, crop=crop)
 
 
 class PrecomputedCLIP:
@@ -214,16 +220,16 @@ class LatentRGB:
     bias: torch.Tensor
 
 
-def fit_latent_rgb(vae: object, size: int = 16, seed: int = 0) -> LatentRGB:
+def fit_latent_rgb(vae: WanVAE, size: int = 16, seed: int = 0) -> LatentRGB:
     """Least-squares fit of the decoder's mean colour per 8x8 pixel cell on normalised latents.
 
     Decodes one latent frame of seeded N(0, 1) noise (size x size latent pixels) and regresses the average colour
     of each cell on its latent vector. One small decode; cache the result per VAE.
     """
-    channels = vae.z_dim  # type: ignore[attr-defined]
+    channels = vae.z_dim
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(1, channels, 1, size, size, generator=gen)
-    video = vae.decode(z.to(vae.device))  # type: ignore[attr-defined]  # [1, 3, 1, 8s, 8s] in [-1, 1]
+    video = vae.decode(z.to(vae.device))  # [1, 3, 1, 8s, 8s] in [-1, 1]
     cells = F.avg_pool2d(video[0, :, 0].float().cpu(), SPACE_STRIDE)  # [3, s, s]
     targets = ((cells + 1.0) / 2.0).reshape(3, -1).T.double()  # [s*s, 3]
     inputs = torch.cat([z[0, :, 0].reshape(channels, -1).T, torch.ones(size * size, 1)], dim=1).double()
@@ -248,7 +254,7 @@ def latent_preview(latents: torch.Tensor, rgb: LatentRGB, max_size: int = 512) -
 
 
 def lora_report(model: torch.nn.Module, path: str | Path, strength: float, include: str | None,
-                exclude: str | None) -> object:
+                exclude: str | None) -> LoRAReport:
     """Apply one LoRA unmerged, read its `LoRAReport` (matched, filtered and unmatched keys) and remove it again:
     the same matching and shape checks the sampler will run, without leaving the model changed."""
     from wan_core.lora.apply import apply_loras
@@ -262,7 +268,7 @@ def lora_report(model: torch.nn.Module, path: str | Path, strength: float, inclu
 
 @contextmanager
 def applied_loras(model: torch.nn.Module,
-                  loras: Sequence[tuple[str, float, str | None, str | None]]) -> Iterator[object]:
+                  loras: Sequence[tuple[str, float, str | None, str | None]]) -> Iterator[LoRAHandle | None]:
     """Apply a LoRA chain [(path, strength, include, exclude), ...] unmerged for the duration of a `with` block,
     then remove it (also when the run is interrupted)."""
     if not loras:
