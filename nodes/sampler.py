@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING
 
 from wan_core.sampling.guidance import CFG_SKIP_MODES, SLG_MODES, SLGConfig, parse_slg_layers
 from wan_core.sampling.pipeline import SamplerSettings
@@ -15,13 +15,17 @@ from . import comfy_adapter as comfy
 from .common import CATEGORY, first_problem, inp, problem, size_inputs, size_problem
 from .types import CONDITIONING, DIT, TEXT_EMBEDS, VAE, DiTHandle, ModelHandle, TextEmbeds, WanConditioning
 
+if TYPE_CHECKING:
+    from wan_core.models.dit import WanModel
+    from wan_core.sampling.conditioning import Conditioning
+
 logger = logging.getLogger(__name__)
 
 SOLVERS = tuple(name for name in SAMPLERS if name != "vanilla")  # "vanilla" is an alias of euler
 
 
 def _conditioning(conditioning: WanConditioning | None, latent: dict | None, width: int, height: int,
-                  length: int) -> tuple[Any, str]:
+                  length: int) -> tuple[Conditioning, str]:
     """The wan_core Conditioning and its source: a conditioning node, else the input latent's size, else the
     sampler's own width/height/length (text-to-video)."""
     from wan_core.media.layouts import video_size_of_latent
@@ -51,7 +55,7 @@ def _preview(vae: ModelHandle | None):
 
 
 @contextmanager
-def _prepared(dit: DiTHandle) -> Iterator[Any]:
+def _prepared(dit: DiTHandle) -> Iterator[WanModel]:
     """The DiT on its device with the LoRA chain applied for one run. A block-swapped DiT is placed after the
     LoRAs are applied (so their weights stream with the blocks) and unplaced afterwards."""
     from wan_core.media.layouts import applied_loras
