@@ -68,6 +68,7 @@ class SampleSettings:
     fp8_t5: bool
     clip: str | None
     output_dir: str | None
+    output_name: str  # the run's file name stem, also the samples'
 
 
 @dataclass
@@ -137,7 +138,7 @@ def _encode_texts(args: SampleSettings, texts: list[str], device: torch.device) 
 
 
 def prepare_samples(args: SampleSettings, task: str | None, in_dim: int, device: torch.device, seed: int, rank: int,
-                    world: int, name: str) -> SamplePlan:
+                    world: int) -> SamplePlan:
     """Encode the prompts and conditioning of this process's share of the prompt file."""
     from wan_core.models.vae import load_vae
 
@@ -170,7 +171,7 @@ def prepare_samples(args: SampleSettings, task: str | None, in_dim: int, device:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     logger.info("prepared %d sample prompt(s) of %d", len(sample_jobs), len(jobs))
-    return SamplePlan(sample_jobs, vae, Path(args.output_dir) / "sample", name, device)
+    return SamplePlan(sample_jobs, vae, Path(args.output_dir) / "sample", args.output_name, device)
 
 
 def _frames_for_log(frames: torch.Tensor, limit: int = 8) -> torch.Tensor:

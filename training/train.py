@@ -616,7 +616,8 @@ def sampling_settings(cfg: TrainConfig) -> SampleSettings:
 
     m = cfg.model
     return SampleSettings(sample_prompts=cfg.monitor.sample_prompts, vae=m.vae, vae_dtype=m.vae_dtype, t5=m.t5,
-                           tokenizer=m.tokenizer, fp8_t5=m.fp8_t5, clip=m.clip, output_dir=cfg.save.output_dir)
+                          tokenizer=m.tokenizer, fp8_t5=m.fp8_t5, clip=m.clip, output_dir=cfg.save.output_dir,
+                          output_name=cfg.output_name)
 
 
 def prepare_sampling(run: Run) -> SamplePlan | None:
@@ -626,7 +627,7 @@ def prepare_sampling(run: Run) -> SamplePlan | None:
     from training.previews import prepare_samples
 
     return prepare_samples(sampling_settings(run.cfg), run.task, run.info.config.in_dim, run.device, run.seed,
-                           run.rank, run.world, run.name)
+                           run.rank, run.world)
 
 
 def open_extras(run: Run, data: Data, progress: st.Progress, samples: SamplePlan | None,
