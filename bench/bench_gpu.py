@@ -9,7 +9,7 @@ Weights are random with the real shapes (bench/random_dit.py). A step is one den
 --steps after --warmup steps; compile time shows up in the warm-up column), peak memory allocated / reserved by
 PyTorch over the timed steps (weights included), our estimate of that peak (wan_core.runtime.offload), the projected
 DiT
-time of 50 steps and the achieved TFLOP/s (FLOPs of inference.md 16.3) against 798 TF/s.
+time of 50 steps and the achieved TFLOP/s (FLOPs from `flops_per_forward`) against 798 TF/s.
 
 Cases (1.3B): bf16 sdpa, + compile, sageattn (+ compile) when installed, fp8, fp8_scaled, fp8_fast (compute
 capability >= 8.9), block swap 15 and 29, and diffusers' WanTransformer3DModel (bf16 with its fp32 modules, as
@@ -47,7 +47,7 @@ from wan_core.runtime.compile import compile_blocks  # noqa: E402
 from wan_core.runtime.fp8 import apply_fp8, is_dit_target  # noqa: E402
 from wan_core.runtime.offload import GIB, choose_blocks_to_swap, enable_block_swap, estimate_peak_bytes, video_tokens  # noqa: E402
 
-PRACTICAL_TFLOPS = 798.0  # measured H100 bf16 GEMM rate (inference.md 16.4)
+PRACTICAL_TFLOPS = 798.0  # measured H100 bf16 GEMM rate
 SMOKE = DiTConfig(dim=128, ffn_dim=256, num_heads=1, num_layers=4, text_dim=64)
 SMOKE_14B = dataclasses.replace(SMOKE, num_layers=6)
 
@@ -87,7 +87,7 @@ class Setup:
 
 
 def flops_per_forward(cfg: DiTConfig, tokens: int, text_tokens: int = 512) -> float:
-    """inference.md 16.3: projections, attention cores, text k/v, FFN (patch embedding and head ignored)."""
+    """FLOPs of one forward: projections, attention cores, text k/v, FFN (patch embedding and head ignored)."""
     d, f, n = cfg.dim, cfg.ffn_dim, tokens
     per_layer = 8 * n * d * d + 4 * n * n * d + 4 * n * d * d + 4 * text_tokens * d * d + 4 * n * text_tokens * d
     return cfg.num_layers * (per_layer + 4 * n * d * f)

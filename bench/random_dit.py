@@ -1,6 +1,6 @@
 """Random-weight Wan DiTs of any size for the benchmarks, materialised directly in the target dtype and device.
 
-Initialisation follows the official one (models.md 4.1) so activations have realistic scales: Xavier-uniform
+Initialisation follows the official one so activations have realistic scales: Xavier-uniform
 Linear and patch-embedding weights, N(0, 0.02) text/time embeddings, zero biases, unit norm weights, modulation
 ~ randn/sqrt(dim). The head weight, zero in the official init, gets Xavier too so the output is not trivially zero.
 """

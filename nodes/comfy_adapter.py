@@ -1,8 +1,8 @@
 """Everything ComfyUI-specific in one place, with plain fallbacks so the nodes run without ComfyUI (CI, scripts).
 
 Inside ComfyUI (detected by `folder_paths` and `comfy.model_management` being already imported, as they are when
-ComfyUI loads custom nodes; never imported from here first, which avoids the GPU-less import pitfall of
-comfyui.md section 10):
+ComfyUI loads custom nodes; never imported from here first: importing `comfy.model_management` outside ComfyUI's
+main.py on a machine without a GPU but with a CUDA build of torch raises "Found no NVIDIA driver"):
 - model files are listed and resolved through `folder_paths`; the embedded toy models (`wan_core/toy_models/`) are
   registered as the folder `wantuner_toy` and listed with the loader they belong to;
 - files are saved with `folder_paths.get_save_image_path` naming into ComfyUI's output directory;

@@ -37,7 +37,7 @@ def problem(check: Callable[[], object]) -> str | None:
     return None
 
 
-def size_problem(width: Any, height: Any, length: Any) -> str | None:
+def size_problem(width: object, height: object, length: object) -> str | None:
     """VALIDATE_INPUTS helper; linked (not constant) inputs arrive as None and are checked at run time."""
     if not all(isinstance(v, int) for v in (width, height, length)):
         return None

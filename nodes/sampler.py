@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING
 
 from wan_core.lora.apply import applied_loras
 from wan_core.media.layouts import (
@@ -25,13 +25,17 @@ from . import comfy_adapter as comfy
 from .common import CATEGORY, first_problem, inp, problem, size_inputs, size_problem
 from .types import CONDITIONING, DIT, TEXT_EMBEDS, VAE, DiTHandle, ModelHandle, TextEmbeds, WanConditioning
 
+if TYPE_CHECKING:
+    from wan_core.models.dit import WanModel
+    from wan_core.sampling.conditioning import Conditioning
+
 logger = logging.getLogger(__name__)
 
 SOLVERS = tuple(name for name in SAMPLERS if name != "vanilla")  # "vanilla" is an alias of euler
 
 
 def _conditioning(conditioning: WanConditioning | None, latent: dict | None, width: int, height: int,
-                  length: int) -> tuple[Any, str]:
+                  length: int) -> tuple[Conditioning, str]:
     """The wan_core Conditioning and its source: a conditioning node, else the input latent's size, else the
     sampler's own width/height/length (text-to-video)."""
     if conditioning is not None:
@@ -39,13 +43,6 @@ def _conditioning(conditioning: WanConditioning | None, latent: dict | None, wid
     if latent is not None:
         height, width, length = video_size_of_latent(latent["samples"])
     return text_to_video(height, width, length), "text-to-video"
-
-
-def _settings(steps: int, guidance_scale: float, shift: float, solver: str, seed: int, noise_on_cpu: bool,
-              cfg_skip_mode: str, cfg_apply_ratio: float, slg: SLGConfig | None, denoise: float) -> SamplerSettings:
-    return SamplerSettings(steps=steps, guidance_scale=guidance_scale, flow_shift=shift, seed=seed, solver=solver,
-                           cpu_noise=noise_on_cpu, cfg_skip_mode=cfg_skip_mode, cfg_apply_ratio=cfg_apply_ratio,
-                           slg=slg, denoise=denoise)
 
 
 def _slg(mode: str, layers: str, scale: float, start: float, end: float) -> SLGConfig | None:
@@ -63,7 +60,7 @@ def _preview(vae: ModelHandle | None):
 
 
 @contextmanager
-def _prepared(dit: DiTHandle) -> Iterator[Any]:
+def _prepared(dit: DiTHandle) -> Iterator[WanModel]:
     """The DiT on its device with the LoRA chain applied for one run. A block-swapped DiT is placed after the
     LoRAs are applied (so their weights stream with the blocks) and unplaced afterwards."""
     loras = [(s.path, s.strength, s.include, s.exclude) for s in dit.loras]
@@ -157,8 +154,10 @@ class WanTunerSampler:
                denoise: float = 1.0, vae: ModelHandle | None = None, unique_id: str | None = None) -> tuple[dict]:
         cond, kind = _conditioning(conditioning, latent, width, height, length)
         check_conditioning_fits(dit.config, cond, kind)
-        settings = _settings(steps, guidance_scale, shift, solver, seed, noise_on_cpu, cfg_skip_mode,
-                             cfg_apply_ratio, _slg(slg_mode, slg_layers, slg_scale, slg_start, slg_end), denoise)
+        settings = SamplerSettings(steps=steps, guidance_scale=guidance_scale, flow_shift=shift, seed=seed,
+                                   solver=solver, cpu_noise=noise_on_cpu, cfg_skip_mode=cfg_skip_mode,
+                                   cfg_apply_ratio=cfg_apply_ratio,
+                                   slg=_slg(slg_mode, slg_layers, slg_scale, slg_start, slg_end), denoise=denoise)
         negative = _negative(text_embeds, settings)
         progress = comfy.Progress(steps, unique_id, "WanTuner sampler", _preview(vae))
         init = None if latent is None else latent_from_comfy(latent["samples"], "latent")

@@ -27,7 +27,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from training.args import ATTENTION_FLAGS, SAVE_FORMATS
 from training.dataset.schema import FRAME_EXTRACTION_MODES
@@ -40,8 +40,13 @@ from .loaders import _file_choices
 from .types import CLIP_VISION, DIT, T5, VAE, DiTHandle, ModelHandle
 
 if TYPE_CHECKING:
+    import torch
+
+    from training.cache.store import CacheRunReport
+    from training.dataset.items import DatasetScan
     from training.dataset.schema import DatasetGroupConfig
     from training.train_config import TrainConfig
+    from wan_core.models.dit import WanModel
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +219,7 @@ def dataset_group(path: Path, settings: FolderSettings) -> DatasetGroupConfig:
     return toml_dataset(path)
 
 
-def _summary(config: Path, scan: Any, latents: Any, text: Any) -> str:
+def _summary(config: Path, scan: DatasetScan, latents: CacheRunReport, text: CacheRunReport) -> str:
     from training.dataset.items import summarize
 
     parts = summarize(scan)
@@ -263,7 +268,7 @@ def cache_dataset(group: DatasetGroupConfig, vae: ModelHandle, t5: ModelHandle, 
                          _summary(config, scan, latents, text))
 
 
-def _frames_problem(frames: Any) -> str | None:
+def _frames_problem(frames: object) -> str | None:
     from wan_core.sampling.conditioning import nearest_valid
 
     if not isinstance(frames, int) or (frames >= 1 and (frames - 1) % 4 == 0):
@@ -307,7 +312,7 @@ def lora_target(output_name: str) -> tuple[Path, str]:
     return Path(*parts[:-1]) if len(parts) > 1 else Path(), parts[-1]
 
 
-def _mixed_precision(choice: str, model: Any) -> str:
+def _mixed_precision(choice: str, model: torch.nn.Module) -> str:
     """'auto': bf16 on a GPU (fp16 for an fp16 DiT, which training keeps in its dtype), none on the CPU."""
     if choice != "auto":
         return choice
@@ -320,7 +325,7 @@ def _mixed_precision(choice: str, model: Any) -> str:
 
 def _memory_problem(settings: TrainSettings, dit: DiTHandle) -> str | None:
     """The trainer trains the loaded DiT as it is: fp8 and block swap are the DiT loader's settings."""
-    from wan_core.models.dit import FP8_DTYPES
+    from wan_core.models.ops import FP8_DTYPES
 
     model = dit.model.obj
     if settings.fp8_base and not any(p.dtype in FP8_DTYPES for p in model.parameters()):
@@ -389,7 +394,7 @@ class Trained:
     seconds: float
 
 
-def _trainable_model(dit: DiTHandle) -> Any:
+def _trainable_model(dit: DiTHandle) -> WanModel:
     """The loaded DiT on the compute device, its inference-mode tensors (ComfyUI loads under inference mode) made
     normal ones over the same memory first; a block swap is detached for that and placed again."""
     from training.trainable import normal_tensors

@@ -20,7 +20,7 @@ from wan_core.loading.convert import CLIP_OPEN_CLIP, clip_hf_to_ours, rename
 from wan_core.models.clip import CLIPVision, detect_clip_config, load_clip_vision, preprocess
 from wan_core.models.config import CONFIG_METADATA_KEY, CLIPVisionConfig, config_to_json
 
-TINY = CLIPVisionConfig(dim=32, num_heads=4, num_layers=3)  # models.md 10.3: hidden 32, mlp 128, 3 layers, 4 heads
+TINY = CLIPVisionConfig(dim=32, num_heads=4, num_layers=3)  # hidden 32, mlp 128, 3 layers, 4 heads
 METADATA = {CONFIG_METADATA_KEY: config_to_json(TINY)}
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

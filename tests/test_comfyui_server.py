@@ -1,6 +1,6 @@
 """The pack inside a real ComfyUI server (marker `comfyui`; skipped unless COMFYUI_DIR points at a ComfyUI checkout).
 
-Setup (comfyui.md section 16): a ComfyUI source tree with its requirements and this project's requirements.txt
+Setup: a ComfyUI source tree with its requirements and this project's requirements.txt
 installed in some Python environment; COMFYUI_PYTHON names that interpreter (default: the one running pytest).
 The server runs headless on CPU (`--cpu`) on 127.0.0.1 with a temporary base directory: tiny random models in
 models/, the pack linked into custom_nodes/. Every API-format example is posted and followed on the websocket.

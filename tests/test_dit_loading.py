@@ -15,7 +15,7 @@ from wan_core import load_dit
 from wan_core.loading.checkpoint import CheckpointError, build_on_meta, save_safetensors
 from wan_core.loading.convert import DIT_DIFFUSERS, rename
 from wan_core.models.attention import available_backends
-from wan_core.models.config import CONFIG_METADATA_KEY, TASKS, config_to_json
+from wan_core.models.config import CONFIG_METADATA_KEY, TASKS, VAEConfig, config_to_json
 from wan_core.models.dit import WanModel, check_task
 
 # head dim 128 (as in the real models) so that the architecture is detectable from shapes alone
@@ -145,6 +145,15 @@ def test_config_in_metadata_allows_any_head_size(tmp_path):
     assert load_dit(path, task="t2v-1.3B").config == TINY_DIT  # same kind of model as the task
     with pytest.raises(ValueError, match="task 'i2v-14B' needs a i2v model with 36 input channels"):
         load_dit(path, task="i2v-14B")
+
+
+def test_config_of_another_model_in_metadata_is_a_clear_error(tmp_path):
+    model = randomize_(WanModel(TINY_DIT), seed=2)
+    path = tmp_path / "tiny.safetensors"
+    save_safetensors(model.state_dict(), path, {CONFIG_METADATA_KEY: config_to_json(VAEConfig())})
+    with pytest.raises(ValueError, match="tiny.safetensors: its wantuner_config metadata holds a VAEConfig, not a "
+                                         "DiTConfig"):
+        load_dit(path)
 
 
 def test_wrong_task_names_key_shapes_and_fitting_task():

@@ -13,7 +13,7 @@ from wan_core.sampling import solvers as S
 
 # --------------------------------------------------------------------------------------------------- CFG patterns
 
-SPEC_TABLE_10_06 = {  # reference/inference.md section 5 (and the feature spec), n = 10, r = 0.6
+SPEC_TABLE_10_06 = {  # musubi's CFG-skip patterns, n = 10, r = 0.6
     "early": "SSSSAAAAAA",
     "late": "AAAAAASSSS",
     "middle": "AAASSSSAAA",
@@ -28,7 +28,7 @@ def test_spec_table_rows(mode, expected):
 
 
 def reference_pattern(mode: str, n: int, r: float) -> str:
-    """The rule of inference.md section 5, written independently: build the string of A/S directly."""
+    """musubi's CFG-skip rule, written independently: build the string of A/S directly."""
     k = int(n * r)  # steps with CFG
     if mode == "early":
         return "S" * (n - k) + "A" * k
@@ -61,8 +61,8 @@ def test_patterns_follow_the_rule_for_many_lengths_and_ratios(mode):
 
 
 def test_alternate_float_accumulation_skips_step_5_at_ratio_06():
-    """inference.md: at the 5th step (index 4) the accumulator is 0.9999999999999999 < 1, so it is skipped, where
-    exact arithmetic (0.6 + 0.6 − 1 + 0.6 + 0.6 − 1 + 0.6 = 1) would apply CFG."""
+    """musubi's float accumulation: at the 5th step (index 4) the accumulator is 0.9999999999999999 < 1, so it is
+    skipped, where exact arithmetic (0.6 + 0.6 − 1 + 0.6 + 0.6 − 1 + 0.6 = 1) would apply CFG."""
     pattern = G.cfg_apply_pattern("alternate", 10, 0.6)
     assert pattern[3] is True and pattern[4] is False and pattern[5] is True
     assert G.cfg_apply_pattern("alternate", 4, 0.5) == [False, True, False, True]

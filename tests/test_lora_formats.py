@@ -1,7 +1,7 @@
 """LoRA at inference: every key format, LyCORIS deltas, merge vs unmerged, include/exclude, conversion.
 
-References are independent of the code under test: key names are written here from the format descriptions
-(inference.md 11.3, comfyui.md 12), deltas are recomputed here in float64, and the end-to-end check runs diffusers'
+References are independent of the code under test: key names are written here from the formats' published key
+layouts, deltas are recomputed here in float64, and the end-to-end check runs diffusers'
 own Wan LoRA converters + PEFT on diffusers' WanTransformer3DModel.
 """
 
@@ -38,7 +38,7 @@ from wan_core.models.ops import CastLinear
 BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
                  "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
 IMG_LINEARS = ("cross_attn.k_img", "cross_attn.v_img")
-# diffusers WanTransformer3DModel module names (models.md 9.1), restated here independently of wan_core.loading.convert
+# diffusers WanTransformer3DModel module names, restated here independently of wan_core.loading.convert
 DIFFUSERS_NAME = {"self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
                   "self_attn.o": "attn1.to_out.0", "cross_attn.q": "attn2.to_q", "cross_attn.k": "attn2.to_k",
                   "cross_attn.v": "attn2.to_v", "cross_attn.o": "attn2.to_out.0",
@@ -254,7 +254,7 @@ def test_comfyui_native_key_set_loads() -> None:
 
 
 def test_saved_names_are_those_comfyui_maps() -> None:
-    """comfyui.md 12: ComfyUI maps model key diffusion_model.<k>.weight from `lora_unet_<k with . -> _>` and from
+    """ComfyUI maps model key diffusion_model.<k>.weight from `lora_unet_<k with . -> _>` and from
     `diffusion_model.<k>`, and reads .lora_up/.lora_down/.lora_A/.lora_B .weight and .alpha after those names."""
     suffixes = (".lora_up.weight", ".lora_down.weight", ".lora_B.weight", ".lora_A.weight", ".alpha")
     for kind in ("t2v", "i2v"):
@@ -390,6 +390,12 @@ def test_several_loras_merged_unmerged_and_multipliers() -> None:
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     with pytest.raises(RuntimeError, match="removed"):
         handle.set_multiplier(1.0)
+
+
+def test_multipliers_that_are_neither_a_number_nor_a_sequence_are_a_clear_error() -> None:
+    files = [WRITERS["musubi"](_random_lora(seed=3))]
+    with pytest.raises(ValueError, match="multipliers must be one value or one per LoRA, got a dtype"):
+        merge_loras(_model(), files, torch.float32)  # type: ignore[arg-type]
 
 
 def test_merge_with_multiplier_zero_is_bit_identical_and_state_dict_merge() -> None:

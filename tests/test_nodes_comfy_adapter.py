@@ -1,5 +1,5 @@
 """The adapter's ComfyUI branch, against a small self-written stand-in of the ComfyUI modules it touches
-(comfyui.md section 17, tier 1): folder lists, ProgressBar with previews, Cancel, ModelPatcher registration,
+(no ComfyUI checkout needed): folder lists, ProgressBar with previews, Cancel, ModelPatcher registration,
 output naming. The real server test (test_comfyui_server.py) runs the same code inside ComfyUI."""
 
 from __future__ import annotations

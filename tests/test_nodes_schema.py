@@ -18,7 +18,7 @@ NODES = sorted(NODE_CLASS_MAPPINGS.items())
 WIDGETS = ("INT", "FLOAT", "STRING", "BOOLEAN")
 CORE_TYPES = ("IMAGE", "LATENT", "MASK", *WIDGETS)
 COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "folder_paths", "server", "execution", "node_helpers"}
-# Core ids a pack must not reuse (comfyui.md section 7, a sample of each area).
+# Core node ids (ComfyUI v0.33) a pack must not reuse, a sample of each area.
 CORE_IDS = {"UNETLoader", "CLIPLoader", "VAELoader", "CLIPVisionLoader", "CLIPTextEncode", "CLIPVisionEncode",
             "VAEEncode", "VAEDecode", "KSampler", "LoraLoader", "LoraLoaderModelOnly", "SaveVideo", "CreateVideo",
             "WanImageToVideo", "WanFunControlToVideo", "WanFirstLastFrameToVideo", "TrainLoraNode"}

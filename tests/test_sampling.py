@@ -16,7 +16,7 @@ CASES = [(50, 5.0), (40, 3.0), (30, 8.0), (4, 1.0), (50, 3.0), (10, 5.0), (2, 3.
 
 
 def official_unipc_sigmas(steps: int, shift: float) -> np.ndarray:
-    """Official FlowUniPC grid, written from inference.md 3.2: sigma_max is the float32 first entry of the training
+    """Official FlowUniPC grid: sigma_max is the float32 first entry of the training
     grid 1 - linspace(1, 1/1000, 1000)[::-1]; linspace(sigma_max, 0, N + 1)[:-1], then shifted."""
     train = torch.from_numpy(1.0 - np.linspace(1, 1 / 1000, 1000)[::-1].copy()).to(torch.float32)
     base = np.linspace(train[0].item(), train[-1].item(), steps + 1)[:-1]
@@ -24,7 +24,7 @@ def official_unipc_sigmas(steps: int, shift: float) -> np.ndarray:
 
 
 def diffusers_unipc(steps: int, shift: float) -> UniPCMultistepScheduler:
-    """inference.md 3.5: flow UniPC with flow_shift=1 fed the official, already-shifted sigmas as a NumPy array."""
+    """diffusers' flow UniPC with flow_shift=1 fed the official, already-shifted sigmas as a NumPy array."""
     sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0)
     sched.set_timesteps(sigmas=official_unipc_sigmas(steps, shift))
     return sched
@@ -32,8 +32,8 @@ def diffusers_unipc(steps: int, shift: float) -> UniPCMultistepScheduler:
 
 def diffusers_dpmpp(steps: int, shift: float) -> DPMSolverMultistepScheduler:
     """diffusers' DPM-Solver++ configured as the official FlowDPMSolverMultistepScheduler. diffusers 0.42.1 has no
-    sigmas= for this class, so its grid is replaced by the official get_sampling_sigmas grid (written here from
-    inference.md 3.3) with int64-truncated timesteps, as the official set_timesteps(sigmas=...) stores them."""
+    sigmas= for this class, so its grid is replaced by the official get_sampling_sigmas grid (written out here)
+    with int64-truncated timesteps, as the official set_timesteps(sigmas=...) stores them."""
     sched = DPMSolverMultistepScheduler(
         prediction_type="flow_prediction",
         use_flow_sigmas=True,
@@ -100,7 +100,7 @@ def test_unipc_schedule_equals_diffusers_with_official_sigmas(steps, shift):
 
 
 def test_unipc_schedule_facts_from_reference():
-    """inference.md 3.2/3.4: first T2V timestep at shift 5 is 999 (σ' = 0.99980); diffusers' default grid differs."""
+    """The official grid: first T2V timestep at shift 5 is 999 (σ' = 0.99980); diffusers' default grid differs."""
     sched = S.get_schedule("unipc", 50, 5.0)
     assert sched.timesteps[0] == 999 and abs(sched.sigmas[0].item() - 0.99980) < 5e-6
     assert torch.equal(sched.timesteps, sched.timesteps.floor())

@@ -1,5 +1,5 @@
-"""umT5 encoder parity against transformers' UMT5EncoderModel through the real key map (tiny fp32 config from
-models.md 10.3), the official encode pipeline (clean, EOS, mask, trim), batching, and every file layout."""
+"""umT5 encoder parity against transformers' UMT5EncoderModel through the real key map (tiny fp32
+config), the official encode pipeline (clean, EOS, mask, trim), batching, and every file layout."""
 
 from __future__ import annotations
 
@@ -335,7 +335,7 @@ def test_config_from_argument_metadata_and_shapes(ref, spiece: bytes, tmp_path: 
     assert load_t5(path, config=TINY_T5).config == TINY_T5
     wrong = _write(tmp_path / "dit_config.safetensors", save_spiece_into(dict(official), spiece),
                    metadata={CONFIG_METADATA_KEY: config_to_json(DiTConfig())})
-    with pytest.raises(ValueError, match="describes a DiTConfig, not a T5Config"):
+    with pytest.raises(ValueError, match="holds a DiTConfig, not a T5Config"):
         load_t5(wrong)
 
 

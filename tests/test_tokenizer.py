@@ -71,7 +71,7 @@ def hf_tokenizer(spiece: bytes, tmp_path_factory: pytest.TempPathFactory):
 
 
 def _reference_clean(text: str) -> str:
-    """models.md 7.4 written out independently: ftfy, unescape twice, collapse whitespace, strip."""
+    """The official prompt cleaning written out independently: ftfy, unescape twice, collapse whitespace, strip."""
     import ftfy
 
     return " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split())

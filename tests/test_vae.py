@@ -107,7 +107,7 @@ def test_decode_matches_diffusers(ref, vae: WanVAE, frames: int) -> None:
 
 def test_real_config_has_the_official_size_and_names() -> None:
     model = build_on_meta(lambda: WanVAEModel(VAEConfig()))
-    assert sum(p.numel() for p in model.parameters()) == pytest.approx(126.9e6, abs=0.05e6)  # models.md section 3
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(126.9e6, abs=0.05e6)  # official: 126.9 M
     sd = model.state_dict()
     for key in ("encoder.conv1.weight", "encoder.downsamples.10.residual.6.bias",
                 "encoder.downsamples.8.time_conv.bias", "encoder.middle.1.to_qkv.weight", "encoder.head.0.gamma",

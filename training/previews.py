@@ -19,8 +19,11 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -35,6 +38,12 @@ from wan_core.models.vae import load_vae
 from wan_core.runtime.fp8 import fp8_t5
 from wan_core.sampling import conditioning as cond
 from wan_core.sampling.pipeline import SamplerSettings, decode_latents, denoise
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from wan_core.models.dit import WanModel
+    from wan_core.models.vae import WanVAE
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +64,25 @@ class SampleJob:
     flow_shift: float
 
 
+@dataclass(frozen=True)
+class SampleSettings:
+    """The training flags the previews use (by their CLI names)."""
+
+    sample_prompts: str | None
+    vae: str | None
+    vae_dtype: str | None
+    t5: str | None
+    tokenizer: str | None
+    fp8_t5: bool
+    clip: str | None
+    output_dir: str | None
+    output_name: str  # the run's file name stem, also the samples'
+
+
 @dataclass
 class SamplePlan:
     jobs: list[SampleJob]
-    vae: object  # WanVAE, kept in CPU memory for decoding
+    vae: WanVAE  # kept in CPU memory for decoding
     output_dir: Path
     name: str
     device: torch.device
@@ -75,7 +99,7 @@ def _round_size(job: Job) -> tuple[int, int, int]:
     return rounded
 
 
-def _conditioning(job: Job, task: str | None, in_dim: int, vae: object, clip: object | None,
+def _conditioning(job: Job, task: str | None, in_dim: int, vae: cond.VAELike, clip: cond.CLIPLike | None,
                   size: tuple[int, int, int]) -> cond.Conditioning:
     height, width, frames = size
     if in_dim == 16:
@@ -103,7 +127,7 @@ def read_sample_jobs(path: str | Path) -> list[Job]:
     return [parse_prompt_line(line) for line in read_prompt_lines(path)]
 
 
-def _encode_texts(args: object, texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+def _encode_texts(args: SampleSettings, texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
     t5 = load_t5(args.t5, tokenizer=args.tokenizer, device=device)
     if args.fp8_t5:
         fp8_t5(t5)
@@ -115,8 +139,8 @@ def _encode_texts(args: object, texts: list[str], device: torch.device) -> dict[
     return embeds
 
 
-def prepare_samples(args: object, task: str | None, in_dim: int, device: torch.device, seed: int, rank: int,
-                    world: int, name: str) -> SamplePlan:
+def prepare_samples(args: SampleSettings, task: str | None, in_dim: int, device: torch.device, seed: int, rank: int,
+                    world: int) -> SamplePlan:
     """Encode the prompts and conditioning of this process's share of the prompt file."""
     jobs = read_sample_jobs(args.sample_prompts)
     if in_dim == 36 and not args.clip:
@@ -145,7 +169,7 @@ def prepare_samples(args: object, task: str | None, in_dim: int, device: torch.d
     if device.type == "cuda":
         torch.cuda.empty_cache()
     logger.info("prepared %d sample prompt(s) of %d", len(sample_jobs), len(jobs))
-    return SamplePlan(sample_jobs, vae, Path(args.output_dir) / "sample", name, device)
+    return SamplePlan(sample_jobs, vae, Path(args.output_dir) / "sample", args.output_name, device)
 
 
 def _frames_for_log(frames: torch.Tensor, limit: int = 8) -> torch.Tensor:
@@ -171,8 +195,9 @@ def _save(frames: torch.Tensor, path: Path) -> Path:
     return out
 
 
-def generate_samples(plan: SamplePlan, dit: torch.nn.Module, step: int, epoch: int | None, autocast: object,
-                     writer: object | None = None) -> list[Path]:
+def generate_samples(plan: SamplePlan, dit: WanModel, step: int, epoch: int | None,
+                     autocast: Callable[[], AbstractContextManager[object]],
+                     writer: SummaryWriter | None = None) -> list[Path]:
     """Render every job of `plan` with the current weights; returns the written files."""
     torch_state, py_state = torch.get_rng_state(), random.getstate()
     cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None

@@ -8,8 +8,8 @@ A state folder holds `weights.safetensors` (the trained tensors, exact) and `sta
 grad-scaler state dicts, the CPU/CUDA/Python RNG states, the loop counters and the moving-average loss window),
 read back with `torch.load(weights_only=True)`. It is written to a temporary folder and renamed, so an
 interrupted save never leaves a half state. The loop counters (optimizer step, epoch, micro-steps consumed in
-that epoch) let a resumed run skip exactly the batches already used; unlike musubi (training.md section 14,
-finding 3), counters are restored, and resuming reproduces an uninterrupted run bit for bit on the CPU.
+that epoch) let a resumed run skip exactly the batches already used; unlike musubi, which restores no loop
+counters, counters are restored, and resuming reproduces an uninterrupted run bit for bit on the CPU.
 """
 
 from __future__ import annotations

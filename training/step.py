@@ -1,6 +1,6 @@
 """One training step as a pure function: batch + model + per-sample seeds -> flow-matching loss.
 
-For each sample i of a batch (training.md section 8):
+For each sample i of a batch:
     σ_i from the timestep scheme, ε_i ~ N(0, I), x_t = (1 − σ_i)·x0_i + σ_i·ε_i,
     v̂_i = DiT(x_t, 1000·σ_i, context_i, clip_fea_i, y_i),
     loss = mean_i( w(σ_i) · mean((v̂_i − (ε_i − x0_i))²) ).
@@ -174,15 +174,27 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
     return per_sample if weights is None else per_sample * weights.to(per_sample)
 
 
-def flow_matching_loss(model: torch.nn.Module, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
-                       context: list[torch.Tensor], y: torch.Tensor | None, clip_fea: torch.Tensor | None,
-                       weights: torch.Tensor | None, autocast: AutocastFactory | None = None) -> torch.Tensor:
+@dataclass(frozen=True)
+class LossInputs:
+    """One batch on the model's device: clean latents x0 [B, 16, F, h, w] (float32), their noise ε, the text
+    contexts and the conditioning (`y`, `clip_fea`, None when the model takes none)."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    context: list[torch.Tensor]
+    y: torch.Tensor | None
+    clip_fea: torch.Tensor | None
+
+
+def flow_matching_loss(model: torch.nn.Module, inputs: LossInputs, sigmas: torch.Tensor, weights: torch.Tensor | None,
+                       autocast: AutocastFactory | None = None) -> torch.Tensor:
     """Per-sample weighted velocity MSE [B] of `model` at noise levels `sigmas` [B]."""
+    latents, noise = inputs.latents, inputs.noise
     s = sigmas.to(latents.device, torch.float32).view(-1, *([1] * (latents.dim() - 1)))
     noisy = (1.0 - s) * latents + s * noise
     timesteps = model_timesteps(sigmas).to(latents.device, torch.float32)
     with (autocast or contextlib.nullcontext)():
-        pred = model(noisy, timesteps, context, clip_fea=clip_fea, y=y)
+        pred = model(noisy, timesteps, inputs.context, clip_fea=inputs.clip_fea, y=inputs.y)
     return weighted_mse(pred, noise - latents, weights)
 
 
@@ -203,8 +215,8 @@ def training_step(model: torch.nn.Module, batch: Batch, cfg: StepConfig, seeds: 
     latents = latents.to(device, torch.float32)
     y, clip_fea = conditioning(batch, cfg.inputs, device, torch.float32)
     context = contexts(batch, caption_dropped(seeds, cfg.caption_dropout_rate), empty_t5, device)
-    per_sample = flow_matching_loss(model, latents, noise, sigmas, context, y, clip_fea,
-                                    loss_weights(cfg.timesteps, sigmas), autocast)
+    inputs = LossInputs(latents, noise, context, y, clip_fea)
+    per_sample = flow_matching_loss(model, inputs, sigmas, loss_weights(cfg.timesteps, sigmas), autocast)
     return StepResult(per_sample.mean(), per_sample.detach(), sigmas)
 
 
@@ -216,10 +228,10 @@ def validation_losses(model: torch.nn.Module, batch: Batch, cfg: StepConfig, see
     noise = draw_noise(seeds, latents.shape[1:]).to(device)
     latents = latents.to(device, torch.float32)
     y, clip_fea = conditioning(batch, cfg.inputs, device, torch.float32)
-    context = contexts(batch, [False] * len(seeds), None, device)
+    inputs = LossInputs(latents, noise, contexts(batch, [False] * len(seeds), None, device), y, clip_fea)
     out = {}
     with torch.no_grad():
         for t in timesteps:
             sigmas = torch.full((len(seeds),), t / 1000.0, dtype=torch.float64)
-            out[t] = flow_matching_loss(model, latents, noise, sigmas, context, y, clip_fea, None, autocast).cpu()
+            out[t] = flow_matching_loss(model, inputs, sigmas, None, autocast).cpu()
     return out

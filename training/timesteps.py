@@ -1,4 +1,4 @@
-"""Timestep (noise level) sampling and loss weighting for flow-matching training (training.md section 7).
+"""Timestep (noise level) sampling and loss weighting for flow-matching training.
 
 Convention: σ ∈ [0, 1] is the noise level, noisy = (1 − σ)·x0 + σ·ε, the model gets timestep = 1000·σ and
 predicts the velocity ε − x0. With z ~ N(0, 1) and U ~ U(0, 1):
@@ -18,7 +18,7 @@ predicts the velocity ε − x0. With z ~ N(0, 1) and U ~ U(0, 1):
 Every normal draw is made from a uniform through the inverse CDF √2·erfinv(2u − 1) (u clamped to [1e-7, 1 − 1e-7]),
 so `--num_timestep_buckets` can stratify the uniform of any scheme.
 
-`--discrete_flow_shift` only changes the `shift` scheme. That is musubi's behaviour (training.md section 14: its
+`--discrete_flow_shift` only changes the `shift` scheme. That is musubi's behaviour (its
 scheduler applies the shift in `set_timesteps`, which training never calls) and it is kept on purpose: a LoRA
 trained with `--timestep_sampling sigma --discrete_flow_shift 3` here gets the same noise levels as with musubi.
 
@@ -45,9 +45,10 @@ from dataclasses import dataclass
 
 import torch
 
+from wan_core.sampling.solvers import NUM_TRAIN_TIMESTEPS
+
 logger = logging.getLogger(__name__)
 
-NUM_TRAIN_TIMESTEPS = 1000
 SCHEMES = ("sigma", "uniform", "sigmoid", "shift", "flux_shift", "flux2_shift", "qwen_shift", "krea2_shift", "logsnr",
            "qinglong_flux", "qinglong_qwen")
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "cosmap", "sigma_sqrt")

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -46,7 +46,7 @@ from training.dataset.batches import (
 )
 from training.optim import build_optimizer as make_optimizer
 from training.optim import build_scheduler, current_lrs
-from training.previews import generate_samples, prepare_samples
+from training.previews import SampleSettings, generate_samples, prepare_samples
 from training.step import InputSpec, StepConfig, sample_seeds, training_step
 from training.train_config import TrainConfig, fingerprint
 from training.trainable import (
@@ -62,6 +62,13 @@ from training.trainable import (
 from training.validation import Validator
 from wan_core.loading.checkpoint import non_finite_count, require_finite
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    from training.previews import SamplePlan
+
 logger = logging.getLogger(__name__)
 
 
@@ -72,7 +79,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Run:
     cfg: TrainConfig
-    accelerator: object
+    accelerator: Accelerator
     seed: int
     name: str
     output_dir: Path
@@ -81,7 +88,7 @@ class Run:
     step_cfg: StepConfig
     started_at: float = field(default_factory=time.time)
     session_id: int = 0
-    writer: object | None = None
+    writer: SummaryWriter | None = None
     last_saved: Path | None = None  # the newest weights file this run wrote (main process)
 
     @property
@@ -142,7 +149,7 @@ class Optim:
 # Setup steps
 # ----------------------------------------------------------------------------------------------------------------
 
-def _make_accelerator(cfg: TrainConfig) -> object:
+def _make_accelerator(cfg: TrainConfig) -> Accelerator:
     """accelerate's Accelerator: CUDA when available, else the CPU (several CPU processes use gloo); its fp16
     gradient scaler (GPU only) scales the loss in `backward`. A second run in the same process with another mixed
     precision resets accelerate's shared state (not the process group)."""
@@ -485,9 +492,9 @@ StepCallback = Callable[[int, int, float], None]  # (step, total steps, loss); r
 class Extras:
     """Sampling plan, TensorBoard writer, progress bar, step callback, and the histories returned to callers."""
 
-    samples: object | None = None
-    writer: object | None = None
-    bar: object | None = None
+    samples: SamplePlan | None = None
+    writer: SummaryWriter | None = None
+    bar: tqdm | None = None
     on_step: StepCallback | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)
     validation: list[tuple[int, dict[str, float]]] = field(default_factory=list)
@@ -603,22 +610,23 @@ def finish(run: Run, trainable: Trainable, optim: Optim, data: Data, progress: s
     return path
 
 
-def sampling_settings(cfg: TrainConfig) -> SimpleNamespace:
+def sampling_settings(cfg: TrainConfig) -> SampleSettings:
     """The flags `training.previews.prepare_samples` reads, by their CLI names."""
     m = cfg.model
-    return SimpleNamespace(sample_prompts=cfg.monitor.sample_prompts, vae=m.vae, vae_dtype=m.vae_dtype, t5=m.t5,
-                           tokenizer=m.tokenizer, fp8_t5=m.fp8_t5, clip=m.clip, output_dir=cfg.save.output_dir)
+    return SampleSettings(sample_prompts=cfg.monitor.sample_prompts, vae=m.vae, vae_dtype=m.vae_dtype, t5=m.t5,
+                          tokenizer=m.tokenizer, fp8_t5=m.fp8_t5, clip=m.clip, output_dir=cfg.save.output_dir,
+                          output_name=cfg.output_name)
 
 
-def prepare_sampling(run: Run) -> object | None:
+def prepare_sampling(run: Run) -> SamplePlan | None:
     """Encode the sample prompts (T5, CLIP and VAE come and go before the DiT is loaded)."""
     if not run.cfg.monitor.sample_prompts:
         return None
     return prepare_samples(sampling_settings(run.cfg), run.task, run.info.config.in_dim, run.device, run.seed,
-                           run.rank, run.world, run.name)
+                           run.rank, run.world)
 
 
-def open_extras(run: Run, data: Data, progress: st.Progress, samples: object | None,
+def open_extras(run: Run, data: Data, progress: st.Progress, samples: SamplePlan | None,
                 on_step: StepCallback | None) -> Extras:
     """Open TensorBoard (main process) and the tqdm bar."""
     monitor = run.cfg.monitor
@@ -664,7 +672,7 @@ def train(config: TrainConfig, source: BatchSource | None = None, validation_sou
         return _train_loaded(run, samples, borrowed, source, validation_source, on_step)
 
 
-def _train_loaded(run: Run, samples: object | None, model: torch.nn.Module, source: BatchSource | None,
+def _train_loaded(run: Run, samples: SamplePlan | None, model: torch.nn.Module, source: BatchSource | None,
                   validation_source: BatchSource | None, on_step: StepCallback | None) -> TrainResult:
     trainable = apply_lora(run, model)
     try:
@@ -674,7 +682,7 @@ def _train_loaded(run: Run, samples: object | None, model: torch.nn.Module, sour
             trainable.network.remove()
 
 
-def _train_steps(run: Run, samples: object | None, trainable: Trainable, source: BatchSource | None,
+def _train_steps(run: Run, samples: SamplePlan | None, trainable: Trainable, source: BatchSource | None,
                  validation_source: BatchSource | None, on_step: StepCallback | None) -> TrainResult:
     accumulation = run.cfg.schedule.gradient_accumulation_steps
     data = build_dataloader(run, source, validation_source)

@@ -36,7 +36,8 @@ from wan_core.models.config import (
     detect_config,
     tasks_matching,
 )
-from wan_core.models.dit import FP8_DTYPES, WanModel, checkpoint_dtype, load_dit, normalize_dit_keys
+from wan_core.models.dit import WanModel, checkpoint_dtype, load_dit, normalize_dit_keys
+from wan_core.models.ops import FP8_DTYPES
 from wan_core.runtime.offload import enable_block_swap, parse_blocks_to_swap, pin_mode
 
 if TYPE_CHECKING:

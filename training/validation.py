@@ -1,4 +1,4 @@
-"""Held-out validation loss at fixed timesteps with fixed noise (training.md section 20, proposal 7).
+"""Held-out validation loss at fixed timesteps with fixed noise.
 
 The validation items (a `--validation_split` share of the training items, or the items of
 `--validation_dataset_config`) are batched once. Sample k of the validation set always gets the same noise

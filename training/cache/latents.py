@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypeAlias, TypeVar
 
 import numpy as np
 import torch
@@ -37,7 +37,9 @@ from training.cache.store import (
     MediaHasher,
     Progress,
     TqdmProgress,
+    add_cache_run_flags,
     cache_directory,
+    cache_parser,
     checkpoint_fingerprint,
     dtype_name,
     entry_key,
@@ -51,7 +53,7 @@ from training.cache.store import (
     remove_stale,
     save_latent_entry,
 )
-from training.config_file import add_config_file_argument, parse_args
+from training.config_file import parse_args
 from training.dataset.items import DatasetItem, DatasetScan, ensure_not_empty, scan_dataset_group
 from training.dataset.schema import DatasetGroupConfig, load_dataset_config
 from wan_core.media.io import MediaReadError, frames_to_tensor, read_image, read_video, resize_to_bucket
@@ -59,6 +61,14 @@ from wan_core.models.clip import default_clip_dtype, load_clip_vision
 from wan_core.models.config import get_task
 from wan_core.models.vae import load_vae
 from wan_core.sampling.conditioning import frame_mask
+
+if TYPE_CHECKING:
+    from wan_core.models.clip import CLIPVision
+    from wan_core.models.vae import WanVAE
+
+T = TypeVar("T")
+VAESource: TypeAlias = "str | os.PathLike[str] | WanVAE"  # a checkpoint path or a loaded VAE
+CLIPSource: TypeAlias = "str | os.PathLike[str] | CLIPVision"  # a checkpoint path or a loaded CLIP vision model
 
 logger = logging.getLogger(__name__)
 
@@ -89,14 +99,14 @@ def _video_batch(frames: Sequence[np.ndarray]) -> torch.Tensor:
 
 
 def _prefetch(items: Sequence[DatasetItem], workers: int,
-              load: Callable[[DatasetItem], Any]) -> Iterator[tuple[DatasetItem, Any]]:
+              load: Callable[[DatasetItem], T]) -> Iterator[tuple[DatasetItem, T]]:
     """(item, load(item)) in order, with up to 2 x workers loads running ahead in threads."""
     if workers <= 0:
         for item in items:
             yield item, load(item)
         return
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: list[tuple[DatasetItem, Future]] = []
+        pending: list[tuple[DatasetItem, Future[T]]] = []
         queue = iter(items)
         for item in queue:
             pending.append((item, pool.submit(load, item)))
@@ -117,7 +127,7 @@ def _prefetch(items: Sequence[DatasetItem], workers: int,
 class LatentEncoder:
     """Encodes batches of items into cache entries (musubi's `encode_and_save_batch` semantics)."""
 
-    def __init__(self, vae: Any, clip: Any, settings: LatentSettings) -> None:
+    def __init__(self, vae: WanVAE, clip: CLIPVision | None, settings: LatentSettings) -> None:
         self.vae, self.clip, self.settings = vae, clip, settings
         self.dtype = parse_dtype(settings.dtype)
 
@@ -141,6 +151,25 @@ class LatentEncoder:
         if pixels[0][1] is not None:
             out["latents_control"] = self._encode(_video_batch([p[1] for p in pixels]))
         return out
+
+    def encode_entries(self, pending: list[LatentEntry], scan: DatasetScan, keys: dict[Path, dict[str, str]],
+                       report: CacheRunReport, *, batch_size: int | None, num_workers: int,
+                       progress: Progress | None) -> None:
+        """Encode and save `pending` in batches of one size (media decoded by `num_workers` threads ahead)."""
+        batches = _batches(pending, scan, batch_size)
+        loaded = _prefetch([e.item for batch in batches for e in batch], num_workers, load_pixels)
+        done = 0
+        for batch in batches:
+            outputs = self.encode([next(loaded)[1] for _ in batch])
+            for i, entry in enumerate(batch):
+                extra = {name: None if value is None else value[i] for name, value in outputs.items()}
+                save_latent_entry(entry.path, entry.item, keys[entry.path], self.settings, extra.pop("latents"),
+                                  image_latents=extra["latents_image"], clip=extra["clip"],
+                                  control_latents=extra["latents_control"])
+                report.encoded.append(entry.path)
+                done += 1
+                if progress is not None:
+                    progress(done, len(pending))
 
 
 def _batches(entries: Sequence[LatentEntry], scan: DatasetScan,
@@ -169,18 +198,18 @@ def _resolve_scan(dataset: str | os.PathLike[str] | DatasetGroupConfig | Dataset
     return scan_dataset_group(group)
 
 
-def _load_vae(vae: Any, dtype: torch.dtype, device: str, cache_cpu: bool) -> Any:
+def _load_vae(vae: VAESource, dtype: torch.dtype, device: str, cache_cpu: bool) -> WanVAE:
     """A path is loaded; a loaded VAE is used as it is (its device, dtype and cache device)."""
     if isinstance(vae, (str, os.PathLike)):
         return load_vae(vae, dtype=dtype, device=device, cache_device="cpu" if cache_cpu else None)
     return vae
 
 
-def _load_clip(clip: Any, device: str) -> Any:
+def _load_clip(clip: CLIPSource, device: str) -> CLIPVision:
     return load_clip_vision(clip, device=device) if isinstance(clip, (str, os.PathLike)) else clip
 
 
-def _clip_dtype(clip: Any, device: str) -> str | None:
+def _clip_dtype(clip: CLIPSource | None, device: str) -> str | None:
     if clip is None:
         return None
     if isinstance(clip, (str, os.PathLike)):
@@ -188,7 +217,7 @@ def _clip_dtype(clip: Any, device: str) -> str | None:
     return dtype_name(clip.dtype)
 
 
-def _identity(model: Any) -> str:
+def _identity(model: VAESource | CLIPSource) -> str:
     if isinstance(model, (str, os.PathLike)):
         return checkpoint_fingerprint(model)
     module = getattr(model, "model", model)
@@ -197,8 +226,8 @@ def _identity(model: Any) -> str:
     return module_fingerprint(module)
 
 
-def cache_latents(dataset: str | os.PathLike[str] | DatasetGroupConfig | DatasetScan, vae: Any, *,
-                  clip: Any = None, i2v: bool = False, vae_dtype: str | torch.dtype = torch.bfloat16,
+def cache_latents(dataset: str | os.PathLike[str] | DatasetGroupConfig | DatasetScan, vae: VAESource, *,
+                  clip: CLIPSource | None = None, i2v: bool = False, vae_dtype: str | torch.dtype = torch.bfloat16,
                   device: str = "cpu", vae_cache_cpu: bool = False, batch_size: int | None = None,
                   num_workers: int = 2, force: bool = False, keep_cache: bool = False,
                   progress: Progress | None = None) -> CacheRunReport:
@@ -232,9 +261,10 @@ def cache_latents(dataset: str | os.PathLike[str] | DatasetGroupConfig | Dataset
         hasher.save()
     logger.info("latent cache: %d entries, %d up to date, %d to encode", len(entries), report.reused, len(pending))
     if pending:
-        _encode_pending(pending, scan, keys, settings, report, vae=vae, clip=clip, dtype=dtype, device=device,
-                        vae_cache_cpu=vae_cache_cpu, batch_size=batch_size, num_workers=num_workers,
-                        progress=progress)
+        encoder = LatentEncoder(_load_vae(vae, dtype, device, vae_cache_cpu),
+                                None if clip is None else _load_clip(clip, device), settings)
+        encoder.encode_entries(pending, scan, keys, report, batch_size=batch_size, num_workers=num_workers,
+                               progress=progress)
     if not keep_cache:
         for cfg in scan.config.datasets:
             expected = {e.path.name for e in entries if e.item.dataset_index == cfg.index}
@@ -244,37 +274,12 @@ def cache_latents(dataset: str | os.PathLike[str] | DatasetGroupConfig | Dataset
     return report
 
 
-def _encode_pending(pending: list[LatentEntry], scan: DatasetScan, keys: dict[Path, dict[str, str]],
-                    settings: LatentSettings, report: CacheRunReport, *, vae: Any, clip: Any, dtype: torch.dtype,
-                    device: str, vae_cache_cpu: bool, batch_size: int | None, num_workers: int,
-                    progress: Progress | None) -> None:
-    encoder = LatentEncoder(_load_vae(vae, dtype, device, vae_cache_cpu),
-                            None if clip is None else _load_clip(clip, device), settings)
-    batches = _batches(pending, scan, batch_size)
-    loaded = _prefetch([e.item for batch in batches for e in batch], num_workers, load_pixels)
-    done = 0
-    for batch in batches:
-        pixels = [next(loaded)[1] for _ in batch]
-        outputs = encoder.encode(pixels)
-        for i, entry in enumerate(batch):
-            extra = {name: None if value is None else value[i] for name, value in outputs.items()}
-            save_latent_entry(entry.path, entry.item, keys[entry.path], settings, extra.pop("latents"),
-                              image_latents=extra["latents_image"], clip=extra["clip"],
-                              control_latents=extra["latents_control"])
-            report.encoded.append(entry.path)
-            done += 1
-            if progress is not None:
-                progress(done, len(pending))
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # CLI
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training cache-latents", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset_config", help="dataset TOML (musubi schema); required")
+    parser = cache_parser("cache-latents", __doc__)
     parser.add_argument("--vae", help="Wan2.1 VAE checkpoint (.safetensors or .pth); required")
     parser.add_argument("--vae_dtype", default="bfloat16", type=str,
                         help="VAE compute dtype, also the stored latent dtype (default bfloat16)")
@@ -284,18 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--i2v", action="store_true", help="also cache the I2V image latents (mask + first frame)")
     parser.add_argument("--task", help="optional: check the cache fits this task (i2v-14B needs --clip, *-FC a "
                                        "control_directory)")
-    parser.add_argument("--batch_size", type=int, default=None, help="items per VAE call (default: the dataset's)")
-    parser.add_argument("--num_workers", type=int, default=None,
-                        help="threads decoding media (default: CPU count - 1)")
-    parser.add_argument("--skip_existing", action="store_true",
-                        help="accepted for musubi compatibility; up-to-date entries are always skipped (keys "
-                             "verified)")
-    parser.add_argument("--force", action="store_true", help="re-encode every entry")
-    parser.add_argument("--keep_cache", action="store_true", help="keep cache files no longer in the dataset")
-    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    add_cache_run_flags(parser, batch_help="items per VAE call (default: the dataset's)",
+                        workers_help="threads decoding media (default: CPU count - 1)")
     parser.add_argument("--debug_mode", choices=("image", "console", "video"), default=None,
                         help="not supported: prints the dataset dry-run report instead and encodes nothing")
-    add_config_file_argument(parser)
     return parser
 
 

@@ -1,6 +1,6 @@
 """Latent and T5 caches: musubi-tuner's files and keys, content keys for invalidation, and the reader training uses.
 
-Files (training.md section 6), one per entry, in the dataset's `cache_directory` (default: its data directory):
+Files, one per entry, in the dataset's `cache_directory` (default: its data directory):
 
 - latents: `{stem}[_{start:05d}-{frames:03d}]_{W:04d}x{H:04d}_wan.safetensors` (W, H = the source size; the frame
   part only for videos) holding `latents_{F}x{h}x{w}_{dtype}` [16, F, h, w] in the VAE dtype (bf16 by default);
@@ -58,6 +58,7 @@ identical (W, H, frames). `open_training_source` wraps it as the training loop's
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -69,12 +70,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from training.config_file import add_config_file_argument
 from training.dataset.batches import DatasetBatching, TrainItem
 from training.dataset.items import DatasetItem, DatasetScan, ensure_not_empty, epoch_batches, scan_dataset_group
 from training.dataset.schema import DatasetConfig, DatasetGroupConfig, load_dataset_config
@@ -90,7 +92,14 @@ from wan_core.media.io import MediaReadError, list_images
 from wan_core.models.config import CONFIG_METADATA_KEY, T5Config, config_from_json
 from wan_core.models.tokenizer import SPIECE_KEY, find_tokenizer, load_tokenizer
 
+if TYPE_CHECKING:
+    from training.dataset.batches import DatasetBatching, TrainItem
+    from wan_core.models.tokenizer import UMT5Tokenizer
+
 logger = logging.getLogger(__name__)
+
+# what `load_t5` takes as its tokenizer: an instance, a folder with spiece.model, a .model file or model bytes
+TokenizerSource: TypeAlias = "UMT5Tokenizer | str | os.PathLike[str] | bytes"
 
 ARCHITECTURE = "wan"
 MUSUBI_FORMAT_VERSION = "1.0.1"
@@ -162,6 +171,27 @@ class TqdmProgress:
         self.bar.update(done - self.bar.n)
         if done >= total:
             self.bar.close()
+
+
+def cache_parser(command: str, description: str | None) -> argparse.ArgumentParser:
+    """The parser of a cache command (`cache-latents`, `cache-text`), starting with `--dataset_config`."""
+    parser = argparse.ArgumentParser(prog=f"python -m training {command}", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset_config", help="dataset TOML (musubi schema); required")
+    return parser
+
+
+def add_cache_run_flags(parser: argparse.ArgumentParser, batch_help: str, workers_help: str) -> None:
+    """The flags both cache commands share: batching, workers, what to (re)encode and keep, device, config file."""
+    parser.add_argument("--batch_size", type=int, default=None, help=batch_help)
+    parser.add_argument("--num_workers", type=int, default=None, help=workers_help)
+    parser.add_argument("--skip_existing", action="store_true",
+                        help="accepted for musubi compatibility; up-to-date entries are always skipped (keys "
+                             "verified)")
+    parser.add_argument("--force", action="store_true", help="re-encode every entry")
+    parser.add_argument("--keep_cache", action="store_true", help="keep cache files no longer in the dataset")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    add_config_file_argument(parser)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -400,14 +430,14 @@ def text_parts(caption: str, settings: TextSettings) -> dict[str, str]:
     return {"caption": caption_part(caption), "encoder": settings.part()}
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
+def tokenizer_fingerprint(tokenizer: UMT5Tokenizer) -> str:
     """sha256 of a UMT5Tokenizer's SentencePiece model and its text_len."""
     h = hashlib.sha256(tokenizer.model_bytes)
     h.update(f";text_len={tokenizer.text_len}".encode())
     return h.hexdigest()
 
 
-def resolve_tokenizer(t5_path: str | os.PathLike[str], tokenizer: Any = None) -> Any:
+def resolve_tokenizer(t5_path: str | os.PathLike[str], tokenizer: TokenizerSource | None = None) -> UMT5Tokenizer:
     """The tokenizer `load_t5` would use: `tokenizer` if given (folder, .model file, bytes or instance), else the
     `spiece_model` tensor embedded in the checkpoint, else `google/umt5-xxl` next to it."""
     metadata = read_metadata(t5_path)
@@ -787,7 +817,7 @@ class CachedDataset:
                  need_image: bool = False, need_clip: bool = False, need_control: bool = False,
                  caption_dropout_rate: float = 0.0, seed: int = 0,
                  vae: str | os.PathLike[str] | None = None, clip: str | os.PathLike[str] | None = None,
-                 t5: str | os.PathLike[str] | None = None, tokenizer: Any = None,
+                 t5: str | os.PathLike[str] | None = None, tokenizer: TokenizerSource | None = None,
                  dtype: torch.dtype = torch.float32, verify: bool = True) -> None:
         if not 0.0 <= caption_dropout_rate <= 1.0:
             raise ValueError(f"caption_dropout_rate must be in [0, 1], got {caption_dropout_rate}")
@@ -799,15 +829,15 @@ class CachedDataset:
         self.text_entries = {(e.dataset_index, e.media_path): e for e in text_entries_for_items(self.scan)}
         self.empty_paths = [cache_directory(cfg) / EMPTY_TEXT_NAME for cfg in self.scan.config.datasets]
         self._empty: torch.Tensor | None = None
-        self._check(verify, vae=vae, clip=clip, t5=t5, tokenizer=tokenizer)
+        self._check(verify, vae, clip, t5, tokenizer)
         self.num_batches = len(self.epoch_batches(0))
 
     # -- verification ------------------------------------------------------------------------------------------
 
-    def _check(self, verify: bool, **encoders: Any) -> None:
+    def _check(self, verify: bool, vae: str | os.PathLike[str] | None, clip: str | os.PathLike[str] | None,
+               t5: str | os.PathLike[str] | None, tokenizer: TokenizerSource | None) -> None:
         if verify:
-            self._raise(self._latent_problems(encoders["vae"], encoders["clip"]),
-                        self._text_problems(encoders["t5"], encoders["tokenizer"]))
+            self._raise(self._latent_problems(vae, clip), self._text_problems(t5, tokenizer))
             return
         missing = [_Problem(path, "missing") for path in self._all_paths() if not path.is_file()]
         self._raise([m for m in missing if is_latent_cache_name(m.path.name)],
@@ -817,7 +847,8 @@ class CachedDataset:
         paths = [e.path for e in self.latent_entries.values()] + [e.path for e in self.text_entries.values()]
         return paths + (self.empty_paths if self.caption_dropout_rate > 0 else [])
 
-    def _latent_problems(self, vae: Any, clip: Any) -> list[_Problem]:
+    def _latent_problems(self, vae: str | os.PathLike[str] | None,
+                         clip: str | os.PathLike[str] | None) -> list[_Problem]:
         vae_id, clip_id = _fingerprint(vae), _fingerprint(clip)
         hashers = {cfg.index: MediaHasher(cache_directory(cfg) / HASH_INDEX_NAME) for cfg in self.scan.config.datasets}
         problems, encoders = [], {}
@@ -838,7 +869,7 @@ class CachedDataset:
             hasher.save()
         return problems + _mixed(encoders, "latent entries were encoded with different VAE/CLIP settings")
 
-    def _text_problems(self, t5: Any, tokenizer: Any) -> list[_Problem]:
+    def _text_problems(self, t5: str | os.PathLike[str] | None, tokenizer: TokenizerSource | None) -> list[_Problem]:
         t5_id = _fingerprint(t5)
         tok_id = None if t5 is None else tokenizer_fingerprint(resolve_tokenizer(t5, tokenizer))
         entries = [(e.path, e.caption) for e in self.text_entries.values()]
@@ -970,16 +1001,16 @@ class CacheSource:
                           for cfg in dataset.scan.config.datasets}
         self.empty_t5 = dataset.empty_t5 if any(p.is_file() for p in dataset.empty_paths) else None
 
-    def items(self) -> list[Any]:
+    def items(self) -> list[TrainItem]:
         return list(self._train_items)
 
-    def batching(self, dataset: int) -> Any:
+    def batching(self, dataset: int) -> DatasetBatching:
         return self._batching[dataset]
 
-    def load(self, items: Sequence[Any]) -> dict[str, Any]:
+    def load(self, items: Sequence[TrainItem]) -> dict[str, Any]:
         return self.dataset.load_batch([self._items[(item.dataset, item.key)] for item in items], extras="available")
 
-    def describe(self, item: Any) -> str:
+    def describe(self, item: TrainItem) -> str:
         """An item's cache files (for error messages)."""
         entry = self._items[(item.dataset, item.key)]
         text = self.dataset.text_entries[(entry.dataset_index, entry.media_path)].path

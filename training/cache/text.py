@@ -23,7 +23,7 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypeAlias
 
 import torch
 
@@ -34,8 +34,11 @@ from training.cache.store import (
     Progress,
     TextEntry,
     TextSettings,
+    TokenizerSource,
     TqdmProgress,
+    add_cache_run_flags,
     cache_directory,
+    cache_parser,
     checkpoint_fingerprint,
     dtype_name,
     entry_key,
@@ -51,12 +54,18 @@ from training.cache.store import (
     tokenizer_fingerprint,
     unique_text_entries,
 )
-from training.config_file import add_config_file_argument, parse_args
+from training.config_file import parse_args
 from training.dataset.items import _list_sources
 from training.dataset.schema import DatasetGroupConfig, check_dataset_group, load_dataset_config
 from wan_core.loading.checkpoint import peek_shapes
 from wan_core.models.t5 import load_t5
 from wan_core.runtime.fp8 import fp8_t5
+
+if TYPE_CHECKING:
+    from wan_core.models.t5 import T5Encoder
+    from wan_core.models.tokenizer import UMT5Tokenizer
+
+T5Source: TypeAlias = "str | os.PathLike[str] | T5Encoder"  # a checkpoint path or a loaded encoder
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +95,7 @@ def _empty_entries(group: DatasetGroupConfig) -> list[TextEntry]:
     return [TextEntry(cfg.index, Path(""), "", cache_directory(cfg) / EMPTY_TEXT_NAME) for cfg in group.datasets]
 
 
-def text_settings(t5: Any, tokenizer: Any, fp8: bool) -> tuple[TextSettings, Any]:
+def text_settings(t5: T5Source, tokenizer: TokenizerSource | None, fp8: bool) -> tuple[TextSettings, UMT5Tokenizer]:
     """(settings, the tokenizer to encode with) for a T5 checkpoint path or a loaded `T5Encoder` (used as it is:
     its own tokenizer, dtype and weights; `fp8` applies to paths only)."""
     if isinstance(t5, (str, os.PathLike)):
@@ -98,13 +107,13 @@ def text_settings(t5: Any, tokenizer: Any, fp8: bool) -> tuple[TextSettings, Any
                         compute=dtype_name(t5.dtype)), tok
 
 
-def _compute_name(t5_path: Any) -> str:
+def _compute_name(t5_path: str | os.PathLike[str]) -> str:
     """load_t5's default compute dtype: bf16, except that fp32 files stay fp32."""
     dtypes = {t.dtype for t in peek_shapes(t5_path).values() if t.is_floating_point()}
     return "float32" if dtypes == {torch.float32} else "bfloat16"
 
 
-def _load_t5(t5: Any, tokenizer: Any, device: str, fp8: bool, batch_size: int) -> Any:
+def _load_t5(t5: T5Source, tokenizer: TokenizerSource | None, device: str, fp8: bool, batch_size: int) -> T5Encoder:
     if not isinstance(t5, (str, os.PathLike)):
         return t5
 
@@ -114,7 +123,8 @@ def _load_t5(t5: Any, tokenizer: Any, device: str, fp8: bool, batch_size: int) -
     return encoder
 
 
-def cache_text(dataset: str | os.PathLike[str] | DatasetGroupConfig, t5: Any, *, tokenizer: Any = None,
+def cache_text(dataset: str | os.PathLike[str] | DatasetGroupConfig, t5: T5Source, *,
+               tokenizer: TokenizerSource | None = None,
                fp8_t5: bool = False, device: str = "cpu", batch_size: int | None = None, force: bool = False,
                keep_cache: bool = False, progress: Progress | None = None) -> CacheRunReport:
     """Bring a dataset's T5 caches up to date; returns what was encoded, reused and removed.
@@ -162,23 +172,13 @@ def cache_text(dataset: str | os.PathLike[str] | DatasetGroupConfig, t5: Any, *,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training cache-text", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset_config", help="dataset TOML (musubi schema); required")
+    parser = cache_parser("cache-text", __doc__)
     parser.add_argument("--t5", help="umT5 checkpoint (models_t5_umt5-xxl-enc-bf16.pth or umt5_xxl_*.safetensors); "
                                      "required")
     parser.add_argument("--tokenizer", default=None, help="folder with spiece.model, or a SentencePiece .model file")
     parser.add_argument("--fp8_t5", action="store_true", help="store the T5 weights in fp8 (less memory)")
-    parser.add_argument("--batch_size", type=int, default=None, help="captions per T5 call (default: the dataset's)")
-    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    parser.add_argument("--num_workers", type=int, default=None,
-                        help="accepted for musubi compatibility; captions are read without decoding any media")
-    parser.add_argument("--skip_existing", action="store_true",
-                        help="accepted for musubi compatibility; up-to-date entries are always skipped (keys "
-                             "verified)")
-    parser.add_argument("--force", action="store_true", help="re-encode every entry")
-    parser.add_argument("--keep_cache", action="store_true", help="keep cache files no longer in the dataset")
-    add_config_file_argument(parser)
+    add_cache_run_flags(parser, batch_help="captions per T5 call (default: the dataset's)",
+                        workers_help="accepted for musubi compatibility; captions are read without decoding any media")
     return parser
 
 

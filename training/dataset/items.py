@@ -1,6 +1,6 @@
 """Dataset items from a parsed dataset config: frame windows, buckets, batches, and why anything is dropped.
 
-The rules follow musubi-tuner (training.md sections 3-5):
+The rules follow musubi-tuner:
 
 - `source_fps` drops frames to reach 16 fps: frame i is kept when int(sum of 16/source_fps over the frames before
   it) differs from the previous kept value. The sum is accumulated in float64 one frame at a time, as musubi does,

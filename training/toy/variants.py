@@ -35,6 +35,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -66,6 +67,13 @@ from wan_core.toy.world import (
     train_combos,
     write_dataset,
 )
+
+if TYPE_CHECKING:
+    from training.toy.evaluate import Sampling
+    from wan_core.models.dit import WanModel
+    from wan_core.models.t5 import T5Encoder
+    from wan_core.models.vae import WanVAE
+    from wan_core.sampling.conditioning import Conditioning
 
 logger = logging.getLogger(__name__)
 
@@ -303,8 +311,8 @@ def conflict_pairs(pairs: Sequence[VariantPair]) -> list[VariantPair]:
             for p in pairs]
 
 
-def _conditioning(kind: str, pair: VariantPair, vae: object, clip: object, frames: int, height: int,
-                  width: int) -> object:
+def _conditioning(kind: str, pair: VariantPair, vae: WanVAE, clip: CLIPVision, frames: int, height: int,
+                  width: int) -> Conditioning:
     ref = render_clip(pair.combo, seed=pair.seed + 1, num_frames=frames, size=height)
     if kind == "i2v":
         return image_to_video(vae, clip, to_image(ref[0]), frames, height, width)
@@ -314,15 +322,26 @@ def _conditioning(kind: str, pair: VariantPair, vae: object, clip: object, frame
     return fun_control(vae, None, control, frames, height, width)
 
 
-def generate_variant(kind: str, dit: torch.nn.Module, vae: object, t5: object, clip: object,
-                     pairs: Sequence[VariantPair], sampling: object) -> torch.Tensor:
+@dataclass(frozen=True)
+class VariantModels:
+    """The loaded models a variant is generated with."""
+
+    dit: WanModel
+    vae: WanVAE
+    t5: T5Encoder
+    clip: CLIPVision
+
+
+def generate_variant(kind: str, models: VariantModels, pairs: Sequence[VariantPair],
+                     sampling: Sampling) -> torch.Tensor:
     """Clips [N, T, H, W, 3] in [0, 1], one per pair, through the nodes' path (conditioning -> denoise -> decode)."""
+    dit, vae = models.dit, models.vae
     prompts = sorted({p.prompt for p in pairs} | {sampling.negative_prompt})
-    embeds = dict(zip(prompts, encode_prompts(t5, prompts)))
+    embeds = dict(zip(prompts, encode_prompts(models.t5, prompts)))
     out = []
     for pair in pairs:
         with torch.no_grad():
-            cond = _conditioning(kind, pair, vae, clip, sampling.frames, sampling.height, sampling.width)
+            cond = _conditioning(kind, pair, vae, models.clip, sampling.frames, sampling.height, sampling.width)
         settings = SamplerSettings(steps=sampling.steps, guidance_scale=sampling.guidance, flow_shift=sampling.shift,
                                    seed=pair.seed, solver=sampling.solver)
         negative = [embeds[sampling.negative_prompt]] if sampling.guidance != 1.0 else None
@@ -381,19 +400,19 @@ def summarise(kind: str, results: Sequence[PairResult]) -> dict[str, object]:
             "median_track_error_px": round(float(np.median(finite)), 2) if finite else None}
 
 
-def evaluate_variant(kind: str, dit: torch.nn.Module, vae: object, t5: object, clip: object,
-                     pairs: Sequence[VariantPair], sampling: object, conflict: bool = True) -> dict[str, object]:
+def evaluate_variant(kind: str, models: VariantModels, pairs: Sequence[VariantPair], sampling: Sampling,
+                     conflict: bool = True) -> dict[str, object]:
     """Generate and score `pairs`; for Fun-Control (with `conflict`) also the same pairs with a prompt naming
     another motion than the control's."""
     start = time.perf_counter()
-    clips = generate_variant(kind, dit, vae, t5, clip, pairs, sampling)
+    clips = generate_variant(kind, models, pairs, sampling)
     results = [judge(c.numpy(), p) for c, p in zip(clips, pairs)]
     figures = summarise(kind, results)
     held = [r for r, p in zip(results, pairs) if p.heldout]
     figures["heldout_success"] = summarise(kind, held)["success"] if held else None
     if kind == "fun_control" and conflict:
         others = conflict_pairs(pairs)
-        clips = generate_variant(kind, dit, vae, t5, clip, others, sampling)
+        clips = generate_variant(kind, models, others, sampling)
         follows = [judge(c.numpy(), p) for c, p in zip(clips, others)]
         figures["conflicting_prompt"] = summarise(kind, follows)
     figures["seconds"] = round(time.perf_counter() - start, 1)
@@ -505,8 +524,9 @@ def evaluate_files(kind: str, dit: Path, vae: Path, t5: Path, clip: Path, pairs:
     """Load the files (CPU, fp32) and run `evaluate_variant` with the DiT's stored sampling defaults (or those of
     `sampling_source`)."""
     sampling = sampling_from_file(sampling_source or dit)
-    return evaluate_variant(kind, load_dit(dit, dtype=torch.float32), load_vae(vae, dtype=torch.float32),
-                            load_t5(t5), load_clip_vision(clip), pairs, sampling, conflict)
+    models = VariantModels(load_dit(dit, dtype=torch.float32), load_vae(vae, dtype=torch.float32), load_t5(t5),
+                           load_clip_vision(clip))
+    return evaluate_variant(kind, models, pairs, sampling, conflict)
 
 
 def build_variants(out_dir: Path, work_dir: Path, t2v_dit: Path, vae: Path, t5: Path, seed: int = 0,

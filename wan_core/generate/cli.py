@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -33,10 +33,11 @@ from wan_core.media.io import frames_to_tensor, image_to_tensor, read_image, rea
 from wan_core.models.config import (
     CONFIG_METADATA_KEY,
     TASKS,
-    config_from_json,
+    DiTConfig,
     config_to_json,
     detect_config,
     get_task,
+    stored_config,
     tasks_matching,
 )
 from wan_core.models.dit import load_dit, normalize_dit_keys
@@ -46,6 +47,9 @@ from wan_core.sampling import conditioning as cond
 from wan_core.sampling.guidance import CFG_SKIP_MODES, SLG_MODES, SLGConfig, cfg_apply_pattern
 from wan_core.sampling.pipeline import SamplerSettings, decode_latents, denoise, encode_prompts
 from wan_core.sampling.solvers import SAMPLERS
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +153,8 @@ def infer_task(spec: ModelSpec, image_given: bool) -> str:
         return meta["task"]
     metadata = read_metadata_safe(path)
     check_model_file(path, "dit", "--dit")
-    cfg = (config_from_json(metadata[CONFIG_METADATA_KEY]) if CONFIG_METADATA_KEY in metadata
-           else detect_config(normalize_dit_keys(peek_shapes(path), path.name)))
+    cfg = (stored_config(metadata, DiTConfig, f"--dit {path.name}")
+           or detect_config(normalize_dit_keys(peek_shapes(path), path.name)))
     fits = tasks_matching(cfg)
     if cfg.in_dim == 48:
         return "i2v-14B-FC" if image_given else ("t2v-1.3B-FC" if cfg.dim == 1536 else "t2v-14B-FC")
@@ -172,6 +176,16 @@ def _first(*values):
     return next((v for v in values if v is not None), None)
 
 
+T = TypeVar("T")
+
+
+def _given(value: T | None, what: str) -> T:
+    """`value`, which the earlier checks (`_check_inputs`, `Job.with_seed`) guarantee is not None."""
+    if value is None:
+        raise ValueError(f"{what} is missing")
+    return value
+
+
 def resolve_job(job: Job, args: argparse.Namespace, task: str, defaults: dict) -> Resolved:
     """Fill every setting: inline option > command line > the model file's defaults > the task preset."""
     preset = get_task(task)
@@ -181,7 +195,7 @@ def resolve_job(job: Job, args: argparse.Namespace, task: str, defaults: dict) -
     size = args.video_size or defaults.get("video_size") or (256, 256)
     height, width = _first(job.height, size[0]), _first(job.width, size[1])
     if image is not None and not preset.is_fun_control and preset.dit.model_type != "flf2v":
-        height, width = cond.size_for_image(tuple(image.shape[-2:]), height * width)
+        height, width = cond.size_for_image((image.shape[-2], image.shape[-1]), height * width)
     frames = 1 if preset.is_t2i else _first(job.frames, args.video_length, defaults.get("video_length"),
                                              preset.frame_num)
     cond.validate_video_size(height, width, frames)
@@ -194,7 +208,7 @@ def resolve_job(job: Job, args: argparse.Namespace, task: str, defaults: dict) -
                               preset.guide_scale),
         flow_shift=_first(job.flow_shift, args.flow_shift, defaults.get("flow_shift"),
                           preset.shift_for(height, width)),
-        seed=job.seed, solver=args.sample_solver, cpu_noise=args.cpu_noise,
+        seed=_given(job.seed, "the job's seed"), solver=args.sample_solver, cpu_noise=args.cpu_noise,
         cfg_skip_mode=args.cfg_skip_mode, cfg_apply_ratio=args.cfg_apply_ratio, slg=slg)
     cfg_apply_pattern(settings.cfg_skip_mode, settings.steps, settings.cfg_apply_ratio)  # validate now
     negative = _first(job.negative_prompt, args.negative_prompt, defaults.get("negative_prompt"),
@@ -281,7 +295,7 @@ class RunStatus:
     step: int = 0
     steps: int = 0
     written: int = 0
-    bar: Any = None  # the open progress bar, closed before the message
+    bar: tqdm | None = None  # the open progress bar, closed before the message
 
     def describe(self) -> str:
         where = (f"at step {self.step} of {self.steps} (video {self.video} of {self.videos})"
@@ -324,10 +338,13 @@ def build_conditioning(models: ModelSet, r: Resolved) -> cond.Conditioning:
     needs_clip = r.image is not None
     clip = models.get("clip") if needs_clip else None
     if preset.is_fun_control:
-        return cond.fun_control(vae, clip, r.control, r.frames, r.height, r.width, r.image, r.end_image)
+        control = _given(r.control, "--control_path")
+        return cond.fun_control(vae, clip, control, r.frames, r.height, r.width, r.image, r.end_image)
+    image, clip = _given(r.image, "--image_path"), _given(clip, "--clip")
     if kind == "flf2v":
-        return cond.first_last_to_video(vae, clip, r.image, r.end_image, r.frames, r.height, r.width)
-    return cond.image_to_video(vae, clip, r.image, r.frames, r.height, r.width, end_image=r.end_image)
+        return cond.first_last_to_video(vae, clip, image, _given(r.end_image, "--end_image_path"), r.frames,
+                                        r.height, r.width)
+    return cond.image_to_video(vae, clip, image, r.frames, r.height, r.width, end_image=r.end_image)
 
 
 def run_jobs(models: ModelSet, jobs: Sequence[Resolved], args: argparse.Namespace, keep_loaded: bool) -> list[Path]:

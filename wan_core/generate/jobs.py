@@ -11,6 +11,7 @@ import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def parse_prompt_line(line: str, base: Job | None = None) -> Job:
     prompt = parts[0].strip()
     if not prompt or prompt.startswith("--"):
         raise ValueError(f"prompt line has no prompt text: {line.strip()!r}")
-    values: dict[str, object] = {"prompt": prompt}
+    values: dict[str, Any] = {"prompt": prompt}  # field name -> value of that field's type
     for part in parts[1:]:
         key, _, raw = part.strip().partition(" ")
         if key not in _OPTIONS:

@@ -43,18 +43,24 @@ def _compiled(rules: tuple[Rule, ...], to_ours: bool) -> list[tuple[re.Pattern[s
 def rename(sd: Mapping[str, torch.Tensor], rules: Iterable[Rule], *, to_ours: bool, what: str,
            ignore: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """Rename every key of `sd` through `rules` (foreign -> ours when `to_ours`, else ours -> foreign)."""
+    names = renamed_keys(sd, rules, to_ours=to_ours, what=what, ignore=ignore)
+    return {target: transform(sd[key]) if transform else sd[key] for target, (key, transform) in names.items()}
+
+
+def renamed_keys(keys: Iterable[str], rules: Iterable[Rule], *, to_ours: bool, what: str,
+                 ignore: Callable[[str], bool] | None = None) -> dict[str, tuple[str, Transform | None]]:
+    """{new name: (key, the transform its value needs)} for every key not ignored (see `rename`)."""
     compiled = _compiled(tuple(rules), to_ours)
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, tuple[str, Transform | None]] = {}
     unknown: list[str] = []
-    for key, value in sd.items():
+    for key in keys:
         if ignore is not None and ignore(key):
             continue
         for pattern, rule in compiled:
             match = pattern.match(key)
             if match:
                 target = rule.ours if to_ours else rule.theirs
-                transform = rule.to_ours if to_ours else rule.to_theirs
-                out[target.format(**match.groupdict())] = transform(value) if transform else value
+                out[target.format(**match.groupdict())] = (key, rule.to_ours if to_ours else rule.to_theirs)
                 break
         else:
             unknown.append(key)
@@ -71,7 +77,7 @@ def _same(*templates: str) -> list[Rule]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# DiT: official <-> diffusers WanTransformer3DModel (models.md section 9.1)
+# DiT: official <-> diffusers WanTransformer3DModel
 # ----------------------------------------------------------------------------------------------------------------
 
 _ATTN = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0", "norm_q": "norm_q", "norm_k": "norm_k"}
@@ -103,7 +109,7 @@ DIT_DIFFUSERS_SENTINEL = "condition_embedder.time_proj.weight"
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# VAE: official (= ComfyUI) <-> diffusers AutoencoderKLWan (models.md section 9.2)
+# VAE: official (= ComfyUI) <-> diffusers AutoencoderKLWan
 # ----------------------------------------------------------------------------------------------------------------
 
 _RESIDUAL = {"residual.0.gamma": "norm1.gamma", "residual.2.{s}": "conv1.{s}", "residual.3.gamma": "norm2.gamma",
@@ -145,7 +151,7 @@ VAE_DIFFUSERS_SENTINEL = "decoder.conv_in.weight"
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# umT5 encoder: official .pth <-> HF UMT5EncoderModel (= ComfyUI umt5_xxl_*.safetensors) (models.md 7.2)
+# umT5 encoder: official .pth <-> HF UMT5EncoderModel (= ComfyUI umt5_xxl_*.safetensors)
 # ----------------------------------------------------------------------------------------------------------------
 
 _T5_LAYER = "encoder.block.{n}.layer"
@@ -166,7 +172,7 @@ T5_HF_EXTRA = ("encoder.embed_tokens.weight", "spiece_model")  # tied copy of sh
 
 # ----------------------------------------------------------------------------------------------------------------
 # CLIP ViT-H/14 visual: official Wan (`visual.` prefix stripped) <-> HF CLIPVisionModel <-> open_clip `visual.`
-# (models.md 9.4). q/k/v are stacked in `to_qkv` (ours, open_clip) and split in HF.
+# q/k/v are stacked in `to_qkv` (ours, open_clip) and split in HF.
 # ----------------------------------------------------------------------------------------------------------------
 
 _HF_VM = "vision_model"
@@ -237,7 +243,7 @@ def clip_ours_to_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# LoRA module names (inference.md 11.3-11.4, training.md 9, comfyui.md 12). A LoRA targets a Linear layer by its
+# LoRA module names. A LoRA targets a Linear layer by its
 # module name: official dotted names are canonical (`blocks.9.cross_attn.k`). sd-scripts/musubi write
 # `lora_unet_` + the name with every "." replaced by "_" (ComfyUI maps model key `diffusion_model.<k>.weight` the
 # same way); ComfyUI / diffusion-pipe / musubi `convert_lora --target other` write `diffusion_model.<name>`;

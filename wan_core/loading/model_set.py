@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +24,12 @@ from wan_core.models.vae import load_vae
 from wan_core.runtime.fp8 import fp8_t5
 from wan_core.runtime.offload import release_block_swap
 from wan_core.runtime.prepare import prepare_dit
+
+if TYPE_CHECKING:
+    from wan_core.models.clip import CLIPVision
+    from wan_core.models.dit import WanModel
+    from wan_core.models.t5 import T5Encoder
+    from wan_core.models.vae import WanVAE
 
 logger = logging.getLogger(__name__)
 
@@ -180,31 +186,32 @@ class ModelSet:
     def release(self, kind: str) -> None:
         """Drop the `kind` model; a block-swapped DiT first detaches its swapper, which unpins its CPU memory."""
         model = self._models.pop(kind, None)
-        if model is not None:
+        if isinstance(model, torch.nn.Module):
             release_block_swap(model)
+        if model is not None:
             del model
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    def _load_dit(self, path: Path) -> torch.nn.Module:
+    def _load_dit(self, path: Path) -> WanModel:
         return prepare_dit(path, self.spec, self.device, self.size_hint)
 
-    def _load_vae(self, path: Path) -> Any:
+    def _load_vae(self, path: Path) -> WanVAE:
         vae = load_vae(path, dtype=self.spec.vae_dtype, device=self.device)
         return configure_vae(vae, self.spec)
 
-    def _load_t5(self, path: Path) -> Any:
+    def _load_t5(self, path: Path) -> T5Encoder:
         t5 = load_t5(path, tokenizer=self.spec.tokenizer, device=self.device)
         if self.spec.fp8_t5:
             fp8_t5(t5)
         return t5
 
-    def _load_clip(self, path: Path) -> Any:
+    def _load_clip(self, path: Path) -> CLIPVision:
         return load_clip_vision(path, device=self.device)
 
 
-def configure_vae(vae: Any, spec: ModelSpec) -> Any:
+def configure_vae(vae: WanVAE, spec: ModelSpec) -> WanVAE:
     """Apply the VAE memory options (feature cache on the CPU, spatial tiling)."""
     if spec.vae_cache_cpu:
         vae.cache_device = torch.device("cpu")

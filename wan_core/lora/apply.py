@@ -1,7 +1,7 @@
 """LoRA inference for the Wan2.1 DiT: merging, and unmerged application with live strengths (the trainable network
 is in `wan_core.lora.network`).
 
-Inference (inference.md 11):
+Inference:
 - `merge_loras(model_or_state_dict, loras, multipliers)`: W ← W + Σ m·ΔW, computed in fp32 and cast back once.
   Merging needs bf16/fp16/fp32 weights: a loader that quantises to fp8 merges first, then quantises.
 - `apply_loras(model, loras, multipliers) -> LoRAHandle`: wraps each matched Linear-like layer in a `LoRAModule`
@@ -19,10 +19,11 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +36,18 @@ from wan_core.models.ops import Fp32Linear
 logger = logging.getLogger(__name__)
 
 Target = nn.Module | MutableMapping[str, torch.Tensor]
+Multipliers = float | Sequence[float] | None  # one per LoRA, or one for all (None: 1.0)
+Patterns = str | Sequence[str | None] | None  # one regex per LoRA, or one for all (None: no filter)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Target discovery
 # ----------------------------------------------------------------------------------------------------------------
+
+def out_in_features(layer: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a layer `_is_linear_like` accepted."""
+    return cast(int, layer.out_features), cast(int, layer.in_features)
+
 
 def _is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (isinstance(getattr(module, "in_features", None), int)
@@ -88,6 +96,10 @@ class LoRAReport:
                 f"{len(self.filtered)} filtered out, {len(self.unmatched)} unmatched keys")
 
 
+@overload
+def compile_pattern(pattern: str, what: str) -> re.Pattern[str]: ...
+@overload
+def compile_pattern(pattern: str | None, what: str) -> re.Pattern[str] | None: ...
 def compile_pattern(pattern: str | None, what: str) -> re.Pattern[str] | None:
     if pattern is None:
         return None
@@ -122,15 +134,18 @@ def lora_multiplier(value: object, source: object = None) -> float:
     return number
 
 
-def _per_lora(values: object, count: int, what: str, default: object) -> list:
+def _per_lora(values: object, count: int, what: str, default: object) -> list[Any]:
+    """One entry per LoRA from user input: None (`default` for each), a single value, or a sequence."""
     if values is None:
         return [default] * count
     if isinstance(values, (str, int, float)):
         values = [values]
-    values = list(values)  # type: ignore[arg-type]
-    if len(values) != count:
-        raise ValueError(f"got {len(values)} {what} for {count} LoRA(s); give one per LoRA (in the same order)")
-    return values
+    if not isinstance(values, Iterable):
+        raise ValueError(f"{what} must be one value or one per LoRA, got a {type(values).__name__}")
+    items = list(values)
+    if len(items) != count:
+        raise ValueError(f"got {len(items)} {what} for {count} LoRA(s); give one per LoRA (in the same order)")
+    return items
 
 
 def _source_name(source: LoRASource) -> str:
@@ -139,8 +154,9 @@ def _source_name(source: LoRASource) -> str:
     return "<state dict>" if isinstance(source, Mapping) else str(source)
 
 
-def _prepare(loras: Sequence[LoRASource] | LoRASource, modules: set[str], multipliers: object,
-             include_patterns: object, exclude_patterns: object) -> list[tuple[dict[str, Adapter], float, LoRAReport]]:
+def _prepare(loras: Sequence[LoRASource] | LoRASource, modules: set[str], multipliers: Multipliers,
+             include_patterns: Patterns,
+             exclude_patterns: Patterns) -> list[tuple[dict[str, Adapter], float, LoRAReport]]:
     if isinstance(loras, (str, os.PathLike, Mapping, LoRA)):
         loras = [loras]
     count = len(loras)
@@ -191,25 +207,26 @@ def _weight(layer: nn.Module, name: str) -> torch.Tensor:
     return weight
 
 
-def merge_loras(target: Target, loras: Sequence[LoRASource] | LoRASource, multipliers: object = None, *,
-                include_patterns: object = None, exclude_patterns: object = None) -> list[LoRAReport]:
+def merge_loras(target: Target, loras: Sequence[LoRASource] | LoRASource, multipliers: Multipliers = None, *,
+                include_patterns: Patterns = None, exclude_patterns: Patterns = None) -> list[LoRAReport]:
     """Merge LoRAs into a model (in place) or a state dict with official names (entries replaced in place).
 
     W ← W + Σ_i m_i·ΔW_i, summed in float32 and rounded once to W's dtype. `loras`: paths, state dicts or parsed
     `LoRA`s; `multipliers`, `include_patterns`, `exclude_patterns`: one per LoRA (None = 1.0 / no filter).
     """
+    layers: dict[str, nn.Module] | None = None
+    keys: dict[str, str] = {}
+    state: MutableMapping[str, torch.Tensor] = {}
     if isinstance(target, nn.Module):
         layers = linear_modules(target)
-        keys = None
     else:
-        keys = _state_dict_linears(target)
-        layers = None
+        keys, state = _state_dict_linears(target), target
     names = set(layers if layers is not None else keys)
     prepared = _prepare(loras, names, multipliers, include_patterns, exclude_patterns)
     per_module: dict[str, list[tuple[Adapter, float]]] = {}
     for used, mult, report in prepared:
         for module, adapter in used.items():
-            shape = _weight(layers[module], module).shape if layers is not None else target[keys[module]].shape
+            shape = _weight(layers[module], module).shape if layers is not None else state[keys[module]].shape
             _check_shape(module, adapter, tuple(shape), report.source)
             if mult != 0.0:
                 per_module.setdefault(module, []).append((adapter, mult))
@@ -219,7 +236,7 @@ def merge_loras(target: Target, loras: Sequence[LoRASource] | LoRASource, multip
                 weight = _weight(layers[module], module)
                 weight.copy_(_merged(weight, parts, module))
             else:
-                target[keys[module]] = _merged(target[keys[module]], parts, keys[module])
+                state[keys[module]] = _merged(state[keys[module]], parts, keys[module])
     logger.info("merged %d LoRA(s) into %d layers", len(prepared), len(per_module))
     return [report for _, _, report in prepared]
 
@@ -248,6 +265,9 @@ def _lora_dtype(base: nn.Module) -> torch.dtype:
 class _LowRankBranch(nn.Module):
     """m·(alpha/r)·up(down(x)) with the weights held in the compute dtype."""
 
+    down: torch.Tensor
+    up: torch.Tensor
+
     def __init__(self, adapter: LowRank, multiplier: float, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.register_buffer("down", adapter.down.to(device, dtype), persistent=False)  # [r, in]
@@ -263,6 +283,8 @@ class _LowRankBranch(nn.Module):
 
 class _DeltaBranch(nn.Module):
     """m·ΔW x for LoHa/LoKr, with ΔW materialised once (alpha/rank included) in the compute dtype."""
+
+    delta: torch.Tensor
 
     def __init__(self, adapter: Adapter, multiplier: float, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
@@ -336,7 +358,7 @@ class LoRAHandle:
             value = lora_multiplier(multiplier, self.reports[i].source)
             self._multipliers[i] = value
             for _, wrapper, key in self._branches[i]:
-                wrapper.branches[key].multiplier = value
+                cast(_LowRankBranch | _DeltaBranch, wrapper.branches[key]).multiplier = value
 
     def remove(self) -> None:
         """Remove this handle's branches; layers left without branches get their original module back."""
@@ -357,7 +379,7 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 def _wrap(model: nn.Module, name: str) -> LoRAModule:
     parent, child = _parent(model, name)
-    current = parent._modules[child]
+    current = parent.get_submodule(child)
     if isinstance(current, LoRAModule):
         return current
     wrapper = LoRAModule(current)
@@ -371,8 +393,8 @@ def _unwrap(model: nn.Module, name: str, wrapper: LoRAModule) -> None:
         setattr(parent, child, wrapper.base)
 
 
-def apply_loras(model: nn.Module, loras: Sequence[LoRASource] | LoRASource, multipliers: object = None, *,
-                include_patterns: object = None, exclude_patterns: object = None) -> LoRAHandle:
+def apply_loras(model: nn.Module, loras: Sequence[LoRASource] | LoRASource, multipliers: Multipliers = None, *,
+                include_patterns: Patterns = None, exclude_patterns: Patterns = None) -> LoRAHandle:
     """Apply LoRAs without touching the weights (see the module docstring); returns a `LoRAHandle`."""
     layers = linear_modules(model)
     prepared = _prepare(loras, set(layers), multipliers, include_patterns, exclude_patterns)
@@ -381,12 +403,13 @@ def apply_loras(model: nn.Module, loras: Sequence[LoRASource] | LoRASource, mult
     for index, (used, mult, report) in enumerate(prepared):
         for module, adapter in used.items():
             base = layers[module]
-            _check_shape(module, adapter, (base.out_features, base.in_features), report.source)
+            _check_shape(module, adapter, out_in_features(base), report.source)
             dtype, device = _lora_dtype(base), _device_of(base)
-            branch_cls = _LowRankBranch if isinstance(adapter, LowRank) else _DeltaBranch
+            branch = (_LowRankBranch(adapter, mult, dtype, device) if isinstance(adapter, LowRank)
+                      else _DeltaBranch(adapter, mult, dtype, device))
             wrapper = _wrap(model, module)
             key = f"lora{handle_id}_{index}"
-            wrapper.branches[key] = branch_cls(adapter, mult, dtype, device)
+            wrapper.branches[key] = branch
             handle._branches[index].append((module, wrapper, key))
     logger.info("applied %d LoRA(s) unmerged to %d layers", len(prepared),
                 len({m for entries in handle._branches for m, _, _ in entries}))

@@ -8,7 +8,7 @@ Canonical form: a `LoRA` maps official dotted module names (`blocks.9.cross_attn
 - `LoKr` (LyCORIS): lokr_w1 or lokr_w1_a @ lokr_w1_b, lokr_w2 or lokr_w2_a @ lokr_w2_b, alpha
                                                               ΔW = kron(w1, w2) · alpha / r  (1 if both are full)
 
-Accepted layouts (inference.md 11.3, comfyui.md 12): musubi / sd-scripts `lora_unet_blocks_9_cross_attn_k.lora_down
+Accepted layouts: musubi / sd-scripts `lora_unet_blocks_9_cross_attn_k.lora_down
 .weight`; Wan-Fun `lora_unet__…`; LyCORIS `lycoris_…`; ComfyUI / diffusion-pipe / musubi `convert_lora --target
 other` `diffusion_model.blocks.9.cross_attn.k.lora_A.weight` (or `.lora_down/.lora_up`, with or without `.alpha`);
 diffusers `transformer.blocks.9.attn2.to_k.lora_A.weight`; PEFT `base_model.model.…lora_A.default.weight` and bare
@@ -192,8 +192,7 @@ class LoKr:
 
     @property
     def shape(self) -> tuple[int, int]:
-        a = self.w1.shape if self.w1 is not None else (self.w1_a.shape[0], self.w1_b.shape[1])
-        b = self.w2.shape if self.w2 is not None else (self.w2_a.shape[0], self.w2_b.shape[1])
+        a, b = _kron_factor_shape(self.w1, self.w1_a, self.w1_b), _kron_factor_shape(self.w2, self.w2_a, self.w2_b)
         return a[0] * b[0], a[1] * b[1]
 
     def delta(self) -> torch.Tensor:
@@ -202,6 +201,15 @@ class LoKr:
     def tensors(self) -> dict[str, torch.Tensor]:
         names = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+def _kron_factor_shape(full: torch.Tensor | None, a: torch.Tensor | None, b: torch.Tensor | None) -> tuple[int, int]:
+    """[out, in] of a LoKr factor given whole (`full`) or as `a @ b` (`LoKr.__post_init__` checked one is)."""
+    if full is not None:
+        return full.shape[0], full.shape[1]
+    if a is None or b is None:
+        raise ValueError("a LoKr factor needs lokr_w{i} or both lokr_w{i}_a and lokr_w{i}_b")
+    return a.shape[0], b.shape[1]
 
 
 Adapter = LowRank | LoHa | LoKr
@@ -404,9 +412,10 @@ def _module_key(module: str, fmt: str, prefix: str | None) -> str:
         return kohya_lora_name(module)
     name = module
     if fmt == "diffusers":
-        name = module_to_diffusers(module)
-        if name is None:
+        diffusers_name = module_to_diffusers(module)
+        if diffusers_name is None:
             raise ValueError(f"module {module!r} has no diffusers counterpart; cannot write it in diffusers format")
+        name = diffusers_name
     return f"{prefix}.{name}" if prefix else name
 
 
@@ -438,7 +447,7 @@ def lora_state_dict(lora: LoRA | Mapping[str, Adapter], format: str = "musubi", 
     out: dict[str, torch.Tensor] = {}
     for module, adapter in adapters.items():
         base = _module_key(module, fmt, prefix)
-        if adapter.kind != "lora":
+        if not isinstance(adapter, LowRank):
             if fmt == "diffusers":
                 raise ValueError(f"{adapter.kind} adapters cannot be written in diffusers format ({module})")
             suffixes = LYCORIS_WRITE_SUFFIXES[adapter.kind]
@@ -475,11 +484,12 @@ def safetensors_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[st
 
 
 def save_lora(lora: LoRA | Mapping[str, Adapter], path: str | os.PathLike, format: str = "musubi", *,
-              metadata: Mapping[str, str] | None = None, dtype: torch.dtype | None = None,
-              **kwargs: object) -> Path:
-    """Write a LoRA file atomically (`lora_state_dict` options in kwargs); musubi files get sshs hashes. Tensors
-    with NaN or inf values (after the cast to `dtype`) are refused with NonFiniteError and nothing is written."""
-    tensors = lora_state_dict(lora, format, **kwargs)
+              metadata: Mapping[str, str] | None = None, dtype: torch.dtype | None = None, prefix: str | None = None,
+              keep_alpha: bool = False, adapter_name: str | None = None) -> Path:
+    """Write a LoRA file atomically (`prefix`, `keep_alpha`, `adapter_name`: see `lora_state_dict`); musubi files
+    get sshs hashes. Tensors with NaN or inf values (after the cast to `dtype`) are refused with NonFiniteError and
+    nothing is written."""
+    tensors = lora_state_dict(lora, format, prefix=prefix, keep_alpha=keep_alpha, adapter_name=adapter_name)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.dim() else v for k, v in tensors.items()}
     require_finite(tensors, f"LoRA {path} (not written)")

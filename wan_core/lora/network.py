@@ -16,13 +16,14 @@ import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from wan_core.loading.convert import kohya_lora_name
-from wan_core.lora.apply import LoRAReport, compile_pattern, lora_multiplier, walk_linears
+from wan_core.lora.apply import LoRAReport, compile_pattern, lora_multiplier, out_in_features, walk_linears
 from wan_core.lora.formats import LoRASource, LowRank, load_lora, lora_state_dict, save_lora
 from wan_core.models.dit import WanAttentionBlock
 
@@ -74,10 +75,12 @@ class TrainableLoRA(nn.Module):
             raise ValueError(f"LoRA rank must be >= 1, got {rank} for {name}")
         self.name, self.rank, self.multiplier = name, rank, multiplier
         self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
-        self.lora_down = nn.Linear(base.in_features, rank, bias=False)
-        self.lora_up = nn.Linear(rank, base.out_features, bias=False)
+        out_features, in_features = out_in_features(base)
+        self.lora_down = nn.Linear(in_features, rank, bias=False)
+        self.lora_up = nn.Linear(rank, out_features, bias=False)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
+        self.alpha: torch.Tensor
         self.register_buffer("alpha", torch.tensor(0.0))
         self.set_alpha(alpha)
         self._base = [base]  # a list, so the base layer is not registered (not saved, not moved)
@@ -115,7 +118,10 @@ class TrainableLoRA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, L, in] -> [B, L, out] (the patched forward of the base layer)."""
-        out = self._original_forward(x)
+        original = self._original_forward
+        if original is None:
+            raise RuntimeError(f"LoRA {self.name} is not applied to its layer (call apply_to first)")
+        out = original(x)
         if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
             return out
         hidden = self.lora_down(self._lora_input(x))  # [B, L, r]
@@ -167,7 +173,7 @@ class LoRANetwork(nn.Module):
 
     @classmethod
     def from_weights(cls, model: nn.Module, source: LoRASource, multiplier: float = 1.0,
-                     **kwargs: object) -> LoRANetwork:
+                     **kwargs: Any) -> LoRANetwork:
         """A network shaped after a LoRA file (per-module rank and alpha; musubi `--dim_from_weights`), loaded."""
         names = {n for b, block in model.named_modules() if isinstance(block, WanAttentionBlock)
                  for n, _ in walk_linears(block, f"{b}.")}
@@ -200,7 +206,7 @@ class LoRANetwork(nn.Module):
         for module in self.by_name.values():
             module.multiplier = multiplier
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
+    def trainable_parameters(self) -> list[torch.Tensor]:
         return [p for module in self.by_name.values() for p in (module.lora_down.weight, module.lora_up.weight)]
 
     def param_groups(self, lr: float, loraplus_lr_ratio: float | None = None) -> list[dict]:
@@ -217,11 +223,11 @@ class LoRANetwork(nn.Module):
         return {name: LowRank(m.lora_down.weight.detach(), m.lora_up.weight.detach(), float(m.alpha))
                 for name, m in self.by_name.items()}
 
-    def state_dict_in(self, format: str = "musubi", *, dtype: torch.dtype | None = None,
-                      **kwargs: object) -> dict[str, torch.Tensor]:
+    def state_dict_in(self, format: str = "musubi", *, dtype: torch.dtype | None = None, prefix: str | None = None,
+                      keep_alpha: bool = False) -> dict[str, torch.Tensor]:
         """The weights in "musubi" (sd-scripts keys + alpha), "comfyui" or "diffusers" layout (see
         `wan_core.lora.formats.lora_state_dict` for `prefix`, `keep_alpha`)."""
-        tensors = lora_state_dict(self.adapters(), format, **kwargs)
+        tensors = lora_state_dict(self.adapters(), format, prefix=prefix, keep_alpha=keep_alpha)
         return {k: v.to(dtype) if dtype is not None and v.dim() else v for k, v in tensors.items()}
 
     def network_metadata(self) -> dict[str, str]:
@@ -234,10 +240,11 @@ class LoRANetwork(nn.Module):
                 "ss_network_args": json.dumps(args)}
 
     def save(self, path: str | os.PathLike, format: str = "musubi", *, metadata: Mapping[str, str] | None = None,
-             dtype: torch.dtype | None = None, **kwargs: object) -> Path:
+             dtype: torch.dtype | None = None, prefix: str | None = None, keep_alpha: bool = False) -> Path:
         """Write the LoRA atomically, with `network_metadata()` updated by `metadata` (passed through)."""
         meta = {**self.network_metadata(), **{k: str(v) for k, v in (metadata or {}).items()}}
-        return save_lora(self.adapters(), path, format, metadata=meta, dtype=dtype, **kwargs)
+        return save_lora(self.adapters(), path, format, metadata=meta, dtype=dtype, prefix=prefix,
+                         keep_alpha=keep_alpha)
 
     def load_weights(self, source: LoRASource) -> LoRAReport:
         """Continue from a LoRA in any format: copies down/up and takes the file's alpha (so the delta is the

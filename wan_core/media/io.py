@@ -118,7 +118,7 @@ def _inspect_frame_directory(path: Path) -> VideoInfo:
 
 
 def _inspect_video_file(path: Path) -> VideoInfo:
-    count, size = 0, None
+    count, size = 0, (0, 0)
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -126,7 +126,7 @@ def _inspect_video_file(path: Path) -> VideoInfo:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for frame in container.decode(stream):
-                size = size or (frame.width, frame.height)
+                size = (frame.width, frame.height) if count == 0 else size
                 count += 1
             rate = stream.average_rate
     except av.error.FFmpegError as error:

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from wan_core.models.vae import SPACE_STRIDE, TIME_STRIDE, VAE_MEAN, VAE_STD, pixel_frames
+
+if TYPE_CHECKING:
+    from wan_core.models.vae import WanVAE
 
 logger = logging.getLogger(__name__)
 
@@ -127,16 +131,16 @@ class LatentRGB:
     bias: torch.Tensor
 
 
-def fit_latent_rgb(vae: object, size: int = 16, seed: int = 0) -> LatentRGB:
+def fit_latent_rgb(vae: WanVAE, size: int = 16, seed: int = 0) -> LatentRGB:
     """Least-squares fit of the decoder's mean colour per 8x8 pixel cell on normalised latents.
 
     Decodes one latent frame of seeded N(0, 1) noise (size x size latent pixels) and regresses the average colour
     of each cell on its latent vector. One small decode; cache the result per VAE.
     """
-    channels = vae.z_dim  # type: ignore[attr-defined]
+    channels = vae.z_dim
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(1, channels, 1, size, size, generator=gen)
-    video = vae.decode(z.to(vae.device))  # type: ignore[attr-defined]  # [1, 3, 1, 8s, 8s] in [-1, 1]
+    video = vae.decode(z.to(vae.device))  # [1, 3, 1, 8s, 8s] in [-1, 1]
     cells = F.avg_pool2d(video[0, :, 0].float().cpu(), SPACE_STRIDE)  # [3, s, s]
     targets = ((cells + 1.0) / 2.0).reshape(3, -1).T.double()  # [s*s, 3]
     inputs = torch.cat([z[0, :, 0].reshape(channels, -1).T, torch.ones(size * size, 1)], dim=1).double()

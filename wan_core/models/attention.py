@@ -102,7 +102,7 @@ def _load_kernel(backend: Backend) -> AttnFn:
                            f"{torch.__version__}: reinstall it ({install}) or use sdpa") from exc
 
 
-_KERNELS: dict[Backend, AttnFn] = {Backend.SDPA: _sdpa}
+_KERNELS: dict[str, AttnFn] = {Backend.SDPA: _sdpa}  # by Backend (a str enum)
 
 
 def get_kernel(backend: str | Backend | None) -> AttnFn:
@@ -119,7 +119,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | 
     `k_lens` [B] limits each sample's keys to its first k_lens[b] positions; every backend gives the same result
     because padded samples are computed one at a time on their valid keys.
     """
-    kernel = _KERNELS.get(backend) or get_kernel(backend)  # dict hit first: no import probing per call
+    # dict hit first (a Backend is a str, so names hit too): no import probing per call
+    kernel = (_KERNELS.get(backend) if backend is not None else None) or get_kernel(backend)
     if k_lens is not None and bool((k_lens < k.shape[1]).any()):
         return torch.cat([attention(q[i:i + 1], k[i:i + 1, :n], v[i:i + 1, :n], backend)
                           for i, n in enumerate(k_lens.tolist())])

@@ -1,7 +1,7 @@
 """The CLIP ViT-H/14 visual encoder that Wan2.1 I2V / FLF2V / Fun-Control use for image conditioning.
 
 Written from the semantics of the official `wan/modules/clip.py` (the visual tower of open-clip
-xlm-roberta-large-vit-huge-14, i.e. LAION ViT-H/14; models.md section 8): a pre-norm ViT with a CLS token, no
+xlm-roberta-large-vit-huge-14, i.e. LAION ViT-H/14): a pre-norm ViT with a CLS token, no
 patch-conv bias, exact GELU and LayerNorm eps 1e-5. Module paths equal the official checkpoint keys under
 `visual.` (patch_embedding, cls_embedding, pos_embedding, pre_norm, transformer.N.{norm1, attn.{to_qkv, proj},
 norm2, mlp.{0,2}}).
@@ -27,6 +27,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -192,7 +193,7 @@ class CLIPVision(nn.Module):
     def set_attention_backend(self, name: str) -> None:
         backend = resolve_backend(name).value
         for block in self.visual.transformer:
-            block.attn.attn_backend = backend
+            cast(CLIPBlock, block).attn.attn_backend = backend
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, crop: str | None = None) -> torch.Tensor:
@@ -237,7 +238,12 @@ _LAYOUT_HELP = ("official Wan (`visual.cls_embedding`, `visual.transformer.N...`
 def _checkpoint_keys(path: Path) -> list[str]:
     """All tensor names of a checkpoint without reading any tensor data (a filter that accepts nothing)."""
     names: list[str] = []
-    load_state_dict(path, keys=lambda key: names.append(key) or False)
+
+    def collect(key: str) -> bool:
+        names.append(key)
+        return False
+
+    load_state_dict(path, keys=collect)
     return names
 
 

@@ -10,7 +10,7 @@ import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -176,23 +176,39 @@ def get_task(name: str) -> TaskPreset:
 CONFIG_METADATA_KEY = "wantuner_config"
 
 
-def config_to_json(config: object) -> str:
+ArchitectureConfig = DiTConfig | VAEConfig | T5Config | CLIPVisionConfig
+ConfigT = TypeVar("ConfigT", DiTConfig, VAEConfig, T5Config, CLIPVisionConfig)
+
+
+def config_to_json(config: ArchitectureConfig) -> str:
     return json.dumps({"class": type(config).__name__, **dataclasses.asdict(config)})
 
 
-def config_from_json(text: str) -> DiTConfig | VAEConfig | T5Config | CLIPVisionConfig:
+def config_from_json(text: str) -> ArchitectureConfig:
     data = json.loads(text)
-    classes = {c.__name__: c for c in (DiTConfig, VAEConfig, T5Config, CLIPVisionConfig)}
+    classes: dict[str, type[ArchitectureConfig]] = {
+        c.__name__: c for c in (DiTConfig, VAEConfig, T5Config, CLIPVisionConfig)}
     cls = classes.get(data.pop("class", ""))
     if cls is None:
         raise ValueError(f"config metadata names no known config class: {text[:200]}")
     fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in fields}
+    kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in fields}
     return cls(**kwargs)
 
 
+def stored_config(metadata: Mapping[str, str], cls: type[ConfigT], what: str) -> ConfigT | None:
+    """The config a file's metadata holds (None when it holds none); ValueError when it is not a `cls`."""
+    if CONFIG_METADATA_KEY not in metadata:
+        return None
+    config = config_from_json(metadata[CONFIG_METADATA_KEY])
+    if not isinstance(config, cls):
+        raise ValueError(f"{what}: its {CONFIG_METADATA_KEY} metadata holds a {type(config).__name__}, "
+                         f"not a {cls.__name__}")
+    return config
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Detection from tensor shapes (sentinel keys as in models.md section 5)
+# Detection from tensor shapes (each size is read from the shape of one sentinel key)
 # ----------------------------------------------------------------------------------------------------------------
 
 

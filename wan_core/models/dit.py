@@ -14,6 +14,7 @@ import logging
 import math
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +25,11 @@ from wan_core.loading.checkpoint import build_on_meta, load_into, load_state_dic
 from wan_core.loading.convert import DIT_DIFFUSERS, DIT_DIFFUSERS_SENTINEL, rename
 from wan_core.models.attention import attention, resolve_backend
 from wan_core.models.config import (
-    CONFIG_METADATA_KEY,
     TASKS,
     DiTConfig,
-    config_from_json,
     detect_config,
     get_task,
+    stored_config,
     tasks_matching,
 )
 from wan_core.models.ops import FP8_DTYPES, CastLinear, FP8Linear, Fp32Linear, compute_dtype, dequantize_weight
@@ -41,6 +41,9 @@ from wan_core.runtime.fp8 import (
     quantize_state_dict,
     weight_bytes,
 )
+
+if TYPE_CHECKING:
+    from wan_core.runtime.offload import BlockSwapper
 
 logger = logging.getLogger(__name__)
 
@@ -223,12 +226,14 @@ class MLPProj(nn.Module):
         if hasattr(self, "emb_pos"):
             image_embeds = image_embeds + self.emb_pos.to(image_embeds.dtype)
         norm_in, fc1, act, fc2, norm_out = self.proj
-        x = fc2(act(fc1(layer_norm(image_embeds, norm_in).float())))
-        return layer_norm(x, norm_out)
+        x = fc2(act(fc1(layer_norm(image_embeds, cast(nn.LayerNorm, norm_in)).float())))
+        return layer_norm(x, cast(nn.LayerNorm, norm_out))
 
 
 class WanModel(nn.Module):
     """Wan2.1 DiT. Build with a `DiTConfig`; load weights with `wan_core.load_dit`."""
+
+    block_swapper: BlockSwapper | None = None  # set by wan_core.runtime.prepare when blocks stream from CPU memory
 
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
@@ -276,7 +281,7 @@ class WanModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return compute_dtype(self.blocks[0].self_attn.q)
+        return compute_dtype(cast(WanAttentionBlock, self.blocks[0]).self_attn.q)
 
     # -- forward ----------------------------------------------------------------------------------------------
 
@@ -457,8 +462,8 @@ def load_dit(path: str | Path, task: str | None = None, dtype: torch.dtype | Non
         sd = drop_fp8_markers(sd)
     elif is_scaled_fp8(sd):
         sd = dequantize_scaled_fp8(sd, dtype)
-    if config is None and CONFIG_METADATA_KEY in metadata:
-        config = config_from_json(metadata[CONFIG_METADATA_KEY])
+    if config is None:
+        config = stored_config(metadata, DiTConfig, f"DiT {Path(path).name}")
     if task is not None:
         if config is None:
             check_task(task, sd)

@@ -59,7 +59,10 @@ def torch_release(version: str) -> tuple[int, int]:
 def compute_dtype(module: nn.Module) -> torch.dtype:
     """The dtype a layer computes in: an explicit `compute_dtype` attribute (fp8 wrappers) or its weight dtype."""
     dtype = getattr(module, "compute_dtype", None)
-    return dtype if dtype is not None else module.weight.dtype
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    weight: torch.Tensor = module.weight  # type: ignore[assignment]  # every layer passed here has a weight
+    return weight.dtype
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -181,7 +184,7 @@ def check_scaled_mm_device(device: torch.device) -> None:
 
 @functools.cache
 def _check_scaled_mm_device(device_type: str, index: int | None) -> None:
-    device = torch.device(device_type, index)
+    device = _device(device_type, index)
     if device.type != "cuda":
         raise RuntimeError(f"fp8_fast (fp8 matmuls with torch._scaled_mm) needs a CUDA GPU with compute capability "
                            f">= 8.9 (Ada, Hopper or newer), but the model runs on {device.type!r}; use fp8_scaled")
@@ -206,7 +209,7 @@ def fast_matmul_fallback(device: torch.device | str) -> str | None:
 @functools.cache
 def _fast_matmul_fallback(device_type: str, index: int | None) -> str | None:
     _check_scaled_mm_device(device_type, index)
-    device = torch.device(device_type, index)
+    device = _device(device_type, index)
     reason = fp8_fast_support(torch.cuda.get_device_capability(device), torch.__version__)
     if reason is None:
         reason = probe_scaled_mm(device)
@@ -218,7 +221,11 @@ def _fast_matmul_fallback(device_type: str, index: int | None) -> str | None:
 
 @torch.compiler.assume_constant_result
 def _use_fast_matmul(device_type: str, index: int | None) -> bool:
-    return fast_matmul_fallback(torch.device(device_type, index)) is None
+    return fast_matmul_fallback(_device(device_type, index)) is None
+
+
+def _device(device_type: str, index: int | None) -> torch.device:
+    return torch.device(device_type) if index is None else torch.device(device_type, index)
 
 
 QUANT_SLICE_ELEMENTS = 1 << 24  # activations are quantised in row slices of ~16M elements (~128 MB per fp32 copy)
@@ -315,6 +322,9 @@ class FP8Linear(nn.Module):
     (and for backward) the weight is dequantised.
     """
 
+    bias: nn.Parameter | None
+    scale_weight: torch.Tensor | None
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  compute_dtype: torch.dtype = torch.bfloat16, fp8_dtype: torch.dtype = FP8_E4M3,
                  scale_shape: tuple[int, ...] | None = None, fast: bool = False,
@@ -365,7 +375,7 @@ class FP8Linear(nn.Module):
         return dequantize_weight(self.weight, self.scale_weight, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias
+        bias: torch.Tensor | None = self.bias
         input_grad = torch.is_grad_enabled() and x.requires_grad
         if self.fast and not input_grad and _use_fast_matmul(x.device.type, x.device.index):
             return scaled_mm_linear(x, self.weight, self.scale_weight, bias, self.compute_dtype)

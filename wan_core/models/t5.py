@@ -1,7 +1,7 @@
 """The umT5-XXL text encoder (encoder only), with official Wan2.1 state-dict names, and its loader.
 
-Reimplemented from the semantics of Wan-Video/Wan2.1 `wan/modules/t5.py` (Apache-2.0) and the facts in models.md
-section 7: T5 RMSNorm (no mean, no bias), attention without 1/sqrt(d) scaling, a bidirectional relative position
+Reimplemented from the semantics of Wan-Video/Wan2.1 `wan/modules/t5.py` (Apache-2.0):
+T5 RMSNorm (no mean, no bias), attention without 1/sqrt(d) scaling, a bidirectional relative position
 bias table in every block (`shared_pos=False`), a gated GELU-tanh feed-forward, and the fp16 overflow clamp applied
 only when running in fp16. Every Linear is a `CastLinear`, so an fp8 or LoRA wrapper can replace it without touching
 any `forward`.
@@ -24,14 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from wan_core.loading.checkpoint import build_on_meta, load_into, load_state_dict, read_metadata
-from wan_core.loading.convert import T5_HF, T5_HF_EXTRA, T5_HF_SENTINEL, rename
-from wan_core.models.config import CONFIG_METADATA_KEY, T5Config, config_from_json
-from wan_core.models.ops import CastLinear
+from wan_core.loading.convert import T5_HF, T5_HF_EXTRA, T5_HF_SENTINEL, renamed_keys
+from wan_core.models.config import T5Config, stored_config
+from wan_core.models.ops import FP8_DTYPES, CastLinear
 from wan_core.models.tokenizer import SPIECE_KEY, UMT5Tokenizer, find_tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
-
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def fp16_clamp(x: torch.Tensor) -> torch.Tensor:
@@ -260,9 +258,9 @@ def _official_names(keys: Sequence[str], what: str) -> dict[str, str]:
         inner = {k[len(hf_prefix):]: k for k in keys if k.startswith(hf_prefix)}
         if "shared.weight" not in inner and "encoder.embed_tokens.weight" in inner:
             inner["shared.weight"] = inner["encoder.embed_tokens.weight"]  # files that kept only the tied copy
-        # the rename engine moves values untouched (T5 rules have no transforms), so it maps the names too
-        return rename(inner, T5_HF, to_ours=True, what=f"umT5 {what} (Hugging Face / ComfyUI layout)",
-                      ignore=lambda k: k in T5_HF_EXTRA or k.startswith(_HF_SKIP))
+        names = renamed_keys(inner, T5_HF, to_ours=True, what=f"umT5 {what} (Hugging Face / ComfyUI layout)",
+                             ignore=lambda k: k in T5_HF_EXTRA or k.startswith(_HF_SKIP))
+        return {ours: inner[key] for ours, (key, _) in names.items()}  # T5 rules have no transforms
     prefix = _prefix_of(keys, _OFFICIAL_SENTINEL)
     if prefix is None:
         raise ValueError(f"{what} is not a umT5 text encoder: none of its {len(keys)} keys match the official "
@@ -332,11 +330,8 @@ def load_t5(path: str | os.PathLike, tokenizer: UMT5Tokenizer | str | os.PathLik
     config: the architecture; else the file's `wantuner_config` metadata; else detected from the shapes.
     """
     sd, scales, spiece, metadata = t5_state_dict(path)
-    if config is None and CONFIG_METADATA_KEY in metadata:
-        config = config_from_json(metadata[CONFIG_METADATA_KEY])
-        if not isinstance(config, T5Config):
-            raise ValueError(f"{path}: its {CONFIG_METADATA_KEY} metadata describes a {type(config).__name__}, "
-                             "not a T5Config; this is not a text-encoder file")
+    if config is None:
+        config = stored_config(metadata, T5Config, f"{path} (not a text-encoder file)")
     cfg = config or detect_t5_config(sd)
     tok = (load_tokenizer(tokenizer, cfg.text_len) if tokenizer is not None
            else find_tokenizer(path, spiece, cfg.text_len))

@@ -1,6 +1,6 @@
 """The umT5 tokenizer, on `sentencepiece` directly (no transformers at run time, never the network).
 
-Behaviour follows the official Wan2.1 text pipeline (models.md 7.3, 7.4): the prompt is cleaned (ftfy, HTML
+Behaviour follows the official Wan2.1 text pipeline: the prompt is cleaned (ftfy, HTML
 entities unescaped twice, whitespace collapsed), tokenised without BOS, truncated so that the EOS token (id 1)
 still fits, and padded with the pad token (id 0) to `text_len` (512), with an attention mask.
 

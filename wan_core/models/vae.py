@@ -1,6 +1,6 @@
 """The Wan2.1 causal 3-D VAE (official `WanVAE_` semantics and state-dict names) and its user-facing wrapper.
 
-Facts: models.md sections 6, 9.2 and 10. Video is [B, 3, T, H, W] in [-1, 1] with T = 4n + 1; latents are
+Video is [B, 3, T, H, W] in [-1, 1] with T = 4n + 1; latents are
 [B, 16, (T - 1) // 4 + 1, H / 8, W / 8], normalised with the official per-channel mean/std.
 
 Processing is chunked and causal exactly as in the official code: the encoder sees frame 0 alone and then chunks
@@ -25,7 +25,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ from torch import nn
 
 from wan_core.loading.checkpoint import CheckpointError, build_on_meta, load_into, load_state_dict, read_metadata
 from wan_core.loading.convert import rename, vae_diffusers_rules
-from wan_core.models.config import CONFIG_METADATA_KEY, VAEConfig, config_from_json
+from wan_core.models.config import VAEConfig, stored_config
 from wan_core.runtime.devices import same_device
 
 logger = logging.getLogger(__name__)
@@ -131,6 +131,13 @@ def _past(slot: Slot, like: torch.Tensor) -> torch.Tensor | None:
     return slot.to(like.device) if isinstance(slot, torch.Tensor) else None
 
 
+def _cached_frames(slot: Slot, like: torch.Tensor) -> torch.Tensor:
+    """The frames a slot holds (only called where an earlier chunk stored frames)."""
+    if not isinstance(slot, torch.Tensor):
+        raise RuntimeError(f"feature cache slot holds {slot!r} where cached frames were expected")
+    return slot.to(like.device)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Layers (official names: residual.{0,2,3,6}, shortcut, norm/to_qkv/proj, resample.1, time_conv, head.{0,2})
 # ----------------------------------------------------------------------------------------------------------------
@@ -224,8 +231,8 @@ class ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         norm1, _, conv1, norm2, _, dropout, conv2 = self.residual
         skip = x if self.shortcut is None else self.shortcut(x)
-        h = cached_conv(conv1, _silu(norm1(x)), cache)
-        h = cached_conv(conv2, dropout(_silu(norm2(h))), cache)
+        h = cached_conv(cast(CausalConv3d, conv1), _silu(norm1(x)), cache)
+        h = cached_conv(cast(CausalConv3d, conv2), dropout(_silu(norm2(h))), cache)
         return h.add_(skip) if _inplace() else h + skip
 
 
@@ -283,7 +290,7 @@ class Resample(nn.Module):
             return x
         keep, fresh = x[:, :, -CACHE_T:], False
         if keep.shape[2] < CACHE_T:
-            before = torch.zeros_like(keep) if isinstance(slot, str) else _past(slot, x)[:, :, -1:]
+            before = torch.zeros_like(keep) if isinstance(slot, str) else slot.to(x.device)[:, :, -1:]
             keep, fresh = torch.cat([before, keep], dim=2), True
         y = self.time_conv(x, _past(slot, x))  # after the first chunk the conv still pads with zeros (official)
         cache.put(index, keep, fresh=fresh)
@@ -295,7 +302,7 @@ class Resample(nn.Module):
         if slot is None:  # the first (1-frame) chunk is not downsampled in time
             cache.put(index, x[:, :, -1:])
             return x
-        y = self.time_conv(torch.cat([_past(slot, x)[:, :, -1:], x], dim=2))
+        y = self.time_conv(torch.cat([_cached_frames(slot, x)[:, :, -1:], x], dim=2))
         cache.put(index, x[:, :, -1:])
         return y
 
@@ -330,7 +337,7 @@ class Encoder3d(nn.Module):
         x = cached_conv(self.conv1, x, cache)
         for block in (*self.downsamples, *self.middle):
             x = block(x, cache)
-        return cached_conv(self.head[2], _silu(self.head[0](x)), cache)
+        return cached_conv(cast(CausalConv3d, self.head[2]), _silu(self.head[0](x)), cache)
 
 
 class Decoder3d(nn.Module):
@@ -362,7 +369,7 @@ class Decoder3d(nn.Module):
         x = cached_conv(self.conv1, x, cache)
         for block in (*self.middle, *self.upsamples):
             x = block(x, cache)
-        return cached_conv(self.head[2], _silu(self.head[0](x)), cache)
+        return cached_conv(cast(CausalConv3d, self.head[2]), _silu(self.head[0](x)), cache)
 
 
 class WanVAEModel(nn.Module):
@@ -742,11 +749,7 @@ def load_vae(path: str | Path, dtype: torch.dtype | None = None, device: str | t
     name = Path(path).name
     sd = official_vae_state_dict(load_state_dict(path), what=f"VAE {name}")
     if config is None:
-        metadata = read_metadata(path)
-        if CONFIG_METADATA_KEY in metadata:
-            config = config_from_json(metadata[CONFIG_METADATA_KEY])
-            if not isinstance(config, VAEConfig):
-                raise ValueError(f"{name}: its metadata holds a {type(config).__name__}, not a VAEConfig")
+        config = stored_config(read_metadata(path), VAEConfig, name)
     cfg = config or detect_vae_config(sd)
     dtype = dtype or torch.float32
     model = build_on_meta(lambda: WanVAEModel(cfg))

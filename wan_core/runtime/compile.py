@@ -80,7 +80,8 @@ def install_compile_safe_kernels(backends: Iterable[str]) -> list[str]:
 
 def attention_backends(module: nn.Module) -> set[str]:
     """The attention backends selected inside `module` (the `attn_backend` of its attention layers)."""
-    return {m.attn_backend for m in module.modules() if isinstance(getattr(m, "attn_backend", None), str)}
+    backends = (getattr(m, "attn_backend", None) for m in module.modules())
+    return {backend for backend in backends if isinstance(backend, str)}
 
 
 INLINE_DEFAULT_FROM = (2, 5)  # torch release from which Dynamo inlines nn.Module calls by default
@@ -130,6 +131,6 @@ def compile_blocks(model: nn.Module, *, backend: str = "inductor", mode: str | N
 
 
 def uncompile_blocks(model: nn.Module) -> nn.Module:
-    for block in model.blocks:
+    for block in model.get_submodule("blocks").children():
         block.__dict__.pop("forward", None)
     return model

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import nn
@@ -41,6 +42,11 @@ from wan_core.models.ops import (
     quantize_weight,
 )
 from wan_core.models.ops import scale_layout as _scale_layout
+
+if TYPE_CHECKING:
+    from wan_core.models.t5 import T5Encoder
+
+T5Like = TypeVar("T5Like", bound="nn.Module | T5Encoder")
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +140,7 @@ def weight_bytes(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def fp8_t5(t5: object, mode: str | FP8Mode = "fp8_scaled", compute_dtype: torch.dtype | None = None) -> object:
+def fp8_t5(t5: T5Like, mode: str | FP8Mode = "fp8_scaled", compute_dtype: torch.dtype | None = None) -> T5Like:
     """Store every Linear of a T5 encoder in fp8 (norms, the token and relative-position embeddings untouched).
 
     Accepts an `nn.Module` or a wrapper with a `.model` module (`wan_core.models.t5.T5Encoder`); returns its argument.

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -251,13 +251,13 @@ def _host_pin(pin: str, device: torch.device) -> str:
 class BlockSwapper:
     """Streams the swapped blocks of a `SwapPlan` between a CPU arena and device slots (see the module docs)."""
 
-    def __init__(self, blocks: Sequence[nn.Module], plan: SwapPlan, device: str | torch.device,
+    def __init__(self, blocks: Iterable[nn.Module], plan: SwapPlan, device: str | torch.device,
                  pin: str = "none") -> None:
-        if len(blocks) != plan.num_blocks:
-            raise ValueError(f"the plan is for {plan.num_blocks} blocks but the model has {len(blocks)}")
+        self.blocks, self.plan = list(blocks), plan
+        if len(self.blocks) != plan.num_blocks:
+            raise ValueError(f"the plan is for {plan.num_blocks} blocks but the model has {len(self.blocks)}")
         if pin not in PIN_MODES:
             raise ValueError(f"pin must be one of {', '.join(PIN_MODES)}, got {pin!r}")
-        self.blocks, self.plan = list(blocks), plan
         self.device = canonical_device(device)
         self.cuda = self.device.type == "cuda"
         self.pin = _host_pin(pin, self.device)
@@ -357,13 +357,14 @@ class BlockSwapper:
         slot = min(set(range(self.plan.slots)) - set(self.on_device.values()))
         layout = self._layouts[index]
         target = self._slots[slot][: layout.nbytes]
-        if self.cuda:
-            with torch.cuda.stream(self._stream):
+        stream = self._stream  # set exactly when self.cuda
+        if stream is not None:
+            with torch.cuda.stream(stream):
                 if slot in self._slot_free:
-                    self._stream.wait_event(self._slot_free.pop(slot))
+                    stream.wait_event(self._slot_free.pop(slot))
                 target.copy_(layout.host, non_blocking=True)
                 event = torch.cuda.Event()
-                event.record(self._stream)
+                event.record(stream)
                 self._ready[index] = event
         else:
             target.copy_(layout.host)
@@ -414,7 +415,7 @@ class BlockSwapper:
         buffers are freed with their last tensor). With `device`, every swapped tensor gets its own memory there
         (the model is whole again); without, they stay in the (now pageable) CPU arena, e.g. to discard the model.
         A second call without `device` does nothing."""
-        if self.cuda:  # pending prefetches write into the slots, queued compute reads them
+        if self._stream is not None:  # pending prefetches write into the slots, queued compute reads them
             self._stream.synchronize()
             torch.cuda.current_stream(self.device).synchronize()
         for hook in self._hooks:
@@ -451,7 +452,7 @@ def enable_block_swap(model: nn.Module, blocks_to_swap: int, device: str | torch
             child.to(device)
     for tensor in [*model.parameters(recurse=False), *model.buffers(recurse=False)]:
         tensor.data = tensor.data.to(device)
-    if hasattr(model, "_rope_cache"):
+    if isinstance(model, wan_model.WanModel):
         model._rope_cache = {}
     return BlockSwapper(blocks, plan, device, pin).attach(model)
 
@@ -461,13 +462,13 @@ def pin_mode(pinned: bool) -> str:
     return "register" if pinned else "none"
 
 
-def release_block_swap(model: object) -> None:
+def release_block_swap(model: nn.Module) -> None:
     """Detach the swapper a model holds as `block_swapper` (if any) and unpin its CPU memory now, rather than
     whenever the garbage collector gets to it (the swapper and the model's hooks refer to each other)."""
     swapper = getattr(model, "block_swapper", None)
     if isinstance(swapper, BlockSwapper):
         swapper.remove()
-        model.block_swapper = None
+        del model.block_swapper
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -567,7 +568,8 @@ _CONTEXT_ROWS = {"cross_attn.k": "text", "cross_attn.v": "text", "cross_attn.k_i
                  "cross_attn.v_img": "image"}
 
 
-def fp8_fast_workspace_bytes(model: nn.Module, height: int, width: int, frames: int, *, batch: int = 1) -> int:
+def fp8_fast_workspace_bytes(model: wan_model.WanModel, height: int, width: int, frames: int, *,
+                             batch: int = 1) -> int:
     """Transient bytes of the largest fp8 matmul of an fp8_fast model at this video size
     (`ops.scaled_mm_workspace_bytes`: the quantised activations, their scales and the fp32 slice temporaries).
 
@@ -606,7 +608,7 @@ class MemoryEstimate:
                 f"{self.total / GIB:.2f} GiB")
 
 
-def resident_weight_bytes(model: nn.Module, blocks_to_swap: int, prefetch: int = 1) -> int:
+def resident_weight_bytes(model: wan_model.WanModel, blocks_to_swap: int, prefetch: int = 1) -> int:
     """Device bytes of the weights under block swap: everything but the swapped blocks, plus the slots (and the
     trainable parameters of swapped blocks, which never move)."""
     blocks = model.blocks
@@ -619,7 +621,7 @@ def resident_weight_bytes(model: nn.Module, blocks_to_swap: int, prefetch: int =
     return total - sum(swapped) + plan.slots * max(swapped)
 
 
-def estimate_peak_bytes(model: nn.Module, height: int, width: int, frames: int, blocks_to_swap: int, *,
+def estimate_peak_bytes(model: wan_model.WanModel, height: int, width: int, frames: int, blocks_to_swap: int, *,
                         batch: int = 1, prefetch: int = 1) -> MemoryEstimate:
     """Weights under swap + activations of one forward + the largest per-layer transient (an fp8 weight being
     upcast, or the activations of an fp8 matmul being quantised); layers run one at a time, so the largest counts."""
@@ -639,7 +641,7 @@ def _budget(model: nn.Module, device: torch.device) -> int:
     return free + on_device
 
 
-def choose_blocks_to_swap(model: nn.Module, height: int, width: int, frames: int, *,
+def choose_blocks_to_swap(model: wan_model.WanModel, height: int, width: int, frames: int, *,
                           device: str | torch.device = "cuda", free_bytes: int | None = None,
                           margin_bytes: int = GIB, batch: int = 1, prefetch: int = 1) -> MemoryEstimate:
     """`--blocks_to_swap auto`: the smallest swap count whose estimated peak fits the free memory minus a

@@ -1,6 +1,6 @@
 """Conditioning inputs of the Wan2.1 tasks: sizes, masks and latent layouts for T2V/T2I, I2V (+ end image),
-FLF2V and Fun-Control. Facts: inference.md section 7 (official image2video.py / first_last_frame2video.py,
-musubi's end image and Fun-Control layouts).
+FLF2V and Fun-Control, as the official image2video.py / first_last_frame2video.py and musubi's end-image and
+Fun-Control code lay them out.
 
 Every builder takes tensors (images [3, H, W] in [-1, 1], frames [T, 3, H, W] in [-1, 1]) and the encoders, and
 returns a `Conditioning` for the denoiser: `y` (concatenated to the noise on channels) and `clip_fea`.

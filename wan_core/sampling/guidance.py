@@ -1,6 +1,6 @@
 """Classifier-free guidance for flow models: musubi's CFG-skip patterns and skip-layer guidance (SLG).
 
-Facts: reference/inference.md sections 4-6. ``guided_velocity`` turns a caller-supplied ``predict`` (one DiT forward
+``guided_velocity`` turns a caller-supplied ``predict`` (one DiT forward
 for the conditional or the negative-prompt inputs, optionally with some blocks skipped) into the ``VelocityFn`` the
 samplers in ``wan_core.sampling.solvers`` consume.
 """
@@ -172,12 +172,12 @@ def guided_velocity(
         v_c = predict(x, t, "cond", ())
         if not pattern[i]:
             return v_c
-        slg_on = slg is not None and slg.active(i, steps)
-        if slg_on and slg.mode == "uncond":
-            return v_c if g == 1.0 else _guide(v_c, predict(x, t, "uncond", slg.layers), g)
+        active_slg = slg if slg is not None and slg.active(i, steps) else None
+        if active_slg is not None and active_slg.mode == "uncond":
+            return v_c if g == 1.0 else _guide(v_c, predict(x, t, "uncond", active_slg.layers), g)
         v = v_c if g == 1.0 else _guide(v_c, predict(x, t, "uncond", ()), g)
-        if slg_on:
-            v = v + slg.scale * (v_c - predict(x, t, "uncond", slg.layers))
+        if active_slg is not None:
+            v = v + active_slg.scale * (v_c - predict(x, t, "uncond", active_slg.layers))
         return v
 
     return velocity

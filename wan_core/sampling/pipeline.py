@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -14,7 +15,24 @@ from wan_core.sampling.conditioning import Conditioning
 from wan_core.sampling.guidance import SLGConfig, cfg_apply_pattern, guided_velocity
 from wan_core.sampling.solvers import Schedule, StepCallback, get_schedule, initial_noise, sample
 
+if TYPE_CHECKING:
+    from wan_core.models.dit import WanModel
+
 logger = logging.getLogger(__name__)
+
+
+class TextEncoder(Protocol):
+    """What `encode_prompts` needs of a text encoder (`wan_core.models.t5.T5Encoder`): one [L_i, dim] output per
+    prompt, trimmed to its tokens."""
+
+    def encode(self, prompts: Sequence[str]) -> list[torch.Tensor]: ...
+
+
+class VideoDecoder(Protocol):
+    """What `decode_latents` needs of a VAE (`wan_core.models.vae.WanVAE`): latents [B, 16, F, h, w] -> video
+    [B, 3, T, H, W] in [-1, 1]."""
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -42,7 +60,7 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def denoise(dit: torch.nn.Module, cond: Conditioning, context: Sequence[torch.Tensor],
+def denoise(dit: WanModel, cond: Conditioning, context: Sequence[torch.Tensor],
             negative_context: Sequence[torch.Tensor] | None, settings: SamplerSettings, *,
             init_latents: torch.Tensor | None = None, callback: StepCallback | None = None) -> torch.Tensor:
     """Run the guided sampler and return the latents [1, 16, F_lat, h, w] (float32)."""
@@ -77,13 +95,13 @@ def denoise(dit: torch.nn.Module, cond: Conditioning, context: Sequence[torch.Te
         return sample(settings.solver, velocity, x, schedule, callback=callback)
 
 
-def encode_prompts(t5: object, prompts: Sequence[str]) -> list[torch.Tensor]:
+def encode_prompts(t5: TextEncoder, prompts: Sequence[str]) -> list[torch.Tensor]:
     """T5 outputs trimmed to each prompt's length, kept on the CPU (the DiT moves them)."""
     with torch.no_grad():
         return [e.cpu() for e in t5.encode(list(prompts))]
 
 
-def decode_latents(vae: object, latents: torch.Tensor, trim_tail_frames: int = 0) -> torch.Tensor:
+def decode_latents(vae: VideoDecoder, latents: torch.Tensor, trim_tail_frames: int = 0) -> torch.Tensor:
     """Latents [B, 16, F, h, w] -> frames [B, T, H, W, 3] float in [0, 1] (ComfyUI IMAGE layout per batch item)."""
     with torch.no_grad():
         video = vae.decode(latents)  # [B, 3, T, H, W] in [-1, 1]

@@ -1,6 +1,6 @@
 """Flow-matching samplers for Wan2.1 as pure functions of (model, x, sigmas).
 
-Conventions (reference/inference.md section 2): x_σ = (1 − σ)·x0 + σ·ε, the model predicts the velocity
+Conventions: x_σ = (1 − σ)·x0 + σ·ε, the model predicts the velocity
 v ≈ ε − x0, the denoised estimate is x0 = x − σ·v and the model receives the timestep t = σ·1000 (truncated to an
 integer where the official code truncates).
 
@@ -16,6 +16,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 import torch
@@ -63,6 +64,10 @@ StepCallback = Callable[[StepInfo], None]
 # --------------------------------------------------------------------------------------------------- schedules
 
 
+@overload
+def shift_sigmas(sigmas: Tensor, shift: float) -> Tensor: ...
+@overload
+def shift_sigmas(sigmas: np.ndarray, shift: float) -> np.ndarray: ...
 def shift_sigmas(sigmas: Tensor | np.ndarray, shift: float) -> Tensor | np.ndarray:
     """σ' = s·σ / (1 + (s − 1)·σ), computed in the input's dtype (Tensor or ndarray in, same type out)."""
     shift = _check_shift(shift)
@@ -375,7 +380,7 @@ def sample_unipc(
     run = _start(x, sigmas, timesteps, callback, disable)
     if run.s(0) >= 1.0:
         raise ValueError(f"UniPC needs sigmas[0] < 1 (the official grid starts at {UNIPC_SIGMA_MAX}), got {run.s(0)}")
-    x, hist = run.x, []
+    x, hist = run.x, list[Tensor]()
     x_prev, prev_order = x, 0
     for i in range(run.steps):
         v = run.velocity(model, x, i)

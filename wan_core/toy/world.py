@@ -223,12 +223,11 @@ def sample_params(
     x0, y0 = (start_along, across) if dy == 0 else (across, start_along)
     centres = tuple((x0 + dx * speed * t, y0 + dy * speed * t) for t in range(num_frames))
     level = BACKGROUND_LEVEL_RANGE[0] + u[4] * (BACKGROUND_LEVEL_RANGE[1] - BACKGROUND_LEVEL_RANGE[0])
-    background = tuple(float(level + BACKGROUND_TINT * (2.0 * u[5 + k] - 1.0)) for k in range(3))
+    tint = [float(level + BACKGROUND_TINT * (2.0 * u[5 + k] - 1.0)) for k in range(3)]
     gain = COLOUR_GAIN_RANGE[0] + u[8] * (COLOUR_GAIN_RANGE[1] - COLOUR_GAIN_RANGE[0])
-    colour = tuple(
-        float(np.clip(PALETTE[combo.colour][k] * gain + COLOUR_OFFSET * (2.0 * u[9 + k] - 1.0), 0.0, 255.0))
-        for k in range(3)
-    )
+    rgb = [float(np.clip(PALETTE[combo.colour][k] * gain + COLOUR_OFFSET * (2.0 * u[9 + k] - 1.0), 0.0, 255.0))
+           for k in range(3)]
+    background, colour = (tint[0], tint[1], tint[2]), (rgb[0], rgb[1], rgb[2])
     return ClipParams(float(obj), float(speed), centres, colour, background)
 
 

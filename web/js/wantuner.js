@@ -1,4 +1,5 @@
-// ComfyUI-WanTuner front-end extension (loss curve on the trainer node lands with the training issue).
+// ComfyUI-WanTuner's base front-end extension. The trainer node's live loss chart is in wantuner_training.js, the
+// LoRA loader's report in wantuner_lora_report.js.
 import { app } from "../../scripts/app.js";
 
 app.registerExtension({ name: "WanTuner.core" });
