@@ -178,6 +178,9 @@ _T2V_14B = DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 _I2V_14B = dataclasses.replace(_T2V_14B, in_dim=36, model_type="i2v")
 _FLF2V_14B = dataclasses.replace(_I2V_14B, model_type="flf2v")
 _480P = ((480, 832), (832, 480))
+# Wan2.2 TI2V-5B: one DiT on the Wan2.2 VAE's 48-channel latents, no CLIP branch, per-token timesteps (the first
+# latent frame of image-to-video gets t = 0). Not a task yet: its sampling defaults come with the Wan2.2 tasks.
+WAN22_TI2V_5B_DIT = DiTConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48)
 
 TASKS: dict[str, TaskPreset] = {
     "t2v-1.3B": TaskPreset("t2v-1.3B", _T2V_1_3B, sizes=_480P),
