@@ -147,6 +147,24 @@ def vae_diffusers_rules(num_res_blocks: int = 2, num_levels: int = 4) -> tuple[R
     return tuple(rules)
 
 
+@cache
+def vae22_diffusers_rules(num_res_blocks: int = 2, num_levels: int = 4) -> tuple[Rule, ...]:
+    """The Wan2.2 (residual) VAE: official `encoder.downsamples.{level}.downsamples.{i}` / `decoder.upsamples.{level}
+    .upsamples.{i}` (residual blocks, then the Resample last) <-> diffusers `down_blocks.{level}.resnets.{i}` /
+    `.downsampler`, `up_blocks.{level}.resnets.{i}` / `.upsampler`. The AvgDown3D / DupUp3D shortcuts have no
+    weights."""
+    rules = [r for r in vae_diffusers_rules(num_res_blocks, num_levels)
+             if not r.ours.startswith(("encoder.downsamples.", "decoder.upsamples."))]
+    parts = (("encoder.downsamples", "encoder.down_blocks", num_res_blocks, "downsampler"),
+             ("decoder.upsamples", "decoder.up_blocks", num_res_blocks + 1, "upsampler"))
+    for ours, theirs, blocks, resample in parts:
+        inner = ours.split(".")[1]
+        rules += _residual_rules(f"{ours}.{{n}}.{inner}.{{m}}", f"{theirs}.{{n}}.resnets.{{m}}")
+        rules += [Rule(f"{ours}.{{n}}.{inner}.{blocks}.{a}.{{s}}", f"{theirs}.{{n}}.{resample}.{a}.{{s}}")
+                  for a in ("resample.1", "time_conv")]
+    return tuple(rules)
+
+
 VAE_DIFFUSERS_SENTINEL = "decoder.conv_in.weight"
 
 

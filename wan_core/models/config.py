@@ -70,7 +70,12 @@ class DiTConfig:
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """The Wan2.1 causal 3-D VAE (`WanVAE_`)."""
+    """The causal 3-D VAE (`WanVAE_`): Wan2.1's by default; `WAN22_VAE` is the Wan2.2 (TI2V-5B) one.
+
+    Wan2.2 adds `patch_size` (2x2 pixel patchify before the encoder, unpatchify after the decoder), `is_residual`
+    (each level is one residual down/up block with a parameter-free AvgDown3D / DupUp3D shortcut) and a wider
+    decoder (`dec_dim`; None = `dim`).
+    """
 
     dim: int = 96
     z_dim: int = 16
@@ -78,6 +83,35 @@ class VAEConfig:
     num_res_blocks: int = 2
     attn_scales: tuple[float, ...] = ()
     temperal_downsample: tuple[bool, ...] = (False, True, True)
+    dec_dim: int | None = None
+    patch_size: int = 1
+    is_residual: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dec_dim == self.dim:
+            object.__setattr__(self, "dec_dim", None)  # one spelling per architecture, so presets compare equal
+        if self.patch_size < 1:
+            raise ValueError(f"VAE patch_size must be >= 1, got {self.patch_size}")
+        if self.is_residual and self.attn_scales:
+            raise ValueError(f"residual (Wan2.2) VAE blocks have no attention, got attn_scales {self.attn_scales}")
+
+    @property
+    def decoder_dim(self) -> int:
+        return self.dim if self.dec_dim is None else self.dec_dim
+
+    @property
+    def pixel_channels(self) -> int:
+        """Channels the encoder sees and the decoder writes: RGB x patch_size^2."""
+        return 3 * self.patch_size**2
+
+    @property
+    def space_stride(self) -> int:
+        """Pixels per latent cell along H and W: 2 per spatial downsampling level, times patch_size."""
+        return 2 ** (len(self.dim_mult) - 1) * self.patch_size
+
+
+WAN21_VAE = VAEConfig()
+WAN22_VAE = VAEConfig(dim=160, dec_dim=256, z_dim=48, patch_size=2, is_residual=True)
 
 
 @dataclass(frozen=True)
@@ -144,6 +178,9 @@ _T2V_14B = DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 _I2V_14B = dataclasses.replace(_T2V_14B, in_dim=36, model_type="i2v")
 _FLF2V_14B = dataclasses.replace(_I2V_14B, model_type="flf2v")
 _480P = ((480, 832), (832, 480))
+# Wan2.2 TI2V-5B: one DiT on the Wan2.2 VAE's 48-channel latents, no CLIP branch, per-token timesteps (the first
+# latent frame of image-to-video gets t = 0). Not a task yet: its sampling defaults come with the Wan2.2 tasks.
+WAN22_TI2V_5B_DIT = DiTConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48)
 
 TASKS: dict[str, TaskPreset] = {
     "t2v-1.3B": TaskPreset("t2v-1.3B", _T2V_1_3B, sizes=_480P),

@@ -190,13 +190,21 @@ class WanAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x [B, L, C] fp32 residual stream, e0 [B, 6, C] fp32, context [B, Lc, C] -> [B, L, C] fp32."""
-        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (self.modulation.float() + e0).chunk(6, dim=1)
+        """x [B, L, C] fp32 residual stream, e0 [B, 6, C] (or per token [B, L, 6, C]) fp32, context [B, Lc, C]
+        -> [B, L, C] fp32."""
+        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = _modulate(self.modulation, e0)
         y = self.self_attn(layer_norm(x, self.norm1).float() * (1 + scale_msa) + shift_msa, rope)
         x = x + y.float() * gate_msa
         x = x + self.cross_attn(layer_norm(x, self.norm3), context).float()
         y = self.ffn(layer_norm(x, self.norm2).float() * (1 + scale_ffn) + shift_ffn)
         return x + y.float() * gate_ffn
+
+
+def _modulate(table: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """table [1, k, C] + e: per sample [B, k, C] -> k x [B, 1, C]; per token [B, L, k, C] -> k x [B, L, C]."""
+    if e.dim() == 3:
+        return (table.float() + e).chunk(table.shape[1], dim=1)
+    return tuple(m.squeeze(2) for m in (table.float().unsqueeze(0) + e).chunk(table.shape[1], dim=2))
 
 
 class Head(nn.Module):
@@ -207,8 +215,8 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """x [B, L, C], e [B, C] -> [B, L, prod(patch)·out_dim] fp32."""
-        shift, scale = (self.modulation.float() + e.float().unsqueeze(1)).chunk(2, dim=1)
+        """x [B, L, C], e [B, C] (or per token [B, L, C]) -> [B, L, prod(patch)·out_dim] fp32."""
+        shift, scale = _modulate(self.modulation, e.float().unsqueeze(-2))
         return self.head(layer_norm(x, self.norm).float() * (1 + scale) + shift)
 
 
@@ -327,7 +335,8 @@ class WanModel(nn.Module):
                 skip_blocks: Collection[int] | None = None) -> torch.Tensor:
         """Predict the flow velocity.
 
-        x [B, C, F, H, W] latents; t [B] timesteps in [0, 1000]; context: T5 outputs, a list of [L_i, text_dim]
+        x [B, C, F, H, W] latents; t [B] timesteps in [0, 1000], or [B, L] one per token (Wan2.2; L = F·H/2·W/2,
+        the token order of `patchify`); context: T5 outputs, a list of [L_i, text_dim]
         or [B, L, text_dim]; clip_fea [B, 257|514, 1280] for image models; y [B, C_y, F, H, W] conditioning
         concatenated to x on channels; skip_blocks: block indices to skip (skip-layer guidance).
         Returns [B, out_dim, F, H, W] in float32.
@@ -347,9 +356,7 @@ class WanModel(nn.Module):
         rope = self._rope(grid, x.device)
 
         # 2. Time embedding (fp32) and text/image context
-        t = t.reshape(-1).expand(batch) if t.numel() == 1 else t
-        e = self.time_embedding(sinusoidal_embedding(cfg.freq_dim, t.to(x.device)).float())  # [B, C]
-        e0 = self.time_projection(e).unflatten(1, (6, cfg.dim))  # [B, 6, C]
+        e, e0 = self._time_embedding(t, batch, x.shape[1], x.device)
         context = self._embed_context(context, batch, clip_fea, x.device)
 
         # 3. Transformer blocks
@@ -361,6 +368,21 @@ class WanModel(nn.Module):
         # 4. Head and unpatchify
         out = self.head(x, e)  # [B, L, pt·ph·pw·C_out]
         return self.unpatchify(out, grid)
+
+    def _time_embedding(self, t: torch.Tensor, batch: int, tokens: int,
+                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """t [B] (or a scalar) -> e [B, C], e0 [B, 6, C]; t [B, L] -> per token e [B, L, C], e0 [B, L, 6, C]."""
+        dim = self.config.dim
+        if t.dim() == 2:
+            if tuple(t.shape) != (batch, tokens):
+                raise ValueError(f"per-token timesteps must have shape [B, L] = [{batch}, {tokens}] (L = tokens "
+                                 f"after patchify), got {list(t.shape)}")
+            e = self.time_embedding(sinusoidal_embedding(self.config.freq_dim, t.reshape(-1).to(device)).float())
+            return e.unflatten(0, (batch, tokens)), self.time_projection(e).unflatten(1, (6, dim)).unflatten(
+                0, (batch, tokens))
+        t = t.reshape(-1).expand(batch) if t.numel() == 1 else t
+        e = self.time_embedding(sinusoidal_embedding(self.config.freq_dim, t.to(device)).float())  # [B, C]
+        return e, self.time_projection(e).unflatten(1, (6, dim))  # [B, 6, C]
 
     def patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """The patch embedding as a matmul: [B, C_in, F, H, W] -> tokens [B, L, dim] (fp32) and the token grid.

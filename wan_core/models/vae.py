@@ -1,4 +1,8 @@
-"""The Wan2.1 causal 3-D VAE (official `WanVAE_` semantics and state-dict names) and its user-facing wrapper.
+"""The Wan causal 3-D VAEs (official `WanVAE_` semantics and state-dict names) and their user-facing wrapper.
+
+The Wan2.2 VAE (`config.WAN22_VAE`: z 48, stride 4x16x16) is the same causal design with a 2x2 pixel patchify
+around it, residual levels (AvgDown3D / DupUp3D shortcuts) and its own latent mean/std; the text below describes
+Wan2.1's numbers (stride 4x8x8, 16 channels).
 
 Video is [B, 3, T, H, W] in [-1, 1] with T = 4n + 1; latents are
 [B, 16, (T - 1) // 4 + 1, H / 8, W / 8], normalised with the official per-channel mean/std.
@@ -32,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wan_core.loading.checkpoint import CheckpointError, build_on_meta, load_into, load_state_dict, read_metadata
-from wan_core.loading.convert import rename, vae_diffusers_rules
+from wan_core.loading.convert import rename, vae22_diffusers_rules, vae_diffusers_rules
 from wan_core.models.config import VAEConfig, stored_config
 from wan_core.runtime.devices import same_device
 
@@ -44,9 +48,21 @@ VAE_MEAN: tuple[float, ...] = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.965
 VAE_STD: tuple[float, ...] = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
                               3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
 
+# The Wan2.2 VAE's (official Wan2_2_VAE.__init__; = diffusers latents_mean/std of the TI2V-5B VAE).
+VAE22_MEAN: tuple[float, ...] = (
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
+    0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313, -0.1649, 0.0117, 0.0723,
+    -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667)
+VAE22_STD: tuple[float, ...] = (
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+    0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+    0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744)
+
 CACHE_T = 2  # frames each causal conv carries over from the previous chunk
 TIME_STRIDE = 4
-SPACE_STRIDE = 8
+SPACE_STRIDE = 8  # the Wan2.1 VAE's; a VAE's own stride is VAEConfig.space_stride (16 for Wan2.2)
 AUTO_TILE_PIXELS = 720 * 1280  # tiling="auto" tiles frames with at least this many pixels
 DEFAULT_TILE_SIZE = 512
 DEFAULT_TILE_OVERLAP = 64
@@ -57,6 +73,14 @@ WAN22_SENTINEL = "decoder.upsamples.0.upsamples.0.residual.2.weight"  # the 48-c
 
 Progress = Callable[[int, int], None]  # progress(chunks_done, chunks_total)
 Tiling = bool | Literal["auto"]
+
+
+def latent_stats(z_dim: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The official per-channel latent (mean, std) of the VAE with `z_dim` channels (16: Wan2.1, 48: Wan2.2)."""
+    stats = {len(VAE_MEAN): (VAE_MEAN, VAE_STD), len(VAE22_MEAN): (VAE22_MEAN, VAE22_STD)}
+    if z_dim not in stats:
+        raise ValueError(f"no latent normalisation for a VAE with z_dim {z_dim}; expected 16 (Wan2.1) or 48 (Wan2.2)")
+    return stats[z_dim]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -108,6 +132,11 @@ class FeatureCache:
 
     def next_chunk(self) -> None:
         self._cursor = 0
+
+    @property
+    def is_fresh(self) -> bool:
+        """True before the first chunk has used the cache."""
+        return not self._slots
 
     def take(self) -> tuple[int, Slot]:
         index = self._cursor
@@ -261,13 +290,13 @@ class Resample(nn.Module):
 
     MODES = ("upsample2d", "upsample3d", "downsample2d", "downsample3d")
 
-    def __init__(self, dim: int, mode: str) -> None:
+    def __init__(self, dim: int, mode: str, up_dim: int | None = None) -> None:
         super().__init__()
         if mode not in self.MODES:
             raise ValueError(f"unknown Resample mode {mode!r}; expected one of {self.MODES}")
         self.mode = mode
-        if mode.startswith("up"):
-            self.resample = nn.Sequential(Upsample2x(), nn.Conv2d(dim, dim // 2, 3, padding=1))
+        if mode.startswith("up"):  # Wan2.1 halves the channels when upsampling; Wan2.2 keeps them (up_dim)
+            self.resample = nn.Sequential(Upsample2x(), nn.Conv2d(dim, up_dim or dim // 2, 3, padding=1))
         else:
             self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=(2, 2)))
         if mode == "upsample3d":
@@ -307,6 +336,76 @@ class Resample(nn.Module):
         return y
 
 
+def avg_down(x: torch.Tensor, out_dim: int, factor_t: int, factor_s: int) -> torch.Tensor:
+    """Wan2.2's AvgDown3D shortcut: space-to-channel by (factor_t, factor_s, factor_s), then the mean over groups
+    of consecutive channels down to `out_dim`. Time is zero-padded at the front to a multiple of factor_t."""
+    pad_t = -x.shape[2] % factor_t
+    if pad_t:
+        x = F.pad(x, (0, 0, 0, 0, pad_t, 0))
+    b, c, t, h, w = x.shape
+    t, h, w = t // factor_t, h // factor_s, w // factor_s
+    x = x.view(b, c, t, factor_t, h, factor_s, w, factor_s).permute(0, 1, 3, 5, 7, 2, 4, 6).contiguous()
+    factor = factor_t * factor_s * factor_s
+    return x.view(b, out_dim, c * factor // out_dim, t, h, w).mean(dim=2)
+
+
+def dup_up(x: torch.Tensor, out_dim: int, factor_t: int, factor_s: int, first_chunk: bool) -> torch.Tensor:
+    """Wan2.2's DupUp3D shortcut (inverse layout of `avg_down`): every channel repeated, then channel-to-space by
+    (factor_t, factor_s, factor_s). On the first chunk only the last of the factor_t frames is kept."""
+    b, c, t, h, w = x.shape
+    x = x.repeat_interleave(out_dim * factor_t * factor_s * factor_s // c, dim=1)
+    x = x.view(b, out_dim, factor_t, factor_s, factor_s, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4).contiguous()
+    x = x.view(b, out_dim, t * factor_t, h * factor_s, w * factor_s)
+    return x[:, :, factor_t - 1 :] if first_chunk else x
+
+
+class DownResidualBlock(nn.Module):
+    """One Wan2.2 encoder level: residual blocks (+ Resample) in `downsamples`, plus the AvgDown3D shortcut."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, temporal: bool, down: bool) -> None:
+        super().__init__()
+        self.out_dim = out_dim
+        self.factor_t, self.factor_s = (2 if temporal else 1), (2 if down else 1)
+        if (in_dim * self.factor_t * self.factor_s**2) % out_dim:
+            raise ValueError(f"AvgDown3D: {in_dim} channels x factor {self.factor_t * self.factor_s**2} is not "
+                             f"divisible by {out_dim}")
+        blocks: list[nn.Module] = [ResidualBlock(in_dim if i == 0 else out_dim, out_dim)
+                                   for i in range(num_res_blocks)]
+        if down:
+            blocks.append(Resample(out_dim, "downsample3d" if temporal else "downsample2d"))
+        self.downsamples = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        skip = avg_down(x, self.out_dim, self.factor_t, self.factor_s)
+        for block in self.downsamples:
+            x = block(x, cache)
+        return x.add_(skip) if _inplace() else x + skip
+
+
+class UpResidualBlock(nn.Module):
+    """One Wan2.2 decoder level: residual blocks (+ Resample) in `upsamples`, plus the DupUp3D shortcut."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, temporal: bool, up: bool) -> None:
+        super().__init__()
+        self.out_dim, self.up = out_dim, up
+        self.factor_t = 2 if temporal else 1
+        if up and (out_dim * self.factor_t * 4) % in_dim:
+            raise ValueError(f"DupUp3D: {out_dim} channels x factor {self.factor_t * 4} is not divisible by {in_dim}")
+        blocks: list[nn.Module] = [ResidualBlock(in_dim if i == 0 else out_dim, out_dim)
+                                   for i in range(num_res_blocks + 1)]
+        if up:
+            blocks.append(Resample(out_dim, "upsample3d" if temporal else "upsample2d", up_dim=out_dim))
+        self.upsamples = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache, first_chunk: bool) -> torch.Tensor:
+        skip = dup_up(x, self.out_dim, self.factor_t, 2, first_chunk) if self.up else None
+        for block in self.upsamples:
+            x = block(x, cache)
+        if skip is None:
+            return x
+        return x.add_(skip) if _inplace() else x + skip
+
+
 Block = ResidualBlock | AttentionBlock | Resample
 
 
@@ -314,10 +413,15 @@ class Encoder3d(nn.Module):
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
         dims = [cfg.dim * m for m in (1, *cfg.dim_mult)]
-        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
+        self.conv1 = CausalConv3d(cfg.pixel_channels, dims[0], 3, padding=1)
         blocks: list[nn.Module] = []
         scale = 1.0
+        last = len(cfg.dim_mult) - 1
         for level, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if cfg.is_residual:
+                temporal = level < last and cfg.temperal_downsample[level]
+                blocks.append(DownResidualBlock(in_dim, out_dim, cfg.num_res_blocks, temporal, level < last))
+                continue
             for _ in range(cfg.num_res_blocks):
                 blocks.append(ResidualBlock(in_dim, out_dim))
                 if scale in cfg.attn_scales:
@@ -333,7 +437,7 @@ class Encoder3d(nn.Module):
                                   CausalConv3d(top, 2 * cfg.z_dim, 3, padding=1))
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
-        """[B, 3, T, H, W] (T = 1 or 4) -> [B, 2 z_dim, 1, H/8, W/8]."""
+        """[B, 3 p^2, T, H/p, W/p] (T = 1 or 4) -> [B, 2 z_dim, 1, H/s, W/s] (p = patch_size, s = space stride)."""
         x = cached_conv(self.conv1, x, cache)
         for block in (*self.downsamples, *self.middle):
             x = block(x, cache)
@@ -343,14 +447,20 @@ class Encoder3d(nn.Module):
 class Decoder3d(nn.Module):
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
-        top = cfg.dim * cfg.dim_mult[-1]
-        dims = [top, *(cfg.dim * m for m in reversed(cfg.dim_mult))]
+        base = cfg.decoder_dim
+        top = base * cfg.dim_mult[-1]
+        dims = [top, *(base * m for m in reversed(cfg.dim_mult))]
         time_up = tuple(reversed(cfg.temperal_downsample))
         self.conv1 = CausalConv3d(cfg.z_dim, top, 3, padding=1)
         self.middle = nn.ModuleList([ResidualBlock(top, top), AttentionBlock(top), ResidualBlock(top, top)])
         blocks: list[nn.Module] = []
         scale = 1.0 / 2 ** (len(cfg.dim_mult) - 2)
+        last = len(cfg.dim_mult) - 1
         for level, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if cfg.is_residual:
+                temporal = level < last and time_up[level]
+                blocks.append(UpResidualBlock(in_dim, out_dim, cfg.num_res_blocks, temporal, level < last))
+                continue
             if level > 0:
                 in_dim //= 2  # the previous level's upsampler halves the channels
             for _ in range(cfg.num_res_blocks + 1):
@@ -362,13 +472,16 @@ class Decoder3d(nn.Module):
                 blocks.append(Resample(out_dim, "upsample3d" if time_up[level] else "upsample2d"))
                 scale *= 2.0
         self.upsamples = nn.ModuleList(blocks)
-        self.head = nn.Sequential(RMSNorm(dims[-1], images=False), nn.SiLU(), CausalConv3d(dims[-1], 3, 3, padding=1))
+        self.head = nn.Sequential(RMSNorm(dims[-1], images=False), nn.SiLU(),
+                                  CausalConv3d(dims[-1], cfg.pixel_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
-        """[B, z_dim, 1, h, w] -> [B, 3, 1 (first chunk) or 4, 8h, 8w]."""
+    def forward(self, x: torch.Tensor, cache: FeatureCache, first_chunk: bool = False) -> torch.Tensor:
+        """[B, z_dim, 1, h, w] -> [B, 3 p^2, 1 (first chunk) or 4, h s/p, w s/p] (p = patch_size, s = stride)."""
         x = cached_conv(self.conv1, x, cache)
-        for block in (*self.middle, *self.upsamples):
+        for block in self.middle:
             x = block(x, cache)
+        for block in self.upsamples:
+            x = block(x, cache, first_chunk) if isinstance(block, UpResidualBlock) else block(x, cache)
         return cached_conv(cast(CausalConv3d, self.head[2]), _silu(self.head[0](x)), cache)
 
 
@@ -388,14 +501,36 @@ class WanVAEModel(nn.Module):
         self.decoder = Decoder3d(config)
 
     def encode_chunk(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
-        """One chunk (frame 0 alone, then 4 frames) -> mu [B, z_dim, 1, H/8, W/8] (unnormalised)."""
+        """One RGB chunk (frame 0 alone, then 4 frames) -> mu [B, z_dim, 1, H/s, W/s] (unnormalised)."""
         cache.next_chunk()
+        x = patchify(x, self.config.patch_size)
         return self.conv1(self.encoder(x, cache))[:, : self.config.z_dim]
 
     def decode_chunk(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
-        """One latent frame, already through conv2 -> 1 (first) or 4 pixel frames, unclamped."""
+        """One latent frame, already through conv2 -> 1 (first) or 4 RGB frames, unclamped.
+
+        The first chunk is the one decoded with a fresh cache."""
+        first_chunk = cache.is_fresh
         cache.next_chunk()
-        return self.decoder(x, cache)
+        return unpatchify(self.decoder(x, cache, first_chunk), self.config.patch_size)
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """[B, C, T, H, W] -> [B, C p^2, T, H/p, W/p]; channel index c p^2 + (column offset) p + (row offset)."""
+    if p == 1:
+        return x
+    b, c, t, h, w = x.shape
+    x = x.view(b, c, t, h // p, p, w // p, p).permute(0, 1, 6, 4, 2, 3, 5).contiguous()
+    return x.view(b, c * p * p, t, h // p, w // p)
+
+
+def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """The inverse of `patchify`."""
+    if p == 1:
+        return x
+    b, cp, t, h, w = x.shape
+    x = x.view(b, cp // (p * p), p, p, t, h, w).permute(0, 1, 4, 5, 3, 6, 2).contiguous()
+    return x.view(b, cp // (p * p), t, h * p, w * p)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -488,6 +623,11 @@ class WanVAE:
         return self.config.z_dim
 
     @property
+    def space_stride(self) -> int:
+        """Pixels per latent cell along H and W (s: 8 for Wan2.1, 16 for Wan2.2)."""
+        return self.config.space_stride
+
+    @property
     def out_device(self) -> torch.device:
         """Where results are assembled: `output_device`, else the compute device."""
         return torch.device(self.output_device) if self.output_device is not None else self.device
@@ -500,11 +640,11 @@ class WanVAE:
     def _check_tiling(self) -> None:
         if self.tiling not in (True, False, "auto"):
             raise ValueError(f"tiling must be True, False or 'auto', got {self.tiling!r}")
-        size, overlap = self.tile_size, self.tile_overlap
-        if size % SPACE_STRIDE or size < 8 * SPACE_STRIDE:
-            raise ValueError(f"tile_size must be a multiple of {SPACE_STRIDE} pixels and at least 64, got {size}")
-        if overlap % SPACE_STRIDE or not 0 <= overlap <= size // 2:
-            raise ValueError(f"tile_overlap must be a multiple of {SPACE_STRIDE} pixels between 0 and tile_size/2 "
+        size, overlap, stride = self.tile_size, self.tile_overlap, self.space_stride
+        if size % self.space_stride or size < 8 * self.space_stride:
+            raise ValueError(f"tile_size must be a multiple of {stride} pixels and at least {8 * stride}, got {size}")
+        if overlap % self.space_stride or not 0 <= overlap <= size // 2:
+            raise ValueError(f"tile_overlap must be a multiple of {stride} pixels between 0 and tile_size/2 "
                              f"({size // 2}), got {overlap}")
 
     def uses_tiling(self, height: int, width: int) -> bool:
@@ -513,18 +653,21 @@ class WanVAE:
             return height * width >= AUTO_TILE_PIXELS
         return bool(self.tiling)
 
-    def tiles(self, height: int, width: int, scale: int = SPACE_STRIDE) -> list[Tile]:
-        """The tile grid for a height x width pixel frame (one tile when tiling is off or the frame fits)."""
+    def tiles(self, height: int, width: int, scale: int | None = None) -> list[Tile]:
+        """The tile grid for a height x width pixel frame (one tile when tiling is off or the frame fits); weights
+        at `scale` x the latent resolution (default: pixels)."""
         self._check_tiling()
-        h, w = height // SPACE_STRIDE, width // SPACE_STRIDE
+        scale = self.space_stride if scale is None else scale
+        h, w = height // self.space_stride, width // self.space_stride
         if not self.uses_tiling(height, width):
             return make_tiles(h, w, max(h, w), 0, scale)
-        return make_tiles(h, w, self.tile_size // SPACE_STRIDE, self.tile_overlap // SPACE_STRIDE, scale)
+        return make_tiles(h, w, self.tile_size // self.space_stride, self.tile_overlap // self.space_stride, scale)
 
     # -- normalisation ----------------------------------------------------------------------------------------
     def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = torch.tensor(VAE_MEAN, dtype=torch.float32, device=device).view(1, -1, 1, 1, 1)
-        inv_std = 1.0 / torch.tensor(VAE_STD, dtype=torch.float32, device=device).view(1, -1, 1, 1, 1)
+        mean_values, std_values = latent_stats(self.z_dim)
+        mean = torch.tensor(mean_values, dtype=torch.float32, device=device).view(1, -1, 1, 1, 1)
+        inv_std = 1.0 / torch.tensor(std_values, dtype=torch.float32, device=device).view(1, -1, 1, 1, 1)
         return mean, inv_std
 
     def normalize(self, mu: torch.Tensor) -> torch.Tensor:
@@ -539,9 +682,9 @@ class WanVAE:
     # -- encode -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, video: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
-        """[B, 3, T, H, W] in [-1, 1], T = 4n+1, H and W multiples of 8 -> [B, z_dim, n+1, H/8, W/8] float32."""
+        """[B, 3, T, H, W] in [-1, 1], T = 4n+1, H and W multiples of s -> [B, z_dim, n+1, H/s, W/s] float32."""
         b, frames, height, width = self._check_video(video)
-        n, h, w = latent_frames(frames), height // SPACE_STRIDE, width // SPACE_STRIDE
+        n, h, w = latent_frames(frames), height // self.space_stride, width // self.space_stride
         out_device = self.out_device
         tiles = self.tiles(height, width, scale=1)
         chunks = [(0, 1), *((1 + TIME_STRIDE * i, 1 + TIME_STRIDE * (i + 1)) for i in range(n - 1))]
@@ -554,7 +697,7 @@ class WanVAE:
         out = torch.zeros(b, self.z_dim, n, h, w, device=out_device)
         weights = torch.zeros(h, w, device=out_device)
         for tile in tiles:
-            y0, y1, x0, x1 = (v * SPACE_STRIDE for v in (tile.y0, tile.y1, tile.x0, tile.x1))
+            y0, y1, x0, x1 = (v * self.space_stride for v in (tile.y0, tile.y1, tile.x0, tile.x1))
             wt = tile.weight().to(out_device)
             for i, mu in enumerate(self._encode_tile(video[..., y0:y1, x0:x1], chunks, counter)):
                 out[:, :, i : i + 1, tile.y0 : tile.y1, tile.x0 : tile.x1] += mu * wt
@@ -580,10 +723,10 @@ class WanVAE:
                              f"{list(video.shape)}")
         if not video.is_floating_point():
             raise ValueError(f"video must be a floating-point tensor in [-1, 1], got {video.dtype}")
-        bad = [(name, v) for name, v in (("height", height), ("width", width)) if v % SPACE_STRIDE or v == 0]
+        bad = [(name, v) for name, v in (("height", height), ("width", width)) if v % self.space_stride or v == 0]
         if bad:
-            hints = "; ".join(f"{name} {v} -> {_size_hint(v)}" for name, v in bad)
-            raise ValueError(f"video height and width must be positive multiples of {SPACE_STRIDE}, got "
+            hints = "; ".join(f"{name} {v} -> {_size_hint(v, self.space_stride)}" for name, v in bad)
+            raise ValueError(f"video height and width must be positive multiples of {self.space_stride}, got "
                              f"{height}x{width} ({hints})")
         latent_frames(frames)
         return b, frames, height, width
@@ -591,11 +734,11 @@ class WanVAE:
     # -- decode -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, z: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
-        """Normalized latents [B, z_dim, F, h, w] -> video [B, 3, 1 + 4(F-1), 8h, 8w] in [-1, 1], float32."""
+        """Normalized latents [B, z_dim, F, h, w] -> video [B, 3, 1 + 4(F-1), s h, s w] in [-1, 1], float32."""
         b, n, h, w = self._check_latents(z)
         out_device = self.out_device
-        shape = (b, 3, pixel_frames(n), h * SPACE_STRIDE, w * SPACE_STRIDE)
-        tiles = self.tiles(h * SPACE_STRIDE, w * SPACE_STRIDE, scale=SPACE_STRIDE)
+        shape = (b, 3, pixel_frames(n), h * self.space_stride, w * self.space_stride)
+        tiles = self.tiles(h * self.space_stride, w * self.space_stride, scale=self.space_stride)
         counter = _Counter(progress, len(tiles) * n)
         if len(tiles) == 1:
             out = torch.empty(shape, device=out_device)
@@ -605,7 +748,7 @@ class WanVAE:
         out = torch.zeros(shape, device=out_device)
         weights = torch.zeros(shape[-2:], device=out_device)
         for tile in tiles:
-            y0, y1, x0, x1 = (v * SPACE_STRIDE for v in (tile.y0, tile.y1, tile.x0, tile.x1))
+            y0, y1, x0, x1 = (v * self.space_stride for v in (tile.y0, tile.y1, tile.x0, tile.x1))
             wt = tile.weight().to(out_device)
             for t0, frames in self._decode_tile(z[..., tile.y0 : tile.y1, tile.x0 : tile.x1], counter):
                 out[:, :, t0 : t0 + frames.shape[2], y0:y1, x0:x1] += frames.clamp_(-1.0, 1.0) * wt
@@ -636,9 +779,9 @@ class WanVAE:
         return b, n, h, w
 
 
-def _size_hint(v: int) -> str:
-    below = v // SPACE_STRIDE * SPACE_STRIDE
-    return " or ".join(str(s) for s in (below, below + SPACE_STRIDE) if s > 0)
+def _size_hint(v: int, stride: int) -> str:
+    below = v // stride * stride
+    return " or ".join(str(s) for s in (below, below + stride) if s > 0)
 
 
 class _Counter:
@@ -670,7 +813,11 @@ def _diffusers_to_official(sd: Mapping[str, torch.Tensor], what: str) -> dict[st
     resnets = {int(k.split(".")[4]) for k in sd if k.startswith("decoder.up_blocks.0.resnets.")}
     if not levels or not resnets:
         raise CheckpointError(f"{what}: diffusers-style VAE without decoder.up_blocks.*.resnets.* keys")
-    return rename(sd, vae_diffusers_rules(len(resnets) - 1, len(levels)), to_ours=True, what=what)
+    if any(k.startswith("encoder.down_blocks.0.resnets.") for k in sd):  # Wan2.2: residual down blocks
+        rules = vae22_diffusers_rules(len(resnets) - 1, len(levels))
+    else:
+        rules = vae_diffusers_rules(len(resnets) - 1, len(levels))
+    return rename(sd, rules, to_ours=True, what=what)
 
 
 def official_vae_state_dict(sd: Mapping[str, torch.Tensor], what: str = "VAE") -> dict[str, torch.Tensor]:
@@ -683,9 +830,6 @@ def official_vae_state_dict(sd: Mapping[str, torch.Tensor], what: str = "VAE") -
         sample = ", ".join(list(sd)[:3]) or "none"
         raise CheckpointError(f"{what} is not a Wan2.1 VAE checkpoint: no {OFFICIAL_SENTINEL!r} (official/ComfyUI) "
                               f"or {DIFFUSERS_SENTINEL!r} (diffusers) key under any prefix (first keys: {sample})")
-    if WAN22_SENTINEL in official:
-        raise CheckpointError(f"{what} is a Wan2.2 VAE (48 latent channels, key {WAN22_SENTINEL!r}); only the "
-                              "Wan2.1 VAE (16 channels, wan_2.1_vae.safetensors / Wan2.1_VAE.pth) is supported")
     return official
 
 
@@ -695,19 +839,24 @@ def _shape(sd: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
     return tuple(sd[key].shape)
 
 
-def detect_vae_config(sd: Mapping[str, torch.Tensor]) -> VAEConfig:
-    """Infer a `VAEConfig` from a state dict with official names (prefix stripped).
+def _residual_levels(sd: Mapping[str, torch.Tensor]) -> tuple[list[list[int]], list[bool]]:
+    """Wan2.2 layout: per encoder level, the residual blocks' output channels and (between levels) whether its
+    Resample downsamples in time."""
+    levels: list[list[int]] = []
+    temporal: list[bool] = []
+    for level in sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.downsamples.")}):
+        p = f"encoder.downsamples.{level}.downsamples."
+        blocks = sorted({int(k[len(p):].split(".")[0]) for k in sd if k.startswith(p)})
+        levels.append([sd[f"{p}{i}.residual.2.weight"].shape[0] for i in blocks if f"{p}{i}.residual.2.weight" in sd])
+        resample = [i for i in blocks if f"{p}{i}.resample.1.weight" in sd]
+        if resample:
+            temporal.append(f"{p}{resample[0]}.time_conv.weight" in sd)
+    return levels, temporal
 
-    dim = encoder.conv1 output channels (also = decoder.head.0.gamma length x dim_mult[0]); z_dim = conv2 channels
-    (encoder.head.2 outputs 2 z_dim); the flat encoder.downsamples list gives, per level, the residual blocks (their
-    output channels / dim = dim_mult), an attention block if any (attn_scales) and a Resample between levels, whose
-    time_conv marks temporal downsampling. The real Wan2.1 VAE gives dim 96, z 16, (1, 2, 4, 4), 2, (), (F, T, T).
-    """
-    dim = _shape(sd, "encoder.conv1.weight")[0]
-    z_dim = _shape(sd, "conv2.weight")[0]
-    if _shape(sd, "encoder.head.2.weight")[0] != 2 * z_dim:
-        raise ValueError(f"inconsistent VAE: encoder.head.2 outputs {_shape(sd, 'encoder.head.2.weight')[0]} "
-                         f"channels but conv2 has z_dim {z_dim} (expected {2 * z_dim})")
+
+def _flat_levels(sd: Mapping[str, torch.Tensor]) -> tuple[list[list[int]], list[bool], set[int]]:
+    """Wan2.1 layout (flat encoder.downsamples list): residual output channels per level, temporal flags, and the
+    levels holding attention."""
     indices = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.downsamples.")})
     levels: list[list[int]] = [[]]
     temporal: list[bool] = []
@@ -723,16 +872,43 @@ def detect_vae_config(sd: Mapping[str, torch.Tensor]) -> VAEConfig:
             levels.append([])
         else:
             raise ValueError(f"cannot detect the VAE configuration: encoder.downsamples.{i} is not a known block")
+    return levels, temporal, attn_levels
+
+
+def detect_vae_config(sd: Mapping[str, torch.Tensor]) -> VAEConfig:
+    """Infer a `VAEConfig` from a state dict with official names (prefix stripped).
+
+    dim = encoder.conv1 output channels (also = decoder.head.0.gamma length x dim_mult[0]); z_dim = conv2 channels
+    (encoder.head.2 outputs 2 z_dim); the flat encoder.downsamples list gives, per level, the residual blocks (their
+    output channels / dim = dim_mult), an attention block if any (attn_scales) and a Resample between levels, whose
+    time_conv marks temporal downsampling. The real Wan2.1 VAE gives dim 96, z 16, (1, 2, 4, 4), 2, (), (F, T, T).
+    """
+    dim = _shape(sd, "encoder.conv1.weight")[0]
+    z_dim = _shape(sd, "conv2.weight")[0]
+    if _shape(sd, "encoder.head.2.weight")[0] != 2 * z_dim:
+        raise ValueError(f"inconsistent VAE: encoder.head.2 outputs {_shape(sd, 'encoder.head.2.weight')[0]} "
+                         f"channels but conv2 has z_dim {z_dim} (expected {2 * z_dim})")
+    is_residual = WAN22_SENTINEL in sd
+    if is_residual:
+        (levels, temporal), attn_levels = _residual_levels(sd), set()
+    else:
+        levels, temporal, attn_levels = _flat_levels(sd)
     counts = {len(level) for level in levels}
     if len(counts) != 1 or 0 in counts or any(c % dim for level in levels for c in level):
         raise ValueError(f"cannot detect the VAE configuration: irregular encoder levels {levels} for dim {dim}")
     dim_mult = tuple(level[0] // dim for level in levels)
     head = _shape(sd, "decoder.head.0.gamma")[0]
-    if head != dim * dim_mult[0]:
+    if head % dim_mult[0] or (not is_residual and head != dim * dim_mult[0]):
         raise ValueError(f"inconsistent VAE: decoder.head.0.gamma has {head} channels, expected {dim * dim_mult[0]}")
+    pixel_channels = _shape(sd, "encoder.conv1.weight")[1]
+    patch_size = math.isqrt(pixel_channels // 3)
+    if 3 * patch_size**2 != pixel_channels:
+        raise ValueError(f"cannot detect the VAE configuration: encoder.conv1 takes {pixel_channels} channels, "
+                         "expected 3 x patch_size^2")
     return VAEConfig(dim=dim, z_dim=z_dim, dim_mult=dim_mult, num_res_blocks=counts.pop(),
                      attn_scales=tuple(1.0 / 2**lvl for lvl in sorted(attn_levels)),
-                     temperal_downsample=tuple(temporal))
+                     temperal_downsample=tuple(temporal), dec_dim=head // dim_mult[0], patch_size=patch_size,
+                     is_residual=is_residual)
 
 
 def load_vae(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
