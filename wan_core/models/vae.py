@@ -889,6 +889,7 @@ def detect_vae_config(sd: Mapping[str, torch.Tensor]) -> VAEConfig:
         raise ValueError(f"inconsistent VAE: encoder.head.2 outputs {_shape(sd, 'encoder.head.2.weight')[0]} "
                          f"channels but conv2 has z_dim {z_dim} (expected {2 * z_dim})")
     is_residual = WAN22_SENTINEL in sd
+    attn_levels: set[int]
     if is_residual:
         (levels, temporal), attn_levels = _residual_levels(sd), set()
     else:
