@@ -7,6 +7,13 @@ Inference (inference.md 11):
 - `apply_loras(model, loras, multipliers) -> LoRAHandle`: wraps each matched Linear-like layer in a `LoRAModule`
   (out = base(x) + Σ m·ΔW x, the LoRA part computed in the layer's compute dtype). The base layer is only called,
   never read, so fp8 layers work. `handle.set_multiplier()` changes strengths, `handle.remove()` unwraps.
+- Full-parameter patches (`.diff`, `.diff_b`, `.set_weight`): merged as P ← P + m·diff (a set_weight replaces P
+  whatever the strength, as in ComfyUI). Unmerged, a `.diff` of a Linear weight is a branch like any adapter; the
+  other patches (norms, biases, modulation, set_weight) are written into the parameter while applied and the
+  original values are restored by `remove()` (and rewritten by `set_multiplier()`); they need non-fp8 storage.
+- DoRA (`.dora_scale`): ΔW depends on the base weight (`weight_delta`), so it is computed once from the layer's
+  weight; merged and unmerged both need a bf16/fp16/fp32 weight. Several LoRAs on one layer each see the base
+  weight from before the merge.
 - Include/exclude (one regex per LoRA, musubi `--include_patterns/--exclude_patterns`): `re.search` on the
   sd-scripts module name (`lora_unet_blocks_9_cross_attn_k`); include first, then exclude, so a module matching
   both is dropped. Module names are the same whatever the file's format.

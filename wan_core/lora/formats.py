@@ -7,6 +7,12 @@ Canonical form: a `LoRA` maps official dotted module names (`blocks.9.cross_attn
                                                               ΔW = (w1_a @ w1_b) ⊙ (w2_a @ w2_b) · alpha / r
 - `LoKr` (LyCORIS): lokr_w1 or lokr_w1_a @ lokr_w1_b, lokr_w2 or lokr_w2_a @ lokr_w2_b, alpha
                                                               ΔW = kron(w1, w2) · alpha / r  (1 if both are full)
+- any of the three with `dora_scale` (DoRA, `.dora_scale`): the merged weight is renormalised (`weight_delta`).
+
+Full-parameter patches, by official parameter name (`LoRA.params`), as ComfyUI's loader reads them: `FullDiff` from
+`.diff` / `.w_norm` (the module's weight, or the named parameter itself such as `head.modulation`) and `.diff_b` /
+`.b_norm` (its bias); `SetWeight` from `.set_weight`. The step/CFG-distilled LoRAs (lightx2v, CausVid) use them on
+norms (norm_q, norm_k, norm3), biases, the head and its modulation.
 
 Accepted layouts (inference.md 11.3, comfyui.md 12): musubi / sd-scripts `lora_unet_blocks_9_cross_attn_k.lora_down
 .weight`; Wan-Fun `lora_unet__…`; LyCORIS `lycoris_…`; ComfyUI / diffusion-pipe / musubi `convert_lora --target
