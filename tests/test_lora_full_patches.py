@@ -12,7 +12,7 @@ import torch
 from tests.numerics import assert_float32_parity
 from tests.test_lora_formats import BLOCK_LINEARS, _model, _run, _run64
 from tests.tiny import TINY_DIT_BY_TYPE
-from wan_core.lora.apply import apply_loras, linear_modules, merge_loras
+from wan_core.lora.apply import LoRAModule, apply_loras, linear_modules, merge_loras
 from wan_core.lora.formats import lora_state_dict, parse_lora
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -206,3 +206,33 @@ def test_full_patches_and_dora_round_trip_through_the_comfyui_writer() -> None:
     for key in patches:
         assert torch.equal(written[key], sd[key]), key
     assert parse_lora(written).unmatched == ()
+
+
+def test_state_dict_merge_equals_model_merge() -> None:
+    model = _model()
+    sd_file = _distill_file("diffusion_model.", model) | {
+        "diffusion_model.blocks.1.ffn.0.dora_scale": torch.rand(1, CFG.dim) + 0.5}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    (report,) = merge_loras(state, [sd_file], [STRENGTH])
+    assert report.unmatched == ()
+    merge_loras(model, [sd_file], [STRENGTH])
+    for key, value in model.state_dict().items():
+        assert torch.equal(state[key], value), key
+
+
+def test_fp8_storage_is_refused_with_a_clear_message() -> None:
+    fp8 = {k: v.to(torch.float8_e4m3fn) if v.dim() == 1 else v for k, v in _model().state_dict().items()}
+    with pytest.raises(ValueError, match="blocks.0.norm3.weight is stored as torch.float8_e4m3fn"):
+        merge_loras(fp8, [{"diffusion_model.blocks.0.norm3.diff": torch.ones(CFG.dim)}])
+    model = _model()
+    with torch.no_grad():
+        model.blocks[0].norm3.weight.data = model.blocks[0].norm3.weight.data.to(torch.float8_e4m3fn)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mixed = {"diffusion_model.blocks.0.norm3.diff": torch.ones(CFG.dim),
+             "diffusion_model.blocks.0.norm3.diff_b": torch.ones(CFG.dim),
+             "diffusion_model.blocks.0.ffn.0.lora_down.weight": torch.ones(RANK, CFG.dim),
+             "diffusion_model.blocks.0.ffn.0.lora_up.weight": torch.ones(CFG.ffn_dim, RANK)}
+    with pytest.raises(ValueError, match="merge before quantising to fp8"):
+        apply_loras(model, [mixed])
+    assert not any(isinstance(m, LoRAModule) for m in model.modules())  # nothing half-applied stays
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

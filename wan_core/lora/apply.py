@@ -456,6 +456,19 @@ def apply_loras(model: nn.Module, loras: Sequence[LoRASource] | LoRASource, mult
     prepared = _prepare(loras, set(layers), multipliers, include_patterns, exclude_patterns, set(owners))
     handle = LoRAHandle(model, [report for _, _, report, _ in prepared])
     handle_id = next(_handle_ids)
+    try:
+        _attach(handle, handle_id, prepared, layers, owners)
+    except Exception:
+        handle.remove()  # nothing half-applied stays in the model
+        raise
+    handle._refresh_params()
+    logger.info("applied %d LoRA(s) unmerged to %d layers (%d parameters patched in place)", len(prepared),
+                len({m for entries in handle._branches for m, _, _ in entries}), len(handle._originals))
+    return handle
+
+
+def _attach(handle: LoRAHandle, handle_id: int, prepared: list[Prepared], layers: dict[str, nn.Module],
+            owners: dict[str, tuple[nn.Module, str]]) -> None:
     for index, (used, mult, report, used_params) in enumerate(prepared):
         key = f"lora{handle_id}_{index}"
         for module, adapter in used.items():
@@ -472,10 +485,6 @@ def apply_loras(model: nn.Module, loras: Sequence[LoRASource] | LoRASource, mult
                 _add_branch(handle, index, module, branch, key + "_diff")
             else:
                 handle._patch_param(index, name, owner, attr, patch)
-    handle._refresh_params()
-    logger.info("applied %d LoRA(s) unmerged to %d layers (%d parameters patched in place)", len(prepared),
-                len({m for entries in handle._branches for m, _, _ in entries}), len(handle._originals))
-    return handle
 
 
 def _branch(adapter: Adapter, mult: float, base: nn.Module, module: str) -> nn.Module:
