@@ -94,12 +94,12 @@ def _loaders(dit: str, clip: bool) -> list[Node]:
 
 
 def _sampler(node_id: int, dit: tuple[int, int], cond: tuple[int, int] | None, steps: int = 8,
-             shift: float = 5.0) -> Node:
+             shift: float = 5.0, guidance_scale: float = 5.0, solver: str = "unipc") -> Node:
     links = {"dit": dit, "text_embeds": (4, 0), "vae": (3, 0)}
     if cond is not None:
         links["conditioning"] = cond
     return Node(node_id, "WanTunerSampler", {
-        **SIZE, "steps": steps, "guidance_scale": 5.0, "shift": shift, "solver": "unipc", "seed": 42,
+        **SIZE, "steps": steps, "guidance_scale": guidance_scale, "shift": shift, "solver": solver, "seed": 42,
         "noise_on_cpu": False, "cfg_skip_mode": "none", "cfg_apply_ratio": 0.5, "slg_mode": "none",
         "slg_layers": "1", "slg_scale": 3.0, "slg_start": 0.0, "slg_end": 0.3, "denoise": 1.0}, links)
 
@@ -174,6 +174,27 @@ def lora() -> list[Node]:
     ]
 
 
+NOTE_FEWSTEP = (
+    "Few-step sampling for the step/CFG-distilled LoRAs (lightx2v, CausVid): load the LoRA on the DiT (the toy "
+    "LoRA stands in for it here), then sample with solver flowmatch_distill, 4 steps (timesteps 1000, 750, 500, "
+    "250), guidance 1.0 (one model pass per step, no negative prompt pass) and shift 5-8. Full-weight keys in "
+    "those files (.diff on norms and the head, .diff_b on biases) are loaded too."
+)
+
+
+def fewstep() -> list[Node]:
+    """4-step, guidance-1 sampling as the distilled LoRAs expect it."""
+    return [
+        *_loaders("t2v", clip=False),
+        Node(6, "WanTunerLoRALoader", {"lora_name": TOY["lora"], "strength": 1.0, "include": "", "exclude": ""},
+             {"dit": (1, 0)}, title="Few-step LoRA (lightx2v / CausVid)"),
+        _sampler(10, (6, 0), None, steps=4, guidance_scale=1.0, solver="flowmatch_distill"),
+        *_decode_save(11, 10, "fewstep"),
+        _note(20, "wan2.1_t2v_14B_fp16.safetensors"),
+        Node(21, "Note", {"text": NOTE_FEWSTEP}, title="Few-step settings"),
+    ]
+
+
 def train_lora() -> list[Node]:
     """Cache a dataset folder, train a LoRA on the toy DiT, then sample with the freshly trained file."""
     loaders = _loaders("t2v", clip=False)
@@ -201,7 +222,8 @@ def train_lora() -> list[Node]:
 
 
 WORKFLOWS = {"wantuner_t2v": t2v, "wantuner_i2v": i2v, "wantuner_flf2v": flf2v,
-             "wantuner_fun_control": fun_control, "wantuner_lora_regex": lora, "wantuner_train_lora": train_lora}
+             "wantuner_fun_control": fun_control, "wantuner_lora_regex": lora, "wantuner_fewstep": fewstep,
+             "wantuner_train_lora": train_lora}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -108,7 +108,8 @@ class WanTunerSampler:
                                       "pass per step).", default=5.0, min=0.0, max=30.0, step=0.1),
                 "shift": inp("FLOAT", "Flow shift of the schedule (official: 5.0; 3.0 for 480p I2V).", default=5.0,
                              min=0.0, max=100.0, step=0.1),
-                "solver": inp(SOLVERS, "Sampler: unipc (official default), dpm++ (2M) or euler."),
+                "solver": inp(SOLVERS, "Sampler: unipc (official default), dpm++ (2M), euler, or flowmatch_distill "
+                                      "(the few-step distilled LoRAs' schedule: e.g. 4 steps, shift 5-8, cfg 1)."),
                 "seed": inp("INT", "Noise seed.", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
                             control_after_generate=True),
                 "noise_on_cpu": inp("BOOLEAN", "Draw the noise on the CPU (same noise on any GPU, like ComfyUI's "

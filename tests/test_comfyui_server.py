@@ -26,7 +26,8 @@ pytestmark = pytest.mark.comfyui
 
 ROOT = Path(__file__).resolve().parents[1]
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
-NAMES = ("wantuner_t2v", "wantuner_i2v", "wantuner_flf2v", "wantuner_fun_control", "wantuner_lora_regex")
+NAMES = ("wantuner_t2v", "wantuner_i2v", "wantuner_flf2v", "wantuner_fun_control", "wantuner_lora_regex",
+         "wantuner_fewstep")
 START_TIMEOUT = 240.0
 RUN_TIMEOUT = 600.0
 

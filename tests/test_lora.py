@@ -258,3 +258,18 @@ def test_trains_on_fp8_base_layers() -> None:
     torch.testing.assert_close(layer(x), plain + x @ lora.lora_down.weight.T @ lora.lora_up.weight.T * 0.25)
     model(*_inputs()).square().mean().backward()
     assert all(p.grad is not None for p in network.trainable_parameters())
+
+
+def test_load_weights_reports_full_patches_and_refuses_dora(tmp_path: Path) -> None:
+    """A ComfyUI-trained file with .diff/.diff_b keys continues as a LoRA network; the patches are reported as not
+    loaded (they are not part of the network), and a DoRA adapter is refused rather than loaded without its scale."""
+    source = LoRANetwork(_model(), rank=2, alpha=8.0)
+    _randomize_lora(source)
+    sd = source.state_dict_in("comfyui", keep_alpha=True)
+    patches = {"diffusion_model.blocks.0.norm3.diff": torch.ones(64), "diffusion_model.blocks.0.ffn.2.diff_b":
+               torch.ones(64)}
+    report = LoRANetwork(_model(), rank=2).load_weights(sd | patches)
+    assert set(report.unmatched) == set(patches) and report.matched == len(source.by_name)
+    dora = sd | {"diffusion_model.blocks.0.ffn.2.dora_scale": torch.ones(1, 128)}
+    with pytest.raises(ValueError, match="DoRA adapter"):
+        LoRANetwork(_model(), rank=2).load_weights(dora)

@@ -242,15 +242,15 @@ def test_i2v_lora_on_t2v_model_reports_image_keys(caplog: pytest.LogCaptureFixtu
 
 
 def test_comfyui_native_key_set_loads() -> None:
-    """ComfyUI's SaveLoRA layout: diffusion_model.X.lora_up/lora_down/alpha; bias and norm diffs are reported."""
+    """ComfyUI's SaveLoRA layout: diffusion_model.X.lora_up/lora_down/alpha plus bias and norm diffs."""
     lora = _random_lora()
     file = WRITERS["comfyui_native"](lora)
     file["diffusion_model.blocks.0.cross_attn.norm_k.diff"] = torch.zeros(64)
     file["diffusion_model.blocks.0.self_attn.q.diff_b"] = torch.zeros(64)
     parsed = parse_lora(file, linear_modules(_model()))
     assert set(parsed.adapters) == set(lora)
-    assert set(parsed.unmatched) == {"diffusion_model.blocks.0.cross_attn.norm_k.diff",
-                                     "diffusion_model.blocks.0.self_attn.q.diff_b"}
+    assert parsed.unmatched == ()
+    assert set(parsed.params) == {"blocks.0.cross_attn.norm_k.weight", "blocks.0.self_attn.q.bias"}
 
 
 def test_saved_names_are_those_comfyui_maps() -> None:

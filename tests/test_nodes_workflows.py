@@ -15,7 +15,8 @@ from tests.graph_runner import GraphError, RunResult, check_workflow, core_stand
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "example_workflows"
-NAMES = ("wantuner_t2v", "wantuner_i2v", "wantuner_flf2v", "wantuner_fun_control", "wantuner_lora_regex")
+NAMES = ("wantuner_t2v", "wantuner_i2v", "wantuner_flf2v", "wantuner_fun_control", "wantuner_lora_regex",
+         "wantuner_fewstep")
 TRAINING_NAMES = ("wantuner_train_lora",)  # checked and run by tests/test_nodes_training.py
 CONTROL_AFTER_GENERATE = ("fixed", "increment", "decrement", "randomize")
 EXAMPLE_IMAGE_HW = (48, 80)  # a non-square start image, so size_from_image has something to do
@@ -90,6 +91,13 @@ def test_every_toy_file_the_examples_name_ships_in_the_toy_model_folder() -> Non
     assert named, "the example workflows name no toy model file"
     missing = sorted(n for n in named if not (TOY_MODEL_DIR / n).is_file())
     assert not missing, f"example workflows name toy files that are not shipped in {TOY_MODEL_DIR}: {missing}"
+
+
+def test_fewstep_workflow_samples_four_guidance_one_distill_steps() -> None:
+    sampler = _api("wantuner_fewstep")["10"]["inputs"]
+    assert (sampler["steps"], sampler["guidance_scale"], sampler["solver"]) == (4, 1.0, "flowmatch_distill")
+    assert 5.0 <= sampler["shift"] <= 8.0
+    assert sampler["dit"] == ["6", 0] and _api("wantuner_fewstep")["6"]["class_type"] == "WanTunerLoRALoader"
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -295,7 +295,7 @@ def test_vanilla_alias_and_dispatch_errors():
     model, x = synthetic_velocity(), noise()
     sched = S.get_schedule("euler", 5, 3.0)
     assert torch.equal(S.sample("vanilla", model, x, sched), S.sample("euler", model, x, sched))
-    assert set(S.SAMPLERS) == {"unipc", "dpm++", "euler", "vanilla"}
+    assert set(S.SAMPLERS) == {"unipc", "dpm++", "euler", "vanilla", "flowmatch_distill"}
     with pytest.raises(ValueError, match="unknown sample solver"):
         S.sample("heun", model, x, sched)
 

@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance_scale", type=float, default=None)
     g.add_argument("--seed", type=int, default=None, help="random when omitted")
     g.add_argument("--cpu_noise", action="store_true", help="draw the initial noise on the CPU (ComfyUI-compatible)")
-    g.add_argument("--sample_solver", choices=sorted(SAMPLERS), default="unipc")
+    g.add_argument("--sample_solver", choices=sorted(SAMPLERS), default="unipc",
+                   help="flowmatch_distill: the step/CFG-distilled LoRAs' schedule (lightx2v, CausVid), e.g. "
+                        "--infer_steps 4 --flow_shift 5 --guidance_scale 1")
     g.add_argument("--cfg_skip_mode", choices=CFG_SKIP_MODES, default="none")
     g.add_argument("--cfg_apply_ratio", type=float, default=None)
     g.add_argument("--slg_mode", choices=SLG_MODES, default=None)

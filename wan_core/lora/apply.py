@@ -7,6 +7,13 @@ Inference:
 - `apply_loras(model, loras, multipliers) -> LoRAHandle`: wraps each matched Linear-like layer in a `LoRAModule`
   (out = base(x) + Σ m·ΔW x, the LoRA part computed in the layer's compute dtype). The base layer is only called,
   never read, so fp8 layers work. `handle.set_multiplier()` changes strengths, `handle.remove()` unwraps.
+- Full-parameter patches (`.diff`, `.diff_b`, `.set_weight`): merged as P ← P + m·diff (a set_weight replaces P
+  whatever the strength, as in ComfyUI). Unmerged, a `.diff` of a Linear weight is a branch like any adapter; the
+  other patches (norms, biases, modulation, set_weight) are written into the parameter while applied and the
+  original values are restored by `remove()` (and rewritten by `set_multiplier()`); they need non-fp8 storage.
+- DoRA (`.dora_scale`): ΔW depends on the base weight (`weight_delta`), so it is computed once from the layer's
+  weight; merged and unmerged both need a bf16/fp16/fp32 weight. Several LoRAs on one layer each see the base
+  weight from before the merge.
 - Include/exclude (one regex per LoRA, musubi `--include_patterns/--exclude_patterns`): `re.search` on the
   sd-scripts module name (`lora_unet_blocks_9_cross_attn_k`); include first, then exclude, so a module matching
   both is dropped. Module names are the same whatever the file's format.
@@ -30,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wan_core.loading.convert import kohya_lora_name
-from wan_core.lora.formats import Adapter, LoRA, LoRASource, LowRank, load_lora
+from wan_core.lora.formats import Adapter, FullDiff, LoRA, LoRASource, LowRank, ParamPatch, load_lora, weight_delta
 from wan_core.models.ops import Fp32Linear
 
 logger = logging.getLogger(__name__)
@@ -69,6 +76,18 @@ def walk_linears(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Official name -> Linear-like layer (nn.Linear subclasses and anything with int in/out_features)."""
     return dict(walk_linears(model))
+
+
+def _walk_params(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module, str]]:
+    for attr, _ in module.named_parameters(recurse=False):
+        yield prefix + attr, module, attr
+    for name, child in module.named_children():
+        yield from _walk_params(child.base if isinstance(child, LoRAModule) else child, f"{prefix}{name}.")
+
+
+def parameter_owners(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """Official parameter name -> (owning module, attribute), seen through LoRAModule wrappers."""
+    return {name: (owner, attr) for name, owner, attr in _walk_params(model)}
 
 
 def _state_dict_linears(sd: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -154,9 +173,11 @@ def _source_name(source: LoRASource) -> str:
     return "<state dict>" if isinstance(source, Mapping) else str(source)
 
 
+Prepared = tuple[dict[str, Adapter], float, LoRAReport, dict[str, ParamPatch]]
+
+
 def _prepare(loras: Sequence[LoRASource] | LoRASource, modules: set[str], multipliers: Multipliers,
-             include_patterns: Patterns,
-             exclude_patterns: Patterns) -> list[tuple[dict[str, Adapter], float, LoRAReport]]:
+             include_patterns: Patterns, exclude_patterns: Patterns, params: set[str]) -> list[Prepared]:
     if isinstance(loras, (str, os.PathLike, Mapping, LoRA)):
         loras = [loras]
     count = len(loras)
@@ -167,19 +188,20 @@ def _prepare(loras: Sequence[LoRASource] | LoRASource, modules: set[str], multip
     prepared = []
     for source, mult, inc, exc in zip(loras, mults, includes, excludes):
         keep = inference_filter(inc, exc)
-        lora = load_lora(source, modules)
+        lora = load_lora(source, modules, params=params)
         used = {m: a for m, a in lora.adapters.items() if keep(m)}
-        filtered = tuple(m for m in lora.adapters if m not in used)
+        used_params = {p: v for p, v in lora.params.items() if keep(p.rpartition(".")[0] or p)}
+        filtered = (*(m for m in lora.adapters if m not in used), *(p for p in lora.params if p not in used_params))
         if filtered:
-            logger.info("%s: include/exclude patterns keep %d of %d modules", lora.source, len(used),
-                        len(lora.adapters))
-        report = LoRAReport(lora.source, lora.format, mult, len(used), filtered, lora.unmatched)
+            logger.info("%s: include/exclude patterns keep %d of %d modules and parameters", lora.source,
+                        len(used) + len(used_params), len(lora.adapters) + len(lora.params))
+        report = LoRAReport(lora.source, lora.format, mult, len(used) + len(used_params), filtered, lora.unmatched)
         logger.info("LoRA %s", report)
-        prepared.append((used, mult, report))
+        prepared.append((used, mult, report, used_params))
     return prepared
 
 
-def _check_shape(module: str, adapter: Adapter, shape: tuple[int, ...], source: str) -> None:
+def _check_shape(module: str, adapter: Adapter | ParamPatch, shape: tuple[int, ...], source: str) -> None:
     if tuple(adapter.shape) != tuple(shape):
         raise ValueError(f"LoRA {source}: module {module} has a delta of shape {list(adapter.shape)} but the model's "
                          f"layer is {list(shape)} ([out, in]); the LoRA was made for a different model size")
@@ -193,10 +215,25 @@ def _merged(weight: torch.Tensor, parts: list[tuple[Adapter, float]], where: str
     if weight.dtype.itemsize == 1:
         raise ValueError(f"{where} is stored as {weight.dtype}: merge LoRAs into the bf16/fp16/fp32 weights before "
                          f"quantising to fp8 (the loader merges first, then quantises)")
-    total = weight.detach().float()
+    base = weight.detach().float()
+    total = base
     for adapter, mult in parts:
-        total = total + mult * adapter.delta().to(weight.device)
+        total = total + mult * weight_delta(adapter, base).to(weight.device)
     return total.to(weight.dtype)
+
+
+def _patched(value: torch.Tensor, parts: list[tuple[ParamPatch, float]], where: str) -> torch.Tensor:
+    """P after full-parameter patches: P + Σ m·diff (float32, rounded once); a SetWeight replaces P first."""
+    if value.dtype.itemsize == 1:
+        raise ValueError(f"{where} is stored as {value.dtype}: patch it before quantising to fp8")
+    total = value.detach().float()
+    for patch, _ in parts:
+        if not isinstance(patch, FullDiff):
+            total = patch.value.float().to(value.device)
+    for patch, mult in parts:
+        if isinstance(patch, FullDiff):
+            total = total + mult * patch.delta().to(value.device)
+    return total.to(value.dtype)
 
 
 def _weight(layer: nn.Module, name: str) -> torch.Tensor:
@@ -215,21 +252,29 @@ def merge_loras(target: Target, loras: Sequence[LoRASource] | LoRASource, multip
     `LoRA`s; `multipliers`, `include_patterns`, `exclude_patterns`: one per LoRA (None = 1.0 / no filter).
     """
     layers: dict[str, nn.Module] | None = None
+    owners: dict[str, tuple[nn.Module, str]] | None = None
     keys: dict[str, str] = {}
     state: MutableMapping[str, torch.Tensor] = {}
     if isinstance(target, nn.Module):
-        layers = linear_modules(target)
+        layers, owners = linear_modules(target), parameter_owners(target)
     else:
         keys, state = _state_dict_linears(target), target
     names = set(layers if layers is not None else keys)
-    prepared = _prepare(loras, names, multipliers, include_patterns, exclude_patterns)
+    prepared = _prepare(loras, names, multipliers, include_patterns, exclude_patterns,
+                        set(owners if owners is not None else state))
     per_module: dict[str, list[tuple[Adapter, float]]] = {}
-    for used, mult, report in prepared:
+    per_param: dict[str, list[tuple[ParamPatch, float]]] = {}
+    for used, mult, report, used_params in prepared:
         for module, adapter in used.items():
             shape = _weight(layers[module], module).shape if layers is not None else state[keys[module]].shape
             _check_shape(module, adapter, tuple(shape), report.source)
             if mult != 0.0:
                 per_module.setdefault(module, []).append((adapter, mult))
+        for name, patch in used_params.items():
+            shape = getattr(*owners[name]).shape if owners is not None else state[name].shape
+            _check_shape(name, patch, tuple(shape), report.source)
+            if mult != 0.0:
+                per_param.setdefault(name, []).append((patch, mult))
     with torch.no_grad():
         for module, parts in per_module.items():
             if layers is not None:
@@ -237,8 +282,15 @@ def merge_loras(target: Target, loras: Sequence[LoRASource] | LoRASource, multip
                 weight.copy_(_merged(weight, parts, module))
             else:
                 state[keys[module]] = _merged(state[keys[module]], parts, keys[module])
-    logger.info("merged %d LoRA(s) into %d layers", len(prepared), len(per_module))
-    return [report for _, _, report in prepared]
+        for name, patches in per_param.items():
+            if owners is not None:
+                value = getattr(*owners[name])
+                value.copy_(_patched(value, patches, name))
+            else:
+                state[name] = _patched(state[name], patches, name)
+    logger.info("merged %d LoRA(s) into %d layers and %d other parameters", len(prepared), len(per_module),
+                len(per_param))
+    return [report for _, _, report, _ in prepared]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -282,13 +334,13 @@ class _LowRankBranch(nn.Module):
 
 
 class _DeltaBranch(nn.Module):
-    """m·ΔW x for LoHa/LoKr, with ΔW materialised once (alpha/rank included) in the compute dtype."""
+    """m·ΔW x for LoHa/LoKr/DoRA/full diffs, with ΔW materialised once (alpha/rank included) in the compute dtype."""
 
     delta: torch.Tensor
 
-    def __init__(self, adapter: Adapter, multiplier: float, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, delta: torch.Tensor, multiplier: float, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
-        self.register_buffer("delta", adapter.delta().to(device, dtype), persistent=False)  # [out, in]
+        self.register_buffer("delta", delta.to(device, dtype), persistent=False)  # [out, in]
         self.multiplier = multiplier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -338,6 +390,25 @@ class LoRAHandle:
         self._branches: list[list[tuple[str, LoRAModule, str]]] = [[] for _ in reports]
         self._multipliers = [r.multiplier for r in reports]
         self._removed = False
+        # parameters patched in place (norms, biases, modulation, set_weight): name -> (owner, attr, original)
+        self._originals: dict[str, tuple[nn.Module, str, torch.Tensor]] = {}
+        self._param_patches: list[dict[str, ParamPatch]] = [{} for _ in reports]
+
+    def _patch_param(self, index: int, name: str, owner: nn.Module, attr: str, patch: ParamPatch) -> None:
+        value = getattr(owner, attr)
+        if value.dtype.itemsize == 1:
+            raise ValueError(f"LoRA {self.reports[index].source}: {name} is stored as {value.dtype}; a full patch "
+                             f"(.diff/.diff_b/.set_weight) needs bf16/fp16/fp32, so merge before quantising to fp8")
+        self._originals.setdefault(name, (owner, attr, value.detach().clone()))
+        self._param_patches[index][name] = patch
+
+    def _refresh_params(self) -> None:
+        """Write every in-place patched parameter as original + Σ m·patch with the current strengths."""
+        with torch.no_grad():
+            for name, (owner, attr, original) in self._originals.items():
+                parts = [(patches[name], m) for patches, m in zip(self._param_patches, self._multipliers)
+                         if name in patches and m != 0.0]
+                getattr(owner, attr).copy_(_patched(original, parts, name))
 
     @property
     def multipliers(self) -> list[float]:
@@ -359,11 +430,15 @@ class LoRAHandle:
             self._multipliers[i] = value
             for _, wrapper, key in self._branches[i]:
                 cast(_LowRankBranch | _DeltaBranch, wrapper.branches[key]).multiplier = value
+        self._refresh_params()
 
     def remove(self) -> None:
         """Remove this handle's branches; layers left without branches get their original module back."""
         if self._removed:
             return
+        with torch.no_grad():
+            for owner, attr, original in self._originals.values():
+                getattr(owner, attr).copy_(original)
         for entries in self._branches:
             for name, wrapper, key in entries:
                 del wrapper.branches[key]
@@ -397,23 +472,58 @@ def apply_loras(model: nn.Module, loras: Sequence[LoRASource] | LoRASource, mult
                 include_patterns: Patterns = None, exclude_patterns: Patterns = None) -> LoRAHandle:
     """Apply LoRAs without touching the weights (see the module docstring); returns a `LoRAHandle`."""
     layers = linear_modules(model)
-    prepared = _prepare(loras, set(layers), multipliers, include_patterns, exclude_patterns)
-    handle = LoRAHandle(model, [report for _, _, report in prepared])
+    owners = parameter_owners(model)
+    prepared = _prepare(loras, set(layers), multipliers, include_patterns, exclude_patterns, set(owners))
+    handle = LoRAHandle(model, [report for _, _, report, _ in prepared])
     handle_id = next(_handle_ids)
-    for index, (used, mult, report) in enumerate(prepared):
+    try:
+        _attach(handle, handle_id, prepared, layers, owners)
+    except Exception:
+        handle.remove()  # nothing half-applied stays in the model
+        raise
+    handle._refresh_params()
+    logger.info("applied %d LoRA(s) unmerged to %d layers (%d parameters patched in place)", len(prepared),
+                len({m for entries in handle._branches for m, _, _ in entries}), len(handle._originals))
+    return handle
+
+
+def _attach(handle: LoRAHandle, handle_id: int, prepared: list[Prepared], layers: dict[str, nn.Module],
+            owners: dict[str, tuple[nn.Module, str]]) -> None:
+    for index, (used, mult, report, used_params) in enumerate(prepared):
+        key = f"lora{handle_id}_{index}"
         for module, adapter in used.items():
             base = layers[module]
             _check_shape(module, adapter, out_in_features(base), report.source)
-            dtype, device = _lora_dtype(base), _device_of(base)
-            branch = (_LowRankBranch(adapter, mult, dtype, device) if isinstance(adapter, LowRank)
-                      else _DeltaBranch(adapter, mult, dtype, device))
-            wrapper = _wrap(model, module)
-            key = f"lora{handle_id}_{index}"
-            wrapper.branches[key] = branch
-            handle._branches[index].append((module, wrapper, key))
-    logger.info("applied %d LoRA(s) unmerged to %d layers", len(prepared),
-                len({m for entries in handle._branches for m, _, _ in entries}))
-    return handle
+            _add_branch(handle, index, module, _branch(adapter, mult, base, module), key)
+        for name, patch in used_params.items():
+            owner, attr = owners[name]
+            _check_shape(name, patch, tuple(getattr(owner, attr).shape), report.source)
+            module = name[: -len(".weight")]
+            if isinstance(patch, FullDiff) and name.endswith(".weight") and module in layers:
+                base = layers[module]
+                branch = _DeltaBranch(patch.delta(), mult, _lora_dtype(base), _device_of(base))
+                _add_branch(handle, index, module, branch, key + "_diff")
+            else:
+                handle._patch_param(index, name, owner, attr, patch)
+
+
+def _branch(adapter: Adapter, mult: float, base: nn.Module, module: str) -> nn.Module:
+    dtype, device = _lora_dtype(base), _device_of(base)
+    if adapter.dora_scale is not None:
+        weight = getattr(base, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dtype.itemsize == 1:
+            raise ValueError(f"DoRA on {module} ({type(base).__name__}) needs the bf16/fp16/fp32 base weight to "
+                             f"normalise; merge DoRA LoRAs before quantising to fp8")
+        return _DeltaBranch(weight_delta(adapter, weight), mult, dtype, device)
+    if isinstance(adapter, LowRank):
+        return _LowRankBranch(adapter, mult, dtype, device)
+    return _DeltaBranch(adapter.delta(), mult, dtype, device)
+
+
+def _add_branch(handle: LoRAHandle, index: int, module: str, branch: nn.Module, key: str) -> None:
+    wrapper = _wrap(handle.model, module)
+    wrapper.branches[key] = branch
+    handle._branches[index].append((module, wrapper, key))
 
 
 # ----------------------------------------------------------------------------------------------------------------

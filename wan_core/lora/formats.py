@@ -7,6 +7,12 @@ Canonical form: a `LoRA` maps official dotted module names (`blocks.9.cross_attn
                                                               ΔW = (w1_a @ w1_b) ⊙ (w2_a @ w2_b) · alpha / r
 - `LoKr` (LyCORIS): lokr_w1 or lokr_w1_a @ lokr_w1_b, lokr_w2 or lokr_w2_a @ lokr_w2_b, alpha
                                                               ΔW = kron(w1, w2) · alpha / r  (1 if both are full)
+- any of the three with `dora_scale` (DoRA, `.dora_scale`): the merged weight is renormalised (`weight_delta`).
+
+Full-parameter patches, by official parameter name (`LoRA.params`), as ComfyUI's loader reads them: `FullDiff` from
+`.diff` / `.w_norm` (the module's weight, or the named parameter itself such as `head.modulation`) and `.diff_b` /
+`.b_norm` (its bias); `SetWeight` from `.set_weight`. The step/CFG-distilled LoRAs (lightx2v, CausVid) use them on
+norms (norm_q, norm_k, norm3), biases, the head and its modulation.
 
 Accepted layouts: musubi / sd-scripts `lora_unet_blocks_9_cross_attn_k.lora_down
 .weight`; Wan-Fun `lora_unet__…`; LyCORIS `lycoris_…`; ComfyUI / diffusion-pipe / musubi `convert_lora --target
@@ -23,6 +29,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +44,7 @@ from wan_core.loading.convert import (
     DIFFUSERS_LORA_PREFIX,
     KOHYA_LORA_PREFIX,
     LORA_KNOWN_PREFIXES,
+    LORA_MODULE_TEMPLATES,
     LORA_PEFT_SUFFIX,
     LORA_ROLE_SUFFIXES,
     LORA_UNDERSCORE_PREFIXES,
@@ -77,6 +85,7 @@ class LowRank:
     down: torch.Tensor  # [r, in]
     up: torch.Tensor  # [out, r]
     alpha: float | None = None
+    dora_scale: torch.Tensor | None = None  # DoRA magnitude, [1, in] or [out, 1]
     kind: ClassVar[str] = "lora"
 
     def __post_init__(self) -> None:
@@ -114,6 +123,7 @@ class LoHa:
     w2_a: torch.Tensor  # [out, r]
     w2_b: torch.Tensor  # [r, in]
     alpha: float | None = None
+    dora_scale: torch.Tensor | None = None
     kind: ClassVar[str] = "loha"
 
     def __post_init__(self) -> None:
@@ -160,6 +170,7 @@ class LoKr:
     w2_a: torch.Tensor | None = None  # [b, r]
     w2_b: torch.Tensor | None = None  # [r, d]
     alpha: float | None = None
+    dora_scale: torch.Tensor | None = None
     kind: ClassVar[str] = "lokr"
 
     def __post_init__(self) -> None:
@@ -212,8 +223,64 @@ def _kron_factor_shape(full: torch.Tensor | None, a: torch.Tensor | None, b: tor
     return a.shape[0], b.shape[1]
 
 
+@dataclass(frozen=True, eq=False)
+class FullDiff:
+    """A full-size difference added to one parameter (`.diff`, `.diff_b`, `.w_norm`, `.b_norm`): P ← P + m·diff."""
+
+    diff: torch.Tensor
+    kind: ClassVar[str] = "diff"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.diff.shape)
+
+    def delta(self) -> torch.Tensor:
+        return self.diff.float()
+
+
+@dataclass(frozen=True, eq=False)
+class SetWeight:
+    """A replacement value for one parameter (`.set_weight`): P ← value, whatever the strength (as ComfyUI)."""
+
+    value: torch.Tensor
+    kind: ClassVar[str] = "set"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape)
+
+
 Adapter = LowRank | LoHa | LoKr
+ParamPatch = FullDiff | SetWeight
 _ADAPTERS: dict[str, type] = {"lora": LowRank, "loha": LoHa, "lokr": LoKr}
+
+
+def weight_delta(adapter: Adapter, weight: torch.Tensor) -> torch.Tensor:
+    """ΔW at strength 1 (float32) of `adapter` on the base weight W [out, in]; strength m gives W + m·ΔW.
+
+    Without `dora_scale` this is `adapter.delta()`. With it (DoRA, weight-decomposed): W' = (W + ΔW_lora) ·
+    dora_scale / (‖·‖ + eps) and ΔW = W' − W, where for a [1, in] scale the norm is that of each column of
+    W + ΔW_lora and for an [out, 1] scale that of each row of the base W; eps is float32's machine epsilon
+    (ComfyUI's float32 patching arithmetic).
+    """
+    lora = adapter.delta()
+    scale = adapter.dora_scale
+    if scale is None:
+        return lora
+    base = weight.detach().float()
+    combined = base + lora.to(base.device)
+    out_features, in_features = base.shape
+    scale = scale.float().to(base.device)
+    if scale.shape[0] == out_features and scale.numel() == out_features:
+        norm = base.norm(dim=1, keepdim=True)  # [out, 1]
+        scale = scale.reshape(out_features, 1)
+    elif scale.shape[0] == 1 and scale.numel() == in_features:
+        norm = combined.norm(dim=0, keepdim=True)  # [1, in]
+        scale = scale.reshape(1, in_features)
+    else:
+        raise ValueError(f"dora_scale of shape {list(scale.shape)} fits neither [1, {in_features}] nor "
+                         f"[{out_features}, 1] of the layer's weight {list(base.shape)}")
+    return combined * (scale / (norm + torch.finfo(torch.float32).eps)) - base
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -222,7 +289,8 @@ _ADAPTERS: dict[str, type] = {"lora": LowRank, "loha": LoHa, "lokr": LoKr}
 
 @dataclass(frozen=True, eq=False)
 class LoRA:
-    """A parsed LoRA file: adapters by official module name, plus every source key that could not be used."""
+    """A parsed LoRA file: adapters by official module name, full-parameter patches (`.diff`, `.diff_b`,
+    `.set_weight`) by official parameter name, plus every source key that could not be used."""
 
     adapters: dict[str, Adapter]
     unmatched: tuple[str, ...] = ()
@@ -230,16 +298,20 @@ class LoRA:
     source: str = "<state dict>"
     metadata: dict[str, str] = field(default_factory=dict)
     source_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    params: dict[str, ParamPatch] = field(default_factory=dict)
 
-    def restricted_to(self, modules: Collection[str]) -> LoRA:
-        """The same LoRA with adapters for modules outside `modules` moved to `unmatched` (by source key)."""
+    def restricted_to(self, modules: Collection[str], params: Collection[str] | None = None) -> LoRA:
+        """The same LoRA with adapters for modules outside `modules` (and, when given, patches of parameters
+        outside `params`) moved to `unmatched` (by source key)."""
         keep = {m: a for m, a in self.adapters.items() if m in modules}
-        lost = [k for m in self.adapters if m not in keep for k in self.source_keys.get(m, (f"{m}.*",))]
+        keep_params = {p: v for p, v in self.params.items() if params is None or p in params}
+        gone = [m for m in self.adapters if m not in keep] + [p for p in self.params if p not in keep_params]
+        lost = [k for m in gone for k in self.source_keys.get(m, (f"{m}.*",))]
         if not lost:
             return self
         _warn_unmatched(self.source, lost)
         return LoRA(keep, (*self.unmatched, *lost), self.format, self.source, self.metadata,
-                    {m: k for m, k in self.source_keys.items() if m in keep})
+                    {m: k for m, k in self.source_keys.items() if m in keep or m in keep_params}, keep_params)
 
 
 def _warn_unmatched(source: str, keys: list[str]) -> None:
@@ -259,6 +331,53 @@ def split_lora_key(key: str) -> tuple[str, str, str] | None:
     for suffix, role, algo in LORA_ROLE_SUFFIXES:
         if key.endswith(suffix) and len(key) > len(suffix):
             return key[: -len(suffix)], role, algo
+    if key.endswith(_DORA_SUFFIX) and len(key) > len(_DORA_SUFFIX):
+        return key[: -len(_DORA_SUFFIX)], "dora_scale", ""
+    return None
+
+
+# Full-parameter patch suffixes -> (which parameter of the module path, patch kind). `.diff`/`.set_weight` on a
+# path that names a parameter itself (`head.modulation`) patch that parameter.
+_PARAM_SUFFIXES: tuple[tuple[str, str, str], ...] = (
+    (".diff_b", "bias", "diff"), (".diff", "weight", "diff"), (".set_weight", "weight", "set"),
+    (".w_norm", "weight", "diff"), (".b_norm", "bias", "diff"),
+)
+_DORA_SUFFIX = ".dora_scale"
+_PATCHES: dict[str, type] = {"diff": FullDiff, "set": SetWeight}
+
+
+def split_param_key(key: str) -> tuple[str, str, str] | None:
+    """`<path>.diff_b` -> (path, "bias", "diff"); None when the key is not a full-parameter patch."""
+    for suffix, which, kind in _PARAM_SUFFIXES:
+        if key.endswith(suffix) and len(key) > len(suffix):
+            return key[: -len(suffix)], which, kind
+    return None
+
+
+def _template_regex(templates: Iterable[str], to_kohya: bool) -> list[tuple[re.Pattern[str], str]]:
+    out = []
+    for template in templates:
+        text = kohya_lora_name(template) if to_kohya else template
+        out.append((re.compile("^" + re.escape(text).replace(r"\{n\}", r"(?P<n>\d+)") + "$"), template))
+    return out
+
+
+# Parameters of the Wan2.1 DiTs that LoRA files patch in full (norms, biases, modulation, embeddings, head).
+_WAN_PARAM_MODULES: tuple[str, ...] = (
+    *LORA_MODULE_TEMPLATES, "blocks.{n}.self_attn.norm_q", "blocks.{n}.self_attn.norm_k",
+    "blocks.{n}.cross_attn.norm_q", "blocks.{n}.cross_attn.norm_k", "blocks.{n}.cross_attn.norm_k_img",
+    "blocks.{n}.norm3", "patch_embedding", "img_emb.proj.0", "img_emb.proj.4",
+)
+_WAN_PARAMS = _template_regex((*(f"{m}.{w}" for m in _WAN_PARAM_MODULES for w in ("weight", "bias")),
+                               "blocks.{n}.modulation", "head.modulation", "img_emb.emb_pos"), to_kohya=False)
+_WAN_PARAM_KOHYA = _template_regex(_WAN_PARAM_MODULES, to_kohya=True)
+
+
+def _fill(matches: list[tuple[re.Pattern[str], str]], name: str) -> str | None:
+    for pattern, template in matches:
+        match = pattern.match(name)
+        if match:
+            return template.format(**match.groupdict())
     return None
 
 
@@ -296,6 +415,51 @@ class ModuleResolver:
         return official if official is not None and self.known(official) else None
 
 
+class ParamResolver:
+    """Maps the module path of a `.diff`/`.diff_b`/`.set_weight` key to an official parameter name, or None.
+
+    With `params` (the model's parameter names) the parameter must exist in the model; without, in the Wan table.
+    """
+
+    def __init__(self, params: Collection[str] | None = None, prefixes: Iterable[str] = ()) -> None:
+        self.params = frozenset(params) if params is not None else None
+        self.kohya = None
+        if self.params is not None:
+            self.kohya = {kohya_lora_name(p[: -len(".weight")]): p[: -len(".weight")]
+                          for p in self.params if p.endswith(".weight")}
+        extra = tuple(p if p.endswith(".") else p + "." for p in prefixes if p)
+        self.prefixes = (*extra, *LORA_KNOWN_PREFIXES)
+
+    def known(self, param: str) -> bool:
+        return param in self.params if self.params is not None else _fill(_WAN_PARAMS, param) is not None
+
+    def _module(self, path: str) -> tuple[str | None, bool]:
+        for prefix in LORA_UNDERSCORE_PREFIXES:
+            if path.startswith(prefix):
+                name = KOHYA_LORA_PREFIX + path[len(prefix):]
+                return (self.kohya.get(name) if self.kohya is not None else _fill(_WAN_PARAM_KOHYA, name)), True
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in self.prefixes:
+                if path.startswith(prefix):
+                    path, stripped = path[len(prefix):], True
+                    break
+        return path, False
+
+    def __call__(self, path: str, which: str) -> str | None:
+        module, kohya = self._module(path)
+        if module is None:
+            return None
+        candidates = [f"{module}.{which}"]
+        official = None if kohya else module_from_diffusers(module)
+        if official is not None:
+            candidates.append(f"{official}.{which}")
+        if which == "weight" and not kohya:
+            candidates.append(module)  # a bare parameter such as head.modulation
+        return next((c for c in candidates if self.known(c)), None)
+
+
 def detect_lora_format(sd: Mapping[str, torch.Tensor]) -> str:
     """A short description of a LoRA state dict's layout, e.g. `musubi/lora`, `comfyui/loha`, `diffusers/lora`."""
     keys = list(sd)
@@ -310,7 +474,8 @@ def detect_lora_format(sd: Mapping[str, torch.Tensor]) -> str:
             naming = label
             break
     parts = [split_lora_key(k) for k in keys]
-    algos = sorted({p[2] for p in parts if p is not None and p[2]})
+    algos = sorted({p[2] for p in parts if p is not None and p[2]}
+                   | {p[2] for p in map(split_param_key, keys) if p is not None})
     return f"{naming}/{'+'.join(algos) or 'unknown'}"
 
 
@@ -320,58 +485,81 @@ def _alpha(value: torch.Tensor, key: str) -> float:
     return float(value.float().item())
 
 
-def _collect(sd: Mapping[str, torch.Tensor], resolve: ModuleResolver,
-             ) -> tuple[dict[str, dict[str, tuple[str, torch.Tensor]]], list[str]]:
-    """Group tensors by official module and role; keys that do not parse or resolve go to the unmatched list."""
+def _collect(sd: Mapping[str, torch.Tensor], resolve: ModuleResolver, resolve_param: ParamResolver,
+             ) -> tuple[dict[str, dict[str, tuple[str, torch.Tensor]]], dict[str, tuple[str, ParamPatch]],
+                        list[str]]:
+    """Group adapter tensors by official module and role, and full-parameter patches by official parameter; keys
+    that do not parse or resolve go to the unmatched list."""
     groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    patches: dict[str, tuple[str, ParamPatch]] = {}
     unmatched: list[str] = []
     for key, value in sd.items():
+        param = split_param_key(key)
+        if param is not None:
+            name = resolve_param(param[0], param[1])
+            if name is None:
+                unmatched.append(key)
+            elif name in patches:
+                raise ValueError(f"LoRA keys {patches[name][0]!r} and {key!r} both patch parameter {name!r}; a file "
+                                 f"must hold one patch per parameter")
+            else:
+                patches[name] = (key, _PATCHES[param[2]](value))
+            continue
         parts = split_lora_key(key)
         module = resolve(parts[0]) if parts else None
         if parts is None or module is None:
             unmatched.append(key)
             continue
-        role = parts[1] if not parts[2] or parts[1] == "alpha" else f"{parts[2]}:{parts[1]}"
+        role = parts[1] if not parts[2] or parts[1] in ("alpha", "dora_scale") else f"{parts[2]}:{parts[1]}"
         slot = groups.setdefault(module, {})
         if role in slot:
             raise ValueError(f"LoRA keys {slot[role][0]!r} and {key!r} both give the {role} tensor of module "
                              f"{module!r}; a file must hold one LoRA per layer")
         slot[role] = (key, value)
-    return groups, unmatched
+    return groups, patches, unmatched
+
+
+_SHARED_ROLES = ("alpha", "dora_scale")
 
 
 def _build(module: str, roles: dict[str, tuple[str, torch.Tensor]]) -> Adapter:
-    algos = {r.split(":")[0] for r in roles if r != "alpha"}
+    algos = {r.split(":")[0] for r in roles if r not in _SHARED_ROLES}
     if len(algos) != 1:
-        raise ValueError(f"mixes {sorted(algos)} tensors" if algos else "has an alpha but no weights")
+        raise ValueError(f"mixes {sorted(algos)} tensors" if algos else "has an alpha or dora_scale but no weights")
     algo = algos.pop()
-    tensors = {r.split(":")[1]: v for r, (_, v) in roles.items() if r != "alpha"}
+    tensors = {r.split(":")[1]: v for r, (_, v) in roles.items() if r not in _SHARED_ROLES}
     alpha = _alpha(roles["alpha"][1], roles["alpha"][0]) if "alpha" in roles else None
+    dora_scale = roles["dora_scale"][1] if "dora_scale" in roles else None
     if algo == "lora" and set(tensors) != {"down", "up"}:
         raise ValueError(f"needs both down and up weights, got {sorted(tensors)}")
     if algo == "loha" and set(tensors) != {"w1_a", "w1_b", "w2_a", "w2_b"}:
         raise ValueError(f"needs hada_w1_a/b and hada_w2_a/b, got {sorted(tensors)}")
-    return _ADAPTERS[algo](**tensors, alpha=alpha)
+    return _ADAPTERS[algo](**tensors, alpha=alpha, dora_scale=dora_scale)
+
+
+def _is_lora_key(key: str) -> bool:
+    return split_lora_key(key) is not None or split_param_key(key) is not None
 
 
 def parse_lora(sd: Mapping[str, torch.Tensor], modules: Collection[str] | None = None, *,
                prefixes: Iterable[str] = (), source: str = "<state dict>",
-               metadata: Mapping[str, str] | None = None) -> LoRA:
+               metadata: Mapping[str, str] | None = None, params: Collection[str] | None = None) -> LoRA:
     """Read a LoRA state dict in any supported layout into the canonical form (see the module docstring).
 
     `modules`: the target model's Linear layer names (`linear_module_names(model)`); keys for layers the model
-    lacks (e.g. k_img/v_img of an I2V LoRA on a T2V model) are reported in `unmatched`.
+    lacks (e.g. k_img/v_img of an I2V LoRA on a T2V model) are reported in `unmatched`. `params`: the model's
+    parameter names, which `.diff` / `.diff_b` / `.set_weight` keys must name (None: the Wan table).
     """
     if not sd:
         raise ValueError(f"{source} holds no tensors; expected a LoRA state dict")
-    if not any(split_lora_key(k) for k in sd):
+    if not any(_is_lora_key(k) for k in sd):
         sample = ", ".join(list(sd)[:3])
         raise ValueError(f"{source} is not a LoRA file: no key ends in a LoRA suffix (.lora_down.weight, "
-                         f".lora_A.weight, .hada_w1_a, .lokr_w1, ...); first keys: {sample}")
+                         f".lora_A.weight, .hada_w1_a, .lokr_w1, .diff, ...); first keys: {sample}")
     require_finite(sd, f"LoRA {source}")
-    groups, unmatched = _collect(sd, ModuleResolver(modules, prefixes))
+    groups, patches, unmatched = _collect(sd, ModuleResolver(modules, prefixes), ParamResolver(params, prefixes))
     adapters: dict[str, Adapter] = {}
-    keys: dict[str, tuple[str, ...]] = {}
+    keys: dict[str, tuple[str, ...]] = {p: (k,) for p, (k, _) in patches.items()}
     for module, roles in groups.items():
         try:
             adapters[module] = _build(module, roles)
@@ -382,21 +570,23 @@ def parse_lora(sd: Mapping[str, torch.Tensor], modules: Collection[str] | None =
         keys[module] = tuple(k for k, _ in roles.values())
     if unmatched:
         _warn_unmatched(source, unmatched)
-    return LoRA(adapters, tuple(unmatched), detect_lora_format(sd), source, dict(metadata or {}), keys)
+    return LoRA(adapters, tuple(unmatched), detect_lora_format(sd), source, dict(metadata or {}), keys,
+                {p: patch for p, (_, patch) in patches.items()})
 
 
 LoRASource = str | os.PathLike | Mapping[str, torch.Tensor] | LoRA
 
 
-def load_lora(source: LoRASource, modules: Collection[str] | None = None, *, prefixes: Iterable[str] = ()) -> LoRA:
+def load_lora(source: LoRASource, modules: Collection[str] | None = None, *, prefixes: Iterable[str] = (),
+              params: Collection[str] | None = None) -> LoRA:
     """A LoRA from a file path (.safetensors / .pth), a state dict, or an already parsed `LoRA`."""
     if isinstance(source, LoRA):
-        return source.restricted_to(modules) if modules is not None else source
+        return source.restricted_to(modules, params) if modules is not None else source
     if isinstance(source, Mapping):
-        return parse_lora(source, modules, prefixes=prefixes)
+        return parse_lora(source, modules, prefixes=prefixes, params=params)
     path = Path(source)
     sd = load_state_dict(path)
-    return parse_lora(sd, modules, prefixes=prefixes, source=str(path), metadata=read_metadata(path))
+    return parse_lora(sd, modules, prefixes=prefixes, source=str(path), metadata=read_metadata(path), params=params)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -456,6 +646,33 @@ def lora_state_dict(lora: LoRA | Mapping[str, Adapter], format: str = "musubi", 
                 out[base + suffixes["alpha"]] = torch.tensor(adapter.alpha, dtype=torch.float32)
             continue
         out.update(_low_rank_keys(base, adapter, fmt, keep_alpha, adapter_name))
+    for module, adapter in adapters.items():
+        if adapter.dora_scale is not None:
+            if fmt == "diffusers":
+                raise ValueError(f"DoRA adapters cannot be written in diffusers format ({module})")
+            out[_module_key(module, fmt, prefix) + _DORA_SUFFIX] = adapter.dora_scale
+    if isinstance(lora, LoRA):
+        out.update(_param_keys(lora.params, fmt, prefix))
+    return out
+
+
+def _param_keys(params: Mapping[str, ParamPatch], fmt: str, prefix: str | None) -> dict[str, torch.Tensor]:
+    """`.diff` / `.diff_b` / `.set_weight` keys, named as ComfyUI reads them."""
+    out: dict[str, torch.Tensor] = {}
+    for name, patch in params.items():
+        module, _, which = name.rpartition(".")
+        if fmt == "diffusers" or (which not in ("weight", "bias") and fmt == "musubi"):
+            raise ValueError(f"the full patch of parameter {name!r} cannot be written in {fmt} format; use comfyui")
+        if which not in ("weight", "bias"):
+            module, suffix = name, ".diff" if patch.kind == "diff" else ".set_weight"
+        elif which == "bias":
+            if patch.kind != "diff":
+                raise ValueError(f"a bias replacement ({name}) has no key in any LoRA format")
+            suffix = ".diff_b"
+        else:
+            suffix = ".diff" if patch.kind == "diff" else ".set_weight"
+        base = kohya_lora_name(module) if fmt == "musubi" else (f"{prefix}.{module}" if prefix else module)
+        out[base + suffix] = patch.diff if isinstance(patch, FullDiff) else patch.value
     return out
 
 

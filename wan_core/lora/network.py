@@ -255,6 +255,9 @@ class LoRANetwork(nn.Module):
                 module = self.by_name[name]
                 if not isinstance(adapter, LowRank):
                     raise ValueError(f"{lora.source}: {name} is a {adapter.kind} adapter; the network is a plain LoRA")
+                if adapter.dora_scale is not None:
+                    raise ValueError(f"{lora.source}: {name} is a DoRA adapter (.dora_scale); the network is a plain "
+                                     f"LoRA")
                 if adapter.rank != module.rank:
                     raise ValueError(f"{lora.source}: {name} has rank {adapter.rank} but the network has rank "
                                      f"{module.rank}; build the network with that rank (or LoRANetwork.from_weights)")
@@ -266,4 +269,10 @@ class LoRANetwork(nn.Module):
             logger.warning("%s has no weights for %d network modules (they keep their initial values): %s",
                            lora.source, len(missing), ", ".join(missing[:10]))
         logger.info("loaded LoRA weights for %d modules from %s", len(lora.adapters), lora.source)
-        return LoRAReport(lora.source, lora.format, self.multiplier, len(lora.adapters), (), lora.unmatched)
+        # full-parameter patches (.diff, .diff_b, .set_weight) have no place in a LoRA network: not loaded
+        patched = tuple(k for p in lora.params for k in lora.source_keys.get(p, (p,)))
+        if patched:
+            logger.warning("%s: %d full-parameter patch key(s) are not part of a LoRA network and are NOT loaded: %s",
+                           lora.source, len(patched), ", ".join(patched[:10]))
+        return LoRAReport(lora.source, lora.format, self.multiplier, len(lora.adapters), (),
+                          (*lora.unmatched, *patched))

@@ -122,16 +122,39 @@ def euler_schedule(steps: int, shift: float) -> Schedule:
     return Schedule(sigmas=sigmas.double(), timesteps=timesteps.double())
 
 
+def distill_step_list(steps: int) -> list[int]:
+    """The denoising steps of the step-distilled (few-step) models: int(1000 − i·1000/N), e.g. [1000, 750, 500,
+    250] for 4 steps (LightX2V's `denoising_step_list`)."""
+    steps = _check_steps(steps)
+    if steps > NUM_TRAIN_TIMESTEPS:
+        raise ValueError(f"flowmatch_distill takes at most {NUM_TRAIN_TIMESTEPS} steps, got {steps}")
+    return [int(NUM_TRAIN_TIMESTEPS - i * NUM_TRAIN_TIMESTEPS / steps) for i in range(steps)]
+
+
+def distill_schedule(steps: int, shift: float) -> Schedule:
+    """LightX2V's step-distill grid (CausVid / lightx2v few-step LoRAs): the float32 training grid
+    shift(linspace(1, 0, 1001)[:-1]) read at index 1000 − t for t in `distill_step_list(steps)`, model timesteps
+    σ·1000 (float32), final σ = 0. Sampled with Euler: x ← x + (σ_next − σ)·v, i.e. x0 = x − σ·v re-noised to
+    σ_next along the same velocity."""
+    shift = _check_shift(shift)
+    grid = shift_sigmas(torch.linspace(1.0, 0.0, NUM_TRAIN_TIMESTEPS + 1, dtype=torch.float32)[:-1], shift)
+    picked = grid[[NUM_TRAIN_TIMESTEPS - t for t in distill_step_list(steps)]]  # [N] float32
+    sigmas = torch.cat([picked, picked.new_zeros(1)])
+    return Schedule(sigmas=sigmas.double(), timesteps=(picked * NUM_TRAIN_TIMESTEPS).double())
+
+
 SCHEDULES: dict[str, Callable[[int, float], Schedule]] = {
     "unipc": unipc_schedule,
     "dpm++": dpmpp_schedule,
     "euler": euler_schedule,
     "vanilla": euler_schedule,
+    "flowmatch_distill": distill_schedule,
 }
 
 
 def get_schedule(solver: str, steps: int, shift: float) -> Schedule:
-    """The official schedule of ``solver`` (unipc, dpm++, euler / vanilla) for ``steps`` steps at flow ``shift``."""
+    """The schedule of ``solver`` (unipc, dpm++, euler / vanilla: the official ones; flowmatch_distill: the
+    few-step distilled models') for ``steps`` steps at flow ``shift``."""
     if solver not in SCHEDULES:
         raise ValueError(f"unknown sample solver {solver!r}; expected one of {sorted(SCHEDULES)}")
     schedule = SCHEDULES[solver](steps, shift)
@@ -402,6 +425,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpm++": sample_dpmpp_2m,
     "euler": sample_euler,
     "vanilla": sample_euler,
+    "flowmatch_distill": sample_euler,  # over distill_schedule
 }
 
 
