@@ -25,14 +25,6 @@ from wan_core.loading.checkpoint import non_finite_count
 from wan_core.models.dit import WanModel
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     return write_models(tmp_path_factory.mktemp("models"))

@@ -27,15 +27,6 @@ from wan_core.models.config import CONFIG_METADATA_KEY, config_from_json
 from wan_core.models.dit import WanModel, load_dit
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread (and do not fight other processes for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def dit(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_dit_file(tmp_path_factory.mktemp("dit") / "tiny_t2v.safetensors")

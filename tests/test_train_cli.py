@@ -18,14 +18,6 @@ from wan_core.lora.formats import load_lora
 from wan_core.models.dit import WanModel
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("cli")

@@ -16,14 +16,6 @@ from training.train import NonFiniteTrainingError, train
 from wan_core.loading.checkpoint import NonFiniteError, non_finite_count
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def dit(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_dit_file(tmp_path_factory.mktemp("dit") / "tiny_t2v.safetensors")
