@@ -14,8 +14,9 @@ from PIL import Image
 
 from tests.model_set import TINY_T5, _save, write_model_set
 from tests.tiny import TINY_DIT, randomize_
-from wan_core.generate.cli import main
+from wan_core.generate.cli import main, vae_latent_channels
 from wan_core.generate.outputs import load_latent
+from wan_core.loading.checkpoint import save_safetensors
 from wan_core.models.config import VAEConfig
 from wan_core.models.dit import WanModel
 from wan_core.models.vae import WanVAEModel
@@ -100,15 +101,28 @@ def test_ti2v_5b_text_to_video_with_the_wan22_vae(models, tmp_path):
 @pytest.mark.parametrize(("argv", "message"), [
     (["--task", "i2v-A14B", "--dit", "{dit_i2v}", "--image_path", "{start}"],
      "task 'i2v-A14B' needs a t2v model with 36 input channels, but the checkpoint is a i2v model"),
-    (["--task", "ti2v-5B", "--dit", "{t2v_low}"], "task 'ti2v-5B' needs a t2v model with 48 input channels"),
+    (["--task", "ti2v-5B", "--dit", "{t2v_low}", "--vae", "{vae22}"],
+     "task 'ti2v-5B' needs a t2v model with 48 input channels"),
     (["--task", "t2v-14B", "--dit", "{t2v_low}", "--dit_high_noise", "{t2v_high}"],
      "are for the Wan2.2 A14B tasks (t2v-A14B, i2v-A14B); task is t2v-14B"),
     (["--task", "t2v-A14B", "--dit", "{t2v_low}", "--timestep_boundary", "1001"],
      "timestep boundary must be in [0, 1] or (1, 1000], got 1001.0"),
     (["--task", "t2v-A14B", "--dit", "{t2v_low}", "--lora_weight_high_noise", "{t2v_low}"],
      "--lora_weight_high_noise needs the high-noise expert (--dit_high_noise)"),
+    (["--task", "ti2v-5B", "--dit", "{ti2v}"],
+     "--vae vae.safetensors has 16 latent channels; task ti2v-5B needs the Wan2.2 VAE (wan2.2_vae) with 48"),
+    (["--task", "t2v-A14B", "--dit", "{t2v_low}", "--vae", "{vae22}"],
+     "--vae vae22.safetensors has 48 latent channels; task t2v-A14B needs the Wan2.1 VAE (wan_2.1_vae) with 16"),
+    (["--task", "ti2v-5B", "--dit", "{ti2v}", "--vae", "{vae22}", "--image_path", "{start}"],
+     "task ti2v-5B: image-to-video is not supported yet"),
     (["--task", "t2v-A14B"], "there is no embedded toy model for the Wan2.2 task t2v-A14B: give its DiT with --dit"),
 ])
 def test_wrong_wan22_input_is_one_clear_error(models, tmp_path, capsys, argv, message):
     assert _run(models, tmp_path, *[a.format(**{k: str(v) for k, v in models.items()}) for a in argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_vae_latent_channels_from_shapes_without_metadata(tmp_path):
+    for cfg, want in ((TINY_VAE22, 48), (VAEConfig(dim=8), 16)):
+        path = save_safetensors(dict(WanVAEModel(cfg).state_dict()), tmp_path / f"vae{want}.safetensors")
+        assert vae_latent_channels(path) == want

@@ -35,6 +35,7 @@ from wan_core.models.config import (
     TASKS,
     DiTConfig,
     TaskPreset,
+    VAEConfig,
     config_to_json,
     detect_config,
     get_task,
@@ -522,8 +523,33 @@ def jobs_from_lines(lines: Sequence[str], args: argparse.Namespace, spec: ModelS
                end_image_path=args.end_image_path, control_path=args.control_path)
     parsed = [parse_prompt_line(line, base).with_seed() for line in lines]
     task = infer_task(spec, any(j.image_path for j in parsed))
+    if spec.vae:
+        check_vae_fits(Path(spec.vae), task)
     defaults = sampling_defaults_for(spec)
     return [resolve_job(job, args, task, defaults) for job in parsed]
+
+
+def vae_latent_channels(path: Path) -> int | None:
+    """A VAE file's latent channels from its stored config or the header shape of its post-quant conv (official
+    `conv2`, diffusers `post_quant_conv`); None when neither is there."""
+    config = stored_config(read_metadata_safe(path), VAEConfig, f"--vae {path.name}")
+    if config is not None:
+        return config.z_dim
+    for key, tensor in peek_shapes(path).items():
+        if key.split(".")[-2:] in (["conv2", "weight"], ["post_quant_conv", "weight"]) and "coder" not in key:
+            return int(tensor.shape[0])
+    return None
+
+
+def check_vae_fits(path: Path, task: str) -> None:
+    """ValueError before any model loads when the VAE's latents are not the ones the task's DiT works on
+    (Wan2.2 TI2V-5B: the 48-channel Wan2.2 VAE; every other task: the 16-channel Wan2.1 VAE)."""
+    want = get_task(task).vae.z_dim
+    got = vae_latent_channels(path) if path.exists() else None
+    if got is not None and got != want:
+        names = {16: "Wan2.1 VAE (wan_2.1_vae)", 48: "Wan2.2 VAE (wan2.2_vae)"}
+        raise ValueError(f"--vae {path.name} has {got} latent channels; task {task} needs the "
+                         f"{names.get(want, f'{want}-channel VAE')} with {want}")
 
 
 def interactive(models: ModelSet, args: argparse.Namespace, spec: ModelSpec, stream=sys.stdin) -> int:
