@@ -84,5 +84,5 @@ def test_ti2v_5b_preset_is_detected_from_shapes() -> None:
     assert not WAN22_TI2V_5B_DIT.has_image_input and "img_emb.proj.0.weight" not in sd
     assert (WAN22_TI2V_5B_DIT.head_dim, WAN22_TI2V_5B_DIT.in_dim, WAN22_TI2V_5B_DIT.out_dim) == (128, 48, 48)
     assert tuple(sd["patch_embedding.weight"].shape) == (3072, 48, 1, 2, 2)
-    assert tasks_matching(WAN22_TI2V_5B_DIT) == []  # a model preset only; the Wan2.2 tasks come later
+    assert tasks_matching(WAN22_TI2V_5B_DIT) == ["ti2v-5B"]
     assert round(sum(v.numel() for v in sd.values()) / 1e9, 1) == 5.0  # "5B"

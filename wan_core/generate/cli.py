@@ -34,16 +34,19 @@ from wan_core.models.config import (
     CONFIG_METADATA_KEY,
     TASKS,
     DiTConfig,
+    TaskPreset,
+    VAEConfig,
     config_to_json,
     detect_config,
     get_task,
     stored_config,
     tasks_matching,
 )
-from wan_core.models.dit import load_dit, normalize_dit_keys
+from wan_core.models.dit import WanModel, load_dit, normalize_dit_keys
 from wan_core.runtime.offload import PINNED_MEMORY_HELP
 from wan_core.runtime.prepare import merge_spec_loras
 from wan_core.sampling import conditioning as cond
+from wan_core.sampling.experts import ExpertSwitch, boundary_fraction
 from wan_core.sampling.guidance import CFG_SKIP_MODES, SLG_MODES, SLGConfig, cfg_apply_pattern
 from wan_core.sampling.pipeline import SamplerSettings, decode_latents, denoise, encode_prompts
 from wan_core.sampling.solvers import SAMPLERS
@@ -60,7 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("models")
     g.add_argument("--task", choices=sorted(TASKS), default=None,
                    help="task (defaults for steps/shift/guidance/size); inferred from the DiT when omitted")
-    g.add_argument("--dit", help="DiT checkpoint (.safetensors/.pth; official, ComfyUI or diffusers layout)")
+    g.add_argument("--dit", help="DiT checkpoint (.safetensors/.pth; official, ComfyUI or diffusers layout); for "
+                                  "Wan2.2 A14B the low-noise expert")
+    g.add_argument("--dit_high_noise", help="Wan2.2 A14B high-noise expert (used for t >= boundary * 1000)")
+    g.add_argument("--timestep_boundary", type=float, default=None,
+                   help="Wan2.2 expert boundary, 0-1 or 0-1000 (default: the task's, 0.875 T2V / 0.9 I2V)")
+    g.add_argument("--offload_inactive_dit", action="store_true",
+                   help="keep only the active Wan2.2 expert on the device, the other in CPU memory")
+    g.add_argument("--force_v2_1_time_embedding", action="store_true",
+                   help="accepted for compatibility: one timestep per sample is what this sampler passes already")
     g.add_argument("--vae", help="VAE checkpoint (Wan2.1_VAE.pth or wan_2.1_vae.safetensors)")
     g.add_argument("--vae_dtype", default=None, choices=["float32", "float16", "bfloat16"])
     g.add_argument("--vae_cache_cpu", action="store_true", help="keep the VAE causal cache in main memory")
@@ -79,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fps", type=int, default=None)
     g.add_argument("--infer_steps", type=int, default=None)
     g.add_argument("--flow_shift", type=float, default=None)
-    g.add_argument("--guidance_scale", type=float, default=None)
+    g.add_argument("--guidance_scale", type=float, default=None, help="guidance (Wan2.2: of the low-noise expert)")
+    g.add_argument("--guidance_scale_high_noise", type=float, default=None,
+                   help="guidance of the Wan2.2 high-noise expert (default: the task's)")
     g.add_argument("--seed", type=int, default=None, help="random when omitted")
     g.add_argument("--cpu_noise", action="store_true", help="draw the initial noise on the CPU (ComfyUI-compatible)")
     g.add_argument("--sample_solver", choices=sorted(SAMPLERS), default="unipc",
@@ -100,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora_weight", nargs="*", default=[])
     g.add_argument("--lora_multiplier", nargs="*", type=float, default=[])
+    g.add_argument("--lora_weight_high_noise", nargs="*", default=[], help="LoRAs of the Wan2.2 high-noise expert")
+    g.add_argument("--lora_multiplier_high_noise", nargs="*", type=float, default=[])
     g.add_argument("--include_patterns", nargs="*", default=None)
     g.add_argument("--exclude_patterns", nargs="*", default=None)
     g.add_argument("--lycoris", action="store_true", help="accepted for compatibility (LoHa/LoKr are auto-detected)")
@@ -143,6 +158,8 @@ class Resolved:
     image: torch.Tensor | None = None
     end_image: torch.Tensor | None = None
     control: torch.Tensor | None = None
+    boundary: float | None = None  # Wan2.2 A14B: expert boundary (fraction of 1000)
+    guidance_high: float | None = None  # Wan2.2 A14B: guidance of the high-noise expert
 
 
 def infer_task(spec: ModelSpec, image_given: bool) -> str:
@@ -158,6 +175,12 @@ def infer_task(spec: ModelSpec, image_given: bool) -> str:
     cfg = (stored_config(metadata, DiTConfig, f"--dit {path.name}")
            or detect_config(normalize_dit_keys(peek_shapes(path), path.name)))
     fits = tasks_matching(cfg)
+    if cfg.out_dim == 48:
+        return "ti2v-5B"
+    if not cfg.has_image_input and cfg.in_dim == cfg.out_dim + 20:
+        return "i2v-A14B"
+    if spec.dit_high and cfg.model_type == "t2v":
+        return "t2v-A14B"
     if cfg.in_dim == 48:
         return "i2v-14B-FC" if image_given else ("t2v-1.3B-FC" if cfg.dim == 1536 else "t2v-14B-FC")
     if fits:
@@ -217,12 +240,28 @@ def resolve_job(job: Job, args: argparse.Namespace, task: str, defaults: dict) -
                       preset.negative_prompt)
     fps = _first(args.fps, defaults.get("fps"), preset.fps)
     _check_inputs(task, image, end_image, control)
-    return Resolved(job, task, height, width, frames, settings, negative, fps, image, end_image, control)
+    boundary, guidance_high = _expert_settings(args, preset, settings.guidance_scale)
+    return Resolved(job, task, height, width, frames, settings, negative, fps, image, end_image, control, boundary,
+                    guidance_high)
+
+
+def _expert_settings(args: argparse.Namespace, preset: TaskPreset, guidance: float) -> tuple[float | None,
+                                                                                              float | None]:
+    """(boundary, high-noise guidance) of a Wan2.2 A14B task; (None, None) for single-DiT tasks."""
+    if preset.boundary is None:
+        if args.dit_high_noise or args.timestep_boundary is not None or args.guidance_scale_high_noise is not None:
+            raise ValueError(f"--dit_high_noise / --timestep_boundary / --guidance_scale_high_noise are for the "
+                             f"Wan2.2 A14B tasks (t2v-A14B, i2v-A14B); task is {preset.name}")
+        return None, None
+    boundary = boundary_fraction(_first(args.timestep_boundary, preset.boundary))
+    return boundary, _first(args.guidance_scale_high_noise, preset.guide_scale_high, guidance)
 
 
 def _check_inputs(task: str, image, end_image, control) -> None:
     preset = get_task(task)
-    kind = preset.dit.model_type
+    kind = "i2v" if preset.takes_image and preset.dit.model_type == "t2v" else preset.dit.model_type
+    if preset.vae.z_dim != 16 and (image is not None or end_image is not None):
+        raise ValueError(f"task {task}: image-to-video is not supported yet (text-to-video only); drop --image_path")
     if preset.is_fun_control:
         if control is None:
             raise ValueError(f"task {task} is a Fun-Control model: give a control video with --control_path (--cn)")
@@ -256,12 +295,25 @@ def spec_from_args(args: argparse.Namespace) -> ModelSpec:
         swap = int(swap)
     tokenizer = args.tokenizer or (str(Path(args.ckpt_dir) / "google" / "umt5-xxl") if args.ckpt_dir else None)
     vae_dtype = getattr(torch, args.vae_dtype) if args.vae_dtype else None
-    return ModelSpec(dit=args.dit, vae=args.vae, t5=args.t5, clip=args.clip, tokenizer=tokenizer, task=args.task,
+    high = _loras(args.lora_weight_high_noise, args.lora_multiplier_high_noise, "--lora_multiplier_high_noise")
+    if high and not args.dit_high_noise:
+        raise ValueError("--lora_weight_high_noise needs the high-noise expert (--dit_high_noise)")
+    return ModelSpec(dit=args.dit, dit_high=args.dit_high_noise, loras_high=high,
+                     offload_inactive=args.offload_inactive_dit, vae=args.vae, t5=args.t5, clip=args.clip,
+                     tokenizer=tokenizer, task=args.task,
                      device=args.device, attn=args.attn_mode, vae_dtype=vae_dtype, vae_cache_cpu=args.vae_cache_cpu,
                      vae_tiling=True if args.vae_tiling else None, fp8=fp8, fp8_t5=args.fp8_t5,
                      blocks_to_swap=swap, pinned_block_swap=args.use_pinned_memory_for_block_swap,
                      compile=args.compile,
                      loras=tuple(zip(args.lora_weight, multipliers, includes, excludes)))
+
+
+def _loras(paths: list[str], multipliers: list[float], flag: str) -> tuple[tuple[str, float, None, None], ...]:
+    """(path, multiplier, no include, no exclude) per LoRA; missing multipliers are 1.0."""
+    if len(multipliers) > len(paths):
+        raise ValueError(f"{len(multipliers)} {flag} values for {len(paths)} LoRAs")
+    full = list(multipliers) + [1.0] * (len(paths) - len(multipliers))
+    return tuple((p, m, None, None) for p, m in zip(paths, full))
 
 
 def check_files_and_outputs(args: argparse.Namespace, spec: ModelSpec) -> None:
@@ -270,8 +322,12 @@ def check_files_and_outputs(args: argparse.Namespace, spec: ModelSpec) -> None:
     for kind in ("dit", "vae", "t5", "clip"):
         if getattr(spec, kind):
             check_model_file(getattr(spec, kind), kind, f"--{kind}")
+    if spec.dit_high:
+        check_model_file(spec.dit_high, "dit", "--dit_high_noise")
     for path, *_ in spec.loras:
         check_model_file(path, "lora", "--lora_weight")
+    for path, *_ in spec.loras_high:
+        check_model_file(path, "lora", "--lora_weight_high_noise")
     if args.fps is not None and args.fps <= 0:
         raise ValueError(f"--fps must be a positive frame rate (e.g. 16), got {args.fps}")
     if args.save_merged_model:
@@ -334,15 +390,18 @@ class Progress:
 def build_conditioning(models: ModelSet, r: Resolved) -> cond.Conditioning:
     preset = get_task(r.task)
     kind = preset.dit.model_type
-    if kind == "t2v" and not preset.is_fun_control:
-        return cond.text_to_video(r.height, r.width, r.frames)
+    if not preset.takes_image and not preset.is_fun_control:
+        return cond.text_to_video(r.height, r.width, r.frames, spatial=preset.vae.space_stride)
     vae = models.get("vae")
-    needs_clip = r.image is not None
+    needs_clip = r.image is not None and preset.needs_clip
     clip = models.get("clip") if needs_clip else None
     if preset.is_fun_control:
         control = _given(r.control, "--control_path")
         return cond.fun_control(vae, clip, control, r.frames, r.height, r.width, r.image, r.end_image)
-    image, clip = _given(r.image, "--image_path"), _given(clip, "--clip")
+    image = _given(r.image, "--image_path")
+    if not preset.needs_clip:  # Wan2.2 i2v-A14B: mask + image latents, no CLIP branch
+        return cond.image_to_video(vae, None, image, r.frames, r.height, r.width, end_image=r.end_image)
+    clip = _given(clip, "--clip")
     if kind == "flf2v":
         return cond.first_last_to_video(vae, clip, image, _given(r.end_image, "--end_image_path"), r.frames,
                                         r.height, r.width)
@@ -383,20 +442,36 @@ def denoise_jobs(models: ModelSet, jobs: Sequence[Resolved], conds: Sequence[con
     models.size_hint = max(((r.height, r.width, c.frames) for r, c in zip(jobs, conds)),
                            key=lambda s: s[0] * s[1] * s[2])
     dit = models.get("dit")
+    high = models.get("dit_high") if models.spec.dit_high else None
     latents = []
     for n, (r, c) in enumerate(zip(jobs, conds)):
         start = time.perf_counter()
         STATUS.phase, STATUS.video, STATUS.videos, STATUS.step, STATUS.steps = (
             "sampling", n + 1, len(jobs), 0, r.settings.steps)
         logger.info("sampling video %d/%d: %d steps", n + 1, len(jobs), r.settings.steps)
-        needs_uncond = r.settings.guidance_scale != 1.0 or r.settings.slg is not None
+        model = sampling_model(dit, high, r, models)
+        needs_uncond = (r.settings.guidance_scale != 1.0 or r.settings.slg is not None
+                        or (high is not None and r.guidance_high != 1.0))
         progress = Progress(r.settings.steps, f"video {n + 1}/{len(jobs)}", quiet)
-        latents.append(denoise(dit, c, [embeds[r.job.prompt]], [embeds[r.negative_prompt]] if needs_uncond else None,
+        latents.append(denoise(model, c, [embeds[r.job.prompt]], [embeds[r.negative_prompt]] if needs_uncond else None,
                                r.settings, callback=progress))
         logger.info("denoised %d steps in %.2f s", r.settings.steps, time.perf_counter() - start)
     if not keep_loaded:
         models.release("dit")
+        models.release("dit_high")
     return latents
+
+
+def sampling_model(dit: WanModel, high: WanModel | None, r: Resolved, models: ModelSet) -> WanModel | ExpertSwitch:
+    """The DiT, or for a Wan2.2 A14B task with both experts the `ExpertSwitch` over them."""
+    if r.boundary is None:
+        return dit
+    if high is None:
+        logger.info("task %s with only --dit: that one expert runs all %d steps (guidance %g); give "
+                    "--dit_high_noise for the high-noise expert", r.task, r.settings.steps, r.settings.guidance_scale)
+        return dit
+    return ExpertSwitch(high, dit, r.boundary, _given(r.guidance_high, "high-noise guidance"),
+                        r.settings.guidance_scale, models.device, offload=models.spec.offload_inactive)
 
 
 def save_result(models: ModelSet, r: Resolved, latents: torch.Tensor, args: argparse.Namespace) -> list[Path]:
@@ -448,8 +523,33 @@ def jobs_from_lines(lines: Sequence[str], args: argparse.Namespace, spec: ModelS
                end_image_path=args.end_image_path, control_path=args.control_path)
     parsed = [parse_prompt_line(line, base).with_seed() for line in lines]
     task = infer_task(spec, any(j.image_path for j in parsed))
+    if spec.vae:
+        check_vae_fits(Path(spec.vae), task)
     defaults = sampling_defaults_for(spec)
     return [resolve_job(job, args, task, defaults) for job in parsed]
+
+
+def vae_latent_channels(path: Path) -> int | None:
+    """A VAE file's latent channels from its stored config or the header shape of its post-quant conv (official
+    `conv2`, diffusers `post_quant_conv`); None when neither is there."""
+    config = stored_config(read_metadata_safe(path), VAEConfig, f"--vae {path.name}")
+    if config is not None:
+        return config.z_dim
+    for key, tensor in peek_shapes(path).items():
+        if key.split(".")[-2:] in (["conv2", "weight"], ["post_quant_conv", "weight"]) and "coder" not in key:
+            return int(tensor.shape[0])
+    return None
+
+
+def check_vae_fits(path: Path, task: str) -> None:
+    """ValueError before any model loads when the VAE's latents are not the ones the task's DiT works on
+    (Wan2.2 TI2V-5B: the 48-channel Wan2.2 VAE; every other task: the 16-channel Wan2.1 VAE)."""
+    want = get_task(task).vae.z_dim
+    got = vae_latent_channels(path) if path.exists() else None
+    if got is not None and got != want:
+        names = {16: "Wan2.1 VAE (wan_2.1_vae)", 48: "Wan2.2 VAE (wan2.2_vae)"}
+        raise ValueError(f"--vae {path.name} has {got} latent channels; task {task} needs the "
+                         f"{names.get(want, f'{want}-channel VAE')} with {want}")
 
 
 def interactive(models: ModelSet, args: argparse.Namespace, spec: ModelSpec, stream=sys.stdin) -> int:

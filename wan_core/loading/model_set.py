@@ -5,6 +5,7 @@ With no paths given, the embedded toy model set (wan_core/toy_models/) is used.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -76,11 +77,19 @@ class ModelSpec:
     pinned_block_swap: bool = False  # page-locked CPU copy of the swapped blocks (faster copies, RAM held)
     compile: bool = False
     loras: tuple[tuple[str, float, str | None, str | None], ...] = ()  # (path, multiplier, include, exclude)
+    # Wan2.2 A14B: the high-noise expert (`dit` is the low-noise one), its LoRAs, and whether only the active
+    # expert stays on the device
+    dit_high: str | None = None
+    loras_high: tuple[tuple[str, float, str | None, str | None], ...] = ()
+    offload_inactive: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for path, multiplier, *_ in self.loras:  # refuse a NaN/inf strength before any model is loaded
+        for path, multiplier, *_ in (*self.loras, *self.loras_high):  # refuse NaN/inf before any model loads
             lora_multiplier(multiplier, path)
+        if self.offload_inactive and self.blocks_to_swap not in (None, 0):
+            raise ValueError("--offload_inactive_dit moves whole experts between CPU and device; it cannot be "
+                             f"combined with --blocks_to_swap {self.blocks_to_swap}")
 
     def path(self, kind: str) -> Path:
         """The file for `kind` ('dit', 'vae', 't5', 'clip'), falling back to the toy set."""
@@ -94,7 +103,10 @@ class ModelSpec:
 
 def toy_dit_key(task: str) -> str:
     """The TOY_FILES key of the toy DiT that stands in for `task` (T2V, I2V, FLF2V or Fun-Control)."""
-    dit = get_task(task).dit
+    preset = get_task(task)
+    if preset.is_wan22:
+        raise ValueError(f"there is no embedded toy model for the Wan2.2 task {task}: give its DiT with --dit")
+    dit = preset.dit
     if dit.in_dim == 48:
         return "dit_fun_control"
     return {"i2v": "dit_i2v", "flf2v": "dit_flf2v"}.get(dit.model_type, "dit")
@@ -195,7 +207,15 @@ class ModelSet:
                 torch.cuda.empty_cache()
 
     def _load_dit(self, path: Path) -> WanModel:
-        return prepare_dit(path, self.spec, self.device, self.size_hint)
+        """The DiT (with two experts: the low-noise one, which waits on the CPU when the inactive one is offloaded:
+        sampling starts with the high-noise expert)."""
+        offloaded = self.spec.dit_high is not None and self.spec.offload_inactive
+        return prepare_dit(path, self.spec, torch.device("cpu") if offloaded else self.device, self.size_hint)
+
+    def _load_dit_high(self, path: Path) -> WanModel:
+        """The Wan2.2 high-noise expert, with the high-noise LoRAs."""
+        spec = dataclasses.replace(self.spec, loras=self.spec.loras_high)
+        return prepare_dit(path, spec, self.device, self.size_hint)
 
     def _load_vae(self, path: Path) -> WanVAE:
         vae = load_vae(path, dtype=self.spec.vae_dtype, device=self.device)

@@ -165,6 +165,20 @@ class TaskPreset:
     needs_clip: bool = False  # I2V-type tasks take a start image (CLIP + VAE)
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     sizes: tuple[tuple[int, int], ...] = field(default=((720, 1280), (1280, 720), (480, 832), (832, 480)))
+    # Wan2.2 A14B: two experts; the high-noise one runs the steps with t >= boundary * 1000, with its own guidance
+    boundary: float | None = None
+    guide_scale_high: float | None = None
+    vae: VAEConfig = WAN21_VAE  # the VAE whose latents the DiT works on
+
+    @property
+    def is_wan22(self) -> bool:
+        return self.boundary is not None or self.vae.z_dim != WAN21_VAE.z_dim
+
+    @property
+    def takes_image(self) -> bool:
+        """True when the DiT's extra input channels carry a start image (mask 4 + image latents), with or without
+        CLIP (Wan2.1 I2V/FLF2V; Wan2.2 i2v-A14B has no CLIP branch)."""
+        return self.dit.has_image_input or (not self.is_fun_control and self.dit.in_dim == self.dit.out_dim + 20)
 
     def shift_for(self, height: int, width: int) -> float:
         """Flow shift default: 3.0 for I2V-type tasks at 480x832 / 832x480 (official rule), else the preset."""
@@ -179,7 +193,7 @@ _I2V_14B = dataclasses.replace(_T2V_14B, in_dim=36, model_type="i2v")
 _FLF2V_14B = dataclasses.replace(_I2V_14B, model_type="flf2v")
 _480P = ((480, 832), (832, 480))
 # Wan2.2 TI2V-5B: one DiT on the Wan2.2 VAE's 48-channel latents, no CLIP branch, per-token timesteps (the first
-# latent frame of image-to-video gets t = 0). Not a task yet: its sampling defaults come with the Wan2.2 tasks.
+# latent frame of image-to-video gets t = 0).
 WAN22_TI2V_5B_DIT = DiTConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48)
 
 TASKS: dict[str, TaskPreset] = {
@@ -196,6 +210,13 @@ TASKS: dict[str, TaskPreset] = {
                              is_fun_control=True),
     "i2v-14B-FC": TaskPreset("i2v-14B-FC", dataclasses.replace(_T2V_14B, in_dim=48, model_type="i2v"),
                              sample_steps=40, is_fun_control=True, needs_clip=True),
+    # Wan2.2: the A14B experts have Wan2.1 14B shapes; i2v-A14B takes mask + image latents but has no CLIP branch
+    "t2v-A14B": TaskPreset("t2v-A14B", _T2V_14B, sample_steps=40, sample_shift=12.0, guide_scale=3.0,
+                           boundary=0.875, guide_scale_high=4.0),
+    "i2v-A14B": TaskPreset("i2v-A14B", dataclasses.replace(_T2V_14B, in_dim=36), sample_steps=40, sample_shift=5.0,
+                           guide_scale=3.5, boundary=0.9, guide_scale_high=3.5),
+    "ti2v-5B": TaskPreset("ti2v-5B", WAN22_TI2V_5B_DIT, sample_steps=50, sample_shift=5.0, guide_scale=5.0, fps=24,
+                          frame_num=121, sizes=((704, 1280), (1280, 704)), vae=WAN22_VAE),
 }
 
 

@@ -39,9 +39,10 @@ class Conditioning:
     latent_frames: int
     y: torch.Tensor | None = None
     clip_fea: torch.Tensor | None = None
+    spatial: int = VAE_SPATIAL  # pixels per latent cell along H and W (16 for the Wan2.2 VAE)
 
     def latent_shape(self, channels: int = 16) -> tuple[int, int, int, int, int]:
-        return (1, channels, self.latent_frames, self.height // VAE_SPATIAL, self.width // VAE_SPATIAL)
+        return (1, channels, self.latent_frames, self.height // self.spatial, self.width // self.spatial)
 
 
 def latent_frames(frames: int) -> int:
@@ -111,9 +112,14 @@ def _encode(vae: VAELike, video: torch.Tensor) -> torch.Tensor:
     return vae.encode(video[None])[0].float().cpu()
 
 
-def text_to_video(height: int, width: int, frames: int) -> Conditioning:
+def text_to_video(height: int, width: int, frames: int, spatial: int = VAE_SPATIAL) -> Conditioning:
+    """No conditioning besides the text; `spatial` is the VAE's pixels per latent cell (8 Wan2.1, 16 Wan2.2)."""
     validate_video_size(height, width, frames)
-    return Conditioning(height, width, frames, latent_frames(frames))
+    multiple = spatial * PATCH
+    if height % multiple or width % multiple:
+        raise ValueError(f"with a VAE of spatial stride {spatial}, height and width must be multiples of {multiple}, "
+                         f"got {height}x{width}")
+    return Conditioning(height, width, frames, latent_frames(frames), spatial=spatial)
 
 
 def image_to_video(vae: VAELike, clip: CLIPLike | None, image: torch.Tensor, frames: int, height: int, width: int,

@@ -141,11 +141,22 @@ def _guide(v_c: Tensor, v_u: Tensor, scale: float) -> Tensor:
     return v_u + scale * (v_c - v_u)
 
 
+def step_scales(guidance_scale: float | Sequence[float], steps: int) -> list[float]:
+    """One finite guidance scale per step from a single scale or a per-step sequence."""
+    scales = [guidance_scale] * steps if isinstance(guidance_scale, (int, float)) else list(guidance_scale)
+    if len(scales) != steps:
+        raise ValueError(f"{len(scales)} guidance scales for {steps} steps")
+    for g in scales:
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g):
+            raise ValueError(f"guidance_scale must be finite, got {g!r}")
+    return [float(g) for g in scales]
+
+
 def guided_velocity(
     predict: PredictFn,
     *,
     steps: int,
-    guidance_scale: float,
+    guidance_scale: float | Sequence[float],
     cfg_pattern: Sequence[bool] | None = None,
     slg: SLGConfig | None = None,
 ) -> VelocityFn:
@@ -156,19 +167,19 @@ def guided_velocity(
     - SLG ``uncond`` active: v = v_skip + g·(v_c − v_skip).
     - otherwise v = v_u + g·(v_c − v_u), plus scale·(v_c − v_skip) when SLG ``original`` is active.
     guidance_scale == 1 skips the uncond pass (ComfyUI's cfg1 optimisation): v = v_c (+ the SLG ``original`` term).
+    ``guidance_scale`` is one scale for every step or one per step (Wan2.2 experts each have their own).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"number of steps must be an integer >= 1, got {steps!r}")
-    if not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
+    scales = step_scales(guidance_scale, steps)
     pattern = [True] * steps if cfg_pattern is None else [bool(a) for a in cfg_pattern]
     if len(pattern) != steps:
         raise ValueError(f"cfg_pattern has {len(pattern)} entries for {steps} steps")
-    g = float(guidance_scale)
 
     def velocity(x: Tensor, t: Tensor, i: int) -> Tensor:
         if not 0 <= i < steps:
             raise ValueError(f"step index {i} outside the {steps} steps this guidance was built for")
+        g = scales[i]
         v_c = predict(x, t, "cond", ())
         if not pattern[i]:
             return v_c

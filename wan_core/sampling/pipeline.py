@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from wan_core.sampling.conditioning import Conditioning
+from wan_core.sampling.experts import ExpertSwitch
 from wan_core.sampling.guidance import SLGConfig, cfg_apply_pattern, guided_velocity
 from wan_core.sampling.solvers import Schedule, StepCallback, get_schedule, initial_noise, sample
 
@@ -60,11 +61,14 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def denoise(dit: WanModel, cond: Conditioning, context: Sequence[torch.Tensor],
+def denoise(dit: WanModel | ExpertSwitch, cond: Conditioning, context: Sequence[torch.Tensor],
             negative_context: Sequence[torch.Tensor] | None, settings: SamplerSettings, *,
             init_latents: torch.Tensor | None = None, callback: StepCallback | None = None) -> torch.Tensor:
-    """Run the guided sampler and return the latents [1, 16, F_lat, h, w] (float32)."""
-    device = _model_device(dit)
+    """Run the guided sampler and return the latents [1, C, F_lat, h, w] (float32).
+
+    `dit` is one DiT or an `ExpertSwitch` (Wan2.2 A14B), which picks the expert and its guidance scale per step.
+    """
+    device = dit.device if isinstance(dit, ExpertSwitch) else _model_device(dit)
     schedule = get_schedule(settings.solver, settings.steps, settings.flow_shift)
     first = start_index(settings.steps, settings.denoise)
     schedule = Schedule(schedule.sigmas[first:], schedule.timesteps[first:])
@@ -89,7 +93,8 @@ def denoise(dit: WanModel, cond: Conditioning, context: Sequence[torch.Tensor],
 
     steps = schedule.steps
     pattern = cfg_apply_pattern(settings.cfg_skip_mode, steps, settings.cfg_apply_ratio)
-    velocity = guided_velocity(predict, steps=steps, guidance_scale=settings.guidance_scale, cfg_pattern=pattern,
+    scales = dit.step_guidance(schedule.timesteps) if isinstance(dit, ExpertSwitch) else settings.guidance_scale
+    velocity = guided_velocity(predict, steps=steps, guidance_scale=scales, cfg_pattern=pattern,
                                slg=settings.slg)
     with torch.no_grad():
         return sample(settings.solver, velocity, x, schedule, callback=callback)

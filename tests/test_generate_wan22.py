@@ -1,0 +1,128 @@
+"""End to end CLI runs of the Wan2.2 tasks on tiny random files: two A14B experts, and a TI2V-5B DiT with a
+Wan2.2 VAE. Weights are random: outputs are checked for shapes and for which expert produced them."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.model_set import TINY_T5, _save, write_model_set
+from tests.tiny import TINY_DIT, randomize_
+from wan_core.generate.cli import main, vae_latent_channels
+from wan_core.generate.outputs import load_latent
+from wan_core.loading.checkpoint import save_safetensors
+from wan_core.models.config import VAEConfig
+from wan_core.models.dit import WanModel
+from wan_core.models.vae import WanVAEModel
+
+TINY_I2V_A14B = dataclasses.replace(TINY_DIT, in_dim=36)  # mask + image latents, no CLIP branch
+TINY_TI2V = dataclasses.replace(TINY_DIT, in_dim=48, out_dim=48)
+TINY_VAE22 = VAEConfig(dim=8, dec_dim=12, z_dim=48, patch_size=2, is_residual=True)
+assert TINY_T5.dim == TINY_DIT.text_dim
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("wan22")
+    paths = write_model_set(folder)
+    for name, cfg, seed in (("t2v_high", TINY_DIT, 11), ("t2v_low", TINY_DIT, 12), ("i2v_high", TINY_I2V_A14B, 13),
+                            ("i2v_low", TINY_I2V_A14B, 14), ("ti2v", TINY_TI2V, 15)):
+        paths[name] = _save(randomize_(WanModel(cfg), seed, scale=0.05), cfg, folder / f"{name}.safetensors")
+    paths["vae22"] = _save(randomize_(WanVAEModel(TINY_VAE22), 0, scale=0.1), TINY_VAE22, folder / "vae22.safetensors")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / "start.png")
+    paths["start"] = folder / "start.png"
+    return paths
+
+
+def _run(models, out: Path, *extra: str) -> int:
+    return main(["--vae", str(models["vae"]), "--t5", str(models["t5"]), "--video_size", "32", "32",
+                 "--video_length", "5", "--infer_steps", "4", "--seed", "7", "--output_type", "latent",
+                 "--prompt", "a red square", "--save_path", str(out), "--quiet", "--device", "cpu", *extra])
+
+
+def _latent(folder: Path) -> torch.Tensor:
+    (path,) = sorted(folder.glob("*_latent.safetensors"))
+    return load_latent(path)[0]
+
+
+def _experts(models, kind: str) -> list[str]:
+    return ["--task", f"{kind}-A14B", "--dit", str(models[f"{kind}_low"]), "--dit_high_noise",
+            str(models[f"{kind}_high"])]
+
+
+def test_t2v_a14b_switches_experts_at_the_boundary(models, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    # shift 12, 4 UniPC steps: t = 999, 972, 922, 799 -> 3 high-noise steps, then 1 low-noise step at boundary 0.875
+    assert _run(models, tmp_path / "both", *_experts(models, "t2v")) == 0
+    assert "switching to the high-noise expert" in caplog.text and "switching to the low-noise expert" in caplog.text
+    both = _latent(tmp_path / "both")
+    assert both.shape == (1, 16, 2, 4, 4)
+    # boundary 0: every step is the high-noise expert's, with its guidance (4.0) -> that expert alone at 4.0
+    assert _run(models, tmp_path / "b0", *_experts(models, "t2v"), "--timestep_boundary", "0") == 0
+    assert _run(models, tmp_path / "high", "--task", "t2v-A14B", "--dit", str(models["t2v_high"]),
+                "--guidance_scale", "4.0") == 0
+    assert torch.equal(_latent(tmp_path / "b0"), _latent(tmp_path / "high"))
+    # boundary 1000: no timestep reaches it -> the low-noise expert alone at its guidance (3.0)
+    assert _run(models, tmp_path / "b1000", *_experts(models, "t2v"), "--timestep_boundary", "1000") == 0
+    assert _run(models, tmp_path / "low", "--task", "t2v-A14B", "--dit", str(models["t2v_low"])) == 0
+    assert torch.equal(_latent(tmp_path / "b1000"), _latent(tmp_path / "low"))
+    assert "with only --dit: that one expert runs all 4 steps" in caplog.text
+    assert not torch.equal(both, _latent(tmp_path / "low")) and not torch.equal(both, _latent(tmp_path / "high"))
+
+
+def test_high_noise_guidance_flag_and_offload(models, tmp_path):
+    assert _run(models, tmp_path / "a", *_experts(models, "t2v"), "--timestep_boundary", "0",
+                "--guidance_scale_high_noise", "2.0", "--offload_inactive_dit", "--force_v2_1_time_embedding") == 0
+    assert _run(models, tmp_path / "b", "--task", "t2v-A14B", "--dit", str(models["t2v_high"]),
+                "--guidance_scale", "2.0") == 0
+    assert torch.equal(_latent(tmp_path / "a"), _latent(tmp_path / "b"))
+
+
+def test_i2v_a14b_needs_no_clip(models, tmp_path):
+    assert _run(models, tmp_path, *_experts(models, "i2v"), "--image_path", str(models["start"])) == 0
+    assert _latent(tmp_path).shape == (1, 16, 2, 4, 4)
+
+
+def test_ti2v_5b_text_to_video_with_the_wan22_vae(models, tmp_path):
+    assert main(["--task", "ti2v-5B", "--dit", str(models["ti2v"]), "--vae", str(models["vae22"]), "--t5",
+                 str(models["t5"]), "--video_size", "32", "64", "--video_length", "5", "--infer_steps", "2",
+                 "--output_type", "both", "--prompt", "a red square", "--save_path", str(tmp_path), "--quiet",
+                 "--device", "cpu"]) == 0
+    assert _latent(tmp_path).shape == (1, 48, 2, 2, 4)
+    assert len(list(tmp_path.glob("*.mp4"))) == 1
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--task", "i2v-A14B", "--dit", "{dit_i2v}", "--image_path", "{start}"],
+     "task 'i2v-A14B' needs a t2v model with 36 input channels, but the checkpoint is a i2v model"),
+    (["--task", "ti2v-5B", "--dit", "{t2v_low}", "--vae", "{vae22}"],
+     "task 'ti2v-5B' needs a t2v model with 48 input channels"),
+    (["--task", "t2v-14B", "--dit", "{t2v_low}", "--dit_high_noise", "{t2v_high}"],
+     "are for the Wan2.2 A14B tasks (t2v-A14B, i2v-A14B); task is t2v-14B"),
+    (["--task", "t2v-A14B", "--dit", "{t2v_low}", "--timestep_boundary", "1001"],
+     "timestep boundary must be in [0, 1] or (1, 1000], got 1001.0"),
+    (["--task", "t2v-A14B", "--dit", "{t2v_low}", "--lora_weight_high_noise", "{t2v_low}"],
+     "--lora_weight_high_noise needs the high-noise expert (--dit_high_noise)"),
+    (["--task", "ti2v-5B", "--dit", "{ti2v}"],
+     "--vae vae.safetensors has 16 latent channels; task ti2v-5B needs the Wan2.2 VAE (wan2.2_vae) with 48"),
+    (["--task", "t2v-A14B", "--dit", "{t2v_low}", "--vae", "{vae22}"],
+     "--vae vae22.safetensors has 48 latent channels; task t2v-A14B needs the Wan2.1 VAE (wan_2.1_vae) with 16"),
+    (["--task", "ti2v-5B", "--dit", "{ti2v}", "--vae", "{vae22}", "--image_path", "{start}"],
+     "task ti2v-5B: image-to-video is not supported yet"),
+    (["--task", "t2v-A14B"], "there is no embedded toy model for the Wan2.2 task t2v-A14B: give its DiT with --dit"),
+])
+def test_wrong_wan22_input_is_one_clear_error(models, tmp_path, capsys, argv, message):
+    assert _run(models, tmp_path, *[a.format(**{k: str(v) for k, v in models.items()}) for a in argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_vae_latent_channels_from_shapes_without_metadata(tmp_path):
+    for cfg, want in ((TINY_VAE22, 48), (VAEConfig(dim=8), 16)):
+        path = save_safetensors(dict(WanVAEModel(cfg).state_dict()), tmp_path / f"vae{want}.safetensors")
+        assert vae_latent_channels(path) == want
