@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -11,7 +12,7 @@ from wan_core.loading.model_set import check_dit_file_task
 from wan_core.lora.apply import inference_filter, lora_report
 from wan_core.models.attention import Backend
 from wan_core.models.clip import default_clip_dtype, load_clip_vision
-from wan_core.models.config import TASKS
+from wan_core.models.config import TASKS, WAN21_VAE, DiTConfig
 from wan_core.models.dit import load_dit
 from wan_core.models.t5 import load_t5
 from wan_core.models.vae import load_vae
@@ -32,6 +33,17 @@ REPORT_KEYS = 20  # unmatched keys listed in the LoRA report
 
 def _file_choices(folder: str) -> list[str]:
     return comfy.list_models(folder) or [f"(no files in {folder})"]
+
+
+# The nodes run the Wan2.1 family; Wan2.2 (expert pairs, TI2V with the Wan2.2 VAE) runs through the CLI for now.
+NODE_TASKS = [name for name, preset in TASKS.items() if not preset.is_wan22]
+WAN22_ONLY = "Wan2.2 {what} run through `python -m wan_core.generate` for now; the nodes support the Wan2.1 models"
+
+
+def wan22_only_dit(config: DiTConfig) -> bool:
+    """TI2V-5B (48 latent channels) and I2V-A14B (image channels without a CLIP branch) have no Wan2.1 twin; the
+    A14B text-to-video experts have the Wan2.1 T2V-14B architecture and run as a single model."""
+    return config.out_dim != WAN21_VAE.z_dim or (config.in_dim == config.out_dim + 20 and not config.has_image_input)
 
 
 def _dit_problem(model_name: str | None, task: str | None) -> str | None:
@@ -66,7 +78,7 @@ class WanTunerDiTLoader:
         return {"required": {
             "model_name": inp(_file_choices("diffusion_models"), "DiT file from models/diffusion_models "
                               "(e.g. wan2.1_t2v_1.3B_fp16.safetensors)."),
-            "task": inp(["auto", *TASKS], "Wan task the file must fit; 'auto' infers it from the weights. "
+            "task": inp(["auto", *NODE_TASKS], "Wan task the file must fit; 'auto' infers it from the weights. "
                         "A mismatch is reported before the graph runs."),
             "dtype": inp(list(DTYPES), "Compute dtype; 'default' keeps the file's (bf16 for fp8 files)."),
             "fp8": inp(["none", *FP8_MODES], "Store the block weights in fp8 to halve memory; 'fp8_scaled' "
@@ -111,6 +123,8 @@ def _load_dit(path, task: str | None, dtype: str, fp8: str, attention: str, bloc
     device = "cpu" if blocks_to_swap else comfy.load_device()
     model = load_dit(path, task=task, dtype=DTYPES[dtype], device=device, attn=attention,
                      fp8=None if fp8 == "none" else fp8)
+    if wan22_only_dit(model.config):
+        raise ValueError(f"{Path(path).name}: " + WAN22_ONLY.format(what="TI2V-5B and I2V-A14B DiTs"))
     if compile:
         compile_blocks(model)
     if not blocks_to_swap:
@@ -190,6 +204,8 @@ class WanTunerVAELoader:
 
         def build() -> ModelHandle:
             vae = load_vae(path, dtype=DTYPES[dtype], device=comfy.load_device(), **options)
+            if vae.model.config.z_dim != WAN21_VAE.z_dim:
+                raise ValueError(f"{model_name}: " + WAN22_ONLY.format(what="VAE files (48 latent channels)"))
             return ModelHandle(comfy.ManagedModel(vae, vae.model, "vae"), model_name)
 
         return (comfy.cached("vae", key, build),)
