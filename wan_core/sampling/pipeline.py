@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from wan_core.runtime.step_cache import CalibrationRecorder, Predict, StepCache
 from wan_core.sampling.conditioning import Conditioning
 from wan_core.sampling.guidance import SLGConfig, cfg_apply_pattern, guided_velocity
 from wan_core.sampling.solvers import Schedule, StepCallback, get_schedule, initial_noise, sample
@@ -62,8 +63,11 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 def denoise(dit: WanModel, cond: Conditioning, context: Sequence[torch.Tensor],
             negative_context: Sequence[torch.Tensor] | None, settings: SamplerSettings, *,
-            init_latents: torch.Tensor | None = None, callback: StepCallback | None = None) -> torch.Tensor:
-    """Run the guided sampler and return the latents [1, 16, F_lat, h, w] (float32)."""
+            init_latents: torch.Tensor | None = None, callback: StepCallback | None = None,
+            step_cache: StepCache | CalibrationRecorder | None = None) -> torch.Tensor:
+    """Run the guided sampler and return the latents [1, 16, F_lat, h, w] (float32). `step_cache`
+    (`wan_core.runtime.step_cache`) wraps every model call of the run: skipping calls, or recording a
+    calibration."""
     device = _model_device(dit)
     schedule = get_schedule(settings.solver, settings.steps, settings.flow_shift)
     first = start_index(settings.steps, settings.denoise)
@@ -89,8 +93,14 @@ def denoise(dit: WanModel, cond: Conditioning, context: Sequence[torch.Tensor],
 
     steps = schedule.steps
     pattern = cfg_apply_pattern(settings.cfg_skip_mode, steps, settings.cfg_apply_ratio)
-    velocity = guided_velocity(predict, steps=steps, guidance_scale=settings.guidance_scale, cfg_pattern=pattern,
+    model: Predict = predict
+    if step_cache is not None:
+        step_cache.start(dit, steps)
+        model = step_cache.wrap_predict(predict)
+    velocity = guided_velocity(model, steps=steps, guidance_scale=settings.guidance_scale, cfg_pattern=pattern,
                                slg=settings.slg)
+    if step_cache is not None:
+        velocity = step_cache.wrap_velocity(velocity)
     with torch.no_grad():
         return sample(settings.solver, velocity, x, schedule, callback=callback)
 
