@@ -2,7 +2,7 @@
 TeaCache / MagCache at a few thresholds against uncached sampling, with the toy T2V DiT's calibration
 (`wan_core/toy_models/wan21_toy_t2v_dit.stepcache.json`, written by `python -m wan_core.calibrate_cache`).
 
-    python bench/bench_step_cache.py [--heldout_seeds 2] [--train_count 24] [--threads 1]
+    python bench/bench_step_cache.py [--heldout_seeds 2] [--train_count 24] [--threads 1] [--settings none:0 ...]
 
 Prints a Markdown table (one row per setting). The pairs are `training.toy.evaluate.base_pairs`, whose noise
 seeds the calibration never used.
@@ -52,6 +52,8 @@ def main() -> int:
     parser.add_argument("--heldout_seeds", type=int, default=2)
     parser.add_argument("--train_count", type=int, default=24)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--settings", nargs="+", default=[f"{m}:{t}" for m, t in SETTINGS],
+                        help="mode:threshold pairs, e.g. none:0 teacache:0.3")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     models = ToySet.load()
@@ -61,7 +63,7 @@ def main() -> int:
     print(f"{len(pairs)} prompt x seed pairs, {sampling.steps} steps, guidance {sampling.guidance}\n")
     print("| cache | threshold | model calls skipped | denoise s | colour+motion | colour | motion |")
     print("|---|---|---|---|---|---|---|")
-    for mode, threshold in SETTINGS:
+    for mode, threshold in ((m, float(t)) for m, t in (item.split(":") for item in args.settings)):
         r = run(models, pairs, sampling, StepCacheSettings(mode, threshold, calibration))
         print(f"| {mode} | {threshold} | {r['skipped']}/{r['calls']} ({100 * r['skipped'] / r['calls']:.0f}%) | "
               f"{r['seconds']:.1f} | {r['colour_motion']:.3f} | {r['colour']:.3f} | {r['motion']:.3f} |", flush=True)
