@@ -45,6 +45,17 @@ from wan_core.models.config import (
 from wan_core.models.dit import WanModel, load_dit, normalize_dit_keys
 from wan_core.runtime.offload import PINNED_MEMORY_HELP
 from wan_core.runtime.prepare import merge_spec_loras
+from wan_core.runtime.step_cache import (
+    CACHE_MODES,
+    DEFAULT_THRESHOLDS,
+    UNCALIBRATED,
+    CacheCalibration,
+    StepCache,
+    StepCacheSettings,
+    calibration_path,
+    describe,
+    find_calibration,
+)
 from wan_core.sampling import conditioning as cond
 from wan_core.sampling.experts import ExpertSwitch, boundary_fraction
 from wan_core.sampling.guidance import CFG_SKIP_MODES, SLG_MODES, SLGConfig, cfg_apply_pattern
@@ -127,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--blocks_to_swap", default=None, help="number of DiT blocks to stream from CPU memory, or 'auto'")
     g.add_argument("--use_pinned_memory_for_block_swap", action="store_true", help=PINNED_MEMORY_HELP)
     g.add_argument("--compile", action="store_true", help="torch.compile each DiT block")
+    g.add_argument("--cache_mode", choices=CACHE_MODES, default="none",
+                   help="skip DiT forwards that barely change between steps (needs a calibration, see "
+                        "`python -m wan_core.calibrate_cache`)")
+    g.add_argument("--cache_threshold", type=float, default=None,
+                   help=f"skip threshold (0 = compute every step; default per mode: {DEFAULT_THRESHOLDS})")
+    g.add_argument("--cache_calibration", default=None,
+                   help="calibration JSON (default: <dit stem>.stepcache.json beside the DiT)")
     g = p.add_argument_group("output")
     g.add_argument("--save_path", default="outputs", help="output folder")
     g.add_argument("--output_type", choices=OUTPUT_TYPES, default="video")
@@ -408,13 +426,14 @@ def build_conditioning(models: ModelSet, r: Resolved) -> cond.Conditioning:
     return cond.image_to_video(vae, clip, image, r.frames, r.height, r.width, end_image=r.end_image)
 
 
-def run_jobs(models: ModelSet, jobs: Sequence[Resolved], args: argparse.Namespace, keep_loaded: bool) -> list[Path]:
+def run_jobs(models: ModelSet, jobs: Sequence[Resolved], args: argparse.Namespace, keep_loaded: bool,
+             cache: StepCacheSettings | None = None) -> list[Path]:
     """The phases of a batch, each loading the models it needs and (unless `keep_loaded`) releasing them before the
     next: encode all prompts (T5), build all conditionings (VAE, CLIP), denoise all videos (DiT), decode and save
     (VAE)."""
     embeds = encode_job_prompts(models, jobs, keep_loaded)
     conds = build_job_conditioning(models, jobs, keep_loaded)
-    latents = denoise_jobs(models, jobs, conds, embeds, args.quiet, keep_loaded)
+    latents = denoise_jobs(models, jobs, conds, embeds, args.quiet, keep_loaded, cache)
     STATUS.phase = "decoding and saving"
     return [path for r, lat in zip(jobs, latents) for path in save_result(models, r, lat, args)]
 
@@ -437,8 +456,10 @@ def build_job_conditioning(models: ModelSet, jobs: Sequence[Resolved], keep_load
 
 
 def denoise_jobs(models: ModelSet, jobs: Sequence[Resolved], conds: Sequence[cond.Conditioning],
-                 embeds: dict[str, torch.Tensor], quiet: bool, keep_loaded: bool) -> list[torch.Tensor]:
-    """One denoising run per job with the DiT, which is loaded once, sized for the largest video."""
+                 embeds: dict[str, torch.Tensor], quiet: bool, keep_loaded: bool,
+                 cache: StepCacheSettings | None = None) -> list[torch.Tensor]:
+    """One denoising run per job with the DiT, which is loaded once, sized for the largest video (with step
+    caching when `cache` is active)."""
     models.size_hint = max(((r.height, r.width, c.frames) for r, c in zip(jobs, conds)),
                            key=lambda s: s[0] * s[1] * s[2])
     dit = models.get("dit")
@@ -453,9 +474,11 @@ def denoise_jobs(models: ModelSet, jobs: Sequence[Resolved], conds: Sequence[con
         needs_uncond = (r.settings.guidance_scale != 1.0 or r.settings.slg is not None
                         or (high is not None and r.guidance_high != 1.0))
         progress = Progress(r.settings.steps, f"video {n + 1}/{len(jobs)}", quiet)
+        step_cache = StepCache(cache) if cache is not None and cache.active else None
         latents.append(denoise(model, c, [embeds[r.job.prompt]], [embeds[r.negative_prompt]] if needs_uncond else None,
-                               r.settings, callback=progress))
-        logger.info("denoised %d steps in %.2f s", r.settings.steps, time.perf_counter() - start)
+                               r.settings, callback=progress, step_cache=step_cache))
+        logger.info("denoised %d steps in %.2f s (%s)", r.settings.steps, time.perf_counter() - start,
+                    describe(step_cache))
     if not keep_loaded:
         models.release("dit")
         models.release("dit_high")
@@ -472,6 +495,21 @@ def sampling_model(dit: WanModel, high: WanModel | None, r: Resolved, models: Mo
         return dit
     return ExpertSwitch(high, dit, r.boundary, _given(r.guidance_high, "high-noise guidance"),
                         r.settings.guidance_scale, models.device, offload=models.spec.offload_inactive)
+
+
+def cache_settings(args: argparse.Namespace, spec: ModelSpec) -> StepCacheSettings:
+    """--cache_mode / --cache_threshold / --cache_calibration; an uncalibrated model computes every step."""
+    mode = args.cache_mode
+    threshold = DEFAULT_THRESHOLDS.get(mode, 0.0) if args.cache_threshold is None else args.cache_threshold
+    if mode == "none":
+        return StepCacheSettings("none", threshold)
+    if args.cache_calibration:
+        calibration: CacheCalibration | None = CacheCalibration.load(args.cache_calibration)
+    else:
+        calibration = find_calibration(spec.path("dit"))
+    if calibration is None:
+        logger.warning("%s (no %s)", UNCALIBRATED, calibration_path(spec.path("dit")))
+    return StepCacheSettings(mode, threshold, calibration)
 
 
 def save_result(models: ModelSet, r: Resolved, latents: torch.Tensor, args: argparse.Namespace) -> list[Path]:
@@ -552,7 +590,8 @@ def check_vae_fits(path: Path, task: str) -> None:
                          f"{names.get(want, f'{want}-channel VAE')} with {want}")
 
 
-def interactive(models: ModelSet, args: argparse.Namespace, spec: ModelSpec, stream=sys.stdin) -> int:
+def interactive(models: ModelSet, args: argparse.Namespace, spec: ModelSpec, stream=sys.stdin,
+                cache: StepCacheSettings | None = None) -> int:
     """Prompts from `stream` until EOF; models stay loaded. Errors in one prompt are reported, not fatal."""
     count = 0
     while True:
@@ -564,7 +603,7 @@ def interactive(models: ModelSet, args: argparse.Namespace, spec: ModelSpec, str
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         try:
-            run_jobs(models, jobs_from_lines([line], args, spec), args, keep_loaded=True)
+            run_jobs(models, jobs_from_lines([line], args, spec), args, keep_loaded=True, cache=cache)
             count += 1
         except (ValueError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -591,17 +630,18 @@ def run(args: argparse.Namespace) -> int:
     try:
         spec = spec_from_args(args)
         check_files_and_outputs(args, spec)
+        cache = cache_settings(args, spec)  # flag and calibration errors before any model loads
         models = ModelSet(spec)  # nothing is loaded until a phase asks for it
         if args.save_merged_model:
             save_merged_model(spec, args.save_merged_model)
         elif args.latent_path:
             decode_saved(models, args)
         elif args.interactive:
-            interactive(models, args, spec)
+            interactive(models, args, spec, cache=cache)
         else:
             jobs = jobs_from_lines(prompt_lines(args), args, spec)
             warn_unused_clip(args, jobs)
-            run_jobs(models, jobs, args, keep_loaded=False)
+            run_jobs(models, jobs, args, keep_loaded=False, cache=cache)
         return 0
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from wan_core.runtime.step_cache import CalibrationRecorder, Predict, StepCache
 from wan_core.sampling.conditioning import Conditioning
 from wan_core.sampling.experts import ExpertSwitch
 from wan_core.sampling.guidance import SLGConfig, cfg_apply_pattern, guided_velocity
@@ -63,11 +64,17 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 def denoise(dit: WanModel | ExpertSwitch, cond: Conditioning, context: Sequence[torch.Tensor],
             negative_context: Sequence[torch.Tensor] | None, settings: SamplerSettings, *,
-            init_latents: torch.Tensor | None = None, callback: StepCallback | None = None) -> torch.Tensor:
+            init_latents: torch.Tensor | None = None, callback: StepCallback | None = None,
+            step_cache: StepCache | CalibrationRecorder | None = None) -> torch.Tensor:
     """Run the guided sampler and return the latents [1, C, F_lat, h, w] (float32).
 
     `dit` is one DiT or an `ExpertSwitch` (Wan2.2 A14B), which picks the expert and its guidance scale per step.
+    `step_cache` (`wan_core.runtime.step_cache`) wraps every model call of the run: skipping calls, or recording a
+    calibration (one DiT only: its calibration describes that model).
     """
+    if step_cache is not None and isinstance(dit, ExpertSwitch):
+        raise ValueError("step caching (--cache_mode) is calibrated for one DiT; it does not support two Wan2.2 "
+                         "experts yet: use --cache_mode none")
     device = dit.device if isinstance(dit, ExpertSwitch) else _model_device(dit)
     schedule = get_schedule(settings.solver, settings.steps, settings.flow_shift)
     first = start_index(settings.steps, settings.denoise)
@@ -94,8 +101,14 @@ def denoise(dit: WanModel | ExpertSwitch, cond: Conditioning, context: Sequence[
     steps = schedule.steps
     pattern = cfg_apply_pattern(settings.cfg_skip_mode, steps, settings.cfg_apply_ratio)
     scales = dit.step_guidance(schedule.timesteps) if isinstance(dit, ExpertSwitch) else settings.guidance_scale
-    velocity = guided_velocity(predict, steps=steps, guidance_scale=scales, cfg_pattern=pattern,
+    model: Predict = predict
+    if step_cache is not None and not isinstance(dit, ExpertSwitch):
+        step_cache.start(dit, steps)
+        model = step_cache.wrap_predict(predict)
+    velocity = guided_velocity(model, steps=steps, guidance_scale=scales, cfg_pattern=pattern,
                                slg=settings.slg)
+    if step_cache is not None:
+        velocity = step_cache.wrap_velocity(velocity)
     with torch.no_grad():
         return sample(settings.solver, velocity, x, schedule, callback=callback)
 
