@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from wan_core.runtime.step_cache import StepCache, StepCacheSettings
 from wan_core.sampling import conditioning as cond
 from wan_core.sampling.experts import HIGH, LOW, ExpertSwitch, boundary_fraction
 from wan_core.sampling.pipeline import SamplerSettings, denoise
@@ -93,3 +94,14 @@ def test_boundary_accepts_fraction_or_timestep(given, fraction):
 def test_bad_boundary_is_refused(bad):
     with pytest.raises(ValueError, match="timestep boundary must be in"):
         boundary_fraction(bad)
+
+
+def test_step_caching_refuses_an_expert_pair():
+    """A step-cache calibration describes one DiT; with two experts the run stops before sampling."""
+    switch = ExpertSwitch(FakeExpert(), FakeExpert(), 0.9, 4.0, 3.0, torch.device("cpu"), False)
+    settings = SamplerSettings(steps=4, guidance_scale=3.0, flow_shift=5.0, seed=0, solver="euler")
+    cache = StepCache(StepCacheSettings("teacache", 0.1, None))
+    with pytest.raises(ValueError, match="does not support two Wan2.2 experts"):
+        denoise(switch, cond.text_to_video(16, 16, 1), [torch.ones(3, 8)], [torch.zeros(3, 8)], settings,
+                step_cache=cache)
+    assert switch.used == []  # nothing ran
