@@ -27,26 +27,32 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import torch
 
 from training.args import ATTENTION_FLAGS, SAVE_FORMATS
-from training.dataset.schema import FRAME_EXTRACTION_MODES
-from training.timesteps import SCHEMES
+from training.cache.latents import cache_latents
+from training.cache.store import CacheRunReport
+from training.cache.text import cache_text
+from training.dataset.items import DatasetScan, ensure_not_empty, scan_dataset_group, summarize
+from training.dataset.schema import FRAME_EXTRACTION_MODES, DatasetGroupConfig, load_dataset_config
+from training.optim import OptimizerConfig
+from training.step import InputSpec
+from training.timesteps import SCHEMES, TimestepConfig
+from training.train import train
+from training.train_config import DataConfig, MemoryConfig, ModelConfig, SaveConfig, ScheduleConfig, TrainConfig
+from training.trainable import NetworkConfig, normal_tensors
 from wan_core.loading.checkpoint import write_text_atomic
+from wan_core.media.io import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, list_images, list_videos
+from wan_core.models.dit import WanModel
+from wan_core.models.ops import FP8_DTYPES
+from wan_core.sampling.conditioning import nearest_valid
 
 from . import comfy_adapter as comfy
 from .common import CATEGORY, MAX_FRAMES, MAX_SIZE, first_problem, inp, problem
 from .loaders import _file_choices
+from .loss_chart import chart_image
 from .types import CLIP_VISION, DIT, T5, VAE, DiTHandle, ModelHandle
-
-if TYPE_CHECKING:
-    import torch
-
-    from training.cache.store import CacheRunReport
-    from training.dataset.items import DatasetScan
-    from training.dataset.schema import DatasetGroupConfig
-    from training.train_config import TrainConfig
-    from wan_core.models.dit import WanModel
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +133,6 @@ def _write_if_changed(path: Path, text: str) -> None:
 def folder_dataset_toml(folder: Path, settings: FolderSettings) -> Path:
     """Write `<folder>/wantuner_cache/dataset.toml` for the images and videos directly inside `folder` (one
     [[datasets]] table per kind, caches in wantuner_cache/images and wantuner_cache/videos); returns its path."""
-    from wan_core.media.io import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, list_images, list_videos
-
     images, videos = list_images(folder), list_videos(folder)
     if not images and not videos:
         raise ValueError(f"{folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) or videos "
@@ -194,8 +198,6 @@ def confine_dataset(group: DatasetGroupConfig) -> None:
 
 def toml_dataset(path: Path) -> DatasetGroupConfig:
     """The parsed, confined config of a dataset TOML."""
-    from training.dataset.schema import load_dataset_config
-
     group = load_dataset_config(path)
     confine_dataset(group)
     return group
@@ -220,8 +222,6 @@ def dataset_group(path: Path, settings: FolderSettings) -> DatasetGroupConfig:
 
 
 def _summary(config: Path, scan: DatasetScan, latents: CacheRunReport, text: CacheRunReport) -> str:
-    from training.dataset.items import summarize
-
     parts = summarize(scan)
     buckets: dict[tuple[int, int, int], int] = {}
     for part in parts:
@@ -243,10 +243,6 @@ def _summary(config: Path, scan: DatasetScan, latents: CacheRunReport, text: Cac
 def cache_dataset(group: DatasetGroupConfig, vae: ModelHandle, t5: ModelHandle, clip_vision: ModelHandle | None,
                   node_id: str | None) -> DatasetHandle:
     """Scan the dataset, bring its latent and T5 caches up to date (progress + Cancel per encoded entry)."""
-    from training.cache.latents import cache_latents
-    from training.cache.text import cache_text
-    from training.dataset.items import ensure_not_empty, scan_dataset_group
-
     scan = scan_dataset_group(group)
     ensure_not_empty(scan)
     for item in scan.items:  # a JSONL dataset names its media files one by one
@@ -269,8 +265,6 @@ def cache_dataset(group: DatasetGroupConfig, vae: ModelHandle, t5: ModelHandle, 
 
 
 def _frames_problem(frames: object) -> str | None:
-    from wan_core.sampling.conditioning import nearest_valid
-
     if not isinstance(frames, int) or (frames >= 1 and (frames - 1) % 4 == 0):
         return None
     return f"frames must be 4n+1 (1, 5, 9, ..., 81) for the Wan VAE, got {frames}; try {nearest_valid(frames, 4, 1)}"
@@ -318,15 +312,11 @@ def _mixed_precision(choice: str, model: torch.nn.Module) -> str:
         return choice
     if comfy.compute_device().type == "cpu":
         return "no"
-    import torch
-
     return "fp16" if model.dtype == torch.float16 else "bf16"
 
 
 def _memory_problem(settings: TrainSettings, dit: DiTHandle) -> str | None:
     """The trainer trains the loaded DiT as it is: fp8 and block swap are the DiT loader's settings."""
-    from wan_core.models.ops import FP8_DTYPES
-
     model = dit.model.obj
     if settings.fp8_base and not any(p.dtype in FP8_DTYPES for p in model.parameters()):
         return ("fp8_base is on but the DiT loader loaded the DiT without fp8; the trainer trains the loaded DiT: "
@@ -340,18 +330,6 @@ def _memory_problem(settings: TrainSettings, dit: DiTHandle) -> str | None:
 def train_config(settings: TrainSettings, dit: DiTHandle, dit_path: Path, dataset_config: Path, output_dir: Path,
                  stem: str) -> TrainConfig:
     """The TrainConfig of the node's settings, for a LoRA on the loaded DiT (`dit_path` gives the metadata)."""
-    from training.optim import OptimizerConfig
-    from training.timesteps import TimestepConfig
-    from training.train_config import (
-        DataConfig,
-        MemoryConfig,
-        ModelConfig,
-        SaveConfig,
-        ScheduleConfig,
-        TrainConfig,
-    )
-    from training.trainable import NetworkConfig
-
     s = settings
     problem_text = _memory_problem(s, dit)
     if problem_text:
@@ -371,8 +349,6 @@ def train_config(settings: TrainSettings, dit: DiTHandle, dit_path: Path, datase
 
 def check_fits(dit: DiTHandle, dataset: DatasetHandle) -> None:
     """The DiT's inputs are in the cache (I2V: first-frame latents + CLIP; Fun-Control: control latents)."""
-    from training.step import InputSpec
-
     if dit.loras:
         raise ValueError("connect the DiT loader itself to the trainer, not a LoRA loader: LoRAs are applied when "
                          "sampling and are not merged into training")
@@ -397,8 +373,6 @@ class Trained:
 def _trainable_model(dit: DiTHandle) -> WanModel:
     """The loaded DiT on the compute device, its inference-mode tensors (ComfyUI loads under inference mode) made
     normal ones over the same memory first; a block swap is detached for that and placed again."""
-    from training.trainable import normal_tensors
-
     if any(t.is_inference() for t in [*dit.model.obj.parameters(), *dit.model.obj.buffers()]):
         dit.model.unplace()
         normal_tensors(dit.model.obj)
@@ -410,10 +384,6 @@ def run_training(config: TrainConfig, dit: DiTHandle, node_id: str | None, total
     first, then the DiT is put on it (as for sampling) and trained in place; the trainer hands it back unchanged,
     also when the run is cancelled or fails. ComfyUI runs nodes under torch.inference_mode(), so autograd is
     switched back on for the run. The frames of an aborted run are cleared and the allocator cache is emptied."""
-    import torch
-
-    from training.train import train
-
     stream = comfy.LossStream(node_id)
     progress = comfy.Progress(total, node_id, "WanTuner training")
 
@@ -621,8 +591,6 @@ class WanTunerTrainLoRA(metaclass=_LiveLoRAOutput):
         trained = run_training(config, dit, unique_id, steps if epochs == 0 else 0)
         name = trained.path.relative_to(root).as_posix()
         summary = _training_summary(name, trained)
-        from .loss_chart import chart_image
-
         image = chart_image(trained.losses)
         losses = [[step, loss] for step, loss in trained.losses]
         return {"ui": {"losses": losses, "text": [summary]}, "result": (name, image, summary)}
