@@ -6,7 +6,9 @@ import copy
 import dataclasses
 import importlib.abc
 import importlib.util
+import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -147,3 +149,12 @@ def test_compile_does_not_import_an_unused_broken_attention_package(broken_xform
                                            r"import \(OSError: xformers/_C.so: undefined symbol"):
         compile_blocks(ref, backend="eager")
     assert "forward" not in ref.blocks[0].__dict__  # it failed before compiling anything
+
+
+def test_importing_the_cli_does_not_import_dynamo() -> None:
+    """Dynamo costs about two seconds to import; only compiling needs it (`ops.mark_compile_constants`)."""
+    code = "import sys, wan_core.generate.cli, nodes; print('torch._dynamo' in sys.modules)"
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

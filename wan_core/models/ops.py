@@ -219,9 +219,22 @@ def _fast_matmul_fallback(device_type: str, index: int | None) -> str | None:
     return reason
 
 
-@torch.compiler.assume_constant_result
 def _use_fast_matmul(device_type: str, index: int | None) -> bool:
     return fast_matmul_fallback(_device(device_type, index)) is None
+
+
+_COMPILE_CONSTANTS_MARKED = False
+
+
+def mark_compile_constants() -> None:
+    """Let torch.compile treat the per-device fp8_fast decision as a constant (no graph break in FP8Linear).
+
+    Called by `wan_core.runtime.compile` before compiling: the decorator imports Dynamo, which costs about two
+    seconds, so it is not applied when this module is imported."""
+    global _use_fast_matmul, _COMPILE_CONSTANTS_MARKED
+    if not _COMPILE_CONSTANTS_MARKED:
+        _use_fast_matmul = torch.compiler.assume_constant_result(_use_fast_matmul)
+        _COMPILE_CONSTANTS_MARKED = True
 
 
 def _device(device_type: str, index: int | None) -> torch.device:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from wan_core.models import attention as _attention
-from wan_core.models.ops import torch_release
+from wan_core.models.ops import mark_compile_constants, torch_release
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ def compile_blocks(model: nn.Module, *, backend: str = "inductor", mode: str | N
         raise ValueError(f"compile_blocks expects blocks of one class, got {sorted(k.__name__ for k in kinds)}")
     installed = install_compile_safe_kernels(attention_backends(blocks))
     enable_module_inlining()
+    mark_compile_constants()
     compiled = torch.compile(kinds.pop().forward, backend=backend, mode=mode, fullgraph=fullgraph, dynamic=dynamic)
     for block in blocks:
         block.forward = functools.partial(compiled, block)
