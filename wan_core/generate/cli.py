@@ -43,6 +43,8 @@ from wan_core.models.config import (
     tasks_matching,
 )
 from wan_core.models.dit import WanModel, load_dit, normalize_dit_keys
+from wan_core.parallel.cli import add_parallel_args, finish_parallel, setup_parallel
+from wan_core.parallel.models import ParallelModelSet
 from wan_core.runtime.offload import PINNED_MEMORY_HELP
 from wan_core.runtime.prepare import merge_spec_loras
 from wan_core.runtime.step_cache import (
@@ -152,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--latent_path", nargs="*", default=None, help="decode saved latents instead of generating")
     g.add_argument("--from_file", help="prompt file: one prompt per line with inline options")
     g.add_argument("--interactive", action="store_true", help="read prompts from standard input")
+    add_parallel_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -475,8 +478,12 @@ def denoise_jobs(models: ModelSet, jobs: Sequence[Resolved], conds: Sequence[con
                         or (high is not None and r.guidance_high != 1.0))
         progress = Progress(r.settings.steps, f"video {n + 1}/{len(jobs)}", quiet)
         step_cache = StepCache(cache) if cache is not None and cache.active else None
+        wrap = models.predict_wrapper() if isinstance(models, ParallelModelSet) else None
+        if wrap is not None and not needs_uncond:
+            raise ValueError(f"--cfg_parallel runs the negative-prompt forward on half of the ranks, but video {n + 1}"
+                             f" has guidance 1 (no negative-prompt forward): drop --cfg_parallel")
         latents.append(denoise(model, c, [embeds[r.job.prompt]], [embeds[r.negative_prompt]] if needs_uncond else None,
-                               r.settings, callback=progress, step_cache=step_cache))
+                               r.settings, callback=progress, step_cache=step_cache, wrap_predict=wrap))
         logger.info("denoised %d steps in %.2f s (%s)", r.settings.steps, time.perf_counter() - start,
                     describe(step_cache))
     if not keep_loaded:
@@ -513,6 +520,8 @@ def cache_settings(args: argparse.Namespace, spec: ModelSpec) -> StepCacheSettin
 
 
 def save_result(models: ModelSet, r: Resolved, latents: torch.Tensor, args: argparse.Namespace) -> list[Path]:
+    if isinstance(models, ParallelModelSet) and not models.writes_outputs:
+        return []
     frames = None
     if args.output_type != "latent":
         frames = decode_latents(models.get("vae"), latents, args.trim_tail_frames)[0]
@@ -631,7 +640,8 @@ def run(args: argparse.Namespace) -> int:
         spec = spec_from_args(args)
         check_files_and_outputs(args, spec)
         cache = cache_settings(args, spec)  # flag and calibration errors before any model loads
-        models = ModelSet(spec)  # nothing is loaded until a phase asks for it
+        mesh = setup_parallel(args, spec)
+        models = ModelSet(spec) if mesh is None else ParallelModelSet(spec, mesh)  # nothing loads until asked for
         if args.save_merged_model:
             save_merged_model(spec, args.save_merged_model)
         elif args.latent_path:
@@ -642,6 +652,7 @@ def run(args: argparse.Namespace) -> int:
             jobs = jobs_from_lines(prompt_lines(args), args, spec)
             warn_unused_clip(args, jobs)
             run_jobs(models, jobs, args, keep_loaded=False, cache=cache)
+        finish_parallel(mesh)
         return 0
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -112,13 +112,16 @@ def get_kernel(backend: str | Backend | None) -> AttnFn:
     return _KERNELS[backend]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | Backend | None = None,
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | Backend | AttnFn | None = None,
               k_lens: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention over [B, Lq, H, D] x [B, Lk, H, D] -> [B, Lq, H, D] (scale 1/sqrt(D)).
 
     `k_lens` [B] limits each sample's keys to its first k_lens[b] positions; every backend gives the same result
-    because padded samples are computed one at a time on their valid keys.
+    because padded samples are computed one at a time on their valid keys. `backend` may also be a kernel object
+    that wraps a named backend (sequence-parallel attention, `wan_core.parallel`); it is called as it is.
     """
+    if callable(backend) and k_lens is None:
+        return backend(q, k, v)
     # dict hit first (a Backend is a str, so names hit too): no import probing per call
     kernel = (_KERNELS.get(backend) if backend is not None else None) or get_kernel(backend)
     if k_lens is not None and bool((k_lens < k.shape[1]).any()):

@@ -5,7 +5,7 @@ nodes and sampling during training. Conditioning layouts live in `conditioning.p
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -65,12 +65,14 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 def denoise(dit: WanModel | ExpertSwitch, cond: Conditioning, context: Sequence[torch.Tensor],
             negative_context: Sequence[torch.Tensor] | None, settings: SamplerSettings, *,
             init_latents: torch.Tensor | None = None, callback: StepCallback | None = None,
-            step_cache: StepCache | CalibrationRecorder | None = None) -> torch.Tensor:
+            step_cache: StepCache | CalibrationRecorder | None = None,
+            wrap_predict: Callable[[Predict], Predict] | None = None) -> torch.Tensor:
     """Run the guided sampler and return the latents [1, C, F_lat, h, w] (float32).
 
     `dit` is one DiT or an `ExpertSwitch` (Wan2.2 A14B), which picks the expert and its guidance scale per step.
     `step_cache` (`wan_core.runtime.step_cache`) wraps every model call of the run: skipping calls, or recording a
-    calibration (one DiT only: its calibration describes that model).
+    calibration (one DiT only: its calibration describes that model). `wrap_predict` wraps the per-branch model
+    call last (CFG parallel, `wan_core.parallel`).
     """
     if step_cache is not None and isinstance(dit, ExpertSwitch):
         raise ValueError("step caching (--cache_mode) is calibrated for one DiT; it does not support two Wan2.2 "
@@ -105,6 +107,8 @@ def denoise(dit: WanModel | ExpertSwitch, cond: Conditioning, context: Sequence[
     if step_cache is not None and not isinstance(dit, ExpertSwitch):
         step_cache.start(dit, steps)
         model = step_cache.wrap_predict(predict)
+    if wrap_predict is not None:
+        model = wrap_predict(model)
     velocity = guided_velocity(model, steps=steps, guidance_scale=scales, cfg_pattern=pattern,
                                slg=settings.slg)
     if step_cache is not None:
