@@ -3,6 +3,7 @@ and 14B at 720x1280x81 with fp8 + block swap under a 24 GB budget.
 
     python bench/bench_gpu.py [--steps 3] [--skip-14b] [--no-compile] [--json out.json]
     python bench/bench_gpu.py --smoke        # CPU, tiny model, every code path in seconds (run by the tests)
+    torchrun --nproc_per_node N bench/bench_gpu.py [--smoke]   # N-GPU rows (sequence / CFG parallel, FSDP)
 
 Weights are random with the real shapes (bench/random_dit.py). A step is one denoising step with CFG: two forwards
 (positive and negative prompt, batch 1 each), as the sampler runs them. Columns: seconds per step (mean of
@@ -16,6 +17,8 @@ capability >= 8.9), block swap 15 and 29, and diffusers' WanTransformer3DModel (
 from_pretrained(torch_dtype=torch.bfloat16) loads it; its default attention).
 14B: fp8_scaled with the swap count `--blocks_to_swap auto` picks for a 24 GiB card (23 GiB free, 1 GiB
 margin), one warm-up forward and --steps-14b steps; goal: peak reserved below 24 GB.
+N GPUs (under torchrun, rank 0 prints): the 1.3B case as Ulysses x ring over all N ranks (Ulysses as large as the
+heads allow), CFG parallel x sequence parallel, and the same with the DiT sharded (FSDP); one step = both forwards.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import argparse
 import dataclasses
 import gc
 import json
+import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -43,6 +48,8 @@ from wan_core.loading.convert import DIT_DIFFUSERS, rename  # noqa: E402
 from wan_core.models.attention import available_backends  # noqa: E402
 from wan_core.models.config import TASKS, DiTConfig  # noqa: E402
 from wan_core.models.dit import WanModel  # noqa: E402
+from wan_core.parallel import CfgParallel, ParallelConfig, SequenceParallel, build_mesh, init_distributed  # noqa: E402
+from wan_core.parallel.fsdp import shard_blocks  # noqa: E402
 from wan_core.runtime.compile import compile_blocks  # noqa: E402
 from wan_core.runtime.fp8 import apply_fp8, is_dit_target  # noqa: E402
 from wan_core.runtime.offload import GIB, choose_blocks_to_swap, enable_block_swap, estimate_peak_bytes, video_tokens  # noqa: E402
@@ -296,6 +303,51 @@ def run_14b(setup: Setup, args: argparse.Namespace) -> Result:
                   reserved, plan.total, note)
 
 
+def parallel_cases(world: int, heads: int) -> list[tuple[str, ParallelConfig]]:
+    """The N-GPU layouts: all ranks on the sequence, and (N even) CFG parallel x sequence parallel, each also with
+    FSDP. Ulysses takes the largest share of the ranks that divides the heads; ring the rest."""
+    layouts = [(False, world)] + ([(True, world // 2)] if world % 2 == 0 else [])
+    cases = []
+    for cfg_parallel, sp in layouts:
+        u = math.gcd(sp, heads)
+        name = f"{world} GPUs {'cfg x ' if cfg_parallel else ''}ulysses {u} x ring {sp // u}"
+        cases += [(name, ParallelConfig(u, sp // u, cfg_parallel)),
+                  (name + " fsdp", ParallelConfig(u, sp // u, cfg_parallel, dit_fsdp=True))]
+    return cases
+
+
+def run_parallel(setup: Setup, world: int) -> list[Result]:
+    """Time the N-GPU layouts of `parallel_cases` (every rank runs every case; the caller prints on rank 0)."""
+    first = init_distributed(parallel_cases(world, setup.cfg.num_heads)[0][1],
+                             "cpu" if setup.device.type == "cpu" else None)
+    results = []
+    for name, config in parallel_cases(world, setup.cfg.num_heads):
+        mesh = build_mesh(config, first.device)
+        dev_setup = dataclasses.replace(setup, device=first.device)
+        model = random_dit(setup.cfg, device="cpu" if config.dit_fsdp else first.device)
+        model = shard_blocks(model, mesh) if config.dit_fsdp else model
+        if config.sp_size > 1:
+            SequenceParallel(model, mesh)
+        latents, t, positive, negative = _inputs(dev_setup)
+        contexts = {"cond": [positive], "uncond": [negative]}
+
+        def predict(x, t, branch, skip, model=model, contexts=contexts):
+            return model(x, t, contexts[branch])
+
+        wrapped = CfgParallel(mesh).wrap(predict) if config.cfg_parallel else predict
+
+        def step(wrapped=wrapped, latents=latents, t=t) -> None:
+            with torch.no_grad():
+                wrapped(latents, t, "cond", ())
+                wrapped(latents, t, "uncond", ())
+
+        per_step, warm, alloc, reserved = _measure(step, dev_setup)
+        results.append(Result(name, per_step, warm, alloc, reserved, None, f"rank 0 of {world}"))
+        del model
+        _free(first.device)
+    return results
+
+
 def _gb(value: int | None) -> str:
     return "-" if value is None else f"{value / GIB:.2f}"
 
@@ -337,6 +389,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg13, cfg14, size14 = TASKS["t2v-1.3B"].dit, TASKS["t2v-14B"].dit, (720, 1280, 81)
         print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, backends {available_backends()}")
     setup = Setup(cfg13, *size, device, args.steps, args.warmup, backend)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        results = run_parallel(setup, world)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{world} processes, DiT {cfg13.dim}-dim at {size[0]}x{size[1]}x{size[2]}\n{HEADER}")
+            for result in results:
+                print(_row(result, cfg13, setup), flush=True)
+        torch.distributed.destroy_process_group()
+        return 0
     label = "tiny smoke DiT" if args.smoke else "T2V-1.3B-shaped DiT"
     print(f"{label} at {size[0]}x{size[1]}x{size[2]} ({video_tokens(cfg13, *size)} tokens)")
     print(HEADER, flush=True)
