@@ -334,8 +334,9 @@ def _expert_problems(args: argparse.Namespace) -> list[str]:
     """Wan2.2 expert-pair flags: they need --dit_high_noise, and a pair trains one LoRA without block swap
     offloading conflicts or previews."""
     if not args.dit_high_noise:
-        return [f"--{flag} needs --dit_high_noise (the high-noise expert)" for flag in
-                ("timestep_boundary", "offload_inactive_dit") if getattr(args, flag) not in (None, False)]
+        given = [flag for flag, value in (("timestep_boundary", args.timestep_boundary is not None),
+                                          ("offload_inactive_dit", args.offload_inactive_dit)) if value]
+        return [f"--{flag} needs --dit_high_noise (the high-noise expert)" for flag in given]
     problems = []
     if args.timestep_boundary is not None:
         try:

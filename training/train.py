@@ -269,8 +269,9 @@ def _check_source(run: Run, source: BatchSource, items: list[TrainItem]) -> None
     sample = source.load([items[0]])
     channels, want = sample["latents"].shape[1], run.info.config.out_dim
     if channels != want:
-        raise ValueError(f"{describe_item(source, items[0])}: {channels}-channel latents ({vae_name(channels)}), but "
-                         f"the DiT takes {want}-channel latents: re-run cache-latents with {vae_name(want)}")
+        raise ValueError(f"{describe_item(source, items[0])} holds {channels}-channel latents of "
+                         f"{vae_name(channels)}, but the DiT takes {want}-channel latents: re-run cache-latents with "
+                         f"{vae_name(want)}")
     missing = [k for k in needed if sample.get(k) is None]
     if missing:
         raise ValueError(f"a {run.step_cfg.inputs.kind} model needs {', '.join(missing)} in the latent cache, "

@@ -672,7 +672,7 @@ def check_latent_channels(paths: Iterable[Path], channels: int) -> None:
     for path in paths:
         got = stored_latent_channels(path) if path.is_file() else None
         if got is not None and got != channels:
-            raise CacheError(f"{path} holds {got}-channel latents ({vae_name(got)}) but the DiT takes {channels}-"
+            raise CacheError(f"{path} holds {got}-channel latents of {vae_name(got)}, but the DiT takes {channels}-"
                              f"channel latents: re-run cache-latents with {vae_name(channels)}")
 
 
