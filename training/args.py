@@ -9,6 +9,11 @@
   `--validation_timesteps`: held-out loss at fixed timesteps with fixed noise;
 - `--tokenizer` for T5 files without an embedded tokenizer (sampling).
 
+Wan2.2 (musubi's flags): `--task t2v-A14B|i2v-A14B` with `--dit` (low-noise expert) and `--dit_high_noise` trains
+one LoRA across both experts (`training.experts`), `--timestep_boundary` (0-1 or 0-1000; default: the task's),
+`--offload_inactive_dit`; with `--dit` alone and `--min_timestep/--max_timestep` one expert is trained on its range.
+`--task ti2v-5B` trains on latents cached with the Wan2.2 VAE.
+
 `validate_args` rejects contradictory combinations with a message naming the flags.
 """
 
@@ -35,6 +40,7 @@ from training.trainable import NetworkConfig
 from wan_core.loading.checkpoint import ensure_writable_dir
 from wan_core.models.config import TASKS
 from wan_core.runtime.offload import PINNED_MEMORY_HELP
+from wan_core.sampling.experts import boundary_fraction
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +71,17 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("models")
     g.add_argument("--task", choices=sorted(TASKS), default=None,
                    help="Wan task; checked against the DiT (inferred from the DiT when omitted)")
-    g.add_argument("--dit", help="DiT checkpoint (official/ComfyUI/diffusers layout, or a file from init-dit)")
+    g.add_argument("--dit", help="DiT checkpoint (official/ComfyUI/diffusers layout, or a file from init-dit); "
+                                 "Wan2.2 A14B: the low-noise expert")
+    g.add_argument("--dit_high_noise", default=None,
+                   help="Wan2.2 A14B high-noise expert: one LoRA is trained across both experts, each batch on the "
+                        "expert its drawn timesteps pick")
+    g.add_argument("--timestep_boundary", type=float, default=None,
+                   help="expert boundary, 0-1 or 0-1000: the high-noise expert takes t >= boundary (default: the "
+                        "task's, 0.875 t2v-A14B / 0.9 i2v-A14B)")
+    g.add_argument("--offload_inactive_dit", action="store_true",
+                   help="keep only the active expert on the device, the other in CPU memory (not with "
+                        "--blocks_to_swap)")
     g.add_argument("--dataset_config", help="dataset TOML (musubi schema) whose caches were built")
     g.add_argument("--vae", help="VAE checkpoint (needed for sampling during training)")
     g.add_argument("--vae_dtype", default=None, choices=["float32", "float16", "bfloat16"])
@@ -193,9 +209,22 @@ def _add_logging_and_sampling_args(parser: argparse.ArgumentParser) -> None:
                    help="fixed timesteps (1..1000) of the validation loss")
 
 
+WAN22_EPILOG = """Wan2.2 A14B: one LoRA for both experts (--dit LOW --dit_high_noise HIGH), or one expert alone
+(--dit EXPERT with its timestep range). Recommended single-expert ranges (--min_timestep / --max_timestep):
+  task       low-noise expert   high-noise expert   boundary
+  t2v-A14B   0 - 875            875 - 1000          0.875
+  i2v-A14B   0 - 900            900 - 1000          0.9
+i2v-A14B has no CLIP branch: cache with `cache-latents --task i2v-A14B` (image latents, no --clip).
+ti2v-5B: cache with the Wan2.2 VAE (48 channels; bucket sides multiples of 32 px)."""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the flag help; the epilog's table kept as written."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=_HelpFormatter, epilog=WAN22_EPILOG)
     add_config_file_argument(parser)
     _add_model_args(parser)
     _add_training_args(parser)
@@ -298,6 +327,31 @@ def _feature_problems(args: argparse.Namespace) -> list[str]:
         problems.append(f"--validation_timesteps must be in 1..1000, got {args.validation_timesteps}")
     if args.blocks_to_swap is not None and args.blocks_to_swap < 0:
         problems.append(f"--blocks_to_swap must be >= 0, got {args.blocks_to_swap}")
+    return problems + _expert_problems(args)
+
+
+def _expert_problems(args: argparse.Namespace) -> list[str]:
+    """Wan2.2 expert-pair flags: they need --dit_high_noise, and a pair trains one LoRA without block swap
+    offloading conflicts or previews."""
+    if not args.dit_high_noise:
+        given = [flag for flag, value in (("timestep_boundary", args.timestep_boundary is not None),
+                                          ("offload_inactive_dit", args.offload_inactive_dit)) if value]
+        return [f"--{flag} needs --dit_high_noise (the high-noise expert)" for flag in given]
+    problems = []
+    if args.timestep_boundary is not None:
+        try:
+            boundary_fraction(args.timestep_boundary)
+        except ValueError:
+            problems.append(f"--timestep_boundary must be in [0, 1] or (1, 1000], got {args.timestep_boundary:g}")
+    if args.offload_inactive_dit and args.blocks_to_swap:
+        problems.append("--offload_inactive_dit cannot be combined with --blocks_to_swap (the swapped blocks already "
+                        "live in CPU memory)")
+    if is_full(args):
+        problems.append("--dit_high_noise trains one LoRA across both experts; --network_module full is not "
+                        "supported with it (train each expert alone)")
+    if args.sample_prompts:
+        problems.append("--sample_prompts is not supported with --dit_high_noise yet; sample the saved LoRA with "
+                        "python -m wan_core.generate --lora_weight X --lora_weight_high_noise X")
     return problems
 
 

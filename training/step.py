@@ -11,22 +11,30 @@ depends only on *which* sample it is, not on the process that computes it: a DDP
 draws exactly what one process with the combined batch of P·B draws, and resuming needs no RNG state for them.
 
 Model inputs per kind (`InputSpec`):
-- t2v: x only;
+- t2v (also Wan2.2 TI2V-5B, 48 latent channels in and out): x only;
 - i2v / flf2v: y = `latents_image` [B, 20, F, h, w] (4 mask + 16 first-frame latent channels), clip_fea = `clip`
-  ([B, 257, 1280]; FLF2V [B, 2, 257, 1280] or [B, 514, 1280] -> [B, 514, 1280]);
+  ([B, 257, 1280]; FLF2V [B, 2, 257, 1280] or [B, 514, 1280] -> [B, 514, 1280]); Wan2.2 i2v-A14B has no CLIP
+  branch: y only;
 - Fun-Control: y = [`latents_control` 16 | image latent 16]: the image latent is `latents_image` without its mask
   and with every latent frame after the first zeroed (i2v-14B-FC), or zeros (t2v-FC); clip_fea = `clip` if given.
+
+Wan2.2 A14B expert pairs (`training.experts.ExpertPair` passed as the model): every sample of a batch is drawn on
+one side of the boundary, the side that the timestep of the batch's lead sample falls on (musubi's rule): the lead
+sample (the global batch's first, so every process agrees) is drawn as usual, and each sample is re-drawn from its
+own generator until its timestep is on that side (`draw_sigmas`); that side's expert runs the whole batch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from training.experts import ExpertPair, expert_of
 from training.timesteps import (
     TimestepConfig,
     loss_weights,
@@ -36,6 +44,9 @@ from training.timesteps import (
     stratified_uniform,
 )
 from wan_core.models.config import DiTConfig, get_task
+from wan_core.sampling.experts import HIGH
+
+logger = logging.getLogger(__name__)
 
 Batch = dict[str, object]
 AutocastFactory = Callable[[], contextlib.AbstractContextManager]
@@ -49,6 +60,7 @@ class InputSpec:
 
     kind: str = "t2v"
     control_image: bool = False  # Fun-Control with a start image (i2v-14B-FC)
+    clip: bool = True  # i2v / flf2v: the DiT has a CLIP branch (Wan2.1); Wan2.2 i2v-A14B has none
 
     def __post_init__(self) -> None:
         if self.kind not in INPUT_KINDS:
@@ -56,19 +68,20 @@ class InputSpec:
 
     @classmethod
     def for_model(cls, config: DiTConfig, task: str | None) -> InputSpec:
-        if config.in_dim == 48:
-            control_image = get_task(task).needs_clip if task else False
-            return cls("fun_control", control_image)
-        if config.in_dim == 36:
-            return cls("flf2v" if config.model_type == "flf2v" else "i2v")
         if config.in_dim == config.out_dim:
             return cls("t2v")
+        if config.in_dim == config.out_dim + 32:
+            control_image = get_task(task).needs_clip if task else False
+            return cls("fun_control", control_image)
+        if config.in_dim == config.out_dim + 20:
+            return cls("flf2v" if config.model_type == "flf2v" else "i2v", clip=config.has_image_input)
         raise ValueError(f"cannot train a DiT with {config.in_dim} input channels and {config.out_dim} output "
-                         f"channels: expected 16 (T2V), 36 (I2V/FLF2V) or 48 (Fun-Control)")
+                         f"channels: expected 16 or 48 (T2V, TI2V-5B), 36 (I2V/FLF2V) or 48 with 16 out "
+                         f"(Fun-Control)")
 
     def required_keys(self) -> tuple[str, ...]:
         if self.kind in ("i2v", "flf2v"):
-            return ("latents_image", "clip")
+            return ("latents_image", "clip") if self.clip else ("latents_image",)
         if self.kind == "fun_control":
             return ("latents_control", "latents_image", "clip") if self.control_image else ("latents_control",)
         return ()
@@ -80,6 +93,7 @@ class StepConfig:
     inputs: InputSpec = InputSpec()
     caption_dropout_rate: float = 0.0
     seed: int = 0  # stratified timestep buckets are seeded with it
+    boundary: float | None = None  # expert pair: high-noise expert for timesteps >= boundary * 1000 (0..1)
 
 
 @dataclass(frozen=True)
@@ -98,21 +112,61 @@ def _generator(seed: int, purpose: str) -> torch.Generator:
     return torch.Generator().manual_seed(mix_seed(seed, purpose))
 
 
+Lead = tuple[int, "int | None"]  # (seed, draw index) of the sample whose timestep picks the expert
+SIDE_REDRAWS = 1000  # re-draws per sample to land on the lead sample's side of the expert boundary
+
+
+def _uniforms(seed: int) -> Callable[[int], torch.Tensor]:
+    gen = _generator(seed, "timestep")
+    return lambda n: torch.rand(n, generator=gen, dtype=torch.float64)
+
+
+def _draw(cfg: StepConfig, rand: Callable[[int], torch.Tensor], latent_hw: tuple[int, int],
+          draw_index: int | None) -> torch.Tensor:
+    """σ [1] from the uniforms `rand` (stratified when `num_timestep_buckets` and a draw index are given)."""
+    u = rand(1)
+    buckets = cfg.timesteps.num_timestep_buckets
+    if buckets and buckets > 1 and draw_index is not None:
+        u = torch.tensor([stratified_uniform(buckets, draw_index, cfg.seed, float(u))], dtype=torch.float64)
+    return sample_sigmas(cfg.timesteps, u, rand, latent_hw)
+
+
+def _is_high(sigma: torch.Tensor, boundary: float) -> bool:
+    return expert_of(sigma, boundary) == HIGH
+
+
+def _on_side(cfg: StepConfig, rand: Callable[[int], torch.Tensor], first: torch.Tensor, high: bool,
+             latent_hw: tuple[int, int]) -> torch.Tensor:
+    """`first`, or re-draws (unstratified) from `rand` until σ is on the `high` side of the boundary; after
+    SIDE_REDRAWS misses, a uniform σ on that side's part of [t_min, t_max] (with a warning)."""
+    boundary = cfg.boundary
+    sigma = first
+    for _ in range(SIDE_REDRAWS):
+        if _is_high(sigma, boundary) == high:
+            return sigma
+        sigma = sample_sigmas(cfg.timesteps, rand(1), rand, latent_hw)
+    t_min, t_max = cfg.timesteps.t_min / 1000.0, cfg.timesteps.t_max / 1000.0
+    low, high_end = (max(t_min, boundary), t_max) if high else (t_min, min(t_max, boundary))
+    logger.warning("no timestep on the %s-noise side of the boundary %g in %d draws; drawing it uniformly in "
+                   "[%g, %g]", "high" if high else "low", boundary, SIDE_REDRAWS, low, high_end)
+    return low + rand(1) * (high_end - low)
+
+
 def draw_sigmas(cfg: StepConfig, seeds: Sequence[int], latent_hw: tuple[int, int],
-                draw_indices: Sequence[int] | None = None) -> torch.Tensor:
-    """σ [B] (float64): one independent draw per sample seed (stratified when `num_timestep_buckets`)."""
+                draw_indices: Sequence[int] | None = None, lead: Lead | None = None) -> torch.Tensor:
+    """σ [B] (float64): one independent draw per sample seed (stratified when `num_timestep_buckets`).
+
+    With `cfg.boundary` (an expert pair) every σ lies on the side of the boundary that the lead sample's draw falls
+    on: `lead` = (seed, draw index) of that sample (default: this batch's first)."""
+    indices = list(draw_indices) if draw_indices is not None else [None] * len(seeds)
+    if cfg.boundary is None:
+        return torch.cat([_draw(cfg, _uniforms(seed), latent_hw, index) for seed, index in zip(seeds, indices)])
+    lead_seed, lead_index = lead if lead is not None else (seeds[0], indices[0])
+    high = _is_high(_draw(cfg, _uniforms(lead_seed), latent_hw, lead_index), cfg.boundary)
     out = []
-    for i, seed in enumerate(seeds):
-        gen = _generator(seed, "timestep")
-
-        def rand(n: int, gen: torch.Generator = gen) -> torch.Tensor:
-            return torch.rand(n, generator=gen, dtype=torch.float64)
-
-        u = rand(1)
-        buckets = cfg.timesteps.num_timestep_buckets
-        if buckets and buckets > 1 and draw_indices is not None:
-            u = torch.tensor([stratified_uniform(buckets, draw_indices[i], cfg.seed, float(u))], dtype=torch.float64)
-        out.append(sample_sigmas(cfg.timesteps, u, rand, latent_hw))
+    for seed, index in zip(seeds, indices):
+        rand = _uniforms(seed)
+        out.append(_on_side(cfg, rand, _draw(cfg, rand, latent_hw, index), high, latent_hw))
     return torch.cat(out)
 
 
@@ -130,8 +184,10 @@ def caption_dropped(seeds: Sequence[int], rate: float) -> list[bool]:
 def _require(batch: Batch, key: str, spec: InputSpec) -> torch.Tensor:
     value = batch.get(key)
     if value is None:
-        hint = ("re-run cache-latents with --i2v and --clip" if key in ("latents_image", "clip")
-                else "give the dataset a control_directory and re-run cache-latents")
+        if key in ("latents_image", "clip"):
+            hint = "re-run cache-latents with --i2v and --clip" if spec.clip else "re-run cache-latents with --i2v"
+        else:
+            hint = "give the dataset a control_directory and re-run cache-latents"
         raise ValueError(f"a {spec.kind} model needs {key!r} in every batch but the cache has none ({hint})")
     return value  # type: ignore[return-value]
 
@@ -142,11 +198,13 @@ def conditioning(batch: Batch, spec: InputSpec, device: torch.device,
     if spec.kind == "t2v":
         return None, None
     if spec.kind in ("i2v", "flf2v"):
-        y = _require(batch, "latents_image", spec)
+        y = _require(batch, "latents_image", spec).to(device, dtype)
+        if not spec.clip:
+            return y, None
         clip = _require(batch, "clip", spec)
         if clip.dim() == 4:  # [B, n_images, 257, 1280] -> [B, n_images·257, 1280]
             clip = clip.flatten(1, 2)
-        return y.to(device, dtype), clip.to(device, dtype)
+        return y, clip.to(device, dtype)
     control = _require(batch, "latents_control", spec).to(device, dtype)
     if spec.control_image:
         image = _require(batch, "latents_image", spec)[:, 4:].to(device, dtype).clone()
@@ -198,19 +256,30 @@ def flow_matching_loss(model: torch.nn.Module, inputs: LossInputs, sigmas: torch
     return weighted_mse(pred, noise - latents, weights)
 
 
+Denoiser = torch.nn.Module | ExpertPair  # one DiT, or a Wan2.2 expert pair whose timesteps pick the DiT
+
+
 def _device(model: torch.nn.Module) -> torch.device:
     return next(p for p in model.parameters()).device
 
 
-def training_step(model: torch.nn.Module, batch: Batch, cfg: StepConfig, seeds: Sequence[int], *,
+def _model_for(model: Denoiser, sigmas: torch.Tensor) -> torch.nn.Module:
+    return model.select(sigmas) if isinstance(model, ExpertPair) else model
+
+
+def training_step(model: Denoiser, batch: Batch, cfg: StepConfig, seeds: Sequence[int], *,
                   empty_t5: torch.Tensor | None = None, draw_indices: Sequence[int] | None = None,
-                  autocast: AutocastFactory | None = None) -> StepResult:
-    """The flow-matching loss of one batch (no backward, no optimizer: the caller owns those)."""
+                  autocast: AutocastFactory | None = None, lead: Lead | None = None) -> StepResult:
+    """The flow-matching loss of one batch (no backward, no optimizer: the caller owns those). An expert pair
+    needs `cfg.boundary`; `lead` is the sample whose timestep picks the expert (see `draw_sigmas`)."""
     latents = batch["latents"]
     if len(seeds) != latents.shape[0]:
         raise ValueError(f"got {len(seeds)} sample seeds for a batch of {latents.shape[0]}")
+    if isinstance(model, ExpertPair) and cfg.boundary is None:
+        raise ValueError("training an expert pair needs StepConfig.boundary")
+    sigmas = draw_sigmas(cfg, seeds, tuple(latents.shape[-2:]), draw_indices, lead)
+    model = _model_for(model, sigmas)
     device = _device(model)
-    sigmas = draw_sigmas(cfg, seeds, tuple(latents.shape[-2:]), draw_indices)
     noise = draw_noise(seeds, latents.shape[1:]).to(device)
     latents = latents.to(device, torch.float32)
     y, clip_fea = conditioning(batch, cfg.inputs, device, torch.float32)
@@ -220,11 +289,12 @@ def training_step(model: torch.nn.Module, batch: Batch, cfg: StepConfig, seeds: 
     return StepResult(per_sample.mean(), per_sample.detach(), sigmas)
 
 
-def validation_losses(model: torch.nn.Module, batch: Batch, cfg: StepConfig, seeds: Sequence[int],
+def validation_losses(model: Denoiser, batch: Batch, cfg: StepConfig, seeds: Sequence[int],
                       timesteps: Sequence[int], autocast: AutocastFactory | None = None) -> dict[int, torch.Tensor]:
-    """Unweighted per-sample losses [B] at each fixed timestep, with each sample's fixed noise (no dropout)."""
+    """Unweighted per-sample losses [B] at each fixed timestep, with each sample's fixed noise (no dropout); an
+    expert pair evaluates each timestep with the expert it picks."""
     latents = batch["latents"]
-    device = _device(model)
+    device = model.device if isinstance(model, ExpertPair) else _device(model)
     noise = draw_noise(seeds, latents.shape[1:]).to(device)
     latents = latents.to(device, torch.float32)
     y, clip_fea = conditioning(batch, cfg.inputs, device, torch.float32)
@@ -233,5 +303,5 @@ def validation_losses(model: torch.nn.Module, batch: Batch, cfg: StepConfig, see
     with torch.no_grad():
         for t in timesteps:
             sigmas = torch.full((len(seeds),), t / 1000.0, dtype=torch.float64)
-            out[t] = flow_matching_loss(model, inputs, sigmas, None, autocast).cpu()
+            out[t] = flow_matching_loss(_model_for(model, sigmas), inputs, sigmas, None, autocast).cpu()
     return out

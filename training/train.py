@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from training import state as st
 from training.args import config_from_args, parse_train_args
-from training.cache.store import open_training_source
+from training.cache.store import open_training_source, vae_name
 from training.dataset.batches import (
     BatchLoader,
     BatchSource,
@@ -44,6 +44,7 @@ from training.dataset.batches import (
     split_validation,
     steps_per_epoch,
 )
+from training.experts import ExpertPair
 from training.optim import build_optimizer as make_optimizer
 from training.optim import build_scheduler, current_lrs
 from training.previews import SampleSettings, generate_samples, prepare_samples
@@ -61,13 +62,16 @@ from training.trainable import (
 )
 from training.validation import Validator
 from wan_core.loading.checkpoint import non_finite_count, require_finite
+from wan_core.models.config import describe_dit, get_task
+from wan_core.sampling.experts import boundary_fraction
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    from training.previews import SamplePlan
+    from training.experts import ExpertPair
+from training.previews import SamplePlan
 
 logger = logging.getLogger(__name__)
 
@@ -175,11 +179,12 @@ def setup_run(cfg: TrainConfig, model: torch.nn.Module | None = None) -> Run:
     """Accelerator, seed, output folder, DiT header (or the given model's), task and the step configuration."""
     info = inspect_dit(cfg.model.dit) if model is None else given_dit_info(model, cfg.model.dit)
     task = resolve_task(cfg.model.task, info)
+    boundary = expert_boundary(cfg, task, model is not None)
     accelerator = _make_accelerator(cfg)
     seed = cfg.schedule.seed if cfg.schedule.seed is not None else random.randint(0, 2**31 - 1)
     torch.manual_seed(seed)
     step_cfg = StepConfig(cfg.timesteps, InputSpec.for_model(info.config, task), cfg.data.caption_dropout_rate,
-                          seed)
+                          seed, boundary)
     name = cfg.output_name
     output_dir = Path(cfg.save.output_dir)
     if accelerator.is_main_process:
@@ -190,13 +195,53 @@ def setup_run(cfg: TrainConfig, model: torch.nn.Module | None = None) -> Run:
                session_id=random.Random(seed).randint(0, 2**32 - 1))
 
 
+def expert_boundary(cfg: TrainConfig, task: str | None, given_model: bool) -> float | None:
+    """The expert boundary (0..1) of a Wan2.2 expert pair (--dit_high_noise), None for one DiT. An A14B expert
+    trained alone without a timestep range gets a warning: each expert is meant for its side of the boundary."""
+    preset = get_task(task) if task else None
+    if not cfg.model.dit_high_noise:
+        ts = cfg.timesteps
+        if preset is not None and preset.boundary is not None and ts.min_timestep is None and ts.max_timestep is None:
+            edge = round(preset.boundary * 1000)
+            logger.warning("training one %s expert on all timesteps: pass its range, --min_timestep 0 "
+                           "--max_timestep %d (low-noise expert) or --min_timestep %d --max_timestep 1000 "
+                           "(high-noise expert), or both experts with --dit_high_noise", task, edge, edge)
+        return None
+    if given_model:
+        raise ValueError("a given DiT trains alone; --dit_high_noise needs both experts loaded from files")
+    if preset is None or preset.boundary is None:
+        raise ValueError(f"--dit_high_noise needs --task t2v-A14B or i2v-A14B (the task has the expert boundary), "
+                         f"got {task or 'no task'}")
+    given = cfg.model.timestep_boundary
+    boundary = preset.boundary if given is None else boundary_fraction(given)
+    logger.info("one LoRA across the %s experts: high-noise expert for t >= %g, low-noise below", task,
+                boundary * 1000)
+    return boundary
+
+
 def load_model(run: Run) -> torch.nn.Module:
     cfg = run.cfg
     return load_training_dit(cfg.model, cfg.memory, run.info, run.device, cfg.network.full)
 
 
+def load_high_expert(run: Run) -> torch.nn.Module:
+    """The high-noise expert (--dit_high_noise), in CPU memory with --offload_inactive_dit (the low-noise expert
+    starts active)."""
+    cfg, path = run.cfg, run.cfg.model.dit_high_noise
+    info = inspect_dit(path)
+    if info.config != run.info.config:
+        raise ValueError(f"--dit_high_noise {path} is {describe_dit(info.config)} of another size than --dit "
+                         f"{cfg.model.dit} ({describe_dit(run.info.config)}); give two experts of one task")
+    device = torch.device("cpu") if cfg.memory.offload_inactive_dit else run.device
+    return load_training_dit(cfg.model, cfg.memory, info, device, cfg.network.full, path=path)
+
+
 def apply_lora(run: Run, model: torch.nn.Module) -> Trainable:
     trainable = apply_network(model, run.cfg.network)
+    if run.step_cfg.boundary is not None:
+        experts = ExpertPair(model, load_high_expert(run), run.step_cfg.boundary, run.device,
+                             run.cfg.memory.offload_inactive_dit)
+        trainable.attach_experts(experts)
     trainable.train()
     return trainable
 
@@ -209,7 +254,8 @@ def open_source(run: Run, path: str) -> BatchSource:
     return open_training_source(path, need_image="latents_image" in needed, need_clip="clip" in needed,
                                 need_control="latents_control" in needed, seed=run.seed, vae=models.vae,
                                 clip=models.clip if "clip" in needed else None, t5=models.t5,
-                                tokenizer=models.tokenizer, caption_dropout_rate=0.0)
+                                tokenizer=models.tokenizer, caption_dropout_rate=0.0,
+                                latent_channels=run.info.config.out_dim)
 
 
 def _check_source(run: Run, source: BatchSource, items: list[TrainItem]) -> None:
@@ -220,12 +266,16 @@ def _check_source(run: Run, source: BatchSource, items: list[TrainItem]) -> None
         raise ValueError("--caption_dropout_rate needs the empty caption's T5 embedding in the text cache "
                          "(re-run cache-text)")
     needed = run.step_cfg.inputs.required_keys()
-    if needed:
-        sample = source.load([items[0]])
-        missing = [k for k in needed if sample.get(k) is None]
-        if missing:
-            raise ValueError(f"a {run.step_cfg.inputs.kind} model needs {', '.join(missing)} in the latent cache, "
-                             f"which has none: re-run cache-latents with --i2v/--clip (I2V) or a control dataset")
+    sample = source.load([items[0]])
+    channels, want = sample["latents"].shape[1], run.info.config.out_dim
+    if channels != want:
+        raise ValueError(f"{describe_item(source, items[0])} holds {channels}-channel latents of "
+                         f"{vae_name(channels)}, but the DiT takes {want}-channel latents: re-run cache-latents with "
+                         f"{vae_name(want)}")
+    missing = [k for k in needed if sample.get(k) is None]
+    if missing:
+        raise ValueError(f"a {run.step_cfg.inputs.kind} model needs {', '.join(missing)} in the latent cache, "
+                         f"which has none: re-run cache-latents with --i2v/--clip (I2V) or a control dataset")
 
 
 def build_dataloader(run: Run, source: BatchSource | None = None,
@@ -321,9 +371,11 @@ def run_step(run: Run, trainable: Trainable, optim: Optim, data: Data, group: li
     for a, (position, batch) in enumerate(group):
         offset, count = plan.offsets[position], len(plan.batches[position])
         seeds = sample_seeds(run.seed, progress.global_step, a, offset, count)
-        slot = (progress.global_step * run.cfg.schedule.gradient_accumulation_steps + a) * data.stride + offset
-        result = training_step(trainable.model, batch, run.step_cfg, seeds, empty_t5=data.source.empty_t5,
-                               draw_indices=[slot + i for i in range(count)], autocast=run.autocast)
+        first = (progress.global_step * run.cfg.schedule.gradient_accumulation_steps + a) * data.stride
+        lead = (sample_seeds(run.seed, progress.global_step, a, 0, 1)[0], first)  # the global batch's first sample
+        result = training_step(trainable.denoiser, batch, run.step_cfg, seeds, empty_t5=data.source.empty_t5,
+                               draw_indices=[first + offset + i for i in range(count)], autocast=run.autocast,
+                               lead=lead)
         run.accelerator.backward(result.loss / len(group))
         losses.append(result.loss.detach())
         per_sample.append(result.per_sample)
@@ -456,6 +508,10 @@ def training_metadata(run: Run, data: Data, optim: Optim, trainable: Trainable,
               "ss_vae_name": Path(cfg.model.vae).name if cfg.model.vae else None,
               "ss_training_finished_at": time.time(), "ss_steps": progress.global_step, "ss_epoch": progress.epoch,
               "ss_caption_dropout_rate": cfg.data.caption_dropout_rate, "wantuner_task": run.task or ""}
+    if run.step_cfg.boundary is not None:  # one LoRA for both experts
+        values["wantuner_experts"] = "high_noise,low_noise"
+        values["wantuner_timestep_boundary"] = run.step_cfg.boundary
+        values["ss_sd_model_name_high_noise"] = Path(cfg.model.dit_high_noise).name
     spec = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "wan2.1" + ("" if trainable.is_full
                                                                                       else "/lora"),
             "modelspec.implementation": "https://github.com/Wan-Video/Wan2.1",
@@ -541,7 +597,7 @@ def validate_now(run: Run, trainable: Trainable, optim: Optim, data: Data, extra
     optim.eval_mode()
     trainable.eval()
     reduce = (lambda t: run.accelerator.reduce(t.to(run.device), reduction="sum").cpu()) if run.world > 1 else None
-    logs = data.validator.run(trainable.model, run.step_cfg, run.autocast, reduce)
+    logs = data.validator.run(trainable.denoiser, run.step_cfg, run.autocast, reduce)
     trainable.train()
     optim.train_mode()
     if run.is_main:
@@ -622,6 +678,10 @@ def prepare_sampling(run: Run) -> SamplePlan | None:
     """Encode the sample prompts (T5, CLIP and VAE come and go before the DiT is loaded)."""
     if not run.cfg.monitor.sample_prompts:
         return None
+    wan22 = get_task(run.task).is_wan22 if run.task else run.info.config.out_dim != 16
+    if wan22:
+        raise ValueError(f"--sample_prompts does not support Wan2.2 models yet ({run.task or 'a 48-channel DiT'}); "
+                         f"sample the saved LoRA with python -m wan_core.generate")
     return prepare_samples(sampling_settings(run.cfg), run.task, run.info.config.in_dim, run.device, run.seed,
                            run.rank, run.world)
 
@@ -665,6 +725,11 @@ def train(config: TrainConfig, source: BatchSource | None = None, validation_sou
     unchanged when this returns or raises: LoRA removed, requires_grad, train/eval modes, attention backend and
     gradient checkpointing as they were."""
     run = setup_run(config, model)
+    # the caches are checked before any model loads
+    if source is None:
+        source = open_source(run, config.data.dataset_config)
+    if validation_source is None and config.monitor.validation_dataset_config:
+        validation_source = open_source(run, config.monitor.validation_dataset_config)
     samples = prepare_sampling(run)
     if model is None:
         return _train_loaded(run, samples, load_model(run), source, validation_source, on_step)
@@ -678,8 +743,7 @@ def _train_loaded(run: Run, samples: SamplePlan | None, model: torch.nn.Module, 
     try:
         return _train_steps(run, samples, trainable, source, validation_source, on_step)
     finally:
-        if trainable.network is not None:
-            trainable.network.remove()
+        trainable.remove_network()
 
 
 def _train_steps(run: Run, samples: SamplePlan | None, trainable: Trainable, source: BatchSource | None,

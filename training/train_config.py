@@ -23,6 +23,8 @@ class ModelConfig:
     """The DiT (file and task), its attention kernel, and the encoders used for sampling during training."""
 
     dit: str | None = None  # DiT file (for a given model: where its metadata and name come from, may be None)
+    dit_high_noise: str | None = None  # Wan2.2 A14B high-noise expert (dit is then the low-noise one)
+    timestep_boundary: float | None = None  # 0..1 or 0..1000; None: the task's
     task: str | None = None  # checked against the DiT; inferred when None
     attention: str = "sdpa"  # wan_core.models.attention backend name
     vae: str | None = None
@@ -62,6 +64,7 @@ class MemoryConfig:
     fp8_scaled: bool = False
     blocks_to_swap: int | None = None
     use_pinned_memory_for_block_swap: bool = False
+    offload_inactive_dit: bool = False  # expert pair: only the active expert on the device
     ddp_timeout: int | None = None  # minutes
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from training.experts import ExpertPair, share_network
 from wan_core.loading.checkpoint import peek_shapes, read_metadata, save_safetensors
 from wan_core.lora.formats import save_lora
 from wan_core.lora.network import LoRANetwork
@@ -101,11 +102,12 @@ def _block_swap(model: WanModel, blocks: int, device: torch.device, pinned: bool
 
 
 def load_training_dit(models: ModelConfig, memory: MemoryConfig, info: DiTInfo, device: torch.device,
-                      full: bool) -> WanModel:
+                      full: bool, path: str | None = None) -> WanModel:
+    """The DiT `path` (default `models.dit`, described by `info`) ready for training on `device`."""
     dtype = weight_dtype(memory.mixed_precision, info.dtype, full)
     fp8 = ("fp8_scaled" if memory.fp8_scaled else "fp8") if memory.fp8_base else None
     staged = memory.blocks_to_swap is not None
-    model = load_dit(models.dit, task=models.task, dtype=dtype, device="cpu" if staged else device,
+    model = load_dit(path or models.dit, task=models.task, dtype=dtype, device="cpu" if staged else device,
                      attn=models.attention, fp8=fp8)
     model.gradient_checkpointing = bool(memory.gradient_checkpointing)
     if staged:
@@ -238,15 +240,38 @@ class NetworkConfig:
 
 
 class Trainable:
-    """The trained parameters: a `LoRANetwork` over the frozen DiT, or the DiT itself."""
+    """The trained parameters: a `LoRANetwork` over the frozen DiT, or the DiT itself. With a Wan2.2 expert pair
+    (`attach_experts`) `model` is the low-noise expert and `shadow` the network patched into the high-noise one,
+    sharing the LoRA weights."""
 
     def __init__(self, model: WanModel, network: LoRANetwork | None, cfg: NetworkConfig) -> None:
         self.model, self.network, self.cfg = model, network, cfg
         self.module: torch.nn.Module = network if network is not None else model
+        self.experts: ExpertPair | None = None
+        self.shadow: LoRANetwork | None = None
 
     @property
     def is_full(self) -> bool:
         return self.network is None
+
+    @property
+    def denoiser(self) -> WanModel | ExpertPair:
+        """What a training step runs: the DiT, or the expert pair."""
+        return self.experts if self.experts is not None else self.model
+
+    def attach_experts(self, experts: ExpertPair) -> None:
+        """Train this LoRA across `experts` (whose low-noise expert is `model`): patch the shared network into the
+        high-noise expert."""
+        if self.network is None or experts.low is not self.model:
+            raise ValueError("an expert pair trains a LoRA network built on its low-noise expert")
+        self.shadow = share_network(self.network, experts.high)
+        self.experts = experts
+
+    def remove_network(self) -> None:
+        """Restore the forwards of the LoRA-patched layers (of both experts)."""
+        for network in (self.network, self.shadow):
+            if network is not None:
+                network.remove()
 
     def parameters(self) -> list[torch.nn.Parameter]:
         if self.network is not None:
@@ -260,9 +285,13 @@ class Trainable:
 
     def train(self) -> None:
         self.module.train()
+        if self.shadow is not None:
+            self.shadow.train()
 
     def eval(self) -> None:
         self.module.eval()
+        if self.shadow is not None:
+            self.shadow.eval()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Everything needed to restore the trained weights exactly (LoRA down/up/alpha, or the whole DiT)."""

@@ -52,14 +52,16 @@ from training.cache.store import (
     parse_dtype,
     remove_stale,
     save_latent_entry,
+    vae_name,
 )
 from training.config_file import parse_args
 from training.dataset.items import DatasetItem, DatasetScan, ensure_not_empty, scan_dataset_group
 from training.dataset.schema import DatasetGroupConfig, load_dataset_config
+from wan_core.loading.checkpoint import peek_shapes, read_metadata
 from wan_core.media.io import MediaReadError, frames_to_tensor, read_image, read_video, resize_to_bucket
 from wan_core.models.clip import default_clip_dtype, load_clip_vision
-from wan_core.models.config import get_task
-from wan_core.models.vae import load_vae
+from wan_core.models.config import PATCH_SIZE, WAN21_VAE, VAEConfig, get_task, stored_config
+from wan_core.models.vae import detect_vae_config, load_vae, official_vae_state_dict
 from wan_core.sampling.conditioning import frame_mask
 
 if TYPE_CHECKING:
@@ -226,6 +228,35 @@ def _identity(model: VAESource | CLIPSource) -> str:
     return module_fingerprint(module)
 
 
+def vae_config_of(vae: VAESource) -> VAEConfig:
+    """The architecture of a VAE checkpoint (its stored config, else its header shapes; no weights read) or of a
+    loaded VAE."""
+    if not isinstance(vae, (str, os.PathLike)):
+        return vae.config
+    path = Path(vae)
+    stored = stored_config(read_metadata(path), VAEConfig, f"VAE {path.name}")
+    return stored or detect_vae_config(official_vae_state_dict(peek_shapes(path), f"VAE {path.name}"))
+
+
+def check_vae_inputs(scan: DatasetScan, vae: VAEConfig, i2v: bool) -> None:
+    """ValueError (before anything is hashed or encoded) when the buckets do not give the DiT whole 2x2 latent
+    patches (sides multiples of VAE stride x 2: 16 px for the Wan2.1 VAE, 32 px for the Wan2.2 VAE), or when I2V
+    latents (4 mask + 16 image channels, the Wan2.1 layout) are asked of the Wan2.2 VAE."""
+    if i2v and vae.z_dim != WAN21_VAE.z_dim:
+        raise ValueError(f"--i2v/--clip cache Wan2.1-style image latents (4 mask + 16 channels), but "
+                         f"{vae_name(vae.z_dim)} has {vae.z_dim} channels (TI2V-5B trains text-to-video here): "
+                         f"cache without --i2v and --clip")
+    step = vae.space_stride * PATCH_SIZE[1]
+    bad = [item for item in scan.items if item.bucket[0] % step or item.bucket[1] % step]
+    if bad:
+        sizes = sorted({f"{item.bucket[0]}x{item.bucket[1]}" for item in bad})
+        raise ValueError(f"{len(bad)} items resize to buckets that are not multiples of {step} px on each side "
+                         f"(e.g. {bad[0].media_path} -> {sizes[0]}; all: {', '.join(sizes[:8])}): "
+                         f"{vae_name(vae.z_dim)} (stride {vae.space_stride}) with the DiT's 2x2 patches needs "
+                         f"multiples of {step}; set the dataset's resolution to multiples of {step} with "
+                         f"enable_bucket = false")
+
+
 def cache_latents(dataset: str | os.PathLike[str] | DatasetGroupConfig | DatasetScan, vae: VAESource, *,
                   clip: CLIPSource | None = None, i2v: bool = False, vae_dtype: str | torch.dtype = torch.bfloat16,
                   device: str = "cpu", vae_cache_cpu: bool = False, batch_size: int | None = None,
@@ -244,6 +275,7 @@ def cache_latents(dataset: str | os.PathLike[str] | DatasetGroupConfig | Dataset
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     scan = _resolve_scan(dataset)
     ensure_not_empty(scan)
+    check_vae_inputs(scan, vae_config_of(vae), i2v)
     entries = latent_entries(scan)
     settings = LatentSettings(vae=_identity(vae), dtype=dtype_name(dtype), i2v=i2v,
                               clip=None if clip is None else _identity(clip), clip_dtype=_clip_dtype(clip, device))
@@ -280,7 +312,8 @@ def cache_latents(dataset: str | os.PathLike[str] | DatasetGroupConfig | Dataset
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cache_parser("cache-latents", __doc__)
-    parser.add_argument("--vae", help="Wan2.1 VAE checkpoint (.safetensors or .pth); required")
+    parser.add_argument("--vae", help="VAE checkpoint (.safetensors or .pth): the Wan2.1 VAE, or the Wan2.2 VAE for "
+                                      "ti2v-5B (bucket sides multiples of 32 px); required")
     parser.add_argument("--vae_dtype", default="bfloat16", type=str,
                         help="VAE compute dtype, also the stored latent dtype (default bfloat16)")
     parser.add_argument("--vae_cache_cpu", action="store_true", help="keep the VAE's causal cache on the CPU")
@@ -288,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "--i2v; needed for Wan2.1 I2V")
     parser.add_argument("--i2v", action="store_true", help="also cache the I2V image latents (mask + first frame)")
     parser.add_argument("--task", help="optional: check the cache fits this task (i2v-14B needs --clip, *-FC a "
-                                       "control_directory)")
+                                       "control_directory, ti2v-5B the Wan2.2 VAE); i2v-A14B caches the image "
+                                       "latents without CLIP")
     add_cache_run_flags(parser, batch_help="items per VAE call (default: the dataset's)",
                         workers_help="threads decoding media (default: CPU count - 1)")
     parser.add_argument("--debug_mode", choices=("image", "console", "video"), default=None,
@@ -296,9 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_task(name: str, clip: str | None, scan: DatasetScan) -> bool:
-    """Raise ValueError when the cache would not fit task `name`; returns whether the task needs I2V latents."""
+def _check_task(name: str, clip: str | None, scan: DatasetScan, vae: VAEConfig) -> bool:
+    """Raise ValueError when the cache would not fit task `name`; returns whether the task needs I2V latents (with
+    CLIP features for Wan2.1 I2V; Wan2.2 i2v-A14B takes the image latents alone)."""
     task = get_task(name)
+    if vae.z_dim != task.vae.z_dim:
+        raise ValueError(f"--vae is {vae_name(vae.z_dim)} with {vae.z_dim} latent channels; task {task.name} needs "
+                         f"{vae_name(task.vae.z_dim)} with {task.vae.z_dim}")
     if task.needs_clip and not clip:
         raise ValueError(f"task {task.name} needs CLIP features in the latent cache: pass --clip "
                          "(models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or clip_vision_h.safetensors)")
@@ -306,7 +344,7 @@ def _check_task(name: str, clip: str | None, scan: DatasetScan) -> bool:
     if task.is_fun_control and without_control:
         raise ValueError(f"task {task.name} trains on control videos, but {len(without_control)} items have none "
                          f"(e.g. {without_control[0]}); set control_directory (or control_path in the JSONL)")
-    return task.needs_clip
+    return task.needs_clip or (task.takes_image and not task.is_fun_control)
 
 
 def _summary(report: CacheRunReport) -> str:
@@ -338,7 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"error: {error}\n")
         return 1
     try:
-        i2v = args.i2v or (args.task is not None and _check_task(args.task, args.clip, scan))
+        i2v = args.i2v or (args.task is not None and _check_task(args.task, args.clip, scan,
+                                                                 vae_config_of(args.vae)))
         if i2v and not args.clip:
             logger.warning("--i2v without --clip: the cache gets image latents but no CLIP features; Wan2.1 I2V "
                            "(i2v-14B, flf2v-14B, i2v-14B-FC) needs --clip, only Wan2.2-style I2V trains without it")

@@ -84,6 +84,7 @@ from wan_core.loading.checkpoint import (
     CheckpointError,
     expand_split_files,
     non_finite_count,
+    peek_shapes,
     read_metadata,
     save_safetensors,
     write_text_atomic,
@@ -644,6 +645,37 @@ def load_latent_entry(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+VAE_NAMES = {16: "the Wan2.1 VAE (wan_2.1_vae)", 48: "the Wan2.2 VAE (wan2.2_vae)"}
+
+
+def vae_name(channels: int) -> str:
+    return VAE_NAMES.get(channels, f"a {channels}-channel VAE")
+
+
+def stored_latent_channels(path: Path) -> int | None:
+    """The channel count of a latent cache file's `latents_*` tensor, from its header (None when it has none or
+    cannot be read: the cache check reports such files)."""
+    try:
+        shapes = peek_shapes(path)
+    except (CheckpointError, OSError, ValueError):
+        return None
+    for key, tensor in shapes.items():
+        match = _LATENT_KEY.match(key)
+        if match and match.group(1) == "latents":
+            return int(tensor.shape[0])
+    return None
+
+
+def check_latent_channels(paths: Iterable[Path], channels: int) -> None:
+    """CacheError (one line) naming the first existing cache file whose latents do not have `channels` channels:
+    latents of one VAE cannot train a DiT made for the other's (Wan2.1: 16, Wan2.2 TI2V-5B: 48)."""
+    for path in paths:
+        got = stored_latent_channels(path) if path.is_file() else None
+        if got is not None and got != channels:
+            raise CacheError(f"{path} holds {got}-channel latents of {vae_name(got)}, but the DiT takes {channels}-"
+                             f"channel latents: re-run cache-latents with {vae_name(channels)}")
+
+
 def load_text_entry(path: Path) -> torch.Tensor:
     """A T5 cache file -> [L, dim] (verified)."""
     tensors = load_checked(path, "cache-text")
@@ -803,6 +835,7 @@ class CachedDataset:
     `latents_control` (Fun-Control); entries cached without them are an error, and only requested extras are loaded.
     caption_dropout_rate: probability that a sample's T5 context is replaced by the empty caption's.
     vae / clip / t5 (+ tokenizer): checkpoint paths; when given, entries made with other weights are an error.
+    latent_channels: the DiT's latent channels; cached latents of another VAE (16 vs 48) are an error (one line).
     Without them, every entry must still come from the same encoders. verify=False checks only that files exist.
     dtype: the dtype of the returned tensors.
 
@@ -818,7 +851,8 @@ class CachedDataset:
                  caption_dropout_rate: float = 0.0, seed: int = 0,
                  vae: str | os.PathLike[str] | None = None, clip: str | os.PathLike[str] | None = None,
                  t5: str | os.PathLike[str] | None = None, tokenizer: TokenizerSource | None = None,
-                 dtype: torch.dtype = torch.float32, verify: bool = True) -> None:
+                 dtype: torch.dtype = torch.float32, verify: bool = True,
+                 latent_channels: int | None = None) -> None:
         if not 0.0 <= caption_dropout_rate <= 1.0:
             raise ValueError(f"caption_dropout_rate must be in [0, 1], got {caption_dropout_rate}")
         self.scan = _load_scan(dataset)
@@ -829,6 +863,8 @@ class CachedDataset:
         self.text_entries = {(e.dataset_index, e.media_path): e for e in text_entries_for_items(self.scan)}
         self.empty_paths = [cache_directory(cfg) / EMPTY_TEXT_NAME for cfg in self.scan.config.datasets]
         self._empty: torch.Tensor | None = None
+        if latent_channels is not None:
+            check_latent_channels((e.path for e in self.latent_entries.values()), latent_channels)
         self._check(verify, vae, clip, t5, tokenizer)
         self.num_batches = len(self.epoch_batches(0))
 
