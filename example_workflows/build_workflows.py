@@ -21,6 +21,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+from wan_core.models.config import DEFAULT_NEGATIVE_PROMPT  # noqa: E402
+from wan_core.sampling.experts import expert_for  # noqa: E402
+from wan_core.sampling.solvers import get_schedule  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
@@ -93,20 +96,28 @@ def _loaders(dit: str, clip: bool) -> list[Node]:
     return nodes
 
 
+SAMPLER_EXTRAS = {"boundary": -1.0, "guidance_scale_high_noise": -1.0, "start_step": 0, "end_step": 10000,
+                  "cache_mode": "none", "cache_threshold": 0.0}
+
+
 def _sampler(node_id: int, dit: tuple[int, int], cond: tuple[int, int] | None, steps: int = 8,
-             shift: float = 5.0, guidance_scale: float = 5.0, solver: str = "unipc") -> Node:
+             shift: float = 5.0, guidance_scale: float = 5.0, solver: str = "unipc", size: dict | None = None,
+             **extras: Any) -> Node:
     links = {"dit": dit, "text_embeds": (4, 0), "vae": (3, 0)}
     if cond is not None:
         links["conditioning"] = cond
+    if "high_noise_dit" in extras:
+        links["high_noise_dit"] = extras.pop("high_noise_dit")
     return Node(node_id, "WanTunerSampler", {
-        **SIZE, "steps": steps, "guidance_scale": guidance_scale, "shift": shift, "solver": solver, "seed": 42,
-        "noise_on_cpu": False, "cfg_skip_mode": "none", "cfg_apply_ratio": 0.5, "slg_mode": "none",
-        "slg_layers": "1", "slg_scale": 3.0, "slg_start": 0.0, "slg_end": 0.3, "denoise": 1.0}, links)
+        **(size or SIZE), "steps": steps, "guidance_scale": guidance_scale, "shift": shift, "solver": solver,
+        "seed": 42, "noise_on_cpu": False, "cfg_skip_mode": "none", "cfg_apply_ratio": 0.5, "slg_mode": "none",
+        "slg_layers": "1", "slg_scale": 3.0, "slg_start": 0.0, "slg_end": 0.3, "denoise": 1.0,
+        **SAMPLER_EXTRAS, **extras}, links)
 
 
-def _decode_save(first_id: int, sampler_id: int, prefix: str) -> list[Node]:
+def _decode_save(first_id: int, sampler_id: int, prefix: str, fps: int = 16) -> list[Node]:
     return [Node(first_id, "WanTunerVAEDecode", {}, {"vae": (3, 0), "latent": (sampler_id, 0)}),
-            Node(first_id + 1, "WanTunerSaveVideo", {"fps": 16, "filename_prefix": f"WanTuner/{prefix}", "crf": 0},
+            Node(first_id + 1, "WanTunerSaveVideo", {"fps": fps, "filename_prefix": f"WanTuner/{prefix}", "crf": 0},
                  {"images": (first_id, 0)})]
 
 
@@ -195,6 +206,128 @@ def fewstep() -> list[Node]:
     ]
 
 
+def _dit_loader(node_id: int, name: str, task: str, title: str) -> Node:
+    widgets = {"model_name": name, "task": task, "dtype": "default", "fp8": "none", "attention": "sdpa",
+               "blocks_to_swap": 0, "compile": False}
+    return Node(node_id, "WanTunerDiTLoader", widgets, title=title)
+
+
+def _official_loaders(dit: str, task: str, vae: str) -> list[Node]:
+    """Loaders naming the official (Comfy-Org repackaged) files; the prompt is a real-world one."""
+    nodes = _loaders("t2v", clip=False)
+    nodes[0] = _dit_loader(1, dit, task, "DiT (low-noise expert)" if "A14B" in task else "DiT")
+    nodes[1].widgets["model_name"] = "umt5_xxl_fp16.safetensors"
+    nodes[2].widgets["model_name"] = vae
+    nodes[3].widgets.update(prompt="a red fox running through fresh snow at sunrise, cinematic",
+                            negative_prompt=DEFAULT_NEGATIVE_PROMPT)
+    return nodes
+
+
+NOTE_T2V_A14B = (
+    "Wan2.2 T2V-A14B: two experts of the Wan2.1 14B architecture. The high-noise expert runs the steps whose "
+    "timestep is at or above the boundary (0.875 of 1000), the low-noise expert the rest; each has its own "
+    "guidance scale (4.0 high, 3.0 low; -1 in the sampler takes these task defaults) and its own LoRA chain. "
+    "No toy expert pair ships yet, so both loaders point at the toy T2V DiT here (the switch runs, the two halves "
+    "are the same model). For the real models put wan2.2_t2v_high_noise_14B_fp16.safetensors and "
+    "wan2.2_t2v_low_noise_14B_fp16.safetensors (or the fp8_scaled files) in models/diffusion_models, "
+    "wan_2.1_vae.safetensors in models/vae and umt5_xxl_fp16.safetensors in models/text_encoders; then 1280x720 "
+    "(or 832x480), 81 frames, 40 steps, shift 12. With both experts resident a 14B pair needs about twice the "
+    "memory of one DiT: on smaller GPUs use blocks_to_swap, fp8, or two chained samplers (see the I2V-A14B "
+    "example), which let ComfyUI offload the idle expert."
+)
+
+
+def t2v_a14b() -> list[Node]:
+    """One sampler with both experts (the toy T2V DiT stands in for each until a toy pair ships)."""
+    loaders = _loaders("t2v", clip=False)
+    loaders[0].title = "DiT (low-noise expert)"
+    return [
+        *loaders,
+        _dit_loader(6, TOY["t2v"], "auto", "DiT (high-noise expert)"),
+        _sampler(10, (1, 0), None, shift=12.0, guidance_scale=3.0, high_noise_dit=(6, 0), boundary=0.875,
+                 guidance_scale_high_noise=4.0),
+        *_decode_save(11, 10, "t2v_a14b"),
+        Node(20, "Note", {"text": NOTE_T2V_A14B}, title="Wan2.2 T2V-A14B: two experts"),
+    ]
+
+
+I2V_A14B_SIZE = {"width": 1280, "height": 720, "length": 81}
+I2V_A14B = {"steps": 40, "shift": 5.0, "boundary": 0.9, "guidance": 3.5}
+NOTE_I2V_A14B = (
+    "Wan2.2 I2V-A14B as ComfyUI's own Wan2.2 workflows run it: two samplers. The first (high-noise expert, "
+    "guidance {guidance}) runs steps 0-{switch} and returns the still-noisy latent (end_step {switch}); the "
+    "second (low-noise expert) continues from it at start_step {switch} with the same steps, solver and shift. "
+    "Step {switch} is where the timestep of the {steps}-step unipc schedule at shift {shift} falls below the "
+    "boundary {boundary}. One sampler with high_noise_dit connected does the same in one node. I2V-A14B has no CLIP "
+    "branch: the image-to-video node takes no image_embeds. Files: wan2.2_i2v_high_noise_14B_fp16.safetensors and "
+    "wan2.2_i2v_low_noise_14B_fp16.safetensors in models/diffusion_models, wan_2.1_vae.safetensors in models/vae, "
+    "umt5_xxl_fp16.safetensors in models/text_encoders. No toy files exist for I2V-A14B yet."
+)
+
+
+def i2v_a14b_switch_step() -> int:
+    """The first step of the low-noise expert: the boundary rule on the schedule's timesteps."""
+    timesteps = get_schedule("unipc", I2V_A14B["steps"], I2V_A14B["shift"]).timesteps.tolist()
+    return next(i for i, t in enumerate(timesteps) if expert_for(t, I2V_A14B["boundary"]) == "low")
+
+
+def i2v_a14b() -> list[Node]:
+    """Two chained samplers (end_step / start_step), one per expert, on the official files."""
+    k, cfg = i2v_a14b_switch_step(), I2V_A14B
+    common = {"steps": cfg["steps"], "shift": cfg["shift"], "guidance_scale": cfg["guidance"], "size": I2V_A14B_SIZE}
+    first = _sampler(9, (5, 0), (8, 0), end_step=k, **common)
+    first.title = "Sampler 1: high-noise expert"
+    second = _sampler(10, (1, 0), (8, 0), start_step=k, **common)
+    second.title, second.links["latent"] = "Sampler 2: low-noise expert", (9, 0)
+    return [
+        *_official_loaders("wan2.2_i2v_low_noise_14B_fp16.safetensors", "i2v-A14B", "wan_2.1_vae.safetensors"),
+        _dit_loader(5, "wan2.2_i2v_high_noise_14B_fp16.safetensors", "i2v-A14B", "DiT (high-noise expert)"),
+        Node(6, "LoadImage", {"image": "example.png", "upload": "image"}, title="Start image"),
+        Node(8, "WanTunerImageToVideo", {**I2V_A14B_SIZE, "size_from_image": True},
+             {"vae": (3, 0), "start_image": (6, 0)}),
+        first, second, *_decode_save(11, 10, "i2v_a14b"),
+        Node(20, "Note", {"text": NOTE_I2V_A14B.format(switch=k, **cfg)}, title="Wan2.2 I2V-A14B: two samplers"),
+    ]
+
+
+TI2V_SIZE = {"width": 1280, "height": 704, "length": 121}
+NOTE_TI2V = (
+    "Wan2.2 TI2V-5B text-to-video: one 5B DiT on the Wan2.2 VAE's 48-channel latents (16x16 pixels per latent "
+    "cell: width and height multiples of 32). Official settings: 1280x704 or 704x1280, 121 frames at 24 fps, 50 "
+    "steps, shift 5, guidance 5. Files: wan2.2_ti2v_5B_fp16.safetensors in models/diffusion_models, "
+    "wan2.2_vae.safetensors in models/vae (the Wan2.1 VAE does not fit the 5B model), umt5_xxl_fp16.safetensors in "
+    "models/text_encoders. No toy TI2V files exist yet."
+)
+
+
+def ti2v_5b() -> list[Node]:
+    return [
+        *_official_loaders("wan2.2_ti2v_5B_fp16.safetensors", "ti2v-5B", "wan2.2_vae.safetensors"),
+        _sampler(10, (1, 0), None, steps=50, shift=5.0, guidance_scale=5.0, size=TI2V_SIZE),
+        *_decode_save(11, 10, "ti2v_5b", fps=24),
+        Node(20, "Note", {"text": NOTE_TI2V}, title="Wan2.2 TI2V-5B"),
+    ]
+
+
+NOTE_STEPCACHE = (
+    "Step caching (TeaCache): the sampler skips model passes whose result would barely change and reuses the "
+    "previous one. It is calibrated per model: the toy T2V DiT ships its calibration (wan21_toy_t2v_dit."
+    "stepcache.json beside it); for other DiTs run python -m wan_core.calibrate_cache --dit <file> once. The "
+    "official Wan2.1 T2V 1.3B / 14B and I2V 14B models without a calibration use the published TeaCache "
+    "coefficients. cache_threshold 0 takes the mode's default; higher skips more steps at some quality cost."
+)
+
+
+def stepcache() -> list[Node]:
+    return [
+        *_loaders("t2v", clip=False),
+        _sampler(10, (1, 0), None, steps=20, cache_mode="teacache", cache_threshold=0.0),
+        *_decode_save(11, 10, "stepcache"),
+        _note(20, "wan2.1_t2v_1.3B_fp16.safetensors"),
+        Node(21, "Note", {"text": NOTE_STEPCACHE}, title="Step caching"),
+    ]
+
+
 def train_lora() -> list[Node]:
     """Cache a dataset folder, train a LoRA on the toy DiT, then sample with the freshly trained file."""
     loaders = _loaders("t2v", clip=False)
@@ -223,7 +356,8 @@ def train_lora() -> list[Node]:
 
 WORKFLOWS = {"wantuner_t2v": t2v, "wantuner_i2v": i2v, "wantuner_flf2v": flf2v,
              "wantuner_fun_control": fun_control, "wantuner_lora_regex": lora, "wantuner_fewstep": fewstep,
-             "wantuner_train_lora": train_lora}
+             "wantuner_train_lora": train_lora, "wantuner_t2v_a14b": t2v_a14b, "wantuner_i2v_a14b": i2v_a14b,
+             "wantuner_ti2v_5b": ti2v_5b, "wantuner_stepcache": stepcache}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -25,8 +25,8 @@ the input, output or temp directory ($WANTUNER_TEMP_DIR, default ./temp, outside
 `datasets` (e.g. in extra_model_paths.yaml); anything else is refused with a message naming it. Symlinks inside model
 folders are honoured (ComfyUI lists them too); only the name a workflow gives is checked there.
 
-Loaded models are cached per loader kind (one entry each): unchanged loader inputs (including the file's size and
-modification time) reuse the loaded model across queued prompts.
+Loaded models are cached per loader kind (one entry each, two for DiTs: a Wan2.2 pair of experts): unchanged loader
+inputs (including the file's size and modification time) reuse the loaded model across queued prompts.
 """
 
 from __future__ import annotations
@@ -364,7 +364,7 @@ def free_cache() -> None:
 # Loader cache
 # ----------------------------------------------------------------------------------------------------------------
 
-_CACHE: dict[str, tuple[tuple, Any]] = {}
+_CACHE: dict[str, list[tuple[tuple, Any]]] = {}  # kind -> [(key, value)], most recently used last
 
 
 def file_key(path: Path) -> tuple[str, int, int]:
@@ -372,16 +372,23 @@ def file_key(path: Path) -> tuple[str, int, int]:
     return str(path.resolve()), stat.st_size, stat.st_mtime_ns
 
 
-def cached(kind: str, key: tuple, factory: Callable[[], Any]) -> Any:
-    """The value for `key`, built by `factory` unless the last `kind` load had the same key. One entry per kind,
-    so a changed input frees the previous model."""
-    entry = _CACHE.get(kind)
-    if entry is not None and entry[0] == key:
-        logger.info("reusing the loaded %s (inputs unchanged)", kind)
-        return entry[1]
-    _CACHE.pop(kind, None)
+def cached(kind: str, key: tuple, factory: Callable[[], Any], slots: int = 1,
+           evict: Callable[[Any], None] | None = None) -> Any:
+    """The value for `key`, built by `factory` unless one of the last `slots` loads of `kind` had the same key.
+    Before building, the least recently used entries beyond `slots - 1` are dropped (`evict(value)` runs on each),
+    so a changed input frees the previous model (DiTs keep two: a Wan2.2 pair of experts)."""
+    entries = _CACHE.setdefault(kind, [])
+    for index, (old_key, value) in enumerate(entries):
+        if old_key == key:
+            logger.info("reusing the loaded %s (inputs unchanged)", kind)
+            entries.append(entries.pop(index))
+            return value
+    while len(entries) >= slots:
+        _, dropped = entries.pop(0)
+        if evict is not None:
+            evict(dropped)
     value = factory()
-    _CACHE[kind] = (key, value)
+    entries.append((key, value))
     return value
 
 

@@ -51,20 +51,21 @@ class WanTunerImageToVideo(_SizedNode):
             "required": {
                 "vae": inp(VAE, "Wan VAE from the VAE loader."),
                 "start_image": inp("IMAGE", "The first frame of the video."),
-                "image_embeds": inp(IMAGE_EMBEDS, "CLIP vision embeddings of the start image."),
                 **size_inputs(),
                 "size_from_image": inp("BOOLEAN", "On: the video takes the image's aspect ratio at about "
                                        "width x height pixels (official I2V rule). Off: exactly width x height.",
                                        default=True),
             },
             "optional": {
+                "image_embeds": inp(IMAGE_EMBEDS, "CLIP vision embeddings of the start image (Wan2.1 I2V; Wan2.2 "
+                                    "I2V-A14B has no CLIP branch: leave it unconnected)."),
                 "end_image": inp("IMAGE", "Optional last frame (experimental for non-FLF models; the decoded "
                                  "video gets 4 extra frames at the end)."),
             },
         }
 
-    def build(self, vae: ModelHandle, start_image, image_embeds: ImageEmbeds, width: int, height: int, length: int,
-              size_from_image: bool, end_image=None) -> tuple:
+    def build(self, vae: ModelHandle, start_image, width: int, height: int, length: int, size_from_image: bool,
+              image_embeds: ImageEmbeds | None = None, end_image=None) -> tuple:
         image = _image(start_image, "start_image")
         if size_from_image:
             height, width = size_for_image(tuple(image.shape[-2:]), width * height)

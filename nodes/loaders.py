@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
@@ -12,7 +11,7 @@ from wan_core.loading.model_set import check_dit_file_task
 from wan_core.lora.apply import inference_filter, lora_report
 from wan_core.models.attention import Backend
 from wan_core.models.clip import default_clip_dtype, load_clip_vision
-from wan_core.models.config import TASKS, WAN21_VAE, DiTConfig
+from wan_core.models.config import TASKS
 from wan_core.models.dit import load_dit
 from wan_core.models.t5 import load_t5
 from wan_core.models.vae import load_vae
@@ -35,15 +34,8 @@ def _file_choices(folder: str) -> list[str]:
     return comfy.list_models(folder) or [f"(no files in {folder})"]
 
 
-# The nodes run the Wan2.1 family; Wan2.2 (expert pairs, TI2V with the Wan2.2 VAE) runs through the CLI for now.
-NODE_TASKS = [name for name, preset in TASKS.items() if not preset.is_wan22]
-WAN22_ONLY = "Wan2.2 {what} run through `python -m wan_core.generate` for now; the nodes support the Wan2.1 models"
-
-
-def wan22_only_dit(config: DiTConfig) -> bool:
-    """TI2V-5B (48 latent channels) and I2V-A14B (image channels without a CLIP branch) have no Wan2.1 twin; the
-    A14B text-to-video experts have the Wan2.1 T2V-14B architecture and run as a single model."""
-    return config.out_dim != WAN21_VAE.z_dim or (config.in_dim == config.out_dim + 20 and not config.has_image_input)
+NODE_TASKS = list(TASKS)
+DIT_SLOTS = 2  # loaded DiTs kept: the high- and low-noise experts of a Wan2.2 A14B pair
 
 
 def _dit_problem(model_name: str | None, task: str | None) -> str | None:
@@ -66,7 +58,8 @@ def _file_state(folder: str, name: str) -> str:
 
 
 class WanTunerDiTLoader:
-    DESCRIPTION = "Loads a Wan2.1 diffusion transformer (official, ComfyUI or diffusers layout; fp16/bf16/fp8)."
+    DESCRIPTION = ("Loads a Wan2.1 or Wan2.2 diffusion transformer (official, ComfyUI or diffusers layout; "
+                   "fp16/bf16/fp8). For Wan2.2 A14B load the high- and low-noise experts with two loaders.")
     CATEGORY = f"{CATEGORY}/loaders"
     RETURN_TYPES = (DIT,)
     RETURN_NAMES = ("dit",)
@@ -77,7 +70,8 @@ class WanTunerDiTLoader:
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "model_name": inp(_file_choices("diffusion_models"), "DiT file from models/diffusion_models "
-                              "(e.g. wan2.1_t2v_1.3B_fp16.safetensors)."),
+                              "(e.g. wan2.1_t2v_1.3B_fp16.safetensors, wan2.2_t2v_low_noise_14B_fp16.safetensors, "
+                              "wan2.2_ti2v_5B_fp16.safetensors)."),
             "task": inp(["auto", *NODE_TASKS], "Wan task the file must fit; 'auto' infers it from the weights. "
                         "A mismatch is reported before the graph runs."),
             "dtype": inp(list(DTYPES), "Compute dtype; 'default' keeps the file's (bf16 for fp8 files)."),
@@ -104,18 +98,11 @@ class WanTunerDiTLoader:
         path = comfy.model_path("diffusion_models", model_name)
         task_name = None if task == "auto" else task
         key = (comfy.file_key(path), task, dtype, fp8, attention, blocks_to_swap, compile)
-        _unplace_replaced("dit", key)
+        # A replaced DiT is unplaced first, so that a block-swapped one detaches its swapper and unpins its CPU
+        # memory now, not whenever the garbage collector frees it.
         model = comfy.cached("dit", key, lambda: _load_dit(path, task_name, dtype, fp8, attention, blocks_to_swap,
-                                                           compile))
-        return (DiTHandle(model, model_name, task_name),)
-
-
-def _unplace_replaced(kind: str, key: tuple) -> None:
-    """A load with new inputs replaces the cached model of `kind`: unplace that one first, so that a block-swapped
-    DiT detaches its swapper and unpins its CPU memory now, not whenever the garbage collector frees it."""
-    entry = comfy._CACHE.get(kind)
-    if entry is not None and entry[0] != key:
-        entry[1].unplace()
+                                                           compile), slots=DIT_SLOTS, evict=comfy.ManagedModel.unplace)
+        return (DiTHandle(model, model_name, task_name, str(path)),)
 
 
 def _load_dit(path, task: str | None, dtype: str, fp8: str, attention: str, blocks_to_swap: int,
@@ -123,8 +110,6 @@ def _load_dit(path, task: str | None, dtype: str, fp8: str, attention: str, bloc
     device = "cpu" if blocks_to_swap else comfy.load_device()
     model = load_dit(path, task=task, dtype=DTYPES[dtype], device=device, attn=attention,
                      fp8=None if fp8 == "none" else fp8)
-    if wan22_only_dit(model.config):
-        raise ValueError(f"{Path(path).name}: " + WAN22_ONLY.format(what="TI2V-5B and I2V-A14B DiTs"))
     if compile:
         compile_blocks(model)
     if not blocks_to_swap:
@@ -174,7 +159,8 @@ def _load_t5(path, dtype: str, fp8: bool, tokenizer: str) -> comfy.ManagedModel:
 
 
 class WanTunerVAELoader:
-    DESCRIPTION = "Loads the Wan2.1 VAE (Wan2.1_VAE.pth or ComfyUI wan_2.1_vae.safetensors)."
+    DESCRIPTION = ("Loads the Wan2.1 VAE (Wan2.1_VAE.pth or wan_2.1_vae.safetensors; also for the Wan2.2 A14B "
+                   "experts) or the Wan2.2 VAE of TI2V-5B (Wan2.2_VAE.pth or wan2.2_vae.safetensors).")
     CATEGORY = f"{CATEGORY}/loaders"
     RETURN_TYPES = (VAE,)
     RETURN_NAMES = ("vae",)
@@ -184,7 +170,8 @@ class WanTunerVAELoader:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "model_name": inp(_file_choices("vae"), "VAE file from models/vae (e.g. wan_2.1_vae.safetensors)."),
+            "model_name": inp(_file_choices("vae"), "VAE file from models/vae (e.g. wan_2.1_vae.safetensors, or "
+                              "wan2.2_vae.safetensors for TI2V-5B: 48 latent channels, sizes multiples of 32)."),
             "dtype": inp(["fp32", "bf16", "fp16"], "Compute dtype; fp32 as the official pipeline."),
             "cache_on_cpu": inp("BOOLEAN", "Keep the causal feature cache in CPU memory (less VRAM, slower).",
                                 default=False),
@@ -204,8 +191,6 @@ class WanTunerVAELoader:
 
         def build() -> ModelHandle:
             vae = load_vae(path, dtype=DTYPES[dtype], device=comfy.load_device(), **options)
-            if vae.model.config.z_dim != WAN21_VAE.z_dim:
-                raise ValueError(f"{model_name}: " + WAN22_ONLY.format(what="VAE files (48 latent channels)"))
             return ModelHandle(comfy.ManagedModel(vae, vae.model, "vae"), model_name)
 
         return (comfy.cached("vae", key, build),)

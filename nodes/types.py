@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from wan_core.lora.apply import LoRAReport
-from wan_core.models.config import DiTConfig
+from wan_core.models.config import TASKS, WAN22_VAE, DiTConfig
 from wan_core.sampling.conditioning import Conditioning
 
 from .comfy_adapter import ManagedModel
@@ -41,11 +41,20 @@ class DiTHandle:
     model: ManagedModel
     name: str
     task: str | None
+    path: str = ""  # the file it was loaded from (its step-cache calibration lies beside it)
     loras: tuple[LoRASpec, ...] = ()
 
     @property
     def config(self) -> DiTConfig:
         return self.model.obj.config
+
+    @property
+    def is_wan22(self) -> bool:
+        """A Wan2.2 DiT by its task, or by the official / ComfyUI file name when the task is inferred (the A14B
+        experts have the Wan2.1 14B shapes)."""
+        if self.task is not None:
+            return TASKS[self.task].is_wan22
+        return self.config.out_dim == WAN22_VAE.z_dim or "wan2.2" in self.name.lower()
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,7 @@ import torch
 from nodes import NODE_CLASS_MAPPINGS as N
 from nodes import comfy_adapter as adapter
 from tests import tiny_model_set as tms
-from tests.model_set import _save
 from tests.numerics import assert_float32_parity, float64_copy, float64_upcasts
-from tests.tiny import TINY_DIT, randomize_
-from wan_core.models.config import VAEConfig
-from wan_core.models.dit import WanModel
-from wan_core.models.vae import WanVAEModel
 
 T2V, I2V, FLF, FC = (tms.FILES[k][1] for k in ("dit_t2v", "dit_i2v", "dit_flf2v", "dit_fc"))
 VAE, T5, CLIP = (tms.FILES[k][1] for k in ("vae", "t5", "clip"))
@@ -346,24 +341,3 @@ def test_fallback_progress_logs_every_step(models: Path, caplog: pytest.LogCaptu
         sample(dit(), embeds(), steps=4)
     steps = [r.getMessage() for r in caplog.records if "WanTuner sampler: step" in r.getMessage()]
     assert steps == [f"WanTuner sampler: step {i}/4" for i in range(1, 5)]
-
-
-def test_nodes_refuse_wan22_models_they_cannot_run_yet(models: Path) -> None:
-    """TI2V-5B / I2V-A14B DiTs and the Wan2.2 VAE run through the CLI; the nodes say so instead of producing
-    latents of the wrong layout. The task list offers only the Wan2.1 tasks."""
-    tasks = N["WanTunerDiTLoader"].INPUT_TYPES()["required"]["task"][0]
-    assert "t2v-14B" in tasks and not {"t2v-A14B", "i2v-A14B", "ti2v-5B"} & set(tasks)
-    folder = models / "models"
-    ti2v = dataclasses.replace(TINY_DIT, in_dim=48, out_dim=48)
-    i2v_a14b = dataclasses.replace(TINY_DIT, in_dim=36)  # mask + image latents, no CLIP branch
-    for name, cfg in (("tiny_ti2v.safetensors", ti2v), ("tiny_i2v_a14b.safetensors", i2v_a14b)):
-        _save(randomize_(WanModel(cfg), 0, scale=0.05), cfg, folder / "diffusion_models" / name)
-        with pytest.raises(ValueError, match="Wan2.2 TI2V-5B and I2V-A14B DiTs run through `python -m wan_core"):
-            dit(name)
-    vae22 = VAEConfig(dim=8, dec_dim=12, z_dim=48, patch_size=2, is_residual=True)
-    _save(randomize_(WanVAEModel(vae22), 0, scale=0.1), vae22, folder / "vae" / "tiny_vae22.safetensors")
-    with pytest.raises(ValueError, match="Wan2.2 VAE files"):
-        run("WanTunerVAELoader", model_name="tiny_vae22.safetensors", dtype="fp32", cache_on_cpu=False, tiling="auto")
-    for name in ("tiny_ti2v.safetensors", "tiny_i2v_a14b.safetensors"):
-        (folder / "diffusion_models" / name).unlink()
-    (folder / "vae" / "tiny_vae22.safetensors").unlink()

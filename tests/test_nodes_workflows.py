@@ -16,7 +16,8 @@ from tests.graph_runner import GraphError, RunResult, check_workflow, core_stand
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "example_workflows"
 NAMES = ("wantuner_t2v", "wantuner_i2v", "wantuner_flf2v", "wantuner_fun_control", "wantuner_lora_regex",
-         "wantuner_fewstep")
+         "wantuner_fewstep", "wantuner_t2v_a14b", "wantuner_stepcache")
+OFFICIAL_NAMES = ("wantuner_i2v_a14b", "wantuner_ti2v_5b")  # Wan2.2 models without toy files: official file names
 TRAINING_NAMES = ("wantuner_train_lora",)  # checked and run by tests/test_nodes_training.py
 CONTROL_AFTER_GENERATE = ("fixed", "increment", "decrement", "randomize")
 EXAMPLE_IMAGE_HW = (48, 80)  # a non-square start image, so size_from_image has something to do
@@ -31,8 +32,9 @@ def _api(name: str) -> dict:
 
 
 def test_every_workflow_exists_in_both_formats_and_nothing_else_is_there() -> None:
-    assert sorted(p.stem for p in WORKFLOWS.glob("*.json")) == sorted(NAMES + TRAINING_NAMES)
-    assert sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json")) == sorted(NAMES + TRAINING_NAMES)
+    everything = sorted(NAMES + OFFICIAL_NAMES + TRAINING_NAMES)
+    assert sorted(p.stem for p in WORKFLOWS.glob("*.json")) == everything
+    assert sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json")) == everything
 
 
 def test_committed_files_are_the_builders_output() -> None:
@@ -100,8 +102,32 @@ def test_fewstep_workflow_samples_four_guidance_one_distill_steps() -> None:
     assert sampler["dit"] == ["6", 0] and _api("wantuner_fewstep")["6"]["class_type"] == "WanTunerLoRALoader"
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_ui_workflow_matches_current_input_types(name: str, listed_models: Path) -> None:
+@pytest.fixture
+def models_for(request: pytest.FixtureRequest) -> None:
+    """Model folders whose files the workflow names: the toy names (empty files), or tiny real Wan2.2 files under
+    the official names (the loaders read their headers to validate the task)."""
+    name = request.node.callspec.params["name"]
+    request.getfixturevalue("official_models" if name in OFFICIAL_NAMES else "listed_models")
+
+
+@pytest.fixture(scope="module")
+def tiny_official(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny_model_set import write_model_set, write_wan22_files
+
+    root = tmp_path_factory.mktemp("official") / "models"
+    write_model_set(root)
+    write_wan22_files(root)
+    return root
+
+
+@pytest.fixture
+def official_models(tiny_official: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv(adapter.MODELS_DIR_ENV, str(tiny_official))
+    return tiny_official
+
+
+@pytest.mark.parametrize("name", NAMES + OFFICIAL_NAMES)
+def test_ui_workflow_matches_current_input_types(name: str, models_for: None) -> None:
     graph = _ui(name)
     links = {link[0]: link for link in graph["links"]}
     nodes = {node["id"]: node for node in graph["nodes"]}
@@ -127,8 +153,8 @@ def test_ui_workflow_matches_current_input_types(name: str, listed_models: Path)
                     assert source_cls.RETURN_TYPES[src_slot] == kind
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_api_workflow_passes_validation_and_mirrors_the_ui_file(name: str, listed_models: Path) -> None:
+@pytest.mark.parametrize("name", NAMES + OFFICIAL_NAMES)
+def test_api_workflow_passes_validation_and_mirrors_the_ui_file(name: str, models_for: None) -> None:
     api = _api(name)
     order = check_workflow(api, core=core_stand_ins(Path(".")))
     assert set(order) == set(api)
@@ -160,7 +186,7 @@ def test_validation_rejects_bad_edits_with_readable_messages(listed_models: Path
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[RunResult, Path]]:
     from PIL import Image
 
-    from tests.tiny_model_set import write_model_set
+    from tests.tiny_model_set import write_model_set, write_wan22_files
 
     root = tmp_path_factory.mktemp("workflows")
     write_model_set(root / "models")
@@ -169,6 +195,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[RunResult,
     pixels[..., 2] = 200
     pixels[10:30, 10:30, 0] = 255
     Image.fromarray(pixels).save(root / "input" / "example.png")
+    write_wan22_files(root / "models")
     results = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(adapter.MODELS_DIR_ENV, str(root / "models"))
@@ -176,8 +203,24 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[RunResult,
         adapter.clear_cache()
         for name in NAMES:
             results[name] = (run_workflow(_api(name), core_stand_ins(root / "input")), root / "output")
+        for name in OFFICIAL_NAMES:
+            results[name] = (run_workflow(shrunk(_api(name)), core_stand_ins(root / "input")), root / "output")
         adapter.clear_cache()
     return results
+
+
+SHRUNK = {"width": 64, "height": 64, "length": 9, "steps": 4}
+
+
+def shrunk(graph: dict) -> dict:
+    """An official-size workflow at the toy world's size and 4 steps, its sampler hand-over moved to step 2."""
+    for node in graph.values():
+        inputs = node["inputs"]
+        inputs.update({k: v for k, v in SHRUNK.items() if k in inputs})
+        if node["class_type"] == "WanTunerSampler":
+            inputs["end_step"] = 2 if inputs["end_step"] < 10000 else 10000
+            inputs["start_step"] = 2 if inputs["start_step"] > 0 else 0
+    return graph
 
 
 def _saved_video(result: RunResult, output: Path) -> Path:
@@ -227,3 +270,53 @@ def test_lora_workflow_reports_matches_and_changes_the_result(runs) -> None:
     assert not any(isinstance(m, LoRAModule) for m in dit.model.obj.modules())  # removed after sampling
     plain = runs["wantuner_t2v"][0].outputs["10"][0]["samples"]
     assert (result.outputs["10"][0]["samples"] - plain).abs().max() > 1e-3
+
+
+def test_official_wan22_workflows_name_the_official_files_and_defaults() -> None:
+    from wan_core.models.config import TASKS
+    from wan_core.sampling.experts import expert_for
+    from wan_core.sampling.solvers import get_schedule
+
+    i2v = _api("wantuner_i2v_a14b")
+    assert (i2v["5"]["inputs"]["model_name"], i2v["1"]["inputs"]["model_name"]) == (
+        "wan2.2_i2v_high_noise_14B_fp16.safetensors", "wan2.2_i2v_low_noise_14B_fp16.safetensors")
+    first, second, preset = i2v["9"]["inputs"], i2v["10"]["inputs"], TASKS["i2v-A14B"]
+    assert first["dit"] == ["5", 0] and second["dit"] == ["1", 0] and second["latent"] == ["9", 0]
+    assert (first["steps"], first["shift"], first["guidance_scale"]) == (
+        preset.sample_steps, preset.sample_shift, preset.guide_scale_high)
+    timesteps = get_schedule(first["solver"], first["steps"], first["shift"]).timesteps.tolist()
+    k = first["end_step"]
+    assert second["start_step"] == k and second["guidance_scale"] == preset.guide_scale
+    assert [expert_for(t, preset.boundary) for t in timesteps[k - 1:k + 1]] == ["high", "low"]
+    assert "image_embeds" not in i2v["8"]["inputs"]
+    ti2v, preset = _api("wantuner_ti2v_5b"), TASKS["ti2v-5B"]
+    sampler = ti2v["10"]["inputs"]
+    assert ti2v["1"]["inputs"]["model_name"] == "wan2.2_ti2v_5B_fp16.safetensors"
+    assert ti2v["3"]["inputs"]["model_name"] == "wan2.2_vae.safetensors"
+    assert (sampler["height"], sampler["width"]) in preset.sizes and sampler["length"] == preset.frame_num
+    assert (sampler["steps"], sampler["shift"], sampler["guidance_scale"]) == (50, 5.0, 5.0)
+    assert ti2v["12"]["inputs"]["fps"] == preset.fps
+    t2v = _api("wantuner_t2v_a14b")["10"]["inputs"]
+    assert t2v["high_noise_dit"] == ["6", 0] and (t2v["boundary"], t2v["guidance_scale_high_noise"]) == (0.875, 4.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", OFFICIAL_NAMES + ("wantuner_t2v_a14b", "wantuner_stepcache"))
+def test_wan22_and_step_cache_workflows_run(name: str, runs) -> None:
+    """The Wan2.2 workflows run on tiny random files under the official names (shrunk to 64x64x9, 4 steps); the
+    I2V-A14B chain hands a noisy latent from its first sampler to its second."""
+    import av
+
+    from nodes.sampler import HANDOVER
+
+    result, output = runs[name]
+    samples = result.outputs["10"][0]["samples"]
+    channels, stride = (48, 16) if name == "wantuner_ti2v_5b" else (16, 8)
+    height, width = (64, 64)
+    if name == "wantuner_i2v_a14b":
+        height, width = result.outputs["8"][2], result.outputs["8"][1]
+        assert HANDOVER in result.outputs["9"][0] and HANDOVER not in result.outputs["10"][0]
+    assert tuple(samples.shape) == (1, channels, 3, height // stride, width // stride)
+    with av.open(str(_saved_video(result, output))) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
+    assert len(frames) == 9 and frames[0].shape == (height, width, 3)

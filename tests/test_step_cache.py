@@ -190,3 +190,25 @@ def test_calibrate_cache_cli_writes_a_loadable_calibration(tmp_path):
     calibration = CacheCalibration.load(out)
     assert calibration.steps == STEPS and set(calibration.magcache_ratios) == {"cond", "uncond"}
     assert json.loads(out.read_text())["source"] == Path(TOY_FILES["dit"]).name
+
+
+def test_official_wan21_configs_get_the_published_teacache_coefficients(tmp_path):
+    """Without a calibration file an official-shaped Wan2.1 DiT falls back to the published TeaCache polynomial (I2V
+    by resolution); other models (toy, Wan2.2 experts with the T2V-14B shapes) stay uncalibrated."""
+    from wan_core.models.config import TASKS
+    from wan_core.runtime.step_cache import PUBLISHED_TEACACHE, published_calibration, resolve_calibration
+
+    t2v = resolve_calibration(tmp_path / "wan2.1_t2v_1.3B_fp16.safetensors", TASKS["t2v-1.3B"].dit, 480, 832)
+    assert t2v is not None and t2v.teacache_coefficients == PUBLISHED_TEACACHE[("t2v-1.3B", "")]
+    assert t2v.supports("teacache") and not t2v.supports("magcache")
+    assert not StepCacheSettings("magcache", 0.02, t2v).active and StepCacheSettings("teacache", 0.1, t2v).active
+    i2v = TASKS["i2v-14B"].dit
+    assert published_calibration(i2v, 480, 832).teacache_coefficients == PUBLISHED_TEACACHE[("i2v-14B", "480p")]
+    assert published_calibration(i2v, 720, 1280).teacache_coefficients == PUBLISHED_TEACACHE[("i2v-14B", "720p")]
+    assert published_calibration(TASKS["t2v-14B"].dit, 720, 1280, wan22=True) is None
+    assert published_calibration(TASKS["ti2v-5B"].dit, 704, 1280) is None
+    toy = load_dit(TOY_MODEL_DIR / TOY_FILES["dit"], dtype=torch.float32).config
+    assert published_calibration(toy, 64, 64) is None
+    stored = CacheCalibration(steps=4, teacache_coefficients=(1.0, 0.0), magcache_ratios={})
+    stored.save(calibration_path(tmp_path / "dit.safetensors"))
+    assert resolve_calibration(tmp_path / "dit.safetensors", TASKS["t2v-1.3B"].dit, 480, 832) == stored

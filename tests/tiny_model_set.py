@@ -7,13 +7,18 @@ names the example workflows use, plus a musubi-format LoRA.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
 import torch
 
 from tests import model_set
+from tests.tiny import TINY_DIT, randomize_
 from wan_core.loading.checkpoint import save_safetensors
+from wan_core.models.config import VAEConfig
+from wan_core.models.dit import WanModel
+from wan_core.models.vae import WanVAEModel
 
 FILES = {  # tests/model_set.py key -> (ComfyUI folder, file name used by the example workflows)
     "dit_t2v": ("diffusion_models", "wan21_toy_t2v_dit.safetensors"),
@@ -54,6 +59,35 @@ def write_model_set(root: Path) -> dict[str, Path]:
         paths[name] = Path(shutil.move(flat[key], root / folder / name))
     shutil.rmtree(root / ".flat")
     paths[LORA[1]] = write_lora(root / LORA[0] / LORA[1])
+    return paths
+
+
+TINY_I2V_A14B = dataclasses.replace(TINY_DIT, in_dim=36)  # mask + image latents, no CLIP branch
+TINY_TI2V = dataclasses.replace(TINY_DIT, in_dim=48, out_dim=48)
+TINY_VAE22 = VAEConfig(dim=8, dec_dim=12, z_dim=48, patch_size=2, is_residual=True)
+WAN22_FILES = {  # official (Comfy-Org) file name -> (ComfyUI folder, tiny config, seed)
+    "wan2.2_t2v_high_noise_14B_fp16.safetensors": ("diffusion_models", TINY_DIT, 11),
+    "wan2.2_t2v_low_noise_14B_fp16.safetensors": ("diffusion_models", TINY_DIT, 12),
+    "wan2.2_i2v_high_noise_14B_fp16.safetensors": ("diffusion_models", TINY_I2V_A14B, 13),
+    "wan2.2_i2v_low_noise_14B_fp16.safetensors": ("diffusion_models", TINY_I2V_A14B, 14),
+    "wan2.2_ti2v_5B_fp16.safetensors": ("diffusion_models", TINY_TI2V, 15),
+    "wan2.2_vae.safetensors": ("vae", TINY_VAE22, 0),
+}
+OFFICIAL_COPIES = {"umt5_xxl_fp16.safetensors": "t5", "wan_2.1_vae.safetensors": "vae"}  # tiny files, official names
+
+
+def write_wan22_files(root: Path) -> dict[str, Path]:
+    """Tiny random Wan2.2 files under their official names in `root/<ComfyUI folder>/`, plus the tiny umT5 and
+    Wan2.1 VAE under their official names (call after write_model_set(root))."""
+    paths = {}
+    for name, (folder, config, seed) in WAN22_FILES.items():
+        module = WanVAEModel(config) if isinstance(config, VAEConfig) else WanModel(config)
+        scale = 0.1 if isinstance(config, VAEConfig) else 0.05
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        paths[name] = model_set._save(randomize_(module, seed, scale=scale), config, root / folder / name)
+    for name, key in OFFICIAL_COPIES.items():
+        folder, toy = FILES[key]
+        paths[name] = Path(shutil.copy(root / folder / toy, root / folder / name))
     return paths
 
 

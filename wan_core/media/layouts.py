@@ -3,7 +3,8 @@
 Plain tensor functions (no host import). The host layouts are the ones ComfyUI uses (the node pack's `nodes/` does
 no tensor math itself):
 - frames: [N, H, W, 3] float in [0, 1]; a video is its frames stacked on N (ComfyUI's IMAGE).
-- latents: [B, 16, F, h, w] holding the Wan VAE's *raw* (un-normalised) encoder mean (ComfyUI's LATENT samples,
+- latents: [B, C, F, h, w] holding the Wan VAE's *raw* (un-normalised) encoder mean (ComfyUI's LATENT samples;
+  C = 16 for the Wan2.1 VAE with 8 pixels per latent cell, 48 for the Wan2.2 VAE with 16;
   as its own Wan nodes and VAEEncode produce them; ComfyUI normalises per channel inside its sampler). wan_core's
   VAE and sampler work on normalised latents, so latents are converted at the boundary with `latent_to_comfy` /
   `latent_from_comfy`.
@@ -21,10 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wan_core.models.vae import SPACE_STRIDE, TIME_STRIDE, VAE_MEAN, VAE_STD, pixel_frames
+from wan_core.models.config import WAN21_VAE, WAN22_VAE
+from wan_core.models.vae import SPACE_STRIDE, TIME_STRIDE, latent_stats, pixel_frames
 
 if TYPE_CHECKING:
-    from wan_core.models.vae import WanVAE
+    from wan_core.models.config import WAN21_VAE, WAN22_VAE
+from wan_core.models.vae import WanVAE
 
 logger = logging.getLogger(__name__)
 
@@ -79,38 +82,43 @@ def video_to_image(frames: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def latent_space_stride(channels: int) -> int:
+    """Pixels per latent cell along H and W of a latent with `channels` channels (8 Wan2.1, 16 Wan2.2 VAE)."""
+    return WAN22_VAE.space_stride if channels == WAN22_VAE.z_dim else WAN21_VAE.space_stride
+
+
 def _stats(channels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    if channels != len(VAE_MEAN):
-        raise ValueError(f"Wan2.1 latents have {len(VAE_MEAN)} channels, got {channels}")
-    mean = torch.tensor(VAE_MEAN, dtype=torch.float32, device=device).view(1, -1, 1, 1, 1)
-    std = torch.tensor(VAE_STD, dtype=torch.float32, device=device).view(1, -1, 1, 1, 1)
+    mean_values, std_values = latent_stats(channels)
+    mean = torch.tensor(mean_values, dtype=torch.float32, device=device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(std_values, dtype=torch.float32, device=device).view(1, -1, 1, 1, 1)
     return mean, std
 
 
 def check_latent(samples: object, what: str = "latent") -> torch.Tensor:
     if not isinstance(samples, torch.Tensor) or samples.dim() != 5:
         shape = list(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
-        raise ValueError(f"{what} must be a video LATENT with samples [B, 16, F, h, w] (from a Wan VAE encode or "
-                         f"sampler), got {shape}")
+        raise ValueError(f"{what} must be a video LATENT with samples [B, 16 or 48, F, h, w] (from a Wan VAE encode "
+                         f"or sampler), got {shape}")
     return samples
 
 
 def latent_to_comfy(latents: torch.Tensor) -> torch.Tensor:
-    """Normalised latents [B, 16, F, h, w] -> raw VAE latents for a ComfyUI LATENT (z·std + mean), float32 CPU."""
+    """Normalised latents [B, C, F, h, w] -> raw VAE latents for a ComfyUI LATENT (z·std + mean), float32 CPU."""
     mean, std = _stats(check_latent(latents).shape[1], latents.device)
     return (latents.float() * std + mean).cpu()
 
 
 def latent_from_comfy(samples: torch.Tensor, what: str = "latent") -> torch.Tensor:
-    """A ComfyUI LATENT's raw samples [B, 16, F, h, w] -> normalised latents ((x − mean) / std), float32."""
+    """A ComfyUI LATENT's raw samples [B, C, F, h, w] -> normalised latents ((x − mean) / std), float32."""
     mean, std = _stats(check_latent(samples, what).shape[1], samples.device)
     return (samples.float() - mean) / std
 
 
 def video_size_of_latent(samples: torch.Tensor) -> tuple[int, int, int]:
-    """(height, width, frames) in pixels of the video a latent [B, 16, F, h, w] decodes to."""
-    _, _, n, h, w = check_latent(samples).shape
-    return h * SPACE_STRIDE, w * SPACE_STRIDE, pixel_frames(n)
+    """(height, width, frames) in pixels of the video a latent [B, C, F, h, w] decodes to."""
+    _, channels, n, h, w = check_latent(samples).shape
+    stride = latent_space_stride(channels)
+    return h * stride, w * stride, pixel_frames(n)
 
 
 def latent_frame_count(frames: int) -> int:
@@ -132,7 +140,7 @@ class LatentRGB:
 
 
 def fit_latent_rgb(vae: WanVAE, size: int = 16, seed: int = 0) -> LatentRGB:
-    """Least-squares fit of the decoder's mean colour per 8x8 pixel cell on normalised latents.
+    """Least-squares fit of the decoder's mean colour per latent cell (8x8 or 16x16 pixels) on normalised latents.
 
     Decodes one latent frame of seeded N(0, 1) noise (size x size latent pixels) and regresses the average colour
     of each cell on its latent vector. One small decode; cache the result per VAE.
@@ -140,8 +148,8 @@ def fit_latent_rgb(vae: WanVAE, size: int = 16, seed: int = 0) -> LatentRGB:
     channels = vae.z_dim
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(1, channels, 1, size, size, generator=gen)
-    video = vae.decode(z.to(vae.device))  # [1, 3, 1, 8s, 8s] in [-1, 1]
-    cells = F.avg_pool2d(video[0, :, 0].float().cpu(), SPACE_STRIDE)  # [3, s, s]
+    video = vae.decode(z.to(vae.device))  # [1, 3, 1, stride·s, stride·s] in [-1, 1]
+    cells = F.avg_pool2d(video[0, :, 0].float().cpu(), vae.space_stride)  # [3, s, s]
     targets = ((cells + 1.0) / 2.0).reshape(3, -1).T.double()  # [s*s, 3]
     inputs = torch.cat([z[0, :, 0].reshape(channels, -1).T, torch.ones(size * size, 1)], dim=1).double()
     solution = torch.linalg.lstsq(inputs, targets).solution  # [C+1, 3]

@@ -14,7 +14,9 @@ computed velocity.
   threshold and at most ``max_skips`` steps in a row are skipped.
 
 The calibration (``CacheCalibration``) comes from uncached runs (`python -m wan_core.calibrate_cache`), stored as a
-small JSON file beside the DiT (``<dit stem>.stepcache.json``). A threshold of 0 (or mode ``none``) computes every
+small JSON file beside the DiT (``<dit stem>.stepcache.json``). Without one, the official Wan2.1 T2V 1.3B / 14B
+and I2V 14B models fall back to the published TeaCache coefficients for the timestep modulation
+(``published_calibration``; TeaCache only, no MagCache ratios). A threshold of 0 (or mode ``none``) computes every
 call, so the result is exactly the uncached one.
 """
 
@@ -30,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
+from wan_core.models.config import TASKS, DiTConfig
 from wan_core.models.dit import WanModel, sinusoidal_embedding
 
 logger = logging.getLogger(__name__)
@@ -71,6 +74,10 @@ class CacheCalibration:
             if len(ratios) != self.steps or not all(math.isfinite(r) and r > 0 for r in ratios):
                 raise ValueError(f"magcache ratios of branch {branch!r} must be {self.steps} positive numbers, "
                                  f"got {list(ratios)}")
+
+    def supports(self, mode: str) -> bool:
+        """Whether this calibration drives `mode` (a TeaCache-only calibration has no MagCache ratios)."""
+        return mode != "magcache" or bool(self.magcache_ratios)
 
     def rescale(self, change: float) -> float:
         """Estimated relative velocity change for a relative modulation change (never negative)."""
@@ -128,6 +135,44 @@ def find_calibration(dit_path: str | Path) -> CacheCalibration | None:
     return CacheCalibration.load(path) if path.is_file() else None
 
 
+# Published TeaCache polynomials (highest power first) of the official Wan2.1 models, for the relative change of the
+# timestep modulation (time_projection output) as measured here. I2V has one per resolution: 480p (832x480 area and
+# below) and 720p. Keys: (official task, "480p" / "720p" for I2V, else "").
+PUBLISHED_TEACACHE: dict[tuple[str, str], tuple[float, ...]] = {
+    ("t2v-1.3B", ""): (-5.21862437e04, 9.23041404e03, -5.28275948e02, 1.36987616e01, -4.99875664e-02),
+    ("t2v-14B", ""): (-3.03318725e05, 4.90537029e04, -2.65530556e03, 5.87365115e01, -3.15583525e-01),
+    ("i2v-14B", "480p"): (2.57151496e05, -3.54229917e04, 1.40286849e03, -1.35890334e01, 1.32517977e-01),
+    ("i2v-14B", "720p"): (8.10705460e03, 2.13393892e03, -3.72934672e02, 1.66203073e01, -4.17769401e-02),
+}
+PUBLISHED_STEPS = 50  # the official sampling steps the coefficients were fitted on
+AREA_480P = 832 * 480
+
+
+def _official_task(config: DiTConfig) -> str | None:
+    """The official Wan2.1 task whose architecture `config` has, or None."""
+    return next((task for task, _ in PUBLISHED_TEACACHE if TASKS[task].dit == config), None)
+
+
+def published_calibration(config: DiTConfig, height: int, width: int, wan22: bool = False) -> CacheCalibration | None:
+    """The published TeaCache calibration of an official Wan2.1 T2V 1.3B / 14B or I2V 14B DiT (I2V: by the video
+    area, 480p up to 832x480, else 720p); None for any other model. `wan22`: the DiT is a Wan2.2 A14B expert, which
+    has the T2V-14B architecture but other weights (no published coefficients)."""
+    task = None if wan22 else _official_task(config)
+    if task is None:
+        return None
+    resolution = ("480p" if height * width <= AREA_480P else "720p") if task.startswith("i2v") else ""
+    return CacheCalibration(steps=PUBLISHED_STEPS, teacache_coefficients=PUBLISHED_TEACACHE[(task, resolution)],
+                            magcache_ratios={}, source=f"published TeaCache coefficients of Wan2.1 {task}"
+                            + (f" {resolution}" if resolution else ""))
+
+
+def resolve_calibration(dit_path: str | Path | None, config: DiTConfig, height: int, width: int,
+                        wan22: bool = False) -> CacheCalibration | None:
+    """The calibration stored beside the DiT file, else the published one of an official model, else None."""
+    stored = None if dit_path is None else find_calibration(dit_path)
+    return stored if stored is not None else published_calibration(config, height, width, wan22)
+
+
 # --------------------------------------------------------------------------------------------------- settings
 
 
@@ -148,7 +193,8 @@ class StepCacheSettings:
 
     @property
     def active(self) -> bool:
-        return self.mode != "none" and self.threshold > 0 and self.calibration is not None
+        return (self.mode != "none" and self.threshold > 0 and self.calibration is not None
+                and self.calibration.supports(self.mode))
 
 
 # --------------------------------------------------------------------------------------------------- the cache

@@ -4,6 +4,7 @@ nodes and sampling during training. Conditioning layouts live in `conditioning.p
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from wan_core.runtime.step_cache import CalibrationRecorder, Predict, StepCache
 from wan_core.sampling.conditioning import Conditioning
 from wan_core.sampling.experts import ExpertSwitch
 from wan_core.sampling.guidance import SLGConfig, cfg_apply_pattern, guided_velocity
-from wan_core.sampling.solvers import Schedule, StepCallback, get_schedule, initial_noise, sample
+from wan_core.sampling.solvers import Schedule, StepCallback, StepInfo, get_schedule, initial_noise, sample
 
 if TYPE_CHECKING:
     from wan_core.models.dit import WanModel
@@ -49,6 +50,11 @@ class SamplerSettings:
     cfg_apply_ratio: float | None = None
     slg: SLGConfig | None = None
     denoise: float = 1.0  # < 1 starts from `init_latents` part-way down the schedule
+    # Run only steps [start_step, end_step) of the schedule (ComfyUI's start/end steps): start_step > 0 continues
+    # from `init_latents` as a previous run with end_step = start_step returned them (still noisy, no noise added);
+    # end_step < steps returns the latents at that step's noise level. None = the last step.
+    start_step: int = 0
+    end_step: int | None = None
 
 
 def start_index(steps: int, denoise: float) -> int:
@@ -56,6 +62,15 @@ def start_index(steps: int, denoise: float) -> int:
     if not 0.0 < denoise <= 1.0:
         raise ValueError(f"denoise strength must be in (0, 1], got {denoise}")
     return steps - max(1, round(steps * denoise))
+
+
+def step_range(steps: int, start_step: int, end_step: int | None) -> tuple[int, int]:
+    """The steps [first, stop) a run covers of a `steps`-step schedule (ValueError naming the bad value)."""
+    stop = steps if end_step is None else min(end_step, steps)
+    if start_step < 0 or stop < 1 or start_step >= stop:
+        raise ValueError(f"start_step {start_step} and end_step {end_step} leave no step of the {steps}-step schedule "
+                         f"to run; expected 0 <= start_step < end_step (end_step is capped at {steps})")
+    return start_step, stop
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -81,14 +96,12 @@ def denoise(dit: WanModel | ExpertSwitch, cond: Conditioning, context: Sequence[
     schedule = get_schedule(settings.solver, settings.steps, settings.flow_shift)
     first = start_index(settings.steps, settings.denoise)
     schedule = Schedule(schedule.sigmas[first:], schedule.timesteps[first:])
+    begin, stop = step_range(schedule.steps, settings.start_step, settings.end_step)
+    if begin > 0 and first > 0:
+        raise ValueError(f"start_step {begin} continues a previous run's latents; use it with denoise 1.0 (got "
+                         f"{settings.denoise})")
     shape = cond.latent_shape(dit.config.out_dim)
-    x = initial_noise(shape, settings.seed, device=device, cpu_noise=settings.cpu_noise)
-    if first > 0:
-        if init_latents is None or tuple(init_latents.shape) != shape:
-            got = None if init_latents is None else list(init_latents.shape)
-            raise ValueError(f"denoise < 1 needs input latents of shape {list(shape)}, got {got}")
-        sigma = float(schedule.sigmas[0])
-        x = (1.0 - sigma) * init_latents.to(device, torch.float32) + sigma * x
+    x = _start_latents(shape, settings, schedule, first, init_latents, device)
     y = None if cond.y is None else cond.y.to(device)
     clip_fea = None if cond.clip_fea is None else cond.clip_fea.to(device)
     contexts = {"cond": [c.to(device) for c in context],
@@ -105,16 +118,47 @@ def denoise(dit: WanModel | ExpertSwitch, cond: Conditioning, context: Sequence[
     scales = dit.step_guidance(schedule.timesteps) if isinstance(dit, ExpertSwitch) else settings.guidance_scale
     model: Predict = predict
     if step_cache is not None and not isinstance(dit, ExpertSwitch):
-        step_cache.start(dit, steps)
+        step_cache.start(dit, stop - begin)
         model = step_cache.wrap_predict(predict)
     if wrap_predict is not None:
         model = wrap_predict(model)
-    velocity = guided_velocity(model, steps=steps, guidance_scale=scales, cfg_pattern=pattern,
-                               slg=settings.slg)
+    guided = guided_velocity(model, steps=steps, guidance_scale=scales, cfg_pattern=pattern, slg=settings.slg)
+
+    def velocity(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:  # i counts from `begin`
+        return guided(x, t, i + begin)
+
     if step_cache is not None:
         velocity = step_cache.wrap_velocity(velocity)
+    part = Schedule(schedule.sigmas[begin:stop + 1], schedule.timesteps[begin:stop])
     with torch.no_grad():
-        return sample(settings.solver, velocity, x, schedule, callback=callback)
+        return sample(settings.solver, velocity, x, part, callback=_offset(callback, begin, steps))
+
+
+def _offset(callback: StepCallback | None, begin: int, steps: int) -> StepCallback | None:
+    """The callback with step indices of the whole schedule (a run over steps [begin, stop) reports i + begin)."""
+    if callback is None:
+        return None
+
+    def report(info: StepInfo) -> None:
+        callback(dataclasses.replace(info, i=info.i + begin, total=steps))
+
+    return report
+
+
+def _start_latents(shape: tuple[int, ...], settings: SamplerSettings, schedule: Schedule, first: int,
+                   init_latents: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The run's starting latents: seeded noise, blended with `init_latents` for denoise < 1 (`first`: the
+    schedule's first step), or `init_latents` themselves when continuing at start_step > 0."""
+    if (first > 0 or settings.start_step > 0) and (init_latents is None or tuple(init_latents.shape) != shape):
+        got = None if init_latents is None else list(init_latents.shape)
+        raise ValueError(f"denoise < 1 or start_step > 0 needs input latents of shape {list(shape)}, got {got}")
+    if settings.start_step > 0:
+        return init_latents.to(device, torch.float32)  # type: ignore[union-attr]
+    x = initial_noise(shape, settings.seed, device=device, cpu_noise=settings.cpu_noise)
+    if first > 0:
+        sigma = float(schedule.sigmas[0])
+        x = (1.0 - sigma) * init_latents.to(device, torch.float32) + sigma * x  # type: ignore[union-attr]
+    return x
 
 
 def encode_prompts(t5: TextEncoder, prompts: Sequence[str]) -> list[torch.Tensor]:
