@@ -17,9 +17,10 @@ from tests.tiny import TINY_DIT, randomize_
 from wan_core.generate.cli import main, vae_latent_channels
 from wan_core.generate.outputs import load_latent
 from wan_core.loading.checkpoint import save_safetensors
+from wan_core.media.io import image_to_tensor, read_image
 from wan_core.models.config import VAEConfig
 from wan_core.models.dit import WanModel
-from wan_core.models.vae import WanVAEModel
+from wan_core.models.vae import WanVAEModel, load_vae
 
 TINY_I2V_A14B = dataclasses.replace(TINY_DIT, in_dim=36)  # mask + image latents, no CLIP branch
 TINY_TI2V = dataclasses.replace(TINY_DIT, in_dim=48, out_dim=48)
@@ -98,6 +99,24 @@ def test_ti2v_5b_text_to_video_with_the_wan22_vae(models, tmp_path):
     assert len(list(tmp_path.glob("*.mp4"))) == 1
 
 
+def test_ti2v_5b_image_to_video_puts_the_image_latent_in_frame_0(models, tmp_path):
+    """--image_path with ti2v-5B: the output's first latent frame is the Wan2.2 VAE latent of the start image
+    (32x64, the size of the video here), the other frames are generated."""
+    image_path = tmp_path / "start_wide.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 64, 3), dtype=np.uint8)).save(image_path)
+    argv = ["--task", "ti2v-5B", "--dit", str(models["ti2v"]), "--vae", str(models["vae22"]), "--t5",
+            str(models["t5"]), "--video_size", "32", "64", "--video_length", "5", "--infer_steps", "3", "--seed", "4",
+            "--output_type", "latent", "--prompt", "a red square", "--quiet", "--device", "cpu"]
+    assert main([*argv, "--image_path", str(image_path), "--save_path", str(tmp_path / "i2v")]) == 0
+    assert main([*argv, "--save_path", str(tmp_path / "t2v")]) == 0
+    i2v, t2v = _latent(tmp_path / "i2v"), _latent(tmp_path / "t2v")
+    assert i2v.shape == t2v.shape == (1, 48, 2, 2, 4)
+    image = image_to_tensor(read_image(image_path))  # [3, 32, 64] in [-1, 1]
+    want = load_vae(models["vae22"]).encode(image[None, :, None])
+    assert torch.equal(i2v[:, :, :1], want)
+    assert not torch.equal(i2v[:, :, 1:], t2v[:, :, 1:])  # the image conditions the generated frame
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--task", "i2v-A14B", "--dit", "{dit_i2v}", "--image_path", "{start}"],
      "task 'i2v-A14B' needs a t2v model with 36 input channels, but the checkpoint is a i2v model"),
@@ -113,8 +132,8 @@ def test_ti2v_5b_text_to_video_with_the_wan22_vae(models, tmp_path):
      "--vae vae.safetensors has 16 latent channels; task ti2v-5B needs the Wan2.2 VAE (wan2.2_vae) with 48"),
     (["--task", "t2v-A14B", "--dit", "{t2v_low}", "--vae", "{vae22}"],
      "--vae vae22.safetensors has 48 latent channels; task t2v-A14B needs the Wan2.1 VAE (wan_2.1_vae) with 16"),
-    (["--task", "ti2v-5B", "--dit", "{ti2v}", "--vae", "{vae22}", "--image_path", "{start}"],
-     "task ti2v-5B: image-to-video is not supported yet"),
+    (["--task", "ti2v-5B", "--dit", "{ti2v}", "--vae", "{vae22}", "--image_path", "{start}", "--end_image_path",
+      "{start}"], "task ti2v-5B takes a start image only (--image_path, the first frame); drop --end_image_path"),
     (["--task", "t2v-A14B"], "there is no embedded toy model for the Wan2.2 task t2v-A14B: give its DiT with --dit"),
 ])
 def test_wrong_wan22_input_is_one_clear_error(models, tmp_path, capsys, argv, message):

@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--slg_start", type=float, default=0.0)
     g.add_argument("--slg_end", type=float, default=0.3)
     g = p.add_argument_group("image and control inputs")
-    g.add_argument("--image_path", help="start image (I2V, Fun-Control)")
+    g.add_argument("--image_path", help="start image (I2V, Fun-Control, TI2V-5B)")
     g.add_argument("--end_image_path", help="end image (FLF2V; experimental for I2V)")
     g.add_argument("--trim_tail_frames", type=int, default=0)
     g.add_argument("--control_path", help="control video file or folder of images (Fun-Control)")
@@ -237,7 +237,10 @@ def resolve_job(job: Job, args: argparse.Namespace, task: str, defaults: dict) -
     control = frames_to_tensor(read_video(job.control_path)) if job.control_path else None
     size = args.video_size or defaults.get("video_size") or (256, 256)
     height, width = _first(job.height, size[0]), _first(job.width, size[1])
-    if image is not None and not preset.is_fun_control and preset.dit.model_type != "flf2v":
+    if image is not None and cond.takes_first_frame(preset):
+        height, width = cond.first_frame_size((image.shape[-2], image.shape[-1]), height * width,
+                                              preset.vae.space_stride * cond.PATCH)
+    elif image is not None and not preset.is_fun_control and preset.dit.model_type != "flf2v":
         height, width = cond.size_for_image((image.shape[-2], image.shape[-1]), height * width)
     frames = 1 if preset.is_t2i else _first(job.frames, args.video_length, defaults.get("video_length"),
                                              preset.frame_num)
@@ -278,8 +281,14 @@ def _expert_settings(args: argparse.Namespace, preset: TaskPreset, guidance: flo
 def _check_inputs(task: str, image, end_image, control) -> None:
     preset = get_task(task)
     kind = "i2v" if preset.takes_image and preset.dit.model_type == "t2v" else preset.dit.model_type
-    if preset.vae.z_dim != 16 and (image is not None or end_image is not None):
-        raise ValueError(f"task {task}: image-to-video is not supported yet (text-to-video only); drop --image_path")
+    if cond.takes_first_frame(preset):
+        if end_image is not None:
+            raise ValueError(f"task {task} takes a start image only (--image_path, the first frame); drop "
+                             f"--end_image_path")
+        if control is not None:
+            raise ValueError(f"--control_path needs a Fun-Control model (t2v-1.3B-FC, t2v-14B-FC, i2v-14B-FC); "
+                             f"task is {task}")
+        return
     if preset.is_fun_control:
         if control is None:
             raise ValueError(f"task {task} is a Fun-Control model: give a control video with --control_path (--cn)")
@@ -408,6 +417,9 @@ class Progress:
 def build_conditioning(models: ModelSet, r: Resolved) -> cond.Conditioning:
     preset = get_task(r.task)
     kind = preset.dit.model_type
+    if cond.takes_first_frame(preset) and r.image is not None:  # Wan2.2 TI2V: the image as latent frame 0
+        return cond.text_image_to_video(models.get("vae"), r.image, r.frames, r.height, r.width,
+                                        spatial=preset.vae.space_stride)
     if not preset.takes_image and not preset.is_fun_control:
         return cond.text_to_video(r.height, r.width, r.frames, spatial=preset.vae.space_stride)
     vae = models.get("vae")
