@@ -16,11 +16,13 @@ from tests.model_set import TINY_T5, _save, write_model_set
 from tests.tiny import TINY_DIT, randomize_
 from wan_core.generate.cli import main, vae_latent_channels
 from wan_core.generate.outputs import load_latent
+from wan_core.loading import model_set
 from wan_core.loading.checkpoint import save_safetensors
 from wan_core.media.io import image_to_tensor, read_image
 from wan_core.models.config import VAEConfig
 from wan_core.models.dit import WanModel
 from wan_core.models.vae import WanVAEModel, load_vae
+from wan_core.sampling.experts import ExpertSwitch
 
 TINY_I2V_A14B = dataclasses.replace(TINY_DIT, in_dim=36)  # mask + image latents, no CLIP branch
 TINY_TI2V = dataclasses.replace(TINY_DIT, in_dim=48, out_dim=48)
@@ -83,6 +85,29 @@ def test_high_noise_guidance_flag_and_offload(models, tmp_path):
     assert _run(models, tmp_path / "b", "--task", "t2v-A14B", "--dit", str(models["t2v_high"]),
                 "--guidance_scale", "2.0") == 0
     assert torch.equal(_latent(tmp_path / "a"), _latent(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_lazy_loading_reads_the_low_noise_expert_at_the_switch(models, tmp_path, monkeypatch, offload):
+    """--lazy_loading: the high-noise file is read first, the low-noise file only when its first step comes; the
+    result is the eager run's, bit for bit (with and without --offload_inactive_dit)."""
+    offload_flag = ["--offload_inactive_dit"] if offload else []
+    assert _run(models, tmp_path / "eager", *_experts(models, "t2v"), *offload_flag) == 0
+    events: list[str] = []
+    real_prepare, real_pick = model_set.prepare_dit, ExpertSwitch.pick
+    monkeypatch.setattr(model_set, "prepare_dit", lambda path, *a, **k: events.append(f"read {Path(path).stem}")
+                        or real_prepare(path, *a, **k))
+    monkeypatch.setattr(ExpertSwitch, "pick", lambda self, t: events.append(real_pick(self, t)) or events[-1])
+    assert _run(models, tmp_path / "lazy", *_experts(models, "t2v"), *offload_flag, "--lazy_loading") == 0
+    # shift 12, 4 steps: 3 high-noise steps then 1 low-noise step, two model calls (prompt, negative) per step;
+    # each call picks its expert, which is read then if it has not been
+    assert events == ["high", "read t2v_high", *["high"] * 5, "low", "read t2v_low", "low"]
+    assert torch.equal(_latent(tmp_path / "lazy"), _latent(tmp_path / "eager"))
+
+
+def test_lazy_loading_needs_two_experts(models, tmp_path, capsys):
+    assert _run(models, tmp_path, "--task", "t2v-A14B", "--dit", str(models["t2v_low"]), "--lazy_loading") == 2
+    assert "--lazy_loading loads the two Wan2.2 experts one at a time: it needs" in capsys.readouterr().err
 
 
 def test_i2v_a14b_needs_no_clip(models, tmp_path):

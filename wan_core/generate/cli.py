@@ -28,7 +28,7 @@ from wan_core.loading.checkpoint import (
     read_metadata,
     save_safetensors,
 )
-from wan_core.loading.model_set import ModelSet, ModelSpec, check_model_file, sampling_defaults
+from wan_core.loading.model_set import ModelSet, ModelSpec, check_model_file, read_dit_config, sampling_defaults
 from wan_core.media.io import frames_to_tensor, image_to_tensor, read_image, read_video
 from wan_core.models.config import (
     CONFIG_METADATA_KEY,
@@ -57,7 +57,7 @@ from wan_core.runtime.step_cache import (
     find_calibration,
 )
 from wan_core.sampling import conditioning as cond
-from wan_core.sampling.experts import ExpertSwitch, boundary_fraction
+from wan_core.sampling.experts import ExpertSwitch, LazyExpert, boundary_fraction
 from wan_core.sampling.guidance import CFG_SKIP_MODES, SLG_MODES, SLGConfig, cfg_apply_pattern
 from wan_core.sampling.pipeline import SamplerSettings, decode_latents, denoise, encode_prompts
 from wan_core.sampling.solvers import SAMPLERS
@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Wan2.2 expert boundary, 0-1 or 0-1000 (default: the task's, 0.875 T2V / 0.9 I2V)")
     g.add_argument("--offload_inactive_dit", action="store_true",
                    help="keep only the active Wan2.2 expert on the device, the other in CPU memory")
+    g.add_argument("--lazy_loading", action="store_true",
+                   help="load each Wan2.2 expert when the sampler first needs it (the low-noise one at the switch); "
+                        "without --offload_inactive_dit the expert switched away from is freed")
     g.add_argument("--force_v2_1_time_embedding", action="store_true",
                    help="accepted for compatibility: one timestep per sample is what this sampler passes already")
     g.add_argument("--vae", help="VAE checkpoint (Wan2.1_VAE.pth or wan_2.1_vae.safetensors)")
@@ -326,7 +329,8 @@ def spec_from_args(args: argparse.Namespace) -> ModelSpec:
     if high and not args.dit_high_noise:
         raise ValueError("--lora_weight_high_noise needs the high-noise expert (--dit_high_noise)")
     return ModelSpec(dit=args.dit, dit_high=args.dit_high_noise, loras_high=high,
-                     offload_inactive=args.offload_inactive_dit, vae=args.vae, t5=args.t5, clip=args.clip,
+                     offload_inactive=args.offload_inactive_dit, lazy_loading=args.lazy_loading, vae=args.vae,
+                     t5=args.t5, clip=args.clip,
                      tokenizer=tokenizer, task=args.task,
                      device=args.device, attn=args.attn_mode, vae_dtype=vae_dtype, vae_cache_cpu=args.vae_cache_cpu,
                      vae_tiling=True if args.vae_tiling else None, fp8=fp8, fp8_t5=args.fp8_t5,
@@ -474,17 +478,15 @@ def denoise_jobs(models: ModelSet, jobs: Sequence[Resolved], conds: Sequence[con
     caching when `cache` is active)."""
     models.size_hint = max(((r.height, r.width, c.frames) for r, c in zip(jobs, conds)),
                            key=lambda s: s[0] * s[1] * s[2])
-    dit = models.get("dit")
-    high = models.get("dit_high") if models.spec.dit_high else None
     latents = []
     for n, (r, c) in enumerate(zip(jobs, conds)):
         start = time.perf_counter()
         STATUS.phase, STATUS.video, STATUS.videos, STATUS.step, STATUS.steps = (
             "sampling", n + 1, len(jobs), 0, r.settings.steps)
         logger.info("sampling video %d/%d: %d steps", n + 1, len(jobs), r.settings.steps)
-        model = sampling_model(dit, high, r, models)
+        model = sampling_model(r, models)
         needs_uncond = (r.settings.guidance_scale != 1.0 or r.settings.slg is not None
-                        or (high is not None and r.guidance_high != 1.0))
+                        or (isinstance(model, ExpertSwitch) and r.guidance_high != 1.0))
         progress = Progress(r.settings.steps, f"video {n + 1}/{len(jobs)}", quiet)
         step_cache = StepCache(cache) if cache is not None and cache.active else None
         latents.append(denoise(model, c, [embeds[r.job.prompt]], [embeds[r.negative_prompt]] if needs_uncond else None,
@@ -497,16 +499,27 @@ def denoise_jobs(models: ModelSet, jobs: Sequence[Resolved], conds: Sequence[con
     return latents
 
 
-def sampling_model(dit: WanModel, high: WanModel | None, r: Resolved, models: ModelSet) -> WanModel | ExpertSwitch:
-    """The DiT, or for a Wan2.2 A14B task with both experts the `ExpertSwitch` over them."""
+def sampling_model(r: Resolved, models: ModelSet) -> WanModel | ExpertSwitch:
+    """The DiT, or for a Wan2.2 A14B task with both experts the `ExpertSwitch` over them (with --lazy_loading,
+    each expert is loaded when the sampler first needs it)."""
     if r.boundary is None:
-        return dit
-    if high is None:
+        return models.get("dit")
+    if not models.spec.dit_high:
         logger.info("task %s with only --dit: that one expert runs all %d steps (guidance %g); give "
                     "--dit_high_noise for the high-noise expert", r.task, r.settings.steps, r.settings.guidance_scale)
-        return dit
-    return ExpertSwitch(high, dit, r.boundary, _given(r.guidance_high, "high-noise guidance"),
-                        r.settings.guidance_scale, models.device, offload=models.spec.offload_inactive)
+        return models.get("dit")
+    return ExpertSwitch(expert_source(models, "dit_high"), expert_source(models, "dit"), r.boundary,
+                        _given(r.guidance_high, "high-noise guidance"), r.settings.guidance_scale, models.device,
+                        offload=models.spec.offload_inactive)
+
+
+def expert_source(models: ModelSet, kind: str) -> WanModel | LazyExpert:
+    """The expert `kind` ('dit' low noise, 'dit_high'): loaded now, or with --lazy_loading a `LazyExpert` that
+    the switch loads (and releases) through the model set."""
+    if not models.spec.lazy_loading:
+        return models.get(kind)
+    return LazyExpert(read_dit_config(models.spec.path(kind)), lambda: models.get(kind),
+                      lambda: models.release(kind))
 
 
 def cache_settings(args: argparse.Namespace, spec: ModelSpec) -> StepCacheSettings:
