@@ -28,7 +28,15 @@ from wan_core.loading.checkpoint import (
     read_metadata,
     save_safetensors,
 )
-from wan_core.loading.model_set import ModelSet, ModelSpec, check_model_file, read_dit_config, sampling_defaults
+from wan_core.loading.model_set import (
+    ModelSet,
+    ModelSpec,
+    check_model_file,
+    expert_paths,
+    is_expert_root,
+    read_dit_config,
+    sampling_defaults,
+)
 from wan_core.media.io import frames_to_tensor, image_to_tensor, read_image, read_video
 from wan_core.models.config import (
     CONFIG_METADATA_KEY,
@@ -74,9 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("models")
     g.add_argument("--task", choices=sorted(TASKS), default=None,
                    help="task (defaults for steps/shift/guidance/size); inferred from the DiT when omitted")
-    g.add_argument("--dit", help="DiT checkpoint (.safetensors/.pth; official, ComfyUI or diffusers layout); for "
-                                  "Wan2.2 A14B the low-noise expert")
-    g.add_argument("--dit_high_noise", help="Wan2.2 A14B high-noise expert (used for t >= boundary * 1000)")
+    g.add_argument("--dit", help="DiT checkpoint (.safetensors/.pth; official, ComfyUI or diffusers layout, or a "
+                                  "sharded model folder); for Wan2.2 A14B the low-noise expert, or the official "
+                                  "folder holding high_noise_model/ and low_noise_model/ (both experts)")
+    g.add_argument("--dit_high_noise", help="Wan2.2 A14B high-noise expert (used for t >= boundary * 1000); the "
+                                             "official root folder picks its high_noise_model/")
     g.add_argument("--timestep_boundary", type=float, default=None,
                    help="Wan2.2 expert boundary, 0-1 or 0-1000 (default: the task's, 0.875 T2V / 0.9 I2V)")
     g.add_argument("--offload_inactive_dit", action="store_true",
@@ -326,9 +336,10 @@ def spec_from_args(args: argparse.Namespace) -> ModelSpec:
     tokenizer = args.tokenizer or (str(Path(args.ckpt_dir) / "google" / "umt5-xxl") if args.ckpt_dir else None)
     vae_dtype = getattr(torch, args.vae_dtype) if args.vae_dtype else None
     high = _loras(args.lora_weight_high_noise, args.lora_multiplier_high_noise, "--lora_multiplier_high_noise")
-    if high and not args.dit_high_noise:
+    if high and not args.dit_high_noise and not is_expert_root(args.dit):
         raise ValueError("--lora_weight_high_noise needs the high-noise expert (--dit_high_noise)")
-    return ModelSpec(dit=args.dit, dit_high=args.dit_high_noise, loras_high=high,
+    dit, dit_high = expert_paths(args.dit, args.dit_high_noise)
+    return ModelSpec(dit=dit, dit_high=dit_high, loras_high=high,
                      offload_inactive=args.offload_inactive_dit, lazy_loading=args.lazy_loading, vae=args.vae,
                      t5=args.t5, clip=args.clip,
                      tokenizer=tokenizer, task=args.task,

@@ -163,6 +163,28 @@ def check_model_file(path: str | Path, kind: str, flag: str) -> None:
         raise ValueError(f"{flag} {path} is a {KIND_NAMES[found]} file; {flag} expects a {KIND_NAMES[kind]} file")
 
 
+OFFICIAL_EXPERT_FOLDERS = {"dit_high": "high_noise_model", "dit": "low_noise_model"}  # official Wan2.2 A14B
+
+
+def is_expert_root(path: str | Path | None) -> bool:
+    """True for the official Wan2.2 A14B folder, which holds `high_noise_model/` and `low_noise_model/`."""
+    return path is not None and all((Path(path) / sub).is_dir() for sub in OFFICIAL_EXPERT_FOLDERS.values())
+
+
+def expert_paths(dit: str | None, dit_high: str | None) -> tuple[str | None, str | None]:
+    """(--dit, --dit_high_noise) with the official Wan2.2 root folder resolved to the expert each flag names by
+    its subfolder; the root given as --dit alone gives both experts."""
+    resolved_high = str(Path(dit_high) / OFFICIAL_EXPERT_FOLDERS["dit_high"]) if is_expert_root(dit_high) else dit_high
+    if not is_expert_root(dit):
+        return dit, resolved_high
+    low = str(Path(dit) / OFFICIAL_EXPERT_FOLDERS["dit"])
+    if resolved_high is None:
+        resolved_high = str(Path(dit) / OFFICIAL_EXPERT_FOLDERS["dit_high"])
+        logger.info("--dit %s is the official Wan2.2 expert folder: using both experts, high noise from %s/ and "
+                    "low noise from %s/", dit, OFFICIAL_EXPERT_FOLDERS["dit_high"], OFFICIAL_EXPERT_FOLDERS["dit"])
+    return low, resolved_high
+
+
 def read_dit_config(path: str | Path) -> DiTConfig:
     """A DiT file's architecture without reading its weights: the stored config, else detected from the header's
     shapes."""
