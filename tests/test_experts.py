@@ -9,7 +9,7 @@ import torch
 
 from wan_core.runtime.step_cache import StepCache, StepCacheSettings
 from wan_core.sampling import conditioning as cond
-from wan_core.sampling.experts import HIGH, LOW, ExpertSwitch, boundary_fraction
+from wan_core.sampling.experts import HIGH, LOW, ExpertSwitch, LazyExpert, boundary_fraction
 from wan_core.sampling.pipeline import SamplerSettings, denoise
 from wan_core.sampling.solvers import StepInfo
 
@@ -105,3 +105,36 @@ def test_step_caching_refuses_an_expert_pair():
         denoise(switch, cond.text_to_video(16, 16, 1), [torch.ones(3, 8)], [torch.zeros(3, 8)], settings,
                 step_cache=cache)
     assert switch.used == []  # nothing ran
+
+
+class _Loads:
+    """LazyExpert sources over FakeExperts that record when each is loaded and released."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.models = {HIGH: FakeExpert(), LOW: FakeExpert()}
+
+    def source(self, name: str) -> LazyExpert:
+        def load() -> FakeExpert:
+            self.events.append(f"load {name}")
+            return self.models[name]
+
+        return LazyExpert(self.models[name].config, load, lambda: self.events.append(f"release {name}"))
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_lazy_experts_load_when_first_needed(offload):
+    loads = _Loads()
+    switch = ExpertSwitch(loads.source(HIGH), loads.source(LOW), 0.9, 4.0, 3.0, torch.device("cuda"), offload)
+    assert loads.events == [] and switch.config.out_dim == 4  # the config needs no loading
+    x, ctx = torch.zeros(1, 4, 1, 2, 2), [torch.ones(3, 8)]
+    for t in (999.0, 950.0):
+        switch(x, torch.tensor([t]), ctx)
+    assert loads.events == ["load high"]  # the low-noise expert is not read before the switch
+    switch(x, torch.tensor([899.0]), ctx)
+    switch(x, torch.tensor([500.0]), ctx)
+    # offload keeps the high-noise expert in CPU memory; without it, the expert switched away from is freed
+    assert loads.events == (["load high", "load low"] if offload else ["load high", "release high", "load low"])
+    assert switch.used == [HIGH, HIGH, LOW, LOW]
+    if offload:
+        assert (loads.models[HIGH].moves, loads.models[LOW].moves) == (["cuda", "cpu"], ["cuda"])

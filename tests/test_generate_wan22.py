@@ -16,10 +16,13 @@ from tests.model_set import TINY_T5, _save, write_model_set
 from tests.tiny import TINY_DIT, randomize_
 from wan_core.generate.cli import main, vae_latent_channels
 from wan_core.generate.outputs import load_latent
+from wan_core.loading import model_set
 from wan_core.loading.checkpoint import save_safetensors
+from wan_core.media.io import image_to_tensor, read_image
 from wan_core.models.config import VAEConfig
 from wan_core.models.dit import WanModel
-from wan_core.models.vae import WanVAEModel
+from wan_core.models.vae import WanVAEModel, load_vae
+from wan_core.sampling.experts import ExpertSwitch
 
 TINY_I2V_A14B = dataclasses.replace(TINY_DIT, in_dim=36)  # mask + image latents, no CLIP branch
 TINY_TI2V = dataclasses.replace(TINY_DIT, in_dim=48, out_dim=48)
@@ -84,6 +87,29 @@ def test_high_noise_guidance_flag_and_offload(models, tmp_path):
     assert torch.equal(_latent(tmp_path / "a"), _latent(tmp_path / "b"))
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_lazy_loading_reads_the_low_noise_expert_at_the_switch(models, tmp_path, monkeypatch, offload):
+    """--lazy_loading: the high-noise file is read first, the low-noise file only when its first step comes; the
+    result is the eager run's, bit for bit (with and without --offload_inactive_dit)."""
+    offload_flag = ["--offload_inactive_dit"] if offload else []
+    assert _run(models, tmp_path / "eager", *_experts(models, "t2v"), *offload_flag) == 0
+    events: list[str] = []
+    real_prepare, real_pick = model_set.prepare_dit, ExpertSwitch.pick
+    monkeypatch.setattr(model_set, "prepare_dit", lambda path, *a, **k: events.append(f"read {Path(path).stem}")
+                        or real_prepare(path, *a, **k))
+    monkeypatch.setattr(ExpertSwitch, "pick", lambda self, t: events.append(real_pick(self, t)) or events[-1])
+    assert _run(models, tmp_path / "lazy", *_experts(models, "t2v"), *offload_flag, "--lazy_loading") == 0
+    # shift 12, 4 steps: 3 high-noise steps then 1 low-noise step, two model calls (prompt, negative) per step;
+    # each call picks its expert, which is read then if it has not been
+    assert events == ["high", "read t2v_high", *["high"] * 5, "low", "read t2v_low", "low"]
+    assert torch.equal(_latent(tmp_path / "lazy"), _latent(tmp_path / "eager"))
+
+
+def test_lazy_loading_needs_two_experts(models, tmp_path, capsys):
+    assert _run(models, tmp_path, "--task", "t2v-A14B", "--dit", str(models["t2v_low"]), "--lazy_loading") == 2
+    assert "--lazy_loading loads the two Wan2.2 experts one at a time: it needs" in capsys.readouterr().err
+
+
 def test_i2v_a14b_needs_no_clip(models, tmp_path):
     assert _run(models, tmp_path, *_experts(models, "i2v"), "--image_path", str(models["start"])) == 0
     assert _latent(tmp_path).shape == (1, 16, 2, 4, 4)
@@ -96,6 +122,24 @@ def test_ti2v_5b_text_to_video_with_the_wan22_vae(models, tmp_path):
                  "--device", "cpu"]) == 0
     assert _latent(tmp_path).shape == (1, 48, 2, 2, 4)
     assert len(list(tmp_path.glob("*.mp4"))) == 1
+
+
+def test_ti2v_5b_image_to_video_puts_the_image_latent_in_frame_0(models, tmp_path):
+    """--image_path with ti2v-5B: the output's first latent frame is the Wan2.2 VAE latent of the start image
+    (32x64, the size of the video here), the other frames are generated."""
+    image_path = tmp_path / "start_wide.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 64, 3), dtype=np.uint8)).save(image_path)
+    argv = ["--task", "ti2v-5B", "--dit", str(models["ti2v"]), "--vae", str(models["vae22"]), "--t5",
+            str(models["t5"]), "--video_size", "32", "64", "--video_length", "5", "--infer_steps", "3", "--seed", "4",
+            "--output_type", "latent", "--prompt", "a red square", "--quiet", "--device", "cpu"]
+    assert main([*argv, "--image_path", str(image_path), "--save_path", str(tmp_path / "i2v")]) == 0
+    assert main([*argv, "--save_path", str(tmp_path / "t2v")]) == 0
+    i2v, t2v = _latent(tmp_path / "i2v"), _latent(tmp_path / "t2v")
+    assert i2v.shape == t2v.shape == (1, 48, 2, 2, 4)
+    image = image_to_tensor(read_image(image_path))  # [3, 32, 64] in [-1, 1]
+    want = load_vae(models["vae22"]).encode(image[None, :, None])
+    assert torch.equal(i2v[:, :, :1], want)
+    assert not torch.equal(i2v[:, :, 1:], t2v[:, :, 1:])  # the image conditions the generated frame
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -113,8 +157,8 @@ def test_ti2v_5b_text_to_video_with_the_wan22_vae(models, tmp_path):
      "--vae vae.safetensors has 16 latent channels; task ti2v-5B needs the Wan2.2 VAE (wan2.2_vae) with 48"),
     (["--task", "t2v-A14B", "--dit", "{t2v_low}", "--vae", "{vae22}"],
      "--vae vae22.safetensors has 48 latent channels; task t2v-A14B needs the Wan2.1 VAE (wan_2.1_vae) with 16"),
-    (["--task", "ti2v-5B", "--dit", "{ti2v}", "--vae", "{vae22}", "--image_path", "{start}"],
-     "task ti2v-5B: image-to-video is not supported yet"),
+    (["--task", "ti2v-5B", "--dit", "{ti2v}", "--vae", "{vae22}", "--image_path", "{start}", "--end_image_path",
+      "{start}"], "task ti2v-5B takes a start image only (--image_path, the first frame); drop --end_image_path"),
     (["--task", "t2v-A14B"], "there is no embedded toy model for the Wan2.2 task t2v-A14B: give its DiT with --dit"),
 ])
 def test_wrong_wan22_input_is_one_clear_error(models, tmp_path, capsys, argv, message):

@@ -28,7 +28,15 @@ from wan_core.loading.checkpoint import (
     read_metadata,
     save_safetensors,
 )
-from wan_core.loading.model_set import ModelSet, ModelSpec, check_model_file, sampling_defaults
+from wan_core.loading.model_set import (
+    ModelSet,
+    ModelSpec,
+    check_model_file,
+    expert_paths,
+    is_expert_root,
+    read_dit_config,
+    sampling_defaults,
+)
 from wan_core.media.io import frames_to_tensor, image_to_tensor, read_image, read_video
 from wan_core.models.config import (
     CONFIG_METADATA_KEY,
@@ -59,7 +67,7 @@ from wan_core.runtime.step_cache import (
     find_calibration,
 )
 from wan_core.sampling import conditioning as cond
-from wan_core.sampling.experts import ExpertSwitch, boundary_fraction
+from wan_core.sampling.experts import ExpertSwitch, LazyExpert, boundary_fraction
 from wan_core.sampling.guidance import CFG_SKIP_MODES, SLG_MODES, SLGConfig, cfg_apply_pattern
 from wan_core.sampling.pipeline import SamplerSettings, decode_latents, denoise, encode_prompts
 from wan_core.sampling.solvers import SAMPLERS
@@ -76,13 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("models")
     g.add_argument("--task", choices=sorted(TASKS), default=None,
                    help="task (defaults for steps/shift/guidance/size); inferred from the DiT when omitted")
-    g.add_argument("--dit", help="DiT checkpoint (.safetensors/.pth; official, ComfyUI or diffusers layout); for "
-                                  "Wan2.2 A14B the low-noise expert")
-    g.add_argument("--dit_high_noise", help="Wan2.2 A14B high-noise expert (used for t >= boundary * 1000)")
+    g.add_argument("--dit", help="DiT checkpoint (.safetensors/.pth; official, ComfyUI or diffusers layout, or a "
+                                  "sharded model folder); for Wan2.2 A14B the low-noise expert, or the official "
+                                  "folder holding high_noise_model/ and low_noise_model/ (both experts)")
+    g.add_argument("--dit_high_noise", help="Wan2.2 A14B high-noise expert (used for t >= boundary * 1000); the "
+                                             "official root folder picks its high_noise_model/")
     g.add_argument("--timestep_boundary", type=float, default=None,
                    help="Wan2.2 expert boundary, 0-1 or 0-1000 (default: the task's, 0.875 T2V / 0.9 I2V)")
     g.add_argument("--offload_inactive_dit", action="store_true",
                    help="keep only the active Wan2.2 expert on the device, the other in CPU memory")
+    g.add_argument("--lazy_loading", action="store_true",
+                   help="load each Wan2.2 expert when the sampler first needs it (the low-noise one at the switch); "
+                        "without --offload_inactive_dit the expert switched away from is freed")
     g.add_argument("--force_v2_1_time_embedding", action="store_true",
                    help="accepted for compatibility: one timestep per sample is what this sampler passes already")
     g.add_argument("--vae", help="VAE checkpoint (Wan2.1_VAE.pth or wan_2.1_vae.safetensors)")
@@ -119,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--slg_start", type=float, default=0.0)
     g.add_argument("--slg_end", type=float, default=0.3)
     g = p.add_argument_group("image and control inputs")
-    g.add_argument("--image_path", help="start image (I2V, Fun-Control)")
+    g.add_argument("--image_path", help="start image (I2V, Fun-Control, TI2V-5B)")
     g.add_argument("--end_image_path", help="end image (FLF2V; experimental for I2V)")
     g.add_argument("--trim_tail_frames", type=int, default=0)
     g.add_argument("--control_path", help="control video file or folder of images (Fun-Control)")
@@ -240,7 +253,10 @@ def resolve_job(job: Job, args: argparse.Namespace, task: str, defaults: dict) -
     control = frames_to_tensor(read_video(job.control_path)) if job.control_path else None
     size = args.video_size or defaults.get("video_size") or (256, 256)
     height, width = _first(job.height, size[0]), _first(job.width, size[1])
-    if image is not None and not preset.is_fun_control and preset.dit.model_type != "flf2v":
+    if image is not None and cond.takes_first_frame(preset):
+        height, width = cond.first_frame_size((image.shape[-2], image.shape[-1]), height * width,
+                                              preset.vae.space_stride * cond.PATCH)
+    elif image is not None and not preset.is_fun_control and preset.dit.model_type != "flf2v":
         height, width = cond.size_for_image((image.shape[-2], image.shape[-1]), height * width)
     frames = 1 if preset.is_t2i else _first(job.frames, args.video_length, defaults.get("video_length"),
                                              preset.frame_num)
@@ -281,8 +297,14 @@ def _expert_settings(args: argparse.Namespace, preset: TaskPreset, guidance: flo
 def _check_inputs(task: str, image, end_image, control) -> None:
     preset = get_task(task)
     kind = "i2v" if preset.takes_image and preset.dit.model_type == "t2v" else preset.dit.model_type
-    if preset.vae.z_dim != 16 and (image is not None or end_image is not None):
-        raise ValueError(f"task {task}: image-to-video is not supported yet (text-to-video only); drop --image_path")
+    if cond.takes_first_frame(preset):
+        if end_image is not None:
+            raise ValueError(f"task {task} takes a start image only (--image_path, the first frame); drop "
+                             f"--end_image_path")
+        if control is not None:
+            raise ValueError(f"--control_path needs a Fun-Control model (t2v-1.3B-FC, t2v-14B-FC, i2v-14B-FC); "
+                             f"task is {task}")
+        return
     if preset.is_fun_control:
         if control is None:
             raise ValueError(f"task {task} is a Fun-Control model: give a control video with --control_path (--cn)")
@@ -317,10 +339,12 @@ def spec_from_args(args: argparse.Namespace) -> ModelSpec:
     tokenizer = args.tokenizer or (str(Path(args.ckpt_dir) / "google" / "umt5-xxl") if args.ckpt_dir else None)
     vae_dtype = getattr(torch, args.vae_dtype) if args.vae_dtype else None
     high = _loras(args.lora_weight_high_noise, args.lora_multiplier_high_noise, "--lora_multiplier_high_noise")
-    if high and not args.dit_high_noise:
+    if high and not args.dit_high_noise and not is_expert_root(args.dit):
         raise ValueError("--lora_weight_high_noise needs the high-noise expert (--dit_high_noise)")
-    return ModelSpec(dit=args.dit, dit_high=args.dit_high_noise, loras_high=high,
-                     offload_inactive=args.offload_inactive_dit, vae=args.vae, t5=args.t5, clip=args.clip,
+    dit, dit_high = expert_paths(args.dit, args.dit_high_noise)
+    return ModelSpec(dit=dit, dit_high=dit_high, loras_high=high,
+                     offload_inactive=args.offload_inactive_dit, lazy_loading=args.lazy_loading, vae=args.vae,
+                     t5=args.t5, clip=args.clip,
                      tokenizer=tokenizer, task=args.task,
                      device=args.device, attn=args.attn_mode, vae_dtype=vae_dtype, vae_cache_cpu=args.vae_cache_cpu,
                      vae_tiling=True if args.vae_tiling else None, fp8=fp8, fp8_t5=args.fp8_t5,
@@ -411,6 +435,9 @@ class Progress:
 def build_conditioning(models: ModelSet, r: Resolved) -> cond.Conditioning:
     preset = get_task(r.task)
     kind = preset.dit.model_type
+    if cond.takes_first_frame(preset) and r.image is not None:  # Wan2.2 TI2V: the image as latent frame 0
+        return cond.text_image_to_video(models.get("vae"), r.image, r.frames, r.height, r.width,
+                                        spatial=preset.vae.space_stride)
     if not preset.takes_image and not preset.is_fun_control:
         return cond.text_to_video(r.height, r.width, r.frames, spatial=preset.vae.space_stride)
     vae = models.get("vae")
@@ -465,17 +492,15 @@ def denoise_jobs(models: ModelSet, jobs: Sequence[Resolved], conds: Sequence[con
     caching when `cache` is active)."""
     models.size_hint = max(((r.height, r.width, c.frames) for r, c in zip(jobs, conds)),
                            key=lambda s: s[0] * s[1] * s[2])
-    dit = models.get("dit")
-    high = models.get("dit_high") if models.spec.dit_high else None
     latents = []
     for n, (r, c) in enumerate(zip(jobs, conds)):
         start = time.perf_counter()
         STATUS.phase, STATUS.video, STATUS.videos, STATUS.step, STATUS.steps = (
             "sampling", n + 1, len(jobs), 0, r.settings.steps)
         logger.info("sampling video %d/%d: %d steps", n + 1, len(jobs), r.settings.steps)
-        model = sampling_model(dit, high, r, models)
+        model = sampling_model(r, models)
         needs_uncond = (r.settings.guidance_scale != 1.0 or r.settings.slg is not None
-                        or (high is not None and r.guidance_high != 1.0))
+                        or (isinstance(model, ExpertSwitch) and r.guidance_high != 1.0))
         progress = Progress(r.settings.steps, f"video {n + 1}/{len(jobs)}", quiet)
         step_cache = StepCache(cache) if cache is not None and cache.active else None
         wrap = models.predict_wrapper() if isinstance(models, ParallelModelSet) else None
@@ -492,16 +517,27 @@ def denoise_jobs(models: ModelSet, jobs: Sequence[Resolved], conds: Sequence[con
     return latents
 
 
-def sampling_model(dit: WanModel, high: WanModel | None, r: Resolved, models: ModelSet) -> WanModel | ExpertSwitch:
-    """The DiT, or for a Wan2.2 A14B task with both experts the `ExpertSwitch` over them."""
+def sampling_model(r: Resolved, models: ModelSet) -> WanModel | ExpertSwitch:
+    """The DiT, or for a Wan2.2 A14B task with both experts the `ExpertSwitch` over them (with --lazy_loading,
+    each expert is loaded when the sampler first needs it)."""
     if r.boundary is None:
-        return dit
-    if high is None:
+        return models.get("dit")
+    if not models.spec.dit_high:
         logger.info("task %s with only --dit: that one expert runs all %d steps (guidance %g); give "
                     "--dit_high_noise for the high-noise expert", r.task, r.settings.steps, r.settings.guidance_scale)
-        return dit
-    return ExpertSwitch(high, dit, r.boundary, _given(r.guidance_high, "high-noise guidance"),
-                        r.settings.guidance_scale, models.device, offload=models.spec.offload_inactive)
+        return models.get("dit")
+    return ExpertSwitch(expert_source(models, "dit_high"), expert_source(models, "dit"), r.boundary,
+                        _given(r.guidance_high, "high-noise guidance"), r.settings.guidance_scale, models.device,
+                        offload=models.spec.offload_inactive)
+
+
+def expert_source(models: ModelSet, kind: str) -> WanModel | LazyExpert:
+    """The expert `kind` ('dit' low noise, 'dit_high'): loaded now, or with --lazy_loading a `LazyExpert` that
+    the switch loads (and releases) through the model set."""
+    if not models.spec.lazy_loading:
+        return models.get(kind)
+    return LazyExpert(read_dit_config(models.spec.path(kind)), lambda: models.get(kind),
+                      lambda: models.release(kind))
 
 
 def cache_settings(args: argparse.Namespace, spec: ModelSpec) -> StepCacheSettings:

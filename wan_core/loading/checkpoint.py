@@ -28,6 +28,9 @@ M = TypeVar("M", bound=torch.nn.Module)
 # Prefixes seen on Wan checkpoints (ComfyUI's unet_prefix_from_state_dict accepts the same family).
 KNOWN_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.model.", "net.", "model.")
 _SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<idx>\d{5})-of-(?P<total>\d{5})\.safetensors$")
+# A sharded model folder (official Wan2.2 expert folders, diffusers `transformer/`): the shards and an index json
+# whose `weight_map` names the shard of every tensor.
+INDEX_SUFFIX = ".safetensors.index.json"
 
 
 class CheckpointError(ValueError):
@@ -90,9 +93,27 @@ def require_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
                                  "refusing to use non-finite weights (a corrupt file or a diverged training run)")
 
 
+def _index_shards(index: Path) -> list[Path]:
+    """The shard files an index json names (in name order; each must exist)."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{index} is not a safetensors index (a json with a 'weight_map'): {exc}") from None
+    parts = [index.parent / name for name in names]
+    missing = [p.name for p in parts if not p.is_file()]
+    if missing or not parts:
+        raise FileNotFoundError(f"sharded checkpoint {index.parent} is incomplete: missing "
+                                f"{', '.join(missing) or 'every shard (empty weight_map)'}")
+    return parts
+
+
 def expand_split_files(path: str | os.PathLike) -> list[Path]:
-    """`x-00001-of-00003.safetensors` -> all three parts (each must exist); other paths -> [path]."""
+    """`x-00001-of-00003.safetensors` -> all three parts (each must exist); `x.safetensors.index.json` -> the shards
+    it names; other paths -> [path]."""
     path = Path(path)
+    if path.name.endswith(INDEX_SUFFIX):
+        return _index_shards(path)
     match = _SPLIT_RE.match(path.name)
     if not match:
         return [path]
@@ -129,18 +150,28 @@ def _check_safetensors_header(path: Path) -> dict:
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The `__metadata__` of a safetensors file (first part of a split file); {} for `.pth`."""
     path = expand_split_files(_existing(path))[0]
-    if path.suffix != ".safetensors" and not _looks_like_safetensors(path):
+    if not _is_safetensors(path):
         return {}
     return dict(_check_safetensors_header(path).get("__metadata__") or {})
 
 
 def _existing(path: str | os.PathLike) -> Path:
+    """The checkpoint file `path` names: the file itself, or for a sharded model folder its index json."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.is_dir():
-        raise CheckpointError(f"{path} is a directory; pass the path of a .safetensors or .pth file")
+        indexes = sorted(path.glob("*" + INDEX_SUFFIX))
+        if len(indexes) == 1:
+            return indexes[0]
+        found = f"{len(indexes)} index files" if indexes else f"no *{INDEX_SUFFIX}"
+        raise CheckpointError(f"{path} is a directory with {found}; pass the path of a .safetensors or .pth file, "
+                              f"or a sharded model folder (safetensors shards and one *{INDEX_SUFFIX})")
     return path
+
+
+def _is_safetensors(path: Path) -> bool:
+    return path.suffix == ".safetensors" or path.name.endswith(INDEX_SUFFIX) or _looks_like_safetensors(path)
 
 
 def _looks_like_safetensors(path: Path) -> bool:
@@ -153,7 +184,7 @@ def peek_shapes(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Key -> meta tensor of the stored shape and dtype, without reading any data (safetensors headers; `.pth`
     files are memory-mapped)."""
     path = _existing(path)
-    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
+    if _is_safetensors(path):
         dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                   "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
                   "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
@@ -168,12 +199,13 @@ def peek_shapes(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu",
                     keys: Callable[[str], bool] | None = None) -> StateDict:
-    """Load tensors from a `.safetensors` (memory-mapped; split files expanded) or `.pth`/`.pt`/`.bin` file.
+    """Load tensors from a `.safetensors` (memory-mapped; split files and sharded folders expanded) or
+    `.pth`/`.pt`/`.bin` file.
 
     `keys` optionally filters which tensors are read (others are never touched, which matters for mmap).
     """
     path = _existing(path)
-    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
+    if _is_safetensors(path):
         out: StateDict = {}
         for part in expand_split_files(path):
             _check_safetensors_header(part)

@@ -18,7 +18,7 @@ import torch
 from wan_core.loading.checkpoint import peek_shapes, read_metadata
 from wan_core.lora.apply import lora_multiplier
 from wan_core.models.clip import load_clip_vision
-from wan_core.models.config import CONFIG_METADATA_KEY, DiTConfig, config_from_json, get_task
+from wan_core.models.config import CONFIG_METADATA_KEY, DiTConfig, config_from_json, detect_config, get_task
 from wan_core.models.dit import check_task, check_task_family, normalize_dit_keys
 from wan_core.models.t5 import load_t5
 from wan_core.models.vae import load_vae
@@ -82,11 +82,15 @@ class ModelSpec:
     dit_high: str | None = None
     loras_high: tuple[tuple[str, float, str | None, str | None], ...] = ()
     offload_inactive: bool = False
+    lazy_loading: bool = False  # load each expert when the sampler first needs it
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for path, multiplier, *_ in (*self.loras, *self.loras_high):  # refuse NaN/inf before any model loads
             lora_multiplier(multiplier, path)
+        if self.lazy_loading and not self.dit_high:
+            raise ValueError("--lazy_loading loads the two Wan2.2 experts one at a time: it needs the high-noise "
+                             "expert (--dit_high_noise, or the official model folder as --dit)")
         if self.offload_inactive and self.blocks_to_swap not in (None, 0):
             raise ValueError("--offload_inactive_dit moves whole experts between CPU and device; it cannot be "
                              f"combined with --blocks_to_swap {self.blocks_to_swap}")
@@ -159,6 +163,40 @@ def check_model_file(path: str | Path, kind: str, flag: str) -> None:
         raise ValueError(f"{flag} {path} is a {KIND_NAMES[found]} file; {flag} expects a {KIND_NAMES[kind]} file")
 
 
+OFFICIAL_EXPERT_FOLDERS = {"dit_high": "high_noise_model", "dit": "low_noise_model"}  # official Wan2.2 A14B
+
+
+def is_expert_root(path: str | Path | None) -> bool:
+    """True for the official Wan2.2 A14B folder, which holds `high_noise_model/` and `low_noise_model/`."""
+    return path is not None and all((Path(path) / sub).is_dir() for sub in OFFICIAL_EXPERT_FOLDERS.values())
+
+
+def expert_paths(dit: str | None, dit_high: str | None) -> tuple[str | None, str | None]:
+    """(--dit, --dit_high_noise) with the official Wan2.2 root folder resolved to the expert each flag names by
+    its subfolder; the root given as --dit alone gives both experts."""
+    resolved_high = str(Path(dit_high) / OFFICIAL_EXPERT_FOLDERS["dit_high"]) if is_expert_root(dit_high) else dit_high
+    if not is_expert_root(dit):
+        return dit, resolved_high
+    low = str(Path(dit) / OFFICIAL_EXPERT_FOLDERS["dit"])
+    if resolved_high is None:
+        resolved_high = str(Path(dit) / OFFICIAL_EXPERT_FOLDERS["dit_high"])
+        logger.info("--dit %s is the official Wan2.2 expert folder: using both experts, high noise from %s/ and "
+                    "low noise from %s/", dit, OFFICIAL_EXPERT_FOLDERS["dit_high"], OFFICIAL_EXPERT_FOLDERS["dit"])
+    return low, resolved_high
+
+
+def read_dit_config(path: str | Path) -> DiTConfig:
+    """A DiT file's architecture without reading its weights: the stored config, else detected from the header's
+    shapes."""
+    metadata = read_metadata(path)
+    if CONFIG_METADATA_KEY in metadata:
+        config = config_from_json(metadata[CONFIG_METADATA_KEY])
+        if not isinstance(config, DiTConfig):
+            raise ValueError(f"{Path(path).name} holds a {type(config).__name__}, not a DiT")
+        return config
+    return detect_config(normalize_dit_keys(peek_shapes(path), Path(path).name))
+
+
 def check_dit_file_task(path: str | Path, task: str) -> None:
     """Header-only check that a DiT file fits `task` (raises the loader's ValueError when it does not)."""
     metadata = read_metadata(path)
@@ -208,8 +246,8 @@ class ModelSet:
 
     def _load_dit(self, path: Path) -> WanModel:
         """The DiT (with two experts: the low-noise one, which waits on the CPU when the inactive one is offloaded:
-        sampling starts with the high-noise expert)."""
-        offloaded = self.spec.dit_high is not None and self.spec.offload_inactive
+        sampling starts with the high-noise expert; loaded lazily, it is loaded when needed, onto the device)."""
+        offloaded = self.spec.dit_high is not None and self.spec.offload_inactive and not self.spec.lazy_loading
         return prepare_dit(path, self.spec, torch.device("cpu") if offloaded else self.device, self.size_hint)
 
     def _load_dit_high(self, path: Path) -> WanModel:

@@ -1,9 +1,11 @@
-"""Conditioning inputs of the Wan2.1 tasks: sizes, masks and latent layouts for T2V/T2I, I2V (+ end image),
+"""Conditioning inputs of the Wan tasks: sizes, masks and latent layouts for T2V/T2I, I2V (+ end image),
 FLF2V and Fun-Control, as the official image2video.py / first_last_frame2video.py and musubi's end-image and
-Fun-Control code lay them out.
+Fun-Control code lay them out, and Wan2.2 TI2V-5B image-to-video (the image's latent as the first latent frame, as
+the official textimage2video.py).
 
 Every builder takes tensors (images [3, H, W] in [-1, 1], frames [T, 3, H, W] in [-1, 1]) and the encoders, and
-returns a `Conditioning` for the denoiser: `y` (concatenated to the noise on channels) and `clip_fea`.
+returns a `Conditioning` for the denoiser: `y` (concatenated to the noise on channels), `clip_fea`, or
+`first_latent` (the known latent frame 0, see `wan_core.sampling.first_frame`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from wan_core.models.config import DiTConfig, describe_dit
+from wan_core.models.config import DiTConfig, TaskPreset, describe_dit
 
 VAE_SPATIAL = 8
 PATCH = 2
@@ -31,7 +33,8 @@ class CLIPLike(Protocol):
 
 @dataclass
 class Conditioning:
-    """What the DiT needs besides noise and text: y [1, C_y, F_lat, h, w] and clip_fea [1, N, 1280]."""
+    """What the DiT needs besides noise and text: y [1, C_y, F_lat, h, w] and clip_fea [1, N, 1280], or (TI2V)
+    first_latent [1, C, 1, h, w], the image latent that latent frame 0 holds."""
 
     height: int
     width: int
@@ -40,6 +43,7 @@ class Conditioning:
     y: torch.Tensor | None = None
     clip_fea: torch.Tensor | None = None
     spatial: int = VAE_SPATIAL  # pixels per latent cell along H and W (16 for the Wan2.2 VAE)
+    first_latent: torch.Tensor | None = None
 
     def latent_shape(self, channels: int = 16) -> tuple[int, int, int, int, int]:
         return (1, channels, self.latent_frames, self.height // self.spatial, self.width // self.spatial)
@@ -78,6 +82,34 @@ def size_for_image(image_hw: tuple[int, int], area: int) -> tuple[int, int]:
     if lat_h < PATCH or lat_w < PATCH:
         raise ValueError(f"area {area} is too small for an image of aspect {aspect:.3f}")
     return lat_h * VAE_SPATIAL, lat_w * VAE_SPATIAL
+
+
+def takes_first_frame(preset: TaskPreset) -> bool:
+    """True for Wan2.2 TI2V-5B: a DiT without extra input channels on the Wan2.2 VAE's latents, whose
+    image-to-video puts the start image's latent in the first latent frame."""
+    return preset.vae.patch_size > 1 and preset.dit.in_dim == preset.dit.out_dim
+
+
+def first_frame_size(image_hw: tuple[int, int], area: int, multiple: int = 32) -> tuple[int, int]:
+    """Official TI2V output size: the image's aspect ratio at no more than `area` pixels, both sides multiples of
+    `multiple` (VAE stride x patch). Of rounding the width first or the height first, the pair whose aspect ratio
+    is nearer the image's wins (the height-first pair on a tie)."""
+    ratio = image_hw[1] / image_hw[0]  # width / height
+    width = math.sqrt(area * ratio)
+    candidates = []
+    for width_first in (True, False):
+        if width_first:
+            w = int(width // multiple * multiple)
+            h = int(area / w // multiple * multiple) if w else 0
+        else:
+            h = int(area / width // multiple * multiple)
+            w = int(area / h // multiple * multiple) if h else 0
+        if h < multiple or w < multiple:
+            raise ValueError(f"area {area} is too small for an image of aspect {ratio:.3f} (sides must be "
+                             f"multiples of {multiple})")
+        candidates.append((max(ratio / (w / h), (w / h) / ratio), h, w))
+    (err1, h1, w1), (err2, h2, w2) = candidates
+    return (h1, w1) if err1 < err2 else (h2, w2)
 
 
 def resize_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -120,6 +152,20 @@ def text_to_video(height: int, width: int, frames: int, spatial: int = VAE_SPATI
         raise ValueError(f"with a VAE of spatial stride {spatial}, height and width must be multiples of {multiple}, "
                          f"got {height}x{width}")
     return Conditioning(height, width, frames, latent_frames(frames), spatial=spatial)
+
+
+def text_image_to_video(vae: VAELike, image: torch.Tensor, frames: int, height: int, width: int,
+                        spatial: int = 16) -> Conditioning:
+    """TI2V-5B image-to-video (official textimage2video.py): the image scaled to cover the video size and
+    centre-cropped, encoded alone into one latent frame [1, C, 1, h, w], which becomes latent frame 0."""
+    video = text_to_video(height, width, frames, spatial=spatial)
+    first = cover_crop(image, height, width)[:, None]  # [3, 1, H, W]
+    latent = _encode(vae, first)[None]  # [1, C, 1, h, w]
+    if latent.shape[2:] != (1, height // spatial, width // spatial):
+        raise ValueError(f"the VAE encoded a {height}x{width} image to a latent of {list(latent.shape[2:])}; "
+                         f"expected [1, {height // spatial}, {width // spatial}] (a VAE of spatial stride {spatial})")
+    video.first_latent = latent
+    return video
 
 
 def image_to_video(vae: VAELike, clip: CLIPLike | None, image: torch.Tensor, frames: int, height: int, width: int,

@@ -6,7 +6,8 @@ scale. The DiT's forward knows nothing of the experts.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,20 +38,36 @@ def expert_for(t: float, boundary: float) -> str:
     return HIGH if t >= boundary * NUM_TRAIN_TIMESTEPS else LOW
 
 
+@dataclass(frozen=True)
+class LazyExpert:
+    """An expert whose weights are read only when the sampler first needs it (musubi's --lazy_loading).
+
+    `config` is known without loading (from the file's header); `load()` returns the model, `release()` frees it.
+    """
+
+    config: DiTConfig
+    load: Callable[[], WanModel]
+    release: Callable[[], None]
+
+
 class ExpertSwitch:
     """Two DiT experts behind one call: `switch(x, t, context, ...)` runs the expert `t` selects.
 
     `offload`: only the active expert sits on `device`; the other waits in CPU memory (moved at each switch).
+    An expert given as a `LazyExpert` is loaded when first selected; without `offload`, a lazy expert switched away
+    from is released (sampling goes from high to low noise, so it is not needed again in this run).
     `used` records, per call, which expert ran (for logs and tests).
     """
 
-    def __init__(self, high: WanModel, low: WanModel, boundary: float, guidance_high: float, guidance_low: float,
-                 device: torch.device, offload: bool = False) -> None:
+    def __init__(self, high: WanModel | LazyExpert, low: WanModel | LazyExpert, boundary: float,
+                 guidance_high: float, guidance_low: float, device: torch.device, offload: bool = False) -> None:
         if (high.config.in_dim, high.config.out_dim) != (low.config.in_dim, low.config.out_dim):
             raise ValueError(f"the high-noise expert takes {high.config.in_dim}->{high.config.out_dim} channels but "
                              f"the low-noise expert {low.config.in_dim}->{low.config.out_dim}; give two experts of "
                              f"one task")
-        self.experts = {HIGH: high, LOW: low}
+        self.sources: dict[str, WanModel | LazyExpert] = {HIGH: high, LOW: low}
+        self.experts: dict[str, WanModel] = {name: model for name, model in self.sources.items()
+                                             if not isinstance(model, LazyExpert)}  # the loaded ones
         self.boundary = boundary_fraction(boundary)
         self.guidance = {HIGH: float(guidance_high), LOW: float(guidance_low)}
         self.device = device
@@ -60,7 +77,7 @@ class ExpertSwitch:
 
     @property
     def config(self) -> DiTConfig:
-        return self.experts[LOW].config
+        return self.sources[LOW].config
 
     def pick(self, t: torch.Tensor) -> str:
         """The expert for timestep(s) `t`: the largest t decides (per-token t holds 0 only on known frames)."""
@@ -71,15 +88,30 @@ class ExpertSwitch:
         return [self.guidance[expert_for(float(t), self.boundary)] for t in timesteps]
 
     def _activate(self, name: str) -> WanModel:
-        if self.offload and self.active != name:
-            for other, model in self.experts.items():
-                if other != name:
-                    model.to("cpu")
+        if self.active == name:
+            return self.experts[name]
+        for other in [other for other in self.experts if other != name]:
+            self._park(other)
+        if name not in self.experts:
+            source = self.sources[name]
+            assert isinstance(source, LazyExpert)
+            logger.info("loading the %s-noise expert (lazy loading)", name)
+            self.experts[name] = source.load()
+        if self.offload:
             self.experts[name].to(self.device)
-        if self.active != name:
-            logger.info("switching to the %s-noise expert", name)
+        logger.info("switching to the %s-noise expert", name)
         self.active = name
         return self.experts[name]
+
+    def _park(self, name: str) -> None:
+        """The inactive expert `name`: to CPU memory (offload), released (lazy), or left where it is."""
+        source = self.sources[name]
+        if self.offload:
+            self.experts[name].to("cpu")
+        elif isinstance(source, LazyExpert):
+            del self.experts[name]
+            source.release()
+            logger.info("released the %s-noise expert (lazy loading)", name)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: Any, **kwargs: Any) -> torch.Tensor:
         name = self.pick(t)

@@ -15,6 +15,7 @@ import torch
 from wan_core.runtime.step_cache import CalibrationRecorder, Predict, StepCache
 from wan_core.sampling.conditioning import Conditioning
 from wan_core.sampling.experts import ExpertSwitch
+from wan_core.sampling.first_frame import FirstFrame
 from wan_core.sampling.guidance import SLGConfig, cfg_apply_pattern, guided_velocity
 from wan_core.sampling.solvers import Schedule, StepCallback, StepInfo, get_schedule, initial_noise, sample
 
@@ -85,6 +86,8 @@ def denoise(dit: WanModel | ExpertSwitch, cond: Conditioning, context: Sequence[
     """Run the guided sampler and return the latents [1, C, F_lat, h, w] (float32).
 
     `dit` is one DiT or an `ExpertSwitch` (Wan2.2 A14B), which picks the expert and its guidance scale per step.
+    A conditioning with `first_latent` (Wan2.2 TI2V image-to-video) runs through the `FirstFrame` sampler wrapper:
+    the image latent in latent frame 0 with timestep 0 on its tokens.
     `step_cache` (`wan_core.runtime.step_cache`) wraps every model call of the run: skipping calls, or recording a
     calibration (one DiT only: its calibration describes that model). `wrap_predict` wraps the per-branch model
     call last (CFG parallel, `wan_core.parallel`).
@@ -102,6 +105,9 @@ def denoise(dit: WanModel | ExpertSwitch, cond: Conditioning, context: Sequence[
                          f"{settings.denoise})")
     shape = cond.latent_shape(dit.config.out_dim)
     x = _start_latents(shape, settings, schedule, first, init_latents, device)
+    first_frame = None if cond.first_latent is None else FirstFrame(cond.first_latent.to(device))
+    if first_frame is not None:
+        first_frame.check_fits(shape)
     y = None if cond.y is None else cond.y.to(device)
     clip_fea = None if cond.clip_fea is None else cond.clip_fea.to(device)
     contexts = {"cond": [c.to(device) for c in context],
@@ -110,8 +116,9 @@ def denoise(dit: WanModel | ExpertSwitch, cond: Conditioning, context: Sequence[
     def predict(x: torch.Tensor, t: torch.Tensor, branch: str, skip: tuple[int, ...]) -> torch.Tensor:
         if contexts[branch] is None:
             raise ValueError("guidance needs a negative prompt embedding (negative_context)")
-        return dit(x, t.reshape(-1).expand(x.shape[0]), contexts[branch], clip_fea=clip_fea, y=y,
-                   skip_blocks=skip or None)
+        t = (t.reshape(-1).expand(x.shape[0]) if first_frame is None
+             else first_frame.timesteps(t, x, dit.config.patch_size))
+        return dit(x, t, contexts[branch], clip_fea=clip_fea, y=y, skip_blocks=skip or None)
 
     steps = schedule.steps
     pattern = cfg_apply_pattern(settings.cfg_skip_mode, steps, settings.cfg_apply_ratio)
@@ -131,6 +138,8 @@ def denoise(dit: WanModel | ExpertSwitch, cond: Conditioning, context: Sequence[
         velocity = step_cache.wrap_velocity(velocity)
     part = Schedule(schedule.sigmas[begin:stop + 1], schedule.timesteps[begin:stop])
     with torch.no_grad():
+        if first_frame is not None:
+            return first_frame.sample(settings.solver, velocity, x, part, callback=_offset(callback, begin, steps))
         return sample(settings.solver, velocity, x, part, callback=_offset(callback, begin, steps))
 
 
