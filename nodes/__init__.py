@@ -7,7 +7,12 @@ The node classes need nothing from ComfyUI; `comfy_adapter` holds every ComfyUI-
 from __future__ import annotations
 
 from .comfy_adapter import register_toy_folder
-from .conditioning import WanTunerFirstLastFrame, WanTunerFunControl, WanTunerImageToVideo
+from .conditioning import (
+    WanTunerFirstLastFrame,
+    WanTunerFunControl,
+    WanTunerImageToVideo,
+    WanTunerTI2VImageToVideo,
+)
 from .encode import WanTunerCLIPVisionEncode, WanTunerTextEncode, WanTunerVAEDecode, WanTunerVAEEncode
 from .loaders import (
     WanTunerCLIPVisionLoader,
@@ -33,6 +38,7 @@ _NODES: dict[type, str] = {
     WanTunerImageToVideo: "WanTuner Image to Video",
     WanTunerFirstLastFrame: "WanTuner First-Last Frame",
     WanTunerFunControl: "WanTuner Fun-Control",
+    WanTunerTI2VImageToVideo: "WanTuner TI2V-5B Image to Video",
     WanTunerSampler: "WanTuner Sampler",
     WanTunerSaveVideo: "WanTuner Save Video",
     WanTunerCacheDataset: "WanTuner Cache Dataset",

@@ -1,14 +1,19 @@
-"""Conditioning nodes: image-to-video (+ end image), first-last-frame and Fun-Control."""
+"""Conditioning nodes: image-to-video (+ end image), first-last-frame, Fun-Control and Wan2.2 TI2V-5B
+image-to-video (the start image as the first latent frame)."""
 
 from __future__ import annotations
 
 from wan_core.media.layouts import image_batch_to_wan, image_to_wan
+from wan_core.models.config import TASKS
 from wan_core.sampling.conditioning import (
+    PATCH,
     PrecomputedCLIP,
+    first_frame_size,
     first_last_to_video,
     fun_control,
     image_to_video,
     size_for_image,
+    text_image_to_video,
 )
 
 from .common import CATEGORY, first_problem, inp, size_inputs, size_problem
@@ -72,6 +77,37 @@ class WanTunerImageToVideo(_SizedNode):
         cond = image_to_video(vae.model.ready(), _clip(image_embeds), image, length, height, width,
                               end_image=_image(end_image, "end_image"))
         return (WanConditioning(cond, "image-to-video"), width, height)
+
+
+TI2V = TASKS["ti2v-5B"]
+TI2V_STRIDE = TI2V.vae.space_stride  # pixels per latent cell of the Wan2.2 VAE
+
+
+class WanTunerTI2VImageToVideo(_SizedNode):
+    DESCRIPTION = ("Wan2.2 TI2V-5B image-to-video: the start image, encoded by the Wan2.2 VAE, becomes the first "
+                   "latent frame of the video (timestep 0 on its tokens); no CLIP. Without this node the 5B model "
+                   "does text-to-video.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        height, width = TI2V.sizes[0]
+        return {"required": {
+            "vae": inp(VAE, "The Wan2.2 VAE (wan2.2_vae) from the VAE loader; the Wan2.1 VAE does not fit TI2V-5B."),
+            "start_image": inp("IMAGE", "The first frame of the video (scaled to cover the video size and "
+                               "centre-cropped)."),
+            **size_inputs(default_width=width, default_height=height, default_frames=TI2V.frame_num),
+            "size_from_image": inp("BOOLEAN", "On: the video takes the image's aspect ratio at no more than width x "
+                                   "height pixels, sides multiples of 32 (official TI2V rule). Off: exactly width x "
+                                   "height (multiples of 32).", default=True),
+        }}
+
+    def build(self, vae: ModelHandle, start_image, width: int, height: int, length: int,
+              size_from_image: bool) -> tuple:
+        image = _image(start_image, "start_image")
+        if size_from_image:
+            height, width = first_frame_size(tuple(image.shape[-2:]), width * height, TI2V_STRIDE * PATCH)
+        cond = text_image_to_video(vae.model.ready(), image, length, height, width, spatial=TI2V_STRIDE)
+        return (WanConditioning(cond, "TI2V image-to-video"), width, height)
 
 
 class WanTunerFirstLastFrame(_SizedNode):

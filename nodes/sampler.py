@@ -166,8 +166,8 @@ class WanTunerSampler:
                                step=0.01),
             },
             "optional": {
-                "conditioning": inp(CONDITIONING, "Image-to-video, first-last-frame or Fun-Control conditioning; "
-                                    "its size and length replace width/height/length."),
+                "conditioning": inp(CONDITIONING, "Image-to-video, first-last-frame, Fun-Control or TI2V-5B "
+                                    "image-to-video conditioning; its size and length replace width/height/length."),
                 "latent": inp("LATENT", "Input video latent (video-to-video); its size replaces width/height/"
                               "length when no conditioning is connected."),
                 "denoise": inp("FLOAT", "With an input latent: how much of it to redo (1.0 = from pure noise).",

@@ -92,4 +92,4 @@ class WanConditioning:
     """What a conditioning node prepared for the sampler: the wan_core Conditioning and which node made it."""
 
     cond: Conditioning
-    kind: str  # "image-to-video", "first-last-frame", "Fun-Control"
+    kind: str  # "image-to-video", "first-last-frame", "Fun-Control", "TI2V image-to-video"

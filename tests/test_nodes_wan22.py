@@ -15,9 +15,9 @@ from nodes import comfy_adapter as adapter
 from nodes.sampler import HANDOVER
 from tests import tiny_model_set as tms
 from wan_core.lora.apply import applied_loras
-from wan_core.media.layouts import latent_to_comfy
+from wan_core.media.layouts import image_to_wan, latent_to_comfy
 from wan_core.runtime.step_cache import CALIBRATION_FORMAT, CALIBRATION_VERSION, calibration_path
-from wan_core.sampling.conditioning import text_to_video
+from wan_core.sampling.conditioning import first_frame_size, text_image_to_video, text_to_video
 from wan_core.sampling.experts import ExpertSwitch, expert_for
 from wan_core.sampling.pipeline import SamplerSettings, denoise
 from wan_core.sampling.solvers import get_schedule
@@ -190,6 +190,41 @@ def test_ti2v_text_to_video_uses_the_wan22_vae_layout(models: Path) -> None:
         sample(model, text, width=32, height=48)
     with pytest.raises(ValueError, match="TI2V-5B DiT, which has no high-noise expert"):
         sample(model, text, high_noise_dit=model, width=64)
+
+
+def test_ti2v_node_and_sampler_equal_the_direct_wan_core_run(models: Path) -> None:
+    """Start image -> first latent frame: the node + sampler give the direct wan_core TI2V run bit for bit, with
+    the official size rule (the image's aspect ratio, sides multiples of 32) and the image latent in frame 0."""
+    model, text, handle = dit(TI2V), embeds(), vae(VAE22)
+    image = torch.rand(1, 40, 120, 3, generator=torch.Generator().manual_seed(1))
+    cond, width, height = run("WanTunerTI2VImageToVideo", vae=handle, start_image=image, width=96, height=64,
+                              length=5, size_from_image=True)
+    assert (height, width) == first_frame_size((40, 120), 96 * 64, 32) == (32, 128)
+    got = sample(model, text, conditioning=cond, guidance_scale=5.0, shift=5.0)["samples"]
+    direct_cond = text_image_to_video(handle.model.obj, image_to_wan(image), 5, 32, 128, spatial=16)
+    settings = SamplerSettings(steps=6, guidance_scale=5.0, flow_shift=5.0, seed=7, solver="euler")
+    direct = denoise(model.model.obj, direct_cond, [text.positive], [text.negative], settings)
+    assert torch.equal(got, latent_to_comfy(direct)) and tuple(got.shape) == (1, 48, 2, 2, 8)
+    assert torch.equal(direct[:, :, :1], direct_cond.first_latent)
+    t2v = sample(model, text, width=128, height=32, guidance_scale=5.0, shift=5.0)["samples"]
+    assert (got[:, :, 1:] - t2v[:, :, 1:]).abs().max() > 1e-3  # the image conditions the later frames too
+    exact, w, h = run("WanTunerTI2VImageToVideo", vae=handle, start_image=image, width=64, height=32, length=5,
+                      size_from_image=False)
+    assert (w, h) == (64, 32) and tuple(exact.cond.first_latent.shape) == (1, 48, 1, 2, 4)
+
+
+def test_ti2v_node_refuses_the_wan21_vae_and_a_wan21_dit(models: Path) -> None:
+    image = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(2))
+    wan21 = vae("wan_2.1_vae.safetensors")
+    with pytest.raises(ValueError, match=r"needs a VAE of spatial stride 16 \(the Wan2.2 VAE, wan2.2_vae\), got one "
+                                         r"of stride 8 with 16 latent channels \(the Wan2.1 VAE"):
+        run("WanTunerTI2VImageToVideo", vae=wan21, start_image=image, width=32, height=32, length=5,
+            size_from_image=False)
+    cond = run("WanTunerTI2VImageToVideo", vae=vae(VAE22), start_image=image, width=32, height=32, length=5,
+               size_from_image=False)[0]
+    with pytest.raises(ValueError, match=r"TI2V image-to-video conditioning's start-image latent has 48 channels but "
+                                         r"the DiT is a text-to-video model \(16 input channels\) with 16"):
+        sample(dit(T2V_LOW), text=embeds(), conditioning=cond)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -159,6 +159,7 @@ def text_image_to_video(vae: VAELike, image: torch.Tensor, frames: int, height: 
     """TI2V-5B image-to-video (official textimage2video.py): the image scaled to cover the video size and
     centre-cropped, encoded alone into one latent frame [1, C, 1, h, w], which becomes latent frame 0."""
     video = text_to_video(height, width, frames, spatial=spatial)
+    check_vae_stride(vae, spatial)
     first = cover_crop(image, height, width)[:, None]  # [3, 1, H, W]
     latent = _encode(vae, first)[None]  # [1, C, 1, h, w]
     if latent.shape[2:] != (1, height // spatial, width // spatial):
@@ -166,6 +167,16 @@ def text_image_to_video(vae: VAELike, image: torch.Tensor, frames: int, height: 
                          f"expected [1, {height // spatial}, {width // spatial}] (a VAE of spatial stride {spatial})")
     video.first_latent = latent
     return video
+
+
+def check_vae_stride(vae: VAELike, spatial: int) -> None:
+    """ValueError before any encoding when a VAE that states its stride (`space_stride`) has another one."""
+    stride = getattr(vae, "space_stride", None)
+    if stride is not None and stride != spatial:
+        names = {VAE_SPATIAL: "the Wan2.1 VAE, wan_2.1_vae", 16: "the Wan2.2 VAE, wan2.2_vae"}
+        raise ValueError(f"this conditioning needs a VAE of spatial stride {spatial} ({names.get(spatial, 'another')}"
+                         f"), got one of stride {stride} with {getattr(vae, 'z_dim', '?')} latent channels "
+                         f"({names.get(stride, 'another VAE')}); load the matching VAE")
 
 
 def image_to_video(vae: VAELike, clip: CLIPLike | None, image: torch.Tensor, frames: int, height: int, width: int,
@@ -245,6 +256,11 @@ def check_conditioning_fits(config: DiTConfig, cond: Conditioning, conditioning_
                 "connect an image-to-video, first-last-frame or Fun-Control conditioning node that fits it")
         raise ValueError(f"the DiT is {describe_dit(config)} but the {conditioning_kind} conditioning gives "
                          f"{channels} channels; {hint}")
+    first = None if cond.first_latent is None else cond.first_latent.shape[1]
+    if first is not None and first != config.out_dim:
+        raise ValueError(f"the {conditioning_kind} conditioning's start-image latent has {first} channels but the DiT "
+                         f"is {describe_dit(config)} with {config.out_dim}; a first latent frame is for Wan2.2 "
+                         "TI2V-5B with the Wan2.2 VAE")
     tokens = None if cond.clip_fea is None else cond.clip_fea.shape[1]
     if tokens is not None and not config.has_image_input:
         raise ValueError(f"the {conditioning_kind} conditioning carries CLIP image embeddings but the DiT is "
