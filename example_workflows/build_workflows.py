@@ -292,8 +292,10 @@ def i2v_a14b() -> list[Node]:
 
 TI2V_SIZE = {"width": 1280, "height": 704, "length": 121}
 NOTE_TI2V = (
-    "Wan2.2 TI2V-5B text-to-video: one 5B DiT on the Wan2.2 VAE's 48-channel latents (16x16 pixels per latent "
-    "cell: width and height multiples of 32). Official settings: 1280x704 or 704x1280, 121 frames at 24 fps, 50 "
+    "Wan2.2 TI2V-5B image-to-video: one 5B DiT on the Wan2.2 VAE's 48-channel latents (16x16 pixels per latent "
+    "cell: width and height multiples of 32). The TI2V-5B Image to Video node encodes the start image into the "
+    "first latent frame (the video takes the image's aspect ratio at about width x height pixels); disconnect it "
+    "from the sampler for text-to-video. Official settings: 1280x704 or 704x1280, 121 frames at 24 fps, 50 "
     "steps, shift 5, guidance 5. Files: wan2.2_ti2v_5B_fp16.safetensors in models/diffusion_models, "
     "wan2.2_vae.safetensors in models/vae (the Wan2.1 VAE does not fit the 5B model), umt5_xxl_fp16.safetensors in "
     "models/text_encoders. No toy TI2V files exist yet."
@@ -301,9 +303,13 @@ NOTE_TI2V = (
 
 
 def ti2v_5b() -> list[Node]:
+    """Image-to-video: the start image as the first latent frame (text-to-video without the conditioning node)."""
     return [
         *_official_loaders("wan2.2_ti2v_5B_fp16.safetensors", "ti2v-5B", "wan2.2_vae.safetensors"),
-        _sampler(10, (1, 0), None, steps=50, shift=5.0, guidance_scale=5.0, size=TI2V_SIZE),
+        Node(6, "LoadImage", {"image": "example.png", "upload": "image"}, title="Start image"),
+        Node(8, "WanTunerTI2VImageToVideo", {**TI2V_SIZE, "size_from_image": True},
+             {"vae": (3, 0), "start_image": (6, 0)}),
+        _sampler(10, (1, 0), (8, 0), steps=50, shift=5.0, guidance_scale=5.0, size=TI2V_SIZE),
         *_decode_save(11, 10, "ti2v_5b", fps=24),
         Node(20, "Note", {"text": NOTE_TI2V}, title="Wan2.2 TI2V-5B"),
     ]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from nodes import NODE_CLASS_MAPPINGS
 from nodes import comfy_adapter as adapter
@@ -296,6 +297,11 @@ def test_official_wan22_workflows_name_the_official_files_and_defaults() -> None
     assert (sampler["height"], sampler["width"]) in preset.sizes and sampler["length"] == preset.frame_num
     assert (sampler["steps"], sampler["shift"], sampler["guidance_scale"]) == (50, 5.0, 5.0)
     assert ti2v["12"]["inputs"]["fps"] == preset.fps
+    start, image = ti2v["8"], ti2v["6"]
+    assert start["class_type"] == "WanTunerTI2VImageToVideo" and image["class_type"] == "LoadImage"
+    assert sampler["conditioning"] == ["8", 0] and start["inputs"]["start_image"] == ["6", 0]
+    assert (start["inputs"]["height"], start["inputs"]["width"], start["inputs"]["length"]) == (
+        sampler["height"], sampler["width"], sampler["length"])
     t2v = _api("wantuner_t2v_a14b")["10"]["inputs"]
     assert t2v["high_noise_dit"] == ["6", 0] and (t2v["boundary"], t2v["guidance_scale_high_noise"]) == (0.875, 4.0)
 
@@ -304,18 +310,24 @@ def test_official_wan22_workflows_name_the_official_files_and_defaults() -> None
 @pytest.mark.parametrize("name", OFFICIAL_NAMES + ("wantuner_t2v_a14b", "wantuner_stepcache"))
 def test_wan22_and_step_cache_workflows_run(name: str, runs) -> None:
     """The Wan2.2 workflows run on tiny random files under the official names (shrunk to 64x64x9, 4 steps); the
-    I2V-A14B chain hands a noisy latent from its first sampler to its second."""
+    I2V-A14B chain hands a noisy latent from its first sampler to its second; the TI2V-5B video starts on the start
+    image's latent."""
     import av
 
     from nodes.sampler import HANDOVER
+    from wan_core.media.layouts import latent_to_comfy
 
     result, output = runs[name]
     samples = result.outputs["10"][0]["samples"]
     channels, stride = (48, 16) if name == "wantuner_ti2v_5b" else (16, 8)
     height, width = (64, 64)
-    if name == "wantuner_i2v_a14b":
+    if name in ("wantuner_i2v_a14b", "wantuner_ti2v_5b"):
         height, width = result.outputs["8"][2], result.outputs["8"][1]
+    if name == "wantuner_i2v_a14b":
         assert HANDOVER in result.outputs["9"][0] and HANDOVER not in result.outputs["10"][0]
+    if name == "wantuner_ti2v_5b":
+        first = result.outputs["8"][0].cond.first_latent
+        assert first is not None and torch.equal(samples[:, :, :1], latent_to_comfy(first))
     assert tuple(samples.shape) == (1, channels, 3, height // stride, width // stride)
     with av.open(str(_saved_video(result, output))) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
