@@ -21,11 +21,11 @@ from wan_core.models.config import TASKS, WAN22_VAE
 from wan_core.runtime.step_cache import (
     CACHE_MODES,
     DEFAULT_THRESHOLDS,
-    UNCALIBRATED,
     StepCache,
     StepCacheSettings,
+    cache_for_run,
     describe,
-    resolve_calibration,
+    find_calibration,
 )
 from wan_core.sampling.conditioning import check_conditioning_fits, text_to_video
 from wan_core.sampling.experts import ExpertSwitch
@@ -317,11 +317,6 @@ def _step_cache(mode: str, threshold: float, dit: DiTHandle, cond: Conditioning,
     if experts:
         raise ValueError("step caching is calibrated for one DiT, not a pair of experts: set cache_mode to 'none', "
                          "or run each expert in its own sampler (end_step / start_step) with its own cache")
-    calibration = resolve_calibration(dit.path or None, dit.config, cond.height, cond.width, dit.is_wan22)
-    settings = StepCacheSettings(mode, threshold or DEFAULT_THRESHOLDS[mode], calibration)
-    if not settings.active:
-        logger.warning("%s: %s%s", dit.name, UNCALIBRATED, " (no MagCache ratios)" if calibration else "")
-        return None
-    logger.info("step cache %s, threshold %g, calibration: %s", mode, settings.threshold,
-                calibration.source or "beside the DiT")  # type: ignore[union-attr]
-    return StepCache(settings)
+    stored = find_calibration(dit.path) if dit.path else None
+    settings = StepCacheSettings(mode, threshold or DEFAULT_THRESHOLDS[mode], stored)
+    return cache_for_run(settings, dit.config, cond.height, cond.width, dit.is_wan22, dit.name)

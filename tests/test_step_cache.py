@@ -4,8 +4,11 @@ per-branch caches, first/last steps computed, calibration fit and JSON round tri
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,9 +17,13 @@ import torch
 from wan_core import calibrate_cache
 from wan_core.generate import cli
 from wan_core.loading.model_set import TOY_FILES, TOY_MODEL_DIR
-from wan_core.models.dit import load_dit
+from wan_core.models.config import TASKS
+from wan_core.models.dit import WanModel, load_dit
 from wan_core.models.t5 import load_t5
+from wan_core.runtime import step_cache
 from wan_core.runtime.step_cache import (
+    DEFAULT_THRESHOLDS,
+    PUBLISHED_TEACACHE,
     UNCALIBRATED,
     CacheCalibration,
     CalibrationRecorder,
@@ -171,16 +178,75 @@ def test_generate_cli_refuses_a_negative_threshold_before_loading(tmp_path, caps
     assert "cache_threshold must be a finite number >= 0, got -0.5" in capsys.readouterr().err
 
 
-def test_generate_cli_finds_the_calibration_beside_the_dit_or_warns(tmp_path, caplog):
+def test_generate_cli_finds_the_calibration_beside_the_dit_or_warns(toy, tmp_path, caplog):
     dit = tmp_path / "model.safetensors"
     shutil.copy(TOY_MODEL_DIR / TOY_FILES["dit"], dit)
     args = cli.build_parser().parse_args(["--dit", str(dit), "--cache_mode", "magcache"])
-    settings = cli.cache_settings(args, cli.spec_from_args(args))
+    spec = cli.spec_from_args(args)
+    settings = cli.cache_settings(args, spec)
     assert settings.calibration is None and not settings.active
-    assert UNCALIBRATED in caplog.text
+    assert cli.job_step_cache(settings, toy["dit"], SimpleNamespace(task="t2v-14B", height=64, width=64), spec) is None
+    assert "model.safetensors (no model.stepcache.json): " + UNCALIBRATED in caplog.text
     shutil.copy(calibration_path(TOY_MODEL_DIR / TOY_FILES["dit"]), calibration_path(dit))
-    settings = cli.cache_settings(args, cli.spec_from_args(args))
+    settings = cli.cache_settings(args, spec)
     assert settings.active and settings.calibration == find_calibration(TOY_MODEL_DIR / TOY_FILES["dit"])
+
+
+def _official(task: str) -> WanModel:
+    """A DiT of an official architecture on the meta device (no weights)."""
+    with torch.device("meta"):
+        return WanModel(TASKS[task].dit)
+
+
+@pytest.mark.parametrize(("task", "model_task", "size", "key"), [
+    ("t2v-14B", "t2v-14B", (720, 1280), ("t2v-14B", "")),
+    ("t2v-1.3B", "t2v-1.3B", (480, 832), ("t2v-1.3B", "")),
+    ("i2v-14B", "i2v-14B", (480, 832), ("i2v-14B", "480p")),
+    ("i2v-14B", "i2v-14B", (720, 1280), ("i2v-14B", "720p")),
+    ("t2v-A14B", "t2v-14B", (720, 1280), None),  # a Wan2.2 expert: the T2V-14B shapes, other weights
+    ("ti2v-5B", "ti2v-5B", (704, 1280), None),
+])
+def test_generate_cli_uses_the_published_coefficients_for_official_shapes(task, model_task, size, key, tmp_path,
+                                                                          caplog):
+    """Without a calibration file the CLI picks the published TeaCache polynomial of an official Wan2.1 DiT (as the
+    sampler node does), by the DiT's architecture, the task and the video size, and logs where it came from."""
+    args = cli.build_parser().parse_args(["--dit", str(tmp_path / "official.safetensors"), "--cache_mode",
+                                          "teacache"])
+    spec = cli.spec_from_args(args)
+    settings = cli.cache_settings(args, spec)
+    assert settings.calibration is None
+    job = SimpleNamespace(task=task, height=size[0], width=size[1])
+    with caplog.at_level(logging.INFO, logger="wan_core.runtime.step_cache"):
+        cache = cli.job_step_cache(settings, _official(model_task), job, spec)
+    if key is None:
+        assert cache is None and UNCALIBRATED in caplog.text
+        return
+    assert cache is not None and cache.settings.calibration.teacache_coefficients == PUBLISHED_TEACACHE[key]
+    assert cache.settings.threshold == DEFAULT_THRESHOLDS["teacache"]
+    source = f"published TeaCache coefficients of Wan2.1 {key[0]}" + (f" {key[1]}" if key[1] else "")
+    assert f"step cache teacache, threshold 0.15, calibration: {source}" in caplog.text
+
+
+def test_generate_cli_run_without_calibration_caches_with_the_published_coefficients(tmp_path, caplog,
+                                                                                       monkeypatch):
+    """End to end: a toy DiT taken for the official T2V-1.3B architecture (the shape check patched) and no
+    calibration file beside it samples with the published polynomial, skipping model calls; the real toy shape
+    gets none."""
+    dit = tmp_path / "toy.safetensors"
+    shutil.copy(TOY_MODEL_DIR / TOY_FILES["dit"], dit)
+    argv = ["--dit", str(dit), "--prompt", PROMPT, "--save_path", str(tmp_path), "--output_type", "latent",
+            "--infer_steps", "8", "--cache_mode", "teacache", "--quiet"]
+    with caplog.at_level(logging.INFO):
+        assert cli.main(argv) == 0
+    assert "toy.safetensors (no toy.stepcache.json): " + UNCALIBRATED in caplog.text
+    assert "step cache off" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(step_cache, "_official_task", lambda config: "t2v-1.3B")
+    with caplog.at_level(logging.INFO):
+        assert cli.main(argv) == 0
+    assert "calibration: published TeaCache coefficients of Wan2.1 t2v-1.3B" in caplog.text
+    skipped = re.search(r"step cache teacache: skipped (\d+) of (\d+) model calls", caplog.text)
+    assert skipped is not None and 0 < int(skipped[1]) < int(skipped[2])
 
 
 def test_calibrate_cache_cli_writes_a_loadable_calibration(tmp_path):

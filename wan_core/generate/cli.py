@@ -58,10 +58,10 @@ from wan_core.runtime.prepare import merge_spec_loras
 from wan_core.runtime.step_cache import (
     CACHE_MODES,
     DEFAULT_THRESHOLDS,
-    UNCALIBRATED,
     CacheCalibration,
     StepCache,
     StepCacheSettings,
+    cache_for_run,
     calibration_path,
     describe,
     find_calibration,
@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile each DiT block")
     g.add_argument("--cache_mode", choices=CACHE_MODES, default="none",
                    help="skip DiT forwards that barely change between steps (needs a calibration, see "
-                        "`python -m wan_core.calibrate_cache`)")
+                        "`python -m wan_core.calibrate_cache`; without one the official Wan2.1 T2V / I2V models use "
+                        "the published TeaCache coefficients)")
     g.add_argument("--cache_threshold", type=float, default=None,
                    help=f"skip threshold (0 = compute every step; default per mode: {DEFAULT_THRESHOLDS})")
     g.add_argument("--cache_calibration", default=None,
@@ -502,7 +503,7 @@ def denoise_jobs(models: ModelSet, jobs: Sequence[Resolved], conds: Sequence[con
         needs_uncond = (r.settings.guidance_scale != 1.0 or r.settings.slg is not None
                         or (isinstance(model, ExpertSwitch) and r.guidance_high != 1.0))
         progress = Progress(r.settings.steps, f"video {n + 1}/{len(jobs)}", quiet)
-        step_cache = StepCache(cache) if cache is not None and cache.active else None
+        step_cache = job_step_cache(cache, model, r, models.spec)
         wrap = models.predict_wrapper() if isinstance(models, ParallelModelSet) else None
         if wrap is not None and not needs_uncond:
             raise ValueError(f"--cfg_parallel runs the negative-prompt forward on half of the ranks, but video {n + 1}"
@@ -541,7 +542,8 @@ def expert_source(models: ModelSet, kind: str) -> WanModel | LazyExpert:
 
 
 def cache_settings(args: argparse.Namespace, spec: ModelSpec) -> StepCacheSettings:
-    """--cache_mode / --cache_threshold / --cache_calibration; an uncalibrated model computes every step."""
+    """--cache_mode / --cache_threshold / --cache_calibration, with the calibration given or stored beside the DiT;
+    without one, each run takes the published one of an official model or computes every step (`cache_for_run`)."""
     mode = args.cache_mode
     threshold = DEFAULT_THRESHOLDS.get(mode, 0.0) if args.cache_threshold is None else args.cache_threshold
     if mode == "none":
@@ -550,9 +552,17 @@ def cache_settings(args: argparse.Namespace, spec: ModelSpec) -> StepCacheSettin
         calibration: CacheCalibration | None = CacheCalibration.load(args.cache_calibration)
     else:
         calibration = find_calibration(spec.path("dit"))
-    if calibration is None:
-        logger.warning("%s (no %s)", UNCALIBRATED, calibration_path(spec.path("dit")))
     return StepCacheSettings(mode, threshold, calibration)
+
+
+def job_step_cache(cache: StepCacheSettings | None, model: WanModel | ExpertSwitch, r: Resolved,
+                   spec: ModelSpec) -> StepCache | None:
+    """The step cache of one video: `cache_for_run` on the DiT's architecture, the task and the video size."""
+    if cache is None:
+        return None
+    dit = spec.path("dit")
+    name = dit.name if cache.calibration is not None else f"{dit.name} (no {calibration_path(dit).name})"
+    return cache_for_run(cache, model.config, r.height, r.width, get_task(r.task).is_wan22, name)
 
 
 def save_result(models: ModelSet, r: Resolved, latents: torch.Tensor, args: argparse.Namespace) -> list[Path]:

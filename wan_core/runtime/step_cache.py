@@ -16,8 +16,9 @@ computed velocity.
 The calibration (``CacheCalibration``) comes from uncached runs (`python -m wan_core.calibrate_cache`), stored as a
 small JSON file beside the DiT (``<dit stem>.stepcache.json``). Without one, the official Wan2.1 T2V 1.3B / 14B
 and I2V 14B models fall back to the published TeaCache coefficients for the timestep modulation
-(``published_calibration``; TeaCache only, no MagCache ratios). A threshold of 0 (or mode ``none``) computes every
-call, so the result is exactly the uncached one.
+(``published_calibration``; TeaCache only, no MagCache ratios); ``cache_for_run`` makes that choice, for the CLI
+and the sampler node alike, and logs it. A threshold of 0 (or mode ``none``) computes every call, so the result is
+exactly the uncached one.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -289,6 +290,27 @@ class StepCache:
             skip = state.error < self.settings.threshold and state.skipped < self.settings.max_skips
         state.skipped = state.skipped + 1 if skip else 0
         return skip
+
+
+def cache_for_run(settings: StepCacheSettings, config: DiTConfig, height: int, width: int, wan22: bool = False,
+                  name: str = "the DiT") -> StepCache | None:
+    """The step cache of one run of DiT `config` at height x width, or None (every step computed).
+
+    `settings` carries the calibration given by the user or stored beside the DiT; without one, an official Wan2.1
+    model gets the published TeaCache coefficients (`published_calibration`; `wan22`: the DiT is a Wan2.2 model).
+    Logs which calibration drives the cache, or warns that none drives the mode; mode 'none' and threshold 0 (every
+    step computed by request) log nothing."""
+    if settings.mode == "none" or settings.threshold == 0:
+        return None
+    if settings.calibration is None:
+        settings = replace(settings, calibration=published_calibration(config, height, width, wan22))
+    calibration = settings.calibration
+    if calibration is None or not settings.active:
+        logger.warning("%s: %s%s", name, UNCALIBRATED, " (no MagCache ratios)" if calibration else "")
+        return None
+    logger.info("step cache %s, threshold %g, calibration: %s", settings.mode, settings.threshold,
+                calibration.source or "beside the DiT")
+    return StepCache(settings)
 
 
 # --------------------------------------------------------------------------------------------------- recording
