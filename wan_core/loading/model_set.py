@@ -11,7 +11,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 
@@ -166,7 +166,7 @@ def check_model_file(path: str | Path, kind: str, flag: str) -> None:
 OFFICIAL_EXPERT_FOLDERS = {"dit_high": "high_noise_model", "dit": "low_noise_model"}  # official Wan2.2 A14B
 
 
-def is_expert_root(path: str | Path | None) -> bool:
+def is_expert_root(path: str | Path | None) -> TypeGuard[str | Path]:
     """True for the official Wan2.2 A14B folder, which holds `high_noise_model/` and `low_noise_model/`."""
     return path is not None and all((Path(path) / sub).is_dir() for sub in OFFICIAL_EXPERT_FOLDERS.values())
 

@@ -11,6 +11,7 @@ import importlib.util
 import logging
 from collections.abc import Callable
 from enum import Enum
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +124,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | 
     if callable(backend) and k_lens is None:
         return backend(q, k, v)
     # dict hit first (a Backend is a str, so names hit too): no import probing per call
-    kernel = (_KERNELS.get(backend) if backend is not None else None) or get_kernel(backend)
+    name = cast("str | Backend | None", backend)
+    kernel = (_KERNELS.get(name) if name is not None else None) or get_kernel(name)
     if k_lens is not None and bool((k_lens < k.shape[1]).any()):
         return torch.cat([attention(q[i:i + 1], k[i:i + 1, :n], v[i:i + 1, :n], backend)
                           for i, n in enumerate(k_lens.tolist())])

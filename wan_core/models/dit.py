@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from wan_core.loading.checkpoint import build_on_meta, load_into, load_state_dict, read_metadata, strip_prefix
 from wan_core.loading.convert import DIT_DIFFUSERS, DIT_DIFFUSERS_SENTINEL, rename
-from wan_core.models.attention import attention, resolve_backend
+from wan_core.models.attention import AttnFn, attention, resolve_backend
 from wan_core.models.config import (
     TASKS,
     DiTConfig,
@@ -132,7 +132,7 @@ class SelfAttention(nn.Module):
         self.num_heads = num_heads
         self.q, self.k, self.v, self.o = (CastLinear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
-        self.attn_backend = "sdpa"
+        self.attn_backend: str | AttnFn = "sdpa"  # a kernel object under sequence parallel
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x [B, L, C] -> [B, L, C]."""

@@ -8,12 +8,15 @@ ranks take the same steps, and with CFG parallel both groups run the same blocks
 from __future__ import annotations
 
 import logging
+from typing import Any, TypeVar, cast
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from wan_core.parallel.mesh import ParallelMesh
+
+M = TypeVar("M", bound=nn.Module)
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +25,7 @@ def world_mesh(mesh: ParallelMesh) -> DeviceMesh:
     return init_device_mesh(mesh.device.type, (mesh.world_size,))
 
 
-def shard_blocks(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
+def shard_blocks(model: M, mesh: ParallelMesh) -> M:
     """Shard `model` (anything with a `blocks` ModuleList: the DiT, the umT5 encoder) over every rank; its
     weights move to this rank's device, one shard each."""
     blocks = getattr(model, "blocks", None)
@@ -33,7 +36,7 @@ def shard_blocks(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
         fully_shard(block, mesh=device_mesh)
     fully_shard(model, mesh=device_mesh)
     if hasattr(model, "_rope_cache"):
-        model._rope_cache = {}
+        cast(Any, model)._rope_cache = {}
     total = sum(p.numel() for p in model.parameters())
     logger.info("FSDP: %s sharded over %d ranks (%.2f G parameters in all)", type(model).__name__, mesh.world_size,
                 total / 1e9)

@@ -17,7 +17,7 @@ from wan_core.sampling.conditioning import Conditioning
 from wan_core.sampling.experts import ExpertSwitch
 from wan_core.sampling.first_frame import FirstFrame
 from wan_core.sampling.guidance import SLGConfig, cfg_apply_pattern, guided_velocity
-from wan_core.sampling.solvers import Schedule, StepCallback, StepInfo, get_schedule, initial_noise, sample
+from wan_core.sampling.solvers import Schedule, StepCallback, StepInfo, VelocityFn, get_schedule, initial_noise, sample
 
 if TYPE_CHECKING:
     from wan_core.models.dit import WanModel
@@ -131,8 +131,10 @@ def denoise(dit: WanModel | ExpertSwitch, cond: Conditioning, context: Sequence[
         model = wrap_predict(model)
     guided = guided_velocity(model, steps=steps, guidance_scale=scales, cfg_pattern=pattern, slg=settings.slg)
 
-    def velocity(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:  # i counts from `begin`
+    def from_begin(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:  # i counts from `begin`
         return guided(x, t, i + begin)
+
+    velocity: VelocityFn = from_begin
 
     if step_cache is not None:
         velocity = step_cache.wrap_velocity(velocity)
