@@ -34,7 +34,7 @@ from training.args import ATTENTION_FLAGS, SAVE_FORMATS
 from training.cache.latents import cache_latents
 from training.cache.store import CacheRunReport
 from training.cache.text import cache_text
-from training.dataset.items import DatasetScan, ensure_not_empty, scan_dataset_group, summarize
+from training.dataset.items import DatasetScan, bucket_step, ensure_not_empty, scan_dataset_group, summarize
 from training.dataset.schema import FRAME_EXTRACTION_MODES, DatasetGroupConfig, load_dataset_config
 from training.optim import OptimizerConfig
 from training.step import InputSpec
@@ -242,8 +242,9 @@ def _summary(config: Path, scan: DatasetScan, latents: CacheRunReport, text: Cac
 
 def cache_dataset(group: DatasetGroupConfig, vae: ModelHandle, t5: ModelHandle, clip_vision: ModelHandle | None,
                   node_id: str | None) -> DatasetHandle:
-    """Scan the dataset, bring its latent and T5 caches up to date (progress + Cancel per encoded entry)."""
-    scan = scan_dataset_group(group)
+    """Scan the dataset (buckets in the VAE's steps), bring its latent and T5 caches up to date (progress + Cancel per
+    encoded entry)."""
+    scan = scan_dataset_group(group, bucket_step(vae.model.obj.config.space_stride))
     ensure_not_empty(scan)
     for item in scan.items:  # a JSONL dataset names its media files one by one
         for media in (item.media_path, item.control_path):
