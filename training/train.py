@@ -585,7 +585,7 @@ def sample_now(run: Run, trainable: Trainable, optim: Optim, extras: Extras, ste
         return
     optim.eval_mode()
     trainable.eval()
-    generate_samples(extras.samples, trainable.model, step, epoch, run.autocast, extras.writer)
+    generate_samples(extras.samples, trainable.denoiser, step, epoch, run.autocast, extras.writer)
     trainable.train()
     optim.train_mode()
     run.accelerator.wait_for_everyone()
@@ -678,12 +678,8 @@ def prepare_sampling(run: Run) -> SamplePlan | None:
     """Encode the sample prompts (T5, CLIP and VAE come and go before the DiT is loaded)."""
     if not run.cfg.monitor.sample_prompts:
         return None
-    wan22 = get_task(run.task).is_wan22 if run.task else run.info.config.out_dim != 16
-    if wan22:
-        raise ValueError(f"--sample_prompts does not support Wan2.2 models yet ({run.task or 'a 48-channel DiT'}); "
-                         f"sample the saved LoRA with python -m wan_core.generate")
-    return prepare_samples(sampling_settings(run.cfg), run.task, run.info.config.in_dim, run.device, run.seed,
-                           run.rank, run.world)
+    return prepare_samples(sampling_settings(run.cfg), run.task, run.info.config, run.device, run.seed, run.rank,
+                           run.world)
 
 
 def open_extras(run: Run, data: Data, progress: st.Progress, samples: SamplePlan | None,
