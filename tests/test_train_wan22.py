@@ -198,6 +198,26 @@ def test_a_pair_needs_an_a14b_task(experts, tmp_path: Path) -> None:
         train(args, source=memory_source(2))
 
 
+def test_given_experts_train_as_a_pair_only_both_and_without_offload(experts, tmp_path: Path) -> None:
+    """train(model=, high_noise_model=): the loaded pair trains exactly as the pair loaded from the files; a given
+    high-noise expert alone, a given low-noise expert with a high-noise file, or offloading given experts is
+    refused before training."""
+    files = train(_pair(experts, tmp_path / "files", "--max_train_steps", "3"), source=memory_source(4))
+    given = train(_pair(experts, tmp_path / "given", "--max_train_steps", "3"), source=memory_source(4),
+                  model=load_dit(experts["low"]), high_noise_model=load_dit(experts["high"]))
+    assert given.weights.keys() == files.weights.keys()
+    assert all(torch.equal(given.weights[k], files.weights[k]) for k in files.weights)
+    cases = [({"high_noise_model": load_dit(experts["high"])}, _pair(experts, tmp_path / "a"),
+              "a given high-noise expert needs the given low-noise expert"),
+             ({"model": load_dit(experts["low"])}, _pair(experts, tmp_path / "b"),
+              "a given DiT trains alone; --dit_high_noise needs both experts loaded from files, or both given"),
+             ({"model": load_dit(experts["low"]), "high_noise_model": load_dit(experts["high"])},
+              _pair(experts, tmp_path / "c", "--offload_inactive_dit"), "given experts stay where they were loaded")]
+    for given_models, args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            train(args, source=memory_source(4), **given_models)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # One expert alone
 # ----------------------------------------------------------------------------------------------------------------
