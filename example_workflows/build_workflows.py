@@ -348,7 +348,7 @@ def train_lora() -> list[Node]:
             "output_name": TRAINED_LORA.removesuffix(".safetensors"), "rank": 8, "alpha": 8.0, "learning_rate": 2e-3,
             "steps": 300, "epochs": 0, "optimizer": "AdamW", "timestep_sampling": "shift", "discrete_flow_shift": 3.0,
             "seed": 42, "gradient_checkpointing": True, "save_every_n_steps": 100, "save_format": "musubi",
-            "mixed_precision": "auto", "fp8_base": False, "blocks_to_swap": 0, "attention": "sdpa"},
+            "mixed_precision": "auto", "fp8_base": False, "blocks_to_swap": 0, "attention": "sdpa", "boundary": -1.0},
              {"dit": (1, 0), "dataset": (5, 0)}),
         Node(7, "WanTunerLoRALoader", {"lora_name": TRAINED_LORA, "strength": 1.0, "include": "", "exclude": ""},
              {"dit": (1, 0), "lora_name": (6, 0)}, title="LoRA loader (the trained file)"),

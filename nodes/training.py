@@ -25,7 +25,7 @@ import logging
 import re
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,7 +34,7 @@ from training.args import ATTENTION_FLAGS, SAVE_FORMATS
 from training.cache.latents import cache_latents
 from training.cache.store import CacheRunReport
 from training.cache.text import cache_text
-from training.dataset.items import DatasetScan, ensure_not_empty, scan_dataset_group, summarize
+from training.dataset.items import DatasetScan, bucket_step, ensure_not_empty, scan_dataset_group, summarize
 from training.dataset.schema import FRAME_EXTRACTION_MODES, DatasetGroupConfig, load_dataset_config
 from training.optim import OptimizerConfig
 from training.step import InputSpec
@@ -47,11 +47,13 @@ from wan_core.media.io import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, list_images, l
 from wan_core.models.dit import WanModel
 from wan_core.models.ops import FP8_DTYPES
 from wan_core.sampling.conditioning import nearest_valid
+from wan_core.sampling.experts import boundary_fraction
 
 from . import comfy_adapter as comfy
 from .common import CATEGORY, MAX_FRAMES, MAX_SIZE, first_problem, inp, problem
 from .loaders import _file_choices
 from .loss_chart import chart_image
+from .sampler import TASK_DEFAULT, a14b_task
 from .types import CLIP_VISION, DIT, T5, VAE, DiTHandle, ModelHandle
 
 logger = logging.getLogger(__name__)
@@ -242,8 +244,9 @@ def _summary(config: Path, scan: DatasetScan, latents: CacheRunReport, text: Cac
 
 def cache_dataset(group: DatasetGroupConfig, vae: ModelHandle, t5: ModelHandle, clip_vision: ModelHandle | None,
                   node_id: str | None) -> DatasetHandle:
-    """Scan the dataset, bring its latent and T5 caches up to date (progress + Cancel per encoded entry)."""
-    scan = scan_dataset_group(group)
+    """Scan the dataset (buckets in the VAE's steps), bring its latent and T5 caches up to date (progress + Cancel per
+    encoded entry)."""
+    scan = scan_dataset_group(group, bucket_step(vae.model.obj.config.space_stride))
     ensure_not_empty(scan)
     for item in scan.items:  # a JSONL dataset names its media files one by one
         for media in (item.media_path, item.control_path):
@@ -327,15 +330,49 @@ def _memory_problem(settings: TrainSettings, dit: DiTHandle) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class ExpertInputs:
+    """The trainer node's Wan2.2 A14B inputs: the loaded high-noise expert, its file and the boundary (-1: the
+    task's)."""
+
+    dit: DiTHandle
+    path: Path
+    boundary: float = TASK_DEFAULT
+
+
+def _boundary_problem(boundary: object) -> str | None:
+    if not isinstance(boundary, (int, float)) or boundary == TASK_DEFAULT:
+        return None
+    return problem(lambda: boundary_fraction(boundary))  # type: ignore[arg-type]
+
+
+def check_pair(low: DiTHandle, high: DiTHandle) -> None:
+    """Two experts of one A14B task, each straight from its DiT loader."""
+    if low.config.out_dim != 16:
+        raise ValueError(f"{low.name} is a TI2V-5B DiT, which has no high-noise expert; disconnect high_noise_dit")
+    if high.loras:
+        raise ValueError("connect the high-noise DiT loader itself to the trainer, not a LoRA loader: LoRAs are "
+                         "applied when sampling and are not merged into training")
+    if high.config != low.config:
+        raise ValueError(f"high_noise_dit {high.name} and dit {low.name} are DiTs of different shapes; connect the "
+                         "two experts of one Wan2.2 A14B task (high- and low-noise)")
+
+
 def train_config(settings: TrainSettings, dit: DiTHandle, dit_path: Path, dataset_config: Path, output_dir: Path,
-                 stem: str) -> TrainConfig:
-    """The TrainConfig of the node's settings, for a LoRA on the loaded DiT (`dit_path` gives the metadata)."""
+                 stem: str, experts: ExpertInputs | None = None) -> TrainConfig:
+    """The TrainConfig of the node's settings, for a LoRA on the loaded DiT (`dit_path` gives the metadata), or one
+    LoRA across a loaded Wan2.2 A14B expert pair (`dit` the low-noise expert; `training.experts`)."""
     s = settings
-    problem_text = _memory_problem(s, dit)
-    if problem_text:
-        raise ValueError(problem_text)
+    for loaded in (dit,) if experts is None else (dit, experts.dit):
+        problem_text = _memory_problem(s, loaded)
+        if problem_text:
+            raise ValueError(problem_text)
+    model = ModelConfig(dit=str(dit_path), task=dit.task, attention=ATTENTION[s.attention])
+    if experts is not None:
+        model = replace(model, task=a14b_task(dit), dit_high_noise=str(experts.path),
+                        timestep_boundary=None if experts.boundary == TASK_DEFAULT else float(experts.boundary))
     return TrainConfig(
-        model=ModelConfig(dit=str(dit_path), task=dit.task, attention=ATTENTION[s.attention]),
+        model=model,
         data=DataConfig(dataset_config=str(dataset_config), max_data_loader_n_workers=0),
         network=NetworkConfig(rank=s.rank, alpha=float(s.alpha)),
         optimizer=OptimizerConfig(optimizer_type=s.optimizer, learning_rate=float(s.learning_rate)),
@@ -370,20 +407,24 @@ class Trained:
     seconds: float
 
 
-def _trainable_model(dit: DiTHandle) -> WanModel:
-    """The loaded DiT on the compute device, its inference-mode tensors (ComfyUI loads under inference mode) made
-    normal ones over the same memory first; a block swap is detached for that and placed again."""
-    if any(t.is_inference() for t in [*dit.model.obj.parameters(), *dit.model.obj.buffers()]):
-        dit.model.unplace()
-        normal_tensors(dit.model.obj)
-    return dit.model.ready()
+def _trainable_models(dits: list[DiTHandle]) -> list[WanModel]:
+    """The loaded DiTs on the compute device (loaded in one call, so that one cannot offload the other), their
+    inference-mode tensors (ComfyUI loads under inference mode) made normal ones over the same memory first; a block
+    swap is detached for that and placed again."""
+    for dit in dits:
+        if any(t.is_inference() for t in [*dit.model.obj.parameters(), *dit.model.obj.buffers()]):
+            dit.model.unplace()
+            normal_tensors(dit.model.obj)
+    return comfy.ready_together([dit.model for dit in dits])
 
 
-def run_training(config: TrainConfig, dit: DiTHandle, node_id: str | None, total: int) -> Trained:
+def run_training(config: TrainConfig, dit: DiTHandle, node_id: str | None, total: int,
+                 high_noise_dit: DiTHandle | None = None) -> Trained:
     """train(config) on the loaded DiT with progress, Cancel and the live loss stream. ComfyUI's models leave the GPU
     first, then the DiT is put on it (as for sampling) and trained in place; the trainer hands it back unchanged,
     also when the run is cancelled or fails. ComfyUI runs nodes under torch.inference_mode(), so autograd is
-    switched back on for the run. The frames of an aborted run are cleared and the allocator cache is emptied."""
+    switched back on for the run. The frames of an aborted run are cleared and the allocator cache is emptied.
+    With `high_noise_dit` both experts are put on the device and trained as a pair."""
     stream = comfy.LossStream(node_id)
     progress = comfy.Progress(total, node_id, "WanTuner training")
 
@@ -395,9 +436,10 @@ def run_training(config: TrainConfig, dit: DiTHandle, node_id: str | None, total
     stream.start(total)
     started = time.monotonic()
     try:
-        model = _trainable_model(dit)
+        models = _trainable_models([dit] if high_noise_dit is None else [dit, high_noise_dit])
         with torch.inference_mode(False), torch.enable_grad():
-            result = train(config, on_step=on_step, model=model)
+            result = train(config, on_step=on_step, model=models[0],
+                           high_noise_model=models[1] if high_noise_dit is not None else None)
     except BaseException as error:
         stream.close("error" if isinstance(error, Exception) else "interrupted")
         traceback.clear_frames(error.__traceback__)
@@ -505,8 +547,9 @@ class WanTunerCacheDataset:
 
 
 class WanTunerTrainLoRA(metaclass=_LiveLoRAOutput):
-    DESCRIPTION = ("Trains a Wan2.1 LoRA on a cached dataset inside ComfyUI (flow matching, musubi-compatible) and "
-                   "saves it into models/loras; shows the loss live on the node. Cancel stops between steps.")
+    DESCRIPTION = ("Trains a Wan2.1 or Wan2.2 LoRA (one LoRA across an A14B expert pair) on a cached dataset inside "
+                   "ComfyUI (flow matching, musubi-compatible) and saves it into models/loras; shows the loss live "
+                   "on the node. Cancel stops between steps.")
     CATEGORY = f"{CATEGORY}/training"
     RETURN_NAMES = ("lora_name", "loss_image", "summary")
     OUTPUT_TOOLTIPS = ("File name of the trained LoRA in models/loras; link it to the LoRA loader's lora_name.",
@@ -566,20 +609,35 @@ class WanTunerTrainLoRA(metaclass=_LiveLoRAOutput):
                                       "here requires it.", default=0, min=0, max=39),
                 "attention": inp(list(ATTENTION), "Attention kernel (sdpa always works; the others need their "
                                  "package).", default="sdpa"),
+                "high_noise_dit": inp(DIT, "Wan2.2 A14B: the high-noise expert from its own DiT loader; `dit` is "
+                                      "then the low-noise expert and one LoRA is trained across both (each batch "
+                                      "runs through the expert its timesteps pick). The saved LoRA loads for both "
+                                      "experts."),
+                "boundary": inp("FLOAT", "Wan2.2 A14B expert boundary: a fraction (0-1) or a timestep (1-1000); "
+                                "batches at or above it train the high-noise expert. -1 = the task's (0.875 "
+                                "T2V-A14B, 0.9 I2V-A14B).", default=TASK_DEFAULT, min=-1.0, max=1000.0,
+                                step=0.001),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, output_name: str | None = None) -> bool | str:
-        return first_problem(None if output_name is None else problem(lambda: lora_target(output_name)))
+    def VALIDATE_INPUTS(cls, output_name: str | None = None, boundary: float | None = None) -> bool | str:
+        return first_problem(None if output_name is None else problem(lambda: lora_target(output_name)),
+                             _boundary_problem(boundary))
 
     def train(self, dit: DiTHandle, dataset: DatasetHandle, output_name: str, rank: int, alpha: float,
               learning_rate: float, steps: int, epochs: int, optimizer: str, timestep_sampling: str,
               discrete_flow_shift: float, seed: int, gradient_checkpointing: bool, save_every_n_steps: int,
               save_format: str, mixed_precision: str = "auto", fp8_base: bool = False, blocks_to_swap: int = 0,
-              attention: str = "sdpa", unique_id: str | None = None) -> dict:
+              attention: str = "sdpa", high_noise_dit: DiTHandle | None = None, boundary: float = TASK_DEFAULT,
+              unique_id: str | None = None) -> dict:
         check_fits(dit, dataset)
+        boundary_text = _boundary_problem(boundary)
+        if boundary_text:
+            raise ValueError(boundary_text)
+        if high_noise_dit is not None:
+            check_pair(dit, high_noise_dit)
         settings = TrainSettings(rank, alpha, learning_rate, steps, epochs, optimizer, timestep_sampling,
                                  discrete_flow_shift, seed, gradient_checkpointing, save_every_n_steps, save_format,
                                  mixed_precision, fp8_base, blocks_to_swap, attention)
@@ -587,8 +645,10 @@ class WanTunerTrainLoRA(metaclass=_LiveLoRAOutput):
         root = comfy.model_folder("loras")
         comfy.confine(root / folder, [root], f"output_name {output_name!r}:")
         dit_path = comfy.model_path("diffusion_models", dit.name)
-        config = train_config(settings, dit, dit_path, dataset.config, root / folder, stem)
-        trained = run_training(config, dit, unique_id, steps if epochs == 0 else 0)
+        experts = None if high_noise_dit is None else ExpertInputs(
+            high_noise_dit, comfy.model_path("diffusion_models", high_noise_dit.name), boundary)
+        config = train_config(settings, dit, dit_path, dataset.config, root / folder, stem, experts)
+        trained = run_training(config, dit, unique_id, steps if epochs == 0 else 0, high_noise_dit)
         name = trained.path.relative_to(root).as_posix()
         summary = _training_summary(name, trained)
         image = chart_image(trained.losses)

@@ -3,7 +3,9 @@
 Setup: a ComfyUI source tree with its requirements and this project's requirements.txt
 installed in some Python environment; COMFYUI_PYTHON names that interpreter (default: the one running pytest).
 The server runs headless on CPU (`--cpu`) on 127.0.0.1 with a temporary base directory: tiny random models in
-models/, the pack linked into custom_nodes/. Every API-format example is posted and followed on the websocket.
+models/ (the toy names, and tiny Wan2.2 files under the official names), the pack linked into custom_nodes/. Every
+API-format example is posted and followed on the websocket; the official-size Wan2.2 examples are shrunk to the toy
+world's size and 4 steps first (as tests/test_nodes_workflows.py runs them).
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ pytestmark = pytest.mark.comfyui
 
 ROOT = Path(__file__).resolve().parents[1]
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
-NAMES = ("wantuner_t2v", "wantuner_i2v", "wantuner_flf2v", "wantuner_fun_control", "wantuner_lora_regex",
-         "wantuner_fewstep")
+TOY_NAMES = ("wantuner_t2v", "wantuner_i2v", "wantuner_flf2v", "wantuner_fun_control", "wantuner_lora_regex",
+             "wantuner_fewstep", "wantuner_t2v_a14b", "wantuner_stepcache")
+OFFICIAL_NAMES = ("wantuner_i2v_a14b", "wantuner_ti2v_5b")  # official Wan2.2 file names and sizes
+NAMES = TOY_NAMES + OFFICIAL_NAMES
 START_TIMEOUT = 240.0
 RUN_TIMEOUT = 600.0
 
@@ -43,6 +47,13 @@ def _free_port() -> int:
 
 def _api(name: str) -> dict:
     return json.loads((ROOT / "example_workflows" / "api" / f"{name}.json").read_text())
+
+
+def _runnable(name: str) -> dict:
+    """The API example as the server runs it here: official-size Wan2.2 examples shrunk (64x64x9, 4 steps)."""
+    from tests.test_nodes_workflows import shrunk
+
+    return shrunk(_api(name)) if name in OFFICIAL_NAMES else _api(name)
 
 
 class Server:
@@ -104,10 +115,11 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    from tests.tiny_model_set import write_model_set
+    from tests.tiny_model_set import write_model_set, write_wan22_files
 
     base = tmp_path_factory.mktemp("comfyui")
     write_model_set(base / "models")
+    write_wan22_files(base / "models")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "ComfyUI-WanTuner").symlink_to(ROOT, target_is_directory=True)
     (base / "input").mkdir()
@@ -158,7 +170,7 @@ def test_object_info_lists_every_node_with_tooltips(server: Server) -> None:
 def test_api_example_runs_and_saves_the_video(server: Server, name: str) -> None:
     import av
 
-    graph = _api(name)
+    graph = _runnable(name)
     outcome, events, previews = server.run(graph)
     assert outcome == "execution_success", events[-3:]
     prompt_id = events[-1]["data"]["prompt_id"]

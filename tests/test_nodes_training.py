@@ -605,3 +605,94 @@ def test_trainer_refuses_datasets_and_dits_that_do_not_fit(tmp_path: Path, monke
     with pytest.raises(ValueError, match="connect the DiT loader itself to the trainer, not a LoRA loader"):
         tr.check_fits(with_lora, plain)
     adapter.clear_cache()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Wan2.2 A14B: one LoRA across a loaded expert pair
+# ----------------------------------------------------------------------------------------------------------------
+
+A14B_LOW, A14B_HIGH = "wan2.2_t2v_low_noise_14B_fp16.safetensors", "wan2.2_t2v_high_noise_14B_fp16.safetensors"
+
+
+def test_train_node_trains_one_lora_across_a_loaded_expert_pair_as_the_cli_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """high_noise_dit + boundary reach the trainer's expert-pair path: batches at or above the boundary run through
+    the high-noise expert, the LoRA equals the one `python -m training train --dit LOW --dit_high_noise HIGH` trains
+    from the files with the same settings, and both loaded experts are handed back unchanged."""
+    from dataclasses import replace
+
+    import training.train as train_module
+    from training.experts import ExpertPair
+    from wan_core.loading.checkpoint import load_state_dict, read_metadata
+
+    tms.write_model_set(tmp_path / "models")
+    tms.write_wan22_files(tmp_path / "models")
+    _write_dataset(tmp_path / "input")
+    for env, name in ((adapter.MODELS_DIR_ENV, "models"), (adapter.OUTPUT_DIR_ENV, "output"),
+                      (adapter.INPUT_DIR_ENV, "input")):
+        monkeypatch.setenv(env, str(tmp_path / name))
+    adapter.clear_cache()
+    graph = _test_graph(output_name="wantuner/pair", steps=6, save_every_n_steps=0, timestep_sampling="uniform")
+    loader = {**graph["1"]["inputs"], "task": "t2v-A14B"}
+    with torch.inference_mode():
+        low = N["WanTunerDiTLoader"]().load(**{**loader, "model_name": A14B_LOW})[0]
+        high = N["WanTunerDiTLoader"]().load(**{**loader, "model_name": A14B_HIGH})[0]
+        vae = N["WanTunerVAELoader"]().load(**graph["3"]["inputs"])[0]
+        t5 = N["WanTunerT5Loader"]().load(**graph["2"]["inputs"])[0]
+        cache = {k: v for k, v in graph["5"]["inputs"].items() if not isinstance(v, list)}
+        dataset = N["WanTunerCacheDataset"]().cache(vae=vae, t5=t5, unique_id="5", **cache)["result"][0]
+    hashes = {name: _weights_hash(d.model.obj) for name, d in (("low", low), ("high", high))}
+    configs, picked = [], []
+    node_train, select = train_module.train, ExpertPair.select
+
+    def spy_train(config, **kwargs):
+        configs.append(config)
+        return node_train(config, **kwargs)
+
+    def spy_select(self, sigmas):
+        model = select(self, sigmas)
+        picked.append(("high" if model is self.high else "low", float(sigmas.max()) * 1000 >= 500))
+        return model
+
+    monkeypatch.setattr(tr, "train", spy_train)
+    monkeypatch.setattr(ExpertPair, "select", spy_select)
+    train = {k: v for k, v in graph["6"]["inputs"].items() if not isinstance(v, list)}
+    with torch.inference_mode():
+        name, _, summary = N["WanTunerTrainLoRA"]().train(dit=low, dataset=dataset, high_noise_dit=high,
+                                                          unique_id="6", **{**train, "boundary": 500.0})["result"]
+    (config,) = configs
+    assert (config.model.task, config.model.timestep_boundary) == ("t2v-A14B", 500.0)
+    assert config.model.dit_high_noise == str(tmp_path / "models" / "diffusion_models" / A14B_HIGH)
+    assert len(picked) == 6 and all((side == "high") == above for side, above in picked)
+    assert {side for side, _ in picked} == {"high", "low"}
+    node_lora = tmp_path / "models" / "loras" / name
+    assert read_metadata(node_lora)["ss_sd_model_name_high_noise"] == A14B_HIGH
+    assert {n: _weights_hash(d.model.obj) for n, d in (("low", low), ("high", high))} == hashes
+    files_run = node_train(replace(config, save=replace(config.save, output_dir=str(tmp_path / "cli"))))
+    expected = load_state_dict(files_run.output)
+    got = load_state_dict(node_lora)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    adapter.clear_cache()
+
+
+def test_train_node_refuses_expert_pairs_that_do_not_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tms.write_model_set(tmp_path)
+    tms.write_wan22_files(tmp_path)
+    monkeypatch.setenv(adapter.MODELS_DIR_ENV, str(tmp_path))
+    adapter.clear_cache()
+    loader = {"task": "auto", "dtype": "default", "fp8": "none", "attention": "sdpa", "blocks_to_swap": 0,
+              "compile": False}
+    low = N["WanTunerDiTLoader"]().load(A14B_LOW, **loader)[0]
+    ti2v = N["WanTunerDiTLoader"]().load("wan2.2_ti2v_5B_fp16.safetensors", **loader)[0]
+    i2v = N["WanTunerDiTLoader"]().load("wan2.2_i2v_high_noise_14B_fp16.safetensors", **loader)[0]
+    with pytest.raises(ValueError, match="is a TI2V-5B DiT, which has no high-noise expert"):
+        tr.check_pair(ti2v, low)
+    with pytest.raises(ValueError, match="DiTs of different shapes; connect the two experts of one Wan2.2 A14B"):
+        tr.check_pair(low, i2v)
+    with_lora = N["WanTunerLoRALoader"]().add(low, tms.LORA[1], 1.0, "", "")["result"][0]
+    with pytest.raises(ValueError, match="connect the high-noise DiT loader itself to the trainer"):
+        tr.check_pair(low, with_lora)
+    assert N["WanTunerTrainLoRA"].VALIDATE_INPUTS(boundary=1500.0) == (
+        "timestep boundary must be in [0, 1] or (1, 1000], got 1500.0")
+    assert N["WanTunerTrainLoRA"].VALIDATE_INPUTS(boundary=-1.0) is True
+    adapter.clear_cache()

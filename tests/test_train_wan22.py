@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from media_helpers import write_image
 
 from tests.cache_helpers import image_dataset, write_models
 from tests.model_set import write_model_set
 from tests.tiny import randomize_
 from tests.tiny_training import memory_source, tiny_dit_file, train_args
 from training.__main__ import main as training_main
+from training.cache.store import CachedDataset
 from training.experts import ExpertPair, expert_of
 from training.step import StepConfig, draw_sigmas, sample_seeds
 from training.timesteps import TimestepConfig
@@ -196,6 +198,26 @@ def test_a_pair_needs_an_a14b_task(experts, tmp_path: Path) -> None:
         train(args, source=memory_source(2))
 
 
+def test_given_experts_train_as_a_pair_only_both_and_without_offload(experts, tmp_path: Path) -> None:
+    """train(model=, high_noise_model=): the loaded pair trains exactly as the pair loaded from the files; a given
+    high-noise expert alone, a given low-noise expert with a high-noise file, or offloading given experts is
+    refused before training."""
+    files = train(_pair(experts, tmp_path / "files", "--max_train_steps", "3"), source=memory_source(4))
+    given = train(_pair(experts, tmp_path / "given", "--max_train_steps", "3"), source=memory_source(4),
+                  model=load_dit(experts["low"]), high_noise_model=load_dit(experts["high"]))
+    assert given.weights.keys() == files.weights.keys()
+    assert all(torch.equal(given.weights[k], files.weights[k]) for k in files.weights)
+    cases = [({"high_noise_model": load_dit(experts["high"])}, _pair(experts, tmp_path / "a"),
+              "a given high-noise expert needs the given low-noise expert"),
+             ({"model": load_dit(experts["low"])}, _pair(experts, tmp_path / "b"),
+              "a given DiT trains alone; --dit_high_noise needs both experts loaded from files, or both given"),
+             ({"model": load_dit(experts["low"]), "high_noise_model": load_dit(experts["high"])},
+              _pair(experts, tmp_path / "c", "--offload_inactive_dit"), "given experts stay where they were loaded")]
+    for given_models, args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            train(args, source=memory_source(4), **given_models)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # One expert alone
 # ----------------------------------------------------------------------------------------------------------------
@@ -317,6 +339,36 @@ def test_cache_latents_refuses_wan22_buckets_off_32_px_and_a_task_of_the_other_v
     assert training_main([*base, "--vae", str(models.vae), "--task", "ti2v-5B"]) == 2
     assert "task ti2v-5B needs the Wan2.2 VAE (wan2.2_vae) with 48" in capsys.readouterr().err
     assert training_main([*base, "--vae", str(models.vae)]) == 0  # 48x32 is fine for the Wan2.1 VAE (16 px)
+
+
+def _bucketed_dataset(root: Path) -> Path:
+    """Images of 48x32 (aspect 1.5) and 32x96 (aspect 1/3), bucketed around 64x64."""
+    config = image_dataset(root, {"x": "wide", "y": "tall"}, size=(48, 32), resolution=[64, 64], enable_bucket=True)
+    write_image(root / "images" / "y.png", size=(32, 96), index=5)
+    return config
+
+
+def _cached_latent_shapes(cache: Path) -> dict[str, tuple[int, ...]]:
+    return {entry.name[0]: tuple(next(iter(load_state_dict(entry).values())).shape)
+            for entry in cache.glob("*_wan.safetensors")}
+
+
+def test_cache_latents_buckets_in_the_vae_steps_and_the_reader_agrees(encoders, tmp_path: Path) -> None:
+    """Candidates around 64x64: in 16 px steps (Wan2.1) 32x128, 48x80, 64x64 and their transposes; in 32 px steps
+    (Wan2.2) only 32x128, 64x64 and 128x32. The nearest aspect ratio wins."""
+    models, vae22 = encoders
+    config = _bucketed_dataset(tmp_path / "22")
+    _cache(config, vae22, models.t5, "--task", "ti2v-5B")
+    # [C, F, H/16, W/16]: x 48x32 -> 64x64, y 32x96 -> 32x128 (multiples of 32)
+    assert _cached_latent_shapes(tmp_path / "22" / "cache") == {"x": (48, 1, 4, 4), "y": (48, 1, 8, 2)}
+    reader = CachedDataset(config, latent_channels=48)  # the trainer's reader finds the same buckets, up to date
+    assert sorted(item.bucket for item in reader.scan.items) == [(32, 128), (64, 64)]
+    config = _bucketed_dataset(tmp_path / "21")
+    _cache(config, models.vae, models.t5)
+    # [C, F, H/8, W/8]: x 48x32 -> 80x48, y 32x96 -> 32x128 (Wan2.1: 16 px steps, as before)
+    assert _cached_latent_shapes(tmp_path / "21" / "cache") == {"x": (16, 1, 6, 10), "y": (16, 1, 16, 4)}
+    assert sorted(item.bucket for item in CachedDataset(config, latent_channels=16).scan.items) == [
+        (32, 128), (80, 48)]
 
 
 def test_help_shows_the_recommended_expert_ranges(capsys: pytest.CaptureFixture) -> None:

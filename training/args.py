@@ -332,7 +332,7 @@ def _feature_problems(args: argparse.Namespace) -> list[str]:
 
 def _expert_problems(args: argparse.Namespace) -> list[str]:
     """Wan2.2 expert-pair flags: they need --dit_high_noise, and a pair trains one LoRA without block swap
-    offloading conflicts or previews."""
+    offloading conflicts."""
     if not args.dit_high_noise:
         given = [flag for flag, value in (("timestep_boundary", args.timestep_boundary is not None),
                                           ("offload_inactive_dit", args.offload_inactive_dit)) if value]
@@ -349,9 +349,6 @@ def _expert_problems(args: argparse.Namespace) -> list[str]:
     if is_full(args):
         problems.append("--dit_high_noise trains one LoRA across both experts; --network_module full is not "
                         "supported with it (train each expert alone)")
-    if args.sample_prompts:
-        problems.append("--sample_prompts is not supported with --dit_high_noise yet; sample the saved LoRA with "
-                        "python -m wan_core.generate --lora_weight X --lora_weight_high_noise X")
     return problems
 
 

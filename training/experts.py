@@ -71,6 +71,14 @@ class ExpertPair:
             self.switches += 1
         return self.model(name)
 
+    def place(self) -> None:
+        """With `offload`: the active expert's weights on the device and the other's in CPU memory again (after
+        something else, e.g. sampling previews, moved them)."""
+        if self.offload:
+            other = LOW if self.active == HIGH else HIGH
+            self.model(other).to("cpu")
+            self.model(self.active).to(self.device)
+
     def modules(self) -> tuple[WanModel, WanModel]:
         return self.low, self.high
 

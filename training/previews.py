@@ -11,6 +11,10 @@ Defaults follow musubi's sampling during training: 256x256, 1 frame, 20 steps, f
 (`--l`/`--g` per line) with the task's negative prompt unless `--n` is given. A prompt without `--d` gets a seed
 drawn once from the run's seed, so every sampling point renders it with the same noise. With several processes,
 prompt i is rendered by process i mod P.
+
+Wan2.2: a T2V/I2V-A14B expert pair samples through `wan_core.sampling.experts.ExpertSwitch` (the high-noise expert
+for timesteps >= the training's boundary, each expert with the shared LoRA patched in; the line's guidance scale for
+both experts); TI2V-5B renders text-to-video on the Wan2.2 VAE's 48-channel latents (sizes in multiples of 32 px).
 """
 
 from __future__ import annotations
@@ -28,15 +32,19 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
+from training.cache.latents import vae_config_of
+from training.experts import ExpertPair
 from wan_core.generate.jobs import Job, parse_prompt_line, read_prompt_lines
 from wan_core.loading.checkpoint import make_temp, new_file_mode
 from wan_core.media.io import frames_to_tensor, image_to_tensor, read_image, read_video, to_uint8, write_video
+from wan_core.media.layouts import latent_space_stride
 from wan_core.models.clip import load_clip_vision
-from wan_core.models.config import DEFAULT_NEGATIVE_PROMPT, get_task
+from wan_core.models.config import DEFAULT_NEGATIVE_PROMPT, PATCH_SIZE, DiTConfig, VAEConfig, get_task
 from wan_core.models.t5 import load_t5
 from wan_core.models.vae import load_vae
 from wan_core.runtime.fp8 import fp8_t5
 from wan_core.sampling import conditioning as cond
+from wan_core.sampling.experts import ExpertSwitch
 from wan_core.sampling.pipeline import SamplerSettings, decode_latents, denoise
 
 if TYPE_CHECKING:
@@ -88,24 +96,32 @@ class SamplePlan:
     device: torch.device
 
 
-def _round_size(job: Job) -> tuple[int, int, int]:
+def _round_size(job: Job, multiple: int) -> tuple[int, int, int]:
+    """The job's (H, W, frames): sides rounded down to `multiple` px (the VAE's stride x the DiT's 2x2 patch), frames
+    to 4n+1."""
     height = job.height or SAMPLE_DEFAULTS["height"]
     width = job.width or SAMPLE_DEFAULTS["width"]
     frames = job.frames or SAMPLE_DEFAULTS["frames"]
-    rounded = (max(16, height // 16 * 16), max(16, width // 16 * 16), (max(1, frames) - 1) // 4 * 4 + 1)
+    rounded = (max(multiple, height // multiple * multiple), max(multiple, width // multiple * multiple),
+               (max(1, frames) - 1) // 4 * 4 + 1)
     if rounded != (height, width, frames):
-        logger.warning("sample prompt %r: size %dx%d, %d frames rounded to %dx%d, %d frames (multiples of 16, 4n+1)",
-                       job.prompt[:40], width, height, frames, rounded[1], rounded[0], rounded[2])
+        logger.warning("sample prompt %r: size %dx%d, %d frames rounded to %dx%d, %d frames (multiples of %d, 4n+1)",
+                       job.prompt[:40], width, height, frames, rounded[1], rounded[0], rounded[2], multiple)
     return rounded
 
 
-def _conditioning(job: Job, task: str | None, in_dim: int, vae: cond.VAELike, clip: cond.CLIPLike | None,
+def _conditioning(job: Job, task: str | None, dit: DiTConfig, vae: cond.VAELike, clip: cond.CLIPLike | None,
                   size: tuple[int, int, int]) -> cond.Conditioning:
     height, width, frames = size
-    if in_dim == 16:
+    if dit.out_dim != 16:  # TI2V-5B on the Wan2.2 VAE's latents
+        if job.image_path or job.end_image_path or job.control_path:
+            raise ValueError(f"sample prompt {job.prompt[:40]!r}: previews of a {dit.out_dim}-channel (TI2V-5B) DiT "
+                             f"are text-to-video; remove --i/--ei/--cn from the line")
+        return cond.text_to_video(height, width, frames, spatial=latent_space_stride(dit.out_dim))
+    if dit.in_dim == 16:
         return cond.text_to_video(height, width, frames)
     image = image_to_tensor(read_image(job.image_path)) if job.image_path else None
-    if in_dim == 48:
+    if dit.in_dim == 48:
         if not job.control_path:
             raise ValueError(f"sample prompt {job.prompt[:40]!r}: a Fun-Control model needs a control video (--cn)")
         control = frames_to_tensor(read_video(job.control_path))
@@ -139,12 +155,22 @@ def _encode_texts(args: SampleSettings, texts: list[str], device: torch.device) 
     return embeds
 
 
-def prepare_samples(args: SampleSettings, task: str | None, in_dim: int, device: torch.device, seed: int, rank: int,
-                    world: int) -> SamplePlan:
-    """Encode the prompts and conditioning of this process's share of the prompt file."""
+def _check_vae(vae: VAEConfig, dit: DiTConfig) -> None:
+    if vae.z_dim != dit.out_dim:
+        raise ValueError(f"--vae has {vae.z_dim} latent channels but the DiT samples {dit.out_dim}-channel "
+                         f"latents; give the VAE it was trained with (wan_2.1_vae: 16, wan2.2_vae: 48) for "
+                         f"--sample_prompts")
+
+
+def prepare_samples(args: SampleSettings, task: str | None, dit: DiTConfig, device: torch.device, seed: int,
+                    rank: int, world: int) -> SamplePlan:
+    """Encode the prompts and conditioning of this process's share of the prompt file for a DiT of config `dit`
+    (one DiT or one expert of a Wan2.2 pair)."""
     jobs = read_sample_jobs(args.sample_prompts)
-    if in_dim == 36 and not args.clip:
+    in_dim = dit.in_dim
+    if in_dim == 36 and not args.clip and not (task and get_task(task).is_wan22):
         raise ValueError("--sample_prompts for an I2V model needs --clip (the CLIP vision model for the start images)")
+    _check_vae(vae_config_of(args.vae), dit)
     negative_default = get_task(task).negative_prompt if task else DEFAULT_NEGATIVE_PROMPT
     seeds = random.Random(seed).sample(range(2**31), len(jobs))
     mine = [(i, job) for i, job in enumerate(jobs) if i % world == rank]
@@ -152,15 +178,16 @@ def prepare_samples(args: SampleSettings, task: str | None, in_dim: int, device:
     embeds = _encode_texts(args, sorted({j.prompt for _, j in mine} | set(negatives)), device) if mine else {}
     vae_dtype = getattr(torch, args.vae_dtype) if args.vae_dtype else None
     vae = load_vae(args.vae, dtype=vae_dtype, device=device)
+    multiple = latent_space_stride(dit.out_dim) * PATCH_SIZE[1]
     clip = None
     if args.clip and any(job.image_path for _, job in mine):
         clip = load_clip_vision(args.clip, device=device)
     sample_jobs = []
     for (index, job), negative in zip(mine, negatives):
-        size = _round_size(job)
+        size = _round_size(job, multiple)
         guidance = job.guidance_scale if job.guidance_scale is not None else SAMPLE_DEFAULTS["guidance_scale"]
         sample_jobs.append(SampleJob(
-            index, job, _conditioning(job, task, in_dim, vae, clip, size), embeds[job.prompt],
+            index, job, _conditioning(job, task, dit, vae, clip, size), embeds[job.prompt],
             embeds[negative] if guidance != 1.0 else None, job.seed if job.seed is not None else seeds[index],
             job.steps or SAMPLE_DEFAULTS["steps"], guidance,
             job.flow_shift if job.flow_shift is not None else SAMPLE_DEFAULTS["flow_shift"]))
@@ -195,10 +222,19 @@ def _save(frames: torch.Tensor, path: Path) -> Path:
     return out
 
 
-def generate_samples(plan: SamplePlan, dit: WanModel, step: int, epoch: int | None,
+def _sampler_model(dit: WanModel | ExpertPair, guidance_scale: float) -> WanModel | ExpertSwitch:
+    """One DiT as it is; an expert pair as the `ExpertSwitch` of generation, at the training's boundary, with
+    `guidance_scale` for both experts and the pair's offloading (only the active expert on the device)."""
+    if not isinstance(dit, ExpertPair):
+        return dit
+    return ExpertSwitch(dit.high, dit.low, dit.boundary, guidance_scale, guidance_scale, dit.device, dit.offload)
+
+
+def generate_samples(plan: SamplePlan, dit: WanModel | ExpertPair, step: int, epoch: int | None,
                      autocast: Callable[[], AbstractContextManager[object]],
                      writer: SummaryWriter | None = None) -> list[Path]:
-    """Render every job of `plan` with the current weights; returns the written files."""
+    """Render every job of `plan` with the current weights (one DiT, or a Wan2.2 expert pair); returns the written
+    files. An offloading expert pair gets its active expert back on the device afterwards."""
     torch_state, py_state = torch.get_rng_state(), random.getstate()
     cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     suffix = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
@@ -210,7 +246,8 @@ def generate_samples(plan: SamplePlan, dit: WanModel, step: int, epoch: int | No
                                        flow_shift=job.flow_shift, seed=job.seed)
             negative = None if job.negative_context is None else [job.negative_context]
             with torch.no_grad(), autocast():
-                latents = denoise(dit, job.conditioning, [job.context], negative, settings)
+                latents = denoise(_sampler_model(dit, job.guidance_scale), job.conditioning, [job.context],
+                                  negative, settings)
             plan.vae.to(plan.device)
             frames = decode_latents(plan.vae, latents.float())[0]  # [T, H, W, 3]
             plan.vae.to("cpu")
@@ -220,6 +257,8 @@ def generate_samples(plan: SamplePlan, dit: WanModel, step: int, epoch: int | No
                 writer.add_images(f"sample/{job.index:02d}", _frames_for_log(frames), step, dataformats="NHWC")
             logger.info("sample %d at step %d: %s", job.index, step, paths[-1])
     finally:
+        if isinstance(dit, ExpertPair):
+            dit.place()
         torch.set_rng_state(torch_state)
         random.setstate(py_state)
         if cuda_state is not None:

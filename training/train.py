@@ -94,6 +94,7 @@ class Run:
     session_id: int = 0
     writer: SummaryWriter | None = None
     last_saved: Path | None = None  # the newest weights file this run wrote (main process)
+    high_noise_model: torch.nn.Module | None = None  # a given (borrowed) high-noise expert, see `train`
 
     @property
     def device(self) -> torch.device:
@@ -175,11 +176,12 @@ def _make_accelerator(cfg: TrainConfig) -> Accelerator:
         return Accelerator(**kwargs)
 
 
-def setup_run(cfg: TrainConfig, model: torch.nn.Module | None = None) -> Run:
+def setup_run(cfg: TrainConfig, model: torch.nn.Module | None = None,
+              high_noise_model: torch.nn.Module | None = None) -> Run:
     """Accelerator, seed, output folder, DiT header (or the given model's), task and the step configuration."""
     info = inspect_dit(cfg.model.dit) if model is None else given_dit_info(model, cfg.model.dit)
     task = resolve_task(cfg.model.task, info)
-    boundary = expert_boundary(cfg, task, model is not None)
+    boundary = expert_boundary(cfg, task, model is not None, high_noise_model is not None)
     accelerator = _make_accelerator(cfg)
     seed = cfg.schedule.seed if cfg.schedule.seed is not None else random.randint(0, 2**31 - 1)
     torch.manual_seed(seed)
@@ -195,10 +197,18 @@ def setup_run(cfg: TrainConfig, model: torch.nn.Module | None = None) -> Run:
                session_id=random.Random(seed).randint(0, 2**32 - 1))
 
 
-def expert_boundary(cfg: TrainConfig, task: str | None, given_model: bool) -> float | None:
+def expert_boundary(cfg: TrainConfig, task: str | None, given_model: bool, given_high: bool = False) -> float | None:
     """The expert boundary (0..1) of a Wan2.2 expert pair (--dit_high_noise), None for one DiT. An A14B expert
-    trained alone without a timestep range gets a warning: each expert is meant for its side of the boundary."""
+    trained alone without a timestep range gets a warning: each expert is meant for its side of the boundary.
+    Given (loaded) models: both experts or the low-noise one alone, with the high-noise expert's file named by
+    --dit_high_noise (its metadata) and without --offload_inactive_dit (a given model stays where it is)."""
     preset = get_task(task) if task else None
+    if given_high and not (given_model and cfg.model.dit_high_noise):
+        raise ValueError("a given high-noise expert needs the given low-noise expert (model) and its file name in "
+                         "--dit_high_noise (model.dit_high_noise)")
+    if given_high and cfg.memory.offload_inactive_dit:
+        raise ValueError("--offload_inactive_dit moves the experts between devices; given experts stay where they "
+                         "were loaded: leave it off")
     if not cfg.model.dit_high_noise:
         ts = cfg.timesteps
         if preset is not None and preset.boundary is not None and ts.min_timestep is None and ts.max_timestep is None:
@@ -207,8 +217,9 @@ def expert_boundary(cfg: TrainConfig, task: str | None, given_model: bool) -> fl
                            "--max_timestep %d (low-noise expert) or --min_timestep %d --max_timestep 1000 "
                            "(high-noise expert), or both experts with --dit_high_noise", task, edge, edge)
         return None
-    if given_model:
-        raise ValueError("a given DiT trains alone; --dit_high_noise needs both experts loaded from files")
+    if given_model and not given_high:
+        raise ValueError("a given DiT trains alone; --dit_high_noise needs both experts loaded from files, or both "
+                         "given (model and high_noise_model)")
     if preset is None or preset.boundary is None:
         raise ValueError(f"--dit_high_noise needs --task t2v-A14B or i2v-A14B (the task has the expert boundary), "
                          f"got {task or 'no task'}")
@@ -228,10 +239,13 @@ def load_high_expert(run: Run) -> torch.nn.Module:
     """The high-noise expert (--dit_high_noise), in CPU memory with --offload_inactive_dit (the low-noise expert
     starts active)."""
     cfg, path = run.cfg, run.cfg.model.dit_high_noise
-    info = inspect_dit(path)
+    given = run.high_noise_model
+    info = inspect_dit(path) if given is None else given_dit_info(given, path)
     if info.config != run.info.config:
         raise ValueError(f"--dit_high_noise {path} is {describe_dit(info.config)} of another size than --dit "
                          f"{cfg.model.dit} ({describe_dit(run.info.config)}); give two experts of one task")
+    if given is not None:
+        return given
     device = torch.device("cpu") if cfg.memory.offload_inactive_dit else run.device
     return load_training_dit(cfg.model, cfg.memory, info, device, cfg.network.full, path=path)
 
@@ -585,7 +599,7 @@ def sample_now(run: Run, trainable: Trainable, optim: Optim, extras: Extras, ste
         return
     optim.eval_mode()
     trainable.eval()
-    generate_samples(extras.samples, trainable.model, step, epoch, run.autocast, extras.writer)
+    generate_samples(extras.samples, trainable.denoiser, step, epoch, run.autocast, extras.writer)
     trainable.train()
     optim.train_mode()
     run.accelerator.wait_for_everyone()
@@ -678,12 +692,8 @@ def prepare_sampling(run: Run) -> SamplePlan | None:
     """Encode the sample prompts (T5, CLIP and VAE come and go before the DiT is loaded)."""
     if not run.cfg.monitor.sample_prompts:
         return None
-    wan22 = get_task(run.task).is_wan22 if run.task else run.info.config.out_dim != 16
-    if wan22:
-        raise ValueError(f"--sample_prompts does not support Wan2.2 models yet ({run.task or 'a 48-channel DiT'}); "
-                         f"sample the saved LoRA with python -m wan_core.generate")
-    return prepare_samples(sampling_settings(run.cfg), run.task, run.info.config.in_dim, run.device, run.seed,
-                           run.rank, run.world)
+    return prepare_samples(sampling_settings(run.cfg), run.task, run.info.config, run.device, run.seed, run.rank,
+                           run.world)
 
 
 def open_extras(run: Run, data: Data, progress: st.Progress, samples: SamplePlan | None,
@@ -716,15 +726,19 @@ class TrainResult:
 
 
 def train(config: TrainConfig, source: BatchSource | None = None, validation_source: BatchSource | None = None,
-          on_step: StepCallback | None = None, model: torch.nn.Module | None = None) -> TrainResult:
+          on_step: StepCallback | None = None, model: torch.nn.Module | None = None,
+          high_noise_model: torch.nn.Module | None = None) -> TrainResult:
     """Train as `config` says. `source`/`validation_source` replace the dataset caches and `on_step(step, total,
     loss)` is called after every optimizer step (in-process callers such as the ComfyUI nodes; tests).
 
     `model`: a loaded DiT to train a LoRA on instead of loading `config.model.dit` (whose file then only gives the
     metadata). It is used as it is (its dtype, fp8 and block swap; no copy of its weights) and handed back
     unchanged when this returns or raises: LoRA removed, requires_grad, train/eval modes, attention backend and
-    gradient checkpointing as they were."""
-    run = setup_run(config, model)
+    gradient checkpointing as they were.
+
+    `high_noise_model`: with `model`, the loaded high-noise expert of a Wan2.2 pair (`config.model.dit_high_noise`
+    names its file): one LoRA is trained across both (`training.experts`), each lent and handed back as `model` is."""
+    run = setup_run(config, model, high_noise_model)
     # the caches are checked before any model loads
     if source is None:
         source = open_source(run, config.data.dataset_config)
@@ -733,7 +747,10 @@ def train(config: TrainConfig, source: BatchSource | None = None, validation_sou
     samples = prepare_sampling(run)
     if model is None:
         return _train_loaded(run, samples, load_model(run), source, validation_source, on_step)
-    with borrowed_dit(model, config, run.device) as borrowed:
+    with contextlib.ExitStack() as stack:
+        borrowed = stack.enter_context(borrowed_dit(model, config, run.device))
+        if high_noise_model is not None:
+            run.high_noise_model = stack.enter_context(borrowed_dit(high_noise_model, config, run.device))
         return _train_loaded(run, samples, borrowed, source, validation_source, on_step)
 
 

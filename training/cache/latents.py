@@ -55,12 +55,12 @@ from training.cache.store import (
     vae_name,
 )
 from training.config_file import parse_args
-from training.dataset.items import DatasetItem, DatasetScan, ensure_not_empty, scan_dataset_group
+from training.dataset.items import DatasetItem, DatasetScan, bucket_step, ensure_not_empty, scan_dataset_group
 from training.dataset.schema import DatasetGroupConfig, load_dataset_config
 from wan_core.loading.checkpoint import peek_shapes, read_metadata
 from wan_core.media.io import MediaReadError, frames_to_tensor, read_image, read_video, resize_to_bucket
 from wan_core.models.clip import default_clip_dtype, load_clip_vision
-from wan_core.models.config import PATCH_SIZE, WAN21_VAE, VAEConfig, get_task, stored_config
+from wan_core.models.config import WAN21_VAE, VAEConfig, get_task, stored_config
 from wan_core.models.vae import detect_vae_config, load_vae, official_vae_state_dict
 from wan_core.sampling.conditioning import frame_mask
 
@@ -193,11 +193,12 @@ def _dropped_files(scan: DatasetScan) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _resolve_scan(dataset: str | os.PathLike[str] | DatasetGroupConfig | DatasetScan) -> DatasetScan:
+def _resolve_scan(dataset: str | os.PathLike[str] | DatasetGroupConfig | DatasetScan, step: int) -> DatasetScan:
+    """A given scan as it is (`check_vae_inputs` refuses buckets off the VAE's steps); else a scan in `step` px."""
     if isinstance(dataset, DatasetScan):
         return dataset
     group = dataset if isinstance(dataset, DatasetGroupConfig) else load_dataset_config(dataset)
-    return scan_dataset_group(group)
+    return scan_dataset_group(group, step)
 
 
 def _load_vae(vae: VAESource, dtype: torch.dtype, device: str, cache_cpu: bool) -> WanVAE:
@@ -246,15 +247,15 @@ def check_vae_inputs(scan: DatasetScan, vae: VAEConfig, i2v: bool) -> None:
         raise ValueError(f"--i2v/--clip cache Wan2.1-style image latents (4 mask + 16 channels), but "
                          f"{vae_name(vae.z_dim)} has {vae.z_dim} channels (TI2V-5B trains text-to-video here): "
                          f"cache without --i2v and --clip")
-    step = vae.space_stride * PATCH_SIZE[1]
+    step = bucket_step(vae.space_stride)
     bad = [item for item in scan.items if item.bucket[0] % step or item.bucket[1] % step]
     if bad:
         sizes = sorted({f"{item.bucket[0]}x{item.bucket[1]}" for item in bad})
         raise ValueError(f"{len(bad)} items resize to buckets that are not multiples of {step} px on each side "
                          f"(e.g. {bad[0].media_path} -> {sizes[0]}; all: {', '.join(sizes[:8])}): "
                          f"{vae_name(vae.z_dim)} (stride {vae.space_stride}) with the DiT's 2x2 patches needs "
-                         f"multiples of {step}; set the dataset's resolution to multiples of {step} with "
-                         f"enable_bucket = false")
+                         f"multiples of {step}; set the dataset's resolution to multiples of {step}, or "
+                         f"enable_bucket = true (buckets then follow the VAE)")
 
 
 def cache_latents(dataset: str | os.PathLike[str] | DatasetGroupConfig | DatasetScan, vae: VAESource, *,
@@ -273,9 +274,10 @@ def cache_latents(dataset: str | os.PathLike[str] | DatasetGroupConfig | Dataset
     i2v = i2v or clip is not None
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    scan = _resolve_scan(dataset)
+    vae_config = vae_config_of(vae)
+    scan = _resolve_scan(dataset, bucket_step(vae_config.space_stride))
     ensure_not_empty(scan)
-    check_vae_inputs(scan, vae_config_of(vae), i2v)
+    check_vae_inputs(scan, vae_config, i2v)
     entries = latent_entries(scan)
     settings = LatentSettings(vae=_identity(vae), dtype=dtype_name(dtype), i2v=i2v,
                               clip=None if clip is None else _identity(clip), clip_dtype=_clip_dtype(clip, device))
@@ -366,7 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     workers = args.num_workers if args.num_workers is not None else max(1, (os.cpu_count() or 2) - 1)
     try:
-        scan = scan_dataset_group(load_dataset_config(args.dataset_config))
+        vae_config = vae_config_of(args.vae)
+        scan = scan_dataset_group(load_dataset_config(args.dataset_config), bucket_step(vae_config.space_stride))
     except (ValueError, FileNotFoundError) as error:
         sys.stderr.write(f"error: {error}\n")
         return 2
@@ -376,8 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"error: {error}\n")
         return 1
     try:
-        i2v = args.i2v or (args.task is not None and _check_task(args.task, args.clip, scan,
-                                                                 vae_config_of(args.vae)))
+        i2v = args.i2v or (args.task is not None and _check_task(args.task, args.clip, scan, vae_config))
         if i2v and not args.clip:
             logger.warning("--i2v without --clip: the cache gets image latents but no CLIP features; Wan2.1 I2V "
                            "(i2v-14B, flf2v-14B, i2v-14B-FC) needs --clip, only Wan2.2-style I2V trains without it")

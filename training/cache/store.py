@@ -78,7 +78,14 @@ from tqdm import tqdm
 
 from training.config_file import add_config_file_argument
 from training.dataset.batches import DatasetBatching, TrainItem
-from training.dataset.items import DatasetItem, DatasetScan, ensure_not_empty, epoch_batches, scan_dataset_group
+from training.dataset.items import (
+    DatasetItem,
+    DatasetScan,
+    bucket_step,
+    ensure_not_empty,
+    epoch_batches,
+    scan_dataset_group,
+)
 from training.dataset.schema import DatasetConfig, DatasetGroupConfig, load_dataset_config
 from wan_core.loading.checkpoint import (
     CheckpointError,
@@ -90,7 +97,8 @@ from wan_core.loading.checkpoint import (
     write_text_atomic,
 )
 from wan_core.media.io import MediaReadError, list_images
-from wan_core.models.config import CONFIG_METADATA_KEY, T5Config, config_from_json
+from wan_core.media.layouts import latent_space_stride
+from wan_core.models.config import CONFIG_METADATA_KEY, WAN21_VAE, T5Config, config_from_json
 from wan_core.models.tokenizer import SPIECE_KEY, find_tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
@@ -812,11 +820,11 @@ class _Problem:
     reason: str
 
 
-def _load_scan(dataset: str | os.PathLike[str] | DatasetGroupConfig | DatasetScan) -> DatasetScan:
+def _load_scan(dataset: str | os.PathLike[str] | DatasetGroupConfig | DatasetScan, bucket_step: int) -> DatasetScan:
     if isinstance(dataset, DatasetScan):
         return dataset
     group = dataset if isinstance(dataset, DatasetGroupConfig) else load_dataset_config(dataset)
-    return scan_dataset_group(group)
+    return scan_dataset_group(group, bucket_step)
 
 
 def _fingerprint(model: str | os.PathLike[str] | None) -> str | None:
@@ -836,6 +844,7 @@ class CachedDataset:
     caption_dropout_rate: probability that a sample's T5 context is replaced by the empty caption's.
     vae / clip / t5 (+ tokenizer): checkpoint paths; when given, entries made with other weights are an error.
     latent_channels: the DiT's latent channels; cached latents of another VAE (16 vs 48) are an error (one line).
+    They also set the bucket step (that VAE's, as cache-latents uses it; the Wan2.1 VAE's when not given).
     Without them, every entry must still come from the same encoders. verify=False checks only that files exist.
     dtype: the dtype of the returned tensors.
 
@@ -855,7 +864,8 @@ class CachedDataset:
                  latent_channels: int | None = None) -> None:
         if not 0.0 <= caption_dropout_rate <= 1.0:
             raise ValueError(f"caption_dropout_rate must be in [0, 1], got {caption_dropout_rate}")
-        self.scan = _load_scan(dataset)
+        step = bucket_step(latent_space_stride(latent_channels or WAN21_VAE.z_dim))
+        self.scan = _load_scan(dataset, step)
         ensure_not_empty(self.scan)
         self.need_image, self.need_clip, self.need_control = need_image or need_clip, need_clip, need_control
         self.caption_dropout_rate, self.seed, self.dtype = caption_dropout_rate, seed, dtype

@@ -7,8 +7,10 @@ The rules follow musubi-tuner:
   so the kept frames match musubi exactly (for 30 fps: 0, 2, 4, ..., 14, 16, 17, 19, ...).
 - Frame windows (`extract_frame_windows`): head, chunk, slide, uniform, full, on the (resampled) frame sequence.
   A target longer than the video yields no window; here that is reported as a `too_short` drop.
-- Buckets (`select_bucket`): 16-px steps, candidates from sqrt(area)/2 to sqrt(area) per side in both
-  orientations, nearest aspect ratio, `bucket_no_upscale` keeps small images at their size rounded down to 16.
+- Buckets (`select_bucket`): steps of the VAE's stride x the DiT's 2x2 patch (`bucket_step`: 16 px for the Wan2.1
+  VAE, musubi's, 32 px for the Wan2.2 VAE), candidates from sqrt(area)/2 to sqrt(area) per side in both
+  orientations, nearest aspect ratio, `bucket_no_upscale` keeps small images at their size rounded down to the
+  step.
   musubi's video caching always buckets (it ignores `enable_bucket`/`bucket_no_upscale`); here images and videos
   both follow the dataset's settings.
 - Batches group items by identical (W, H, frames) within a dataset; each item appears `num_repeats` times.
@@ -49,6 +51,7 @@ from wan_core.media.io import (
     list_images,
     list_videos,
 )
+from wan_core.models.config import PATCH_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +145,7 @@ class DatasetScan:
     config: DatasetGroupConfig
     files: tuple[FileReport, ...]
     items: tuple[DatasetItem, ...]
+    bucket_step: int = BUCKET_STEP  # px; bucket sides are multiples of it (datasets with enable_bucket)
 
     def files_of(self, dataset_index: int) -> tuple[FileReport, ...]:
         return tuple(f for f in self.files if f.dataset_index == dataset_index)
@@ -227,6 +231,12 @@ def extract_frame_windows(frame_count: int, target_frames: Sequence[int], mode: 
         else:
             raise ValueError(f"frame_extraction must be one of head, chunk, slide, uniform, full; got {mode!r}")
     return _dedupe(windows)
+
+
+def bucket_step(vae_space_stride: int) -> int:
+    """The bucket step in px for a VAE of `vae_space_stride` px per latent cell: the DiT's 2x2 latent patches
+    must tile the image (16 for the Wan2.1 VAE, 32 for the Wan2.2 VAE)."""
+    return vae_space_stride * PATCH_SIZE[1]
 
 
 @functools.lru_cache(maxsize=64)
@@ -413,10 +423,11 @@ def _control_indices(start: int, count: int, control_kept: list[int] | None) -> 
     return tuple(control_kept[min(p, last)] for p in range(start, start + count))
 
 
-def _bucket_or_drop(size: tuple[int, int], cfg: DatasetConfig) -> tuple[tuple[int, int] | None, Drop | None]:
+def _bucket_or_drop(size: tuple[int, int], cfg: DatasetConfig,
+                    step: int) -> tuple[tuple[int, int] | None, Drop | None]:
     try:
         return select_bucket(size, cfg.resolution, enable_bucket=cfg.enable_bucket,
-                             no_upscale=cfg.bucket_no_upscale), None
+                             no_upscale=cfg.bucket_no_upscale, step=step), None
     except ValueError as error:
         return None, Drop(DropReason.TOO_SMALL, str(error))
 
@@ -427,7 +438,7 @@ def _media_drop(error: Exception, control: bool = False) -> Drop:
     return Drop(DropReason.UNREADABLE_CONTROL if control else DropReason.UNREADABLE, str(error))
 
 
-def _scan_video(cfg: VideoDatasetConfig, source: _Source) -> FileReport:
+def _scan_video(cfg: VideoDatasetConfig, source: _Source, step: int) -> FileReport:
     report = FileReport(cfg.index, source.media_path, source.caption, source.control_path)
     if source.drop is not None:
         return replace(report, drops=(source.drop,))
@@ -436,7 +447,7 @@ def _scan_video(cfg: VideoDatasetConfig, source: _Source) -> FileReport:
     except (FileNotFoundError, MediaReadError) as error:
         return replace(report, drops=(_media_drop(error),))
     kept = _resample(info.frame_count, cfg)
-    bucket, drop = _bucket_or_drop((info.width, info.height), cfg)
+    bucket, drop = _bucket_or_drop((info.width, info.height), cfg, step)
     report = replace(report, decoded_frames=info.frame_count, fps=info.fps, resampled_frames=len(kept),
                       size=(info.width, info.height), bucket=bucket)
     if drop is not None:
@@ -458,7 +469,7 @@ def _scan_video(cfg: VideoDatasetConfig, source: _Source) -> FileReport:
     return replace(report, windows=frame_windows, drops=tuple(_too_short_drops(len(kept), info.frame_count, cfg)))
 
 
-def _scan_image(cfg: ImageDatasetConfig, source: _Source) -> FileReport:
+def _scan_image(cfg: ImageDatasetConfig, source: _Source, step: int) -> FileReport:
     report = FileReport(cfg.index, source.media_path, source.caption, source.control_path)
     if source.drop is not None:
         return replace(report, drops=(source.drop,))
@@ -466,7 +477,7 @@ def _scan_image(cfg: ImageDatasetConfig, source: _Source) -> FileReport:
         size = image_size(source.media_path)
     except (FileNotFoundError, MediaReadError) as error:
         return replace(report, drops=(_media_drop(error),))
-    bucket, drop = _bucket_or_drop(size, cfg)
+    bucket, drop = _bucket_or_drop(size, cfg, step)
     report = replace(report, decoded_frames=1, resampled_frames=1, size=size, bucket=bucket)
     if drop is not None:
         return replace(report, drops=(drop,))
@@ -492,12 +503,13 @@ def _items(report: FileReport, is_video: bool) -> list[DatasetItem]:
     ]
 
 
-def scan_dataset(cfg: DatasetConfig) -> list[FileReport]:
-    """Scan one dataset: list its files, read captions, decode every video and pick buckets and windows."""
+def scan_dataset(cfg: DatasetConfig, bucket_step: int = BUCKET_STEP) -> list[FileReport]:
+    """Scan one dataset: list its files, read captions, decode every video and pick buckets (`bucket_step` px
+    steps) and windows."""
     sources = _list_sources(cfg)
     logger.info("%s: scanning %d %s files", cfg.label, len(sources), "video" if cfg.is_video else "image")
     scan = _scan_video if cfg.is_video else _scan_image
-    reports = [scan(cfg, source) for source in sources]
+    reports = [scan(cfg, source, bucket_step) for source in sources]
     for report in reports:
         for drop in report.drops:
             logger.warning("%s: %s: %s (%s)", cfg.label, report.media_path, drop.reason.value, drop.detail)
@@ -506,13 +518,14 @@ def scan_dataset(cfg: DatasetConfig) -> list[FileReport]:
     return reports
 
 
-def scan_dataset_group(group: DatasetGroupConfig) -> DatasetScan:
-    """Check the group, then scan every dataset. Per-file problems become drops; config problems raise."""
+def scan_dataset_group(group: DatasetGroupConfig, bucket_step: int = BUCKET_STEP) -> DatasetScan:
+    """Check the group, then scan every dataset, bucketing in `bucket_step` px steps (see `bucket_step()`; the
+    default is the Wan2.1 VAE's). Per-file problems become drops; config problems raise."""
     check_dataset_group(group)
-    files = tuple(report for cfg in group.datasets for report in scan_dataset(cfg))
+    files = tuple(report for cfg in group.datasets for report in scan_dataset(cfg, bucket_step))
     is_video = {cfg.index: cfg.is_video for cfg in group.datasets}
     items = tuple(item for report in files for item in _items(report, is_video[report.dataset_index]))
-    return DatasetScan(config=group, files=files, items=items)
+    return DatasetScan(config=group, files=files, items=items, bucket_step=bucket_step)
 
 
 def ensure_not_empty(scan: DatasetScan) -> None:
