@@ -155,11 +155,17 @@ class Optim:
 def _make_accelerator(cfg: TrainConfig) -> Accelerator:
     """accelerate's Accelerator: CUDA when available, else the CPU (several CPU processes use gloo); its fp16
     gradient scaler (GPU only) scales the loss in `backward`. A second run in the same process with another mixed
-    precision resets accelerate's shared state (not the process group)."""
+    precision resets accelerate's shared state (not the process group); one after a multi-process run starts a new
+    process group."""
     # accelerate is imported when a run starts: it takes ~0.1 s and pulls in much of torch.distributed
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import InitProcessGroupKwargs
+
+    if PartialState._shared_state.get("num_processes", 1) > 1 and not torch.distributed.is_initialized():
+        # an earlier multi-process run in this process ended: `end_training` destroyed its process group, which
+        # accelerate's kept state would not create again
+        AcceleratorState._reset_state(reset_partial_state=True)
 
     timeout = cfg.memory.ddp_timeout
     handlers = [InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=timeout))] if timeout else []
