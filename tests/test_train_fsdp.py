@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -100,13 +101,18 @@ def test_an_fsdp_config_with_one_process_is_refused_before_loading(tmp_path: Pat
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize(("flags", "option"), [(("--blocks_to_swap", "1"), "--blocks_to_swap"),
-                                               (("--fp8_base",), "--fp8_base"),
-                                               (("--validation_split", "0.25"), "validation")])
-def test_settings_a_sharded_run_cannot_do_are_named(flags: tuple[str, ...], option: str) -> None:
-    with pytest.raises(ValueError, match=option):
-        sharding.check_sharded_run(2, fp8="--fp8_base" in flags, blocks_to_swap=1 if "--blocks_to_swap" in flags
-                                   else None, given_model=False, previews=False, validation="validation" in option)
+NO_PROBLEM = {"fp8": False, "blocks_to_swap": None, "given_model": False, "previews": False, "validation": False}
+
+
+@pytest.mark.parametrize(("setting", "named"), [({"fp8": True}, "--fp8_base"),
+                                                ({"blocks_to_swap": 1}, "--blocks_to_swap"),
+                                                ({"given_model": True}, "a DiT loaded by the caller"),
+                                                ({"previews": True}, "--sample_prompts"),
+                                                ({"validation": True}, "--validation_split")])
+def test_settings_a_sharded_run_cannot_do_are_named(setting: dict, named: str) -> None:
+    sharding.check_sharded_run(2, **NO_PROBLEM)
+    with pytest.raises(ValueError, match=re.escape(named)):
+        sharding.check_sharded_run(2, **{**NO_PROBLEM, **setting})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -129,12 +135,13 @@ def _worker(rank: int, port: int, env: dict[str, str], dit: str, out: str) -> No
                       WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD), **env)
     torch.set_num_threads(1)
     root, dit_path = Path(out), Path(dit)
-    lora = train(train_args(dit_path, root / "lora", *FLAGS), source=memory_source(8))
+    flags = (*FLAGS, "--ddp_timeout", "3")  # minutes: a stuck collective fails the test instead of hanging it
+    lora = train(train_args(dit_path, root / "lora", *flags), source=memory_source(8))
     _keep(lora, root / f"lora_rank{rank}.safetensors")
     state_flags = ("--save_state", "--save_every_n_steps", str(RESUME_AT))
-    full = train(train_args(dit_path, root / "full", *FLAGS, *FULL, *state_flags), source=memory_source(8))
+    full = train(train_args(dit_path, root / "full", *flags, *FULL, *state_flags), source=memory_source(8))
     _keep(full, root / f"full_rank{rank}.safetensors")
-    resumed = train(train_args(dit_path, root / "resumed", *FLAGS, *FULL, *state_flags, "--resume",
+    resumed = train(train_args(dit_path, root / "resumed", *flags, *FULL, *state_flags, "--resume",
                                str(root / "full" / f"dit-step{RESUME_AT:08d}-state")), source=memory_source(8))
     assert [step for step, _ in resumed.losses] == list(range(RESUME_AT + 1, 5))
 

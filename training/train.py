@@ -155,17 +155,12 @@ class Optim:
 def _make_accelerator(cfg: TrainConfig) -> Accelerator:
     """accelerate's Accelerator: CUDA when available, else the CPU (several CPU processes use gloo); its fp16
     gradient scaler (GPU only) scales the loss in `backward`. A second run in the same process with another mixed
-    precision resets accelerate's shared state (not the process group); one after a multi-process run starts a new
-    process group."""
+    precision resets accelerate's shared state (not the process group). The process group lives as long as the
+    process (`main` ends it): later runs in the same process reuse it."""
     # accelerate is imported when a run starts: it takes ~0.1 s and pulls in much of torch.distributed
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.state import AcceleratorState
     from accelerate.utils import InitProcessGroupKwargs
-
-    if PartialState._shared_state.get("num_processes", 1) > 1 and not torch.distributed.is_initialized():
-        # an earlier multi-process run in this process ended: `end_training` destroyed its process group, which
-        # accelerate's kept state would not create again
-        AcceleratorState._reset_state(reset_partial_state=True)
 
     timeout = cfg.memory.ddp_timeout
     handlers = [InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=timeout))] if timeout else []
@@ -180,25 +175,23 @@ def _make_accelerator(cfg: TrainConfig) -> Accelerator:
         return Accelerator(**kwargs)
 
 
-def _check_sharding(cfg: TrainConfig, world: int, given_model: bool) -> sharding.ShardingConfig | None:
-    """The FSDP request of the accelerate config, checked against this run (before anything is loaded)."""
-    plan = sharding.sharding_from_env()
-    if plan is not None:
-        monitor = cfg.monitor
-        sharding.check_sharded_run(world, fp8=bool(cfg.memory.fp8_base), blocks_to_swap=cfg.memory.blocks_to_swap,
-                                   given_model=given_model, previews=bool(monitor.sample_prompts),
-                                   validation=bool(monitor.validation_split is not None
-                                                   or monitor.validation_dataset_config))
-    return plan
+def _check_sharding(cfg: TrainConfig, world: int, given_model: bool) -> None:
+    """A sharded run's settings, checked before anything is loaded."""
+    monitor = cfg.monitor
+    sharding.check_sharded_run(world, fp8=bool(cfg.memory.fp8_base), blocks_to_swap=cfg.memory.blocks_to_swap,
+                               given_model=given_model, previews=bool(monitor.sample_prompts),
+                               validation=monitor.validation_split is not None
+                               or bool(monitor.validation_dataset_config))
 
 
 def setup_run(cfg: TrainConfig, model: torch.nn.Module | None = None) -> Run:
     """Accelerator, seed, output folder, DiT header (or the given model's), task and the step configuration."""
-    sharding.sharding_from_env()  # an unsupported accelerate config fails before the Accelerator starts
+    plan = sharding.sharding_from_env()  # an unsupported accelerate config fails before the Accelerator starts
     info = inspect_dit(cfg.model.dit) if model is None else given_dit_info(model, cfg.model.dit)
     task = resolve_task(cfg.model.task, info)
     accelerator = _make_accelerator(cfg)
-    plan = _check_sharding(cfg, accelerator.num_processes, model is not None)
+    if plan is not None:
+        _check_sharding(cfg, accelerator.num_processes, model is not None)
     seed = cfg.schedule.seed if cfg.schedule.seed is not None else random.randint(0, 2**31 - 1)
     torch.manual_seed(seed)
     step_cfg = StepConfig(cfg.timesteps, InputSpec.for_model(info.config, task), cfg.data.caption_dropout_rate,
@@ -778,8 +771,13 @@ def _train_steps(run: Run, samples: SamplePlan | None, trainable: Trainable, sou
         if extras.writer is not None:
             extras.writer.close()
     weights = trainable.full_state_dict(everywhere=True)
-    run.accelerator.end_training()
     return TrainResult(output, progress, extras.losses, extras.validation, weights)
+
+
+def _end_process_group() -> None:
+    """Destroy the process group of a multi-process run (`accelerate launch`) before the process exits."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -793,6 +791,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         sys.stderr.write(f"error: {error}\n")
         return 1
+    finally:
+        _end_process_group()
     if result.output is not None:
         sys.stdout.write(f"{result.output}\n")
     return 0
