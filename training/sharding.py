@@ -101,8 +101,8 @@ def check_sharded_run(world: int, *, fp8: bool, blocks_to_swap: int | None, give
                       validation: bool) -> None:
     """Refuse, before the DiT is loaded, what a sharded run cannot do; one line naming the setting."""
     if world < 2:
-        raise ValueError(f"an FSDP config needs 2 or more processes (num_processes), got {world}: without sharding "
-                         f"partners train without the FSDP config")
+        raise ValueError(f"an FSDP config needs 2 or more processes (num_processes), got {world}; to train in one "
+                         f"process, launch without the FSDP config")
     problems = {"--fp8_base": fp8, "--blocks_to_swap": blocks_to_swap is not None,
                 "a DiT loaded by the caller": given_model, "--sample_prompts": previews,
                 "validation (--validation_split / --validation_dataset_config)": validation}
