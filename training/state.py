@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -117,6 +118,7 @@ class TrainingObjects:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None = None
+    optimizer_state: dict | None = None  # written instead of optimizer.state_dict() (gathered from FSDP shards)
 
 
 def save_state(path: Path, objects: TrainingObjects, progress: Progress, run_info: dict[str, object]) -> Path:
@@ -126,7 +128,8 @@ def save_state(path: Path, objects: TrainingObjects, progress: Progress, run_inf
     tmp = make_temp(path, directory=True)
     try:
         save_safetensors(objects.weights, tmp / STATE_WEIGHTS)
-        payload = {"version": STATE_VERSION, "optimizer": objects.optimizer.state_dict(),
+        optimizer = objects.optimizer.state_dict() if objects.optimizer_state is None else objects.optimizer_state
+        payload = {"version": STATE_VERSION, "optimizer": optimizer,
                    "scheduler": objects.scheduler.state_dict(),
                    "scaler": None if objects.scaler is None else objects.scaler.state_dict(),
                    "rng": _rng_state(), "progress": asdict(progress), "run": run_info}
@@ -158,9 +161,11 @@ def read_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return weights, payload
 
 
-def restore_state(payload: dict, objects: TrainingObjects) -> Progress:
-    """Load optimizer/scheduler/scaler/RNG states into `objects` (weights are loaded by the caller)."""
-    objects.optimizer.load_state_dict(payload["optimizer"])
+def restore_state(payload: dict, objects: TrainingObjects,
+                  load_optimizer: Callable[[dict], None] | None = None) -> Progress:
+    """Load optimizer/scheduler/scaler/RNG states into `objects` (weights are loaded by the caller);
+    `load_optimizer(state)` replaces `objects.optimizer.load_state_dict` (FSDP shards)."""
+    (load_optimizer or objects.optimizer.load_state_dict)(payload["optimizer"])
     objects.scheduler.load_state_dict(payload["scheduler"])
     if objects.scaler is not None and payload["scaler"] is not None:
         objects.scaler.load_state_dict(payload["scaler"])

@@ -1,8 +1,9 @@
 """`python -m training train`: LoRA (or full) flow-matching training of a Wan2.1 DiT from cached latents and T5
 outputs. Runs plainly or under `accelerate launch` (DDP: gradients are averaged after each accumulation, every
-process holds identical weights). `train(config)` takes a `training.train_config.TrainConfig`; the command line
-(`training.args`) parses into one. A caller holding a loaded DiT (the ComfyUI Train LoRA node) passes it as
-`model=` and it is trained in place of a loaded copy, then handed back as it was.
+process holds identical weights; with an accelerate FSDP config the DiT is sharded, `training.sharding`).
+`train(config)` takes a `training.train_config.TrainConfig`; the command line (`training.args`) parses into one. A
+caller holding a loaded DiT (the ComfyUI Train LoRA node) passes it as `model=` and it is trained in place of a
+loaded copy, then handed back as it was.
 
 The recipe (`train`) reads as its steps: setup_run, load_model, apply_lora, build_dataloader, build_optimizer,
 resume, then per optimizer step `run_step` (micro-batches through the pure `training.step.training_step`,
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
+from training import sharding
 from training import state as st
 from training.args import config_from_args, parse_train_args
 from training.cache.store import open_training_source, vae_name
@@ -95,6 +97,7 @@ class Run:
     writer: SummaryWriter | None = None
     last_saved: Path | None = None  # the newest weights file this run wrote (main process)
     high_noise_model: torch.nn.Module | None = None  # a given (borrowed) high-noise expert, see `train`
+    sharding: sharding.ShardingConfig | None = None  # FSDP (an accelerate config with distributed_type: FSDP)
 
     @property
     def device(self) -> torch.device:
@@ -157,7 +160,8 @@ class Optim:
 def _make_accelerator(cfg: TrainConfig) -> Accelerator:
     """accelerate's Accelerator: CUDA when available, else the CPU (several CPU processes use gloo); its fp16
     gradient scaler (GPU only) scales the loss in `backward`. A second run in the same process with another mixed
-    precision resets accelerate's shared state (not the process group)."""
+    precision resets accelerate's shared state (not the process group). The process group lives as long as the
+    process (`main` ends it): later runs in the same process reuse it."""
     # accelerate is imported when a run starts: it takes ~0.1 s and pulls in much of torch.distributed
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -176,13 +180,28 @@ def _make_accelerator(cfg: TrainConfig) -> Accelerator:
         return Accelerator(**kwargs)
 
 
+def _check_sharding(cfg: TrainConfig, world: int, given_model: bool) -> None:
+    """A sharded run's settings, checked before anything is loaded."""
+    monitor = cfg.monitor
+    if cfg.model.dit_high_noise:
+        raise ValueError("FSDP sharding does not train a Wan2.2 expert pair (--dit_high_noise); train each expert "
+                         "alone with its timestep range (--min_timestep / --max_timestep)")
+    sharding.check_sharded_run(world, fp8=bool(cfg.memory.fp8_base), blocks_to_swap=cfg.memory.blocks_to_swap,
+                               given_model=given_model, previews=bool(monitor.sample_prompts),
+                               validation=monitor.validation_split is not None
+                               or bool(monitor.validation_dataset_config))
+
+
 def setup_run(cfg: TrainConfig, model: torch.nn.Module | None = None,
               high_noise_model: torch.nn.Module | None = None) -> Run:
     """Accelerator, seed, output folder, DiT header (or the given model's), task and the step configuration."""
+    plan = sharding.sharding_from_env()  # an unsupported accelerate config fails before the Accelerator starts
     info = inspect_dit(cfg.model.dit) if model is None else given_dit_info(model, cfg.model.dit)
     task = resolve_task(cfg.model.task, info)
     boundary = expert_boundary(cfg, task, model is not None, high_noise_model is not None)
     accelerator = _make_accelerator(cfg)
+    if plan is not None:
+        _check_sharding(cfg, accelerator.num_processes, model is not None)
     seed = cfg.schedule.seed if cfg.schedule.seed is not None else random.randint(0, 2**31 - 1)
     torch.manual_seed(seed)
     step_cfg = StepConfig(cfg.timesteps, InputSpec.for_model(info.config, task), cfg.data.caption_dropout_rate,
@@ -194,7 +213,7 @@ def setup_run(cfg: TrainConfig, model: torch.nn.Module | None = None,
     logger.info("task %s, %s inputs, seed %d, %d process(es) on %s", task or "(from the DiT)", step_cfg.inputs.kind,
                 seed, accelerator.num_processes, accelerator.device)
     return Run(cfg, accelerator, seed, name, output_dir, info, task, step_cfg,
-               session_id=random.Random(seed).randint(0, 2**32 - 1))
+               session_id=random.Random(seed).randint(0, 2**32 - 1), sharding=plan)
 
 
 def expert_boundary(cfg: TrainConfig, task: str | None, given_model: bool, given_high: bool = False) -> float | None:
@@ -258,6 +277,13 @@ def apply_lora(run: Run, model: torch.nn.Module) -> Trainable:
         trainable.attach_experts(experts)
     trainable.train()
     return trainable
+
+
+def shard(run: Run, trainable: Trainable) -> None:
+    """FSDP2 over the processes when the accelerate config asks for it (after the LoRA is attached, before the
+    optimizer is built over the parameters): the DiT is sharded, a LoRA network stays whole."""
+    if run.sharding is not None:
+        sharding.shard_dit(trainable.model, run.sharding, run.device)
 
 
 def open_source(run: Run, path: str) -> BatchSource:
@@ -338,7 +364,12 @@ def resume(run: Run, trainable: Trainable, optim: Optim) -> st.Progress:
         return st.Progress()
     weights, payload = st.read_state(folder)
     trainable.load_state_dict(weights)
-    progress = st.restore_state(payload, st.TrainingObjects({}, optim.optimizer, optim.scheduler, optim.scaler))
+    load = None
+    if trainable.sharded:
+        def load(state: dict) -> None:
+            sharding.load_optimizer_state(trainable.module, _torch_optimizer(optim), state)
+    progress = st.restore_state(payload, st.TrainingObjects({}, optim.optimizer, optim.scheduler, optim.scaler),
+                                load)
     st.check_resumed_run(payload.get("run", {}), fingerprint(run.cfg))
     logger.info("resumed from %s at step %d (epoch %d, %d micro-batches into it)", folder,
                 progress.global_step, progress.epoch + 1, progress.micro_in_epoch)
@@ -354,11 +385,13 @@ SYNC_BUCKET_BYTES = 256 << 20
 
 def sync_gradients(run: Run, params: Sequence[torch.nn.Parameter]) -> None:
     """Average the gradients over processes (all-reduce of flat buckets of up to 256 MiB); no-op in one process.
-    A missing gradient counts as zeros, so every process reduces the same buckets.
+    A missing gradient counts as zeros, so every process reduces the same buckets. FSDP shards are left alone:
+    their gradients were averaged by FSDP's reduce-scatter in the backward pass.
 
     Not DDP through `accelerator.prepare(model)`: DDP reduces the parameters of the module whose forward it runs
     and broadcasts that module's whole state at wrapping, but the LoRA parameters live outside the DiT's module
     tree (the DiT runs with patched Linear forwards) and a block-swapped DiT holds its weights on two devices."""
+    params = [p for p in params if not sharding.is_sharded(p)]
     if run.world == 1:
         return
     bucket: list[torch.nn.Parameter] = []
@@ -463,10 +496,10 @@ def check_weights(run: Run, trainable: Trainable, params: Sequence[torch.nn.Para
     """Stop when an optimizer step left NaN/inf in the trained weights. One fused reduction (the total 2-norm of
     the trained tensors, a NaN/inf when any value is); the exact per-tensor check runs only when it is not finite
     (a norm can also overflow for huge finite weights)."""
-    total = torch.nn.utils.get_total_norm([p.detach() for p in params], foreach=True)
+    total = sharding.total_norm([p.detach() for p in params])
     if bool(torch.isfinite(total)):
         return
-    bad = [name for name, tensor in trainable.state_dict().items() if non_finite_count(tensor)]
+    bad = [name for name, tensor in trainable.full_state_dict(everywhere=True).items() if non_finite_count(tensor)]
     if bad:
         raise NonFiniteTrainingError(
             f"training stopped at step {progress.global_step + 1} (epoch {progress.epoch + 1}): the optimizer step "
@@ -540,18 +573,40 @@ def training_metadata(run: Run, data: Data, optim: Optim, trainable: Trainable,
     return {**minimal, **{k: str(v) for k, v in values.items()}, **spec}
 
 
-def save_weights(run: Run, trainable: Trainable, meta: dict[str, str], file_name: str) -> Path:
+def _torch_optimizer(optim: Optim) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's wrapper."""
+    return getattr(optim.optimizer, "optimizer", optim.optimizer)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a save writes: the full trained weights and, for a sharded optimizer, its gathered state (on the main
+    process; gathering is a collective that every process joins)."""
+
+    weights: dict[str, torch.Tensor]
+    optimizer: dict | None = None
+
+
+def snapshot(trainable: Trainable, optim: Optim, with_optimizer: bool) -> Snapshot:
+    if not trainable.sharded:
+        return Snapshot(trainable.state_dict())
+    optimizer = sharding.gather_optimizer_state(trainable.module, _torch_optimizer(optim)) if with_optimizer else None
+    return Snapshot(trainable.full_state_dict(), optimizer)
+
+
+def save_weights(run: Run, trainable: Trainable, meta: dict[str, str], file_name: str, snap: Snapshot) -> Path:
     """Write the trained weights; NaN/inf weights are refused (NonFiniteError) and nothing is written."""
     dtype = SAVE_DTYPES[run.cfg.save.save_precision or "fp32"]
-    require_finite(trainable.state_dict(), f"{run.output_dir / file_name} (not written)")
-    path = trainable.save(run.output_dir / file_name, run.cfg.save.save_format, meta, dtype, run.info.metadata)
+    require_finite(snap.weights, f"{run.output_dir / file_name} (not written)")
+    path = trainable.save(run.output_dir / file_name, run.cfg.save.save_format, meta, dtype, run.info.metadata,
+                          snap.weights)
     run.last_saved = path
     logger.info("saved %s", path)
     return path
 
 
-def save_training_state(run: Run, trainable: Trainable, optim: Optim, progress: st.Progress, folder: str) -> None:
-    objects = st.TrainingObjects(trainable.state_dict(), optim.optimizer, optim.scheduler, optim.scaler)
+def save_training_state(run: Run, optim: Optim, progress: st.Progress, folder: str, snap: Snapshot) -> None:
+    objects = st.TrainingObjects(snap.weights, optim.optimizer, optim.scheduler, optim.scaler, snap.optimizer)
     st.save_state(run.output_dir / folder, objects, progress, fingerprint(run.cfg))
 
 
@@ -575,18 +630,19 @@ def checkpoint(run: Run, trainable: Trainable, optim: Optim, data: Data, progres
     """Save `{name}-stepN` / `{name}-N` (+ state) on the main process, applying --save_last_n_* retention."""
     save = run.cfg.save
     optim.eval_mode()
+    snap = snapshot(trainable, optim, save.save_state)
     if run.is_main:
         meta = training_metadata(run, data, optim, trainable, progress)
         every, keep, keep_state = (getattr(save, f"save_every_n_{unit}s"), getattr(save, f"save_last_n_{unit}s"),
                                    getattr(save, f"save_last_n_{unit}s_state"))
         file_of, state_of, remove = ((st.step_file, st.step_state, st.step_to_remove) if unit == "step"
                                      else (st.epoch_file, st.epoch_state, st.epoch_to_remove))
-        save_weights(run, trainable, meta, file_of(run.name, number))
+        save_weights(run, trainable, meta, file_of(run.name, number), snap)
         old = remove(number, every, keep)
         if old is not None:
             st.remove_path(run.output_dir / file_of(run.name, old))
         if save.save_state:
-            save_training_state(run, trainable, optim, progress, state_of(run.name, number))
+            save_training_state(run, optim, progress, state_of(run.name, number), snap)
             old = remove(number, every, keep_state if keep_state is not None else keep)
             if old is not None:
                 st.remove_path(run.output_dir / state_of(run.name, old))
@@ -671,11 +727,13 @@ def finish(run: Run, trainable: Trainable, optim: Optim, data: Data, progress: s
     """The final `{name}.safetensors` (and `{name}-state` with --save_state / --save_state_on_train_end)."""
     optim.eval_mode()
     path = None
+    with_state = run.cfg.save.save_state or run.cfg.save.save_state_on_train_end
+    snap = snapshot(trainable, optim, with_state)
     if run.is_main:
         path = save_weights(run, trainable, training_metadata(run, data, optim, trainable, progress),
-                            st.last_file(run.name))
-        if run.cfg.save.save_state or run.cfg.save.save_state_on_train_end:
-            save_training_state(run, trainable, optim, progress, st.last_state(run.name))
+                            st.last_file(run.name), snap)
+        if with_state:
+            save_training_state(run, optim, progress, st.last_state(run.name), snap)
     run.accelerator.wait_for_everyone()
     return path
 
@@ -722,7 +780,7 @@ class TrainResult:
     progress: st.Progress
     losses: list[tuple[int, float]]  # (step, loss) of this run
     validation: list[tuple[int, dict[str, float]]]  # (step, val_loss/*) of this run
-    weights: dict[str, torch.Tensor]  # the trained tensors (LoRA network or DiT state dict, not copied)
+    weights: dict[str, torch.Tensor]  # the trained tensors (LoRA network or DiT state dict; gathered when sharded)
 
 
 def train(config: TrainConfig, source: BatchSource | None = None, validation_source: BatchSource | None = None,
@@ -757,6 +815,7 @@ def train(config: TrainConfig, source: BatchSource | None = None, validation_sou
 def _train_loaded(run: Run, samples: SamplePlan | None, model: torch.nn.Module, source: BatchSource | None,
                   validation_source: BatchSource | None, on_step: StepCallback | None) -> TrainResult:
     trainable = apply_lora(run, model)
+    shard(run, trainable)
     try:
         return _train_steps(run, samples, trainable, source, validation_source, on_step)
     finally:
@@ -795,8 +854,14 @@ def _train_steps(run: Run, samples: SamplePlan | None, trainable: Trainable, sou
             extras.bar.close()
         if extras.writer is not None:
             extras.writer.close()
-    run.accelerator.end_training()
-    return TrainResult(output, progress, extras.losses, extras.validation, trainable.state_dict())
+    weights = trainable.full_state_dict(everywhere=True)
+    return TrainResult(output, progress, extras.losses, extras.validation, weights)
+
+
+def _end_process_group() -> None:
+    """Destroy the process group of a multi-process run (`accelerate launch`) before the process exits."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -810,6 +875,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         sys.stderr.write(f"error: {error}\n")
         return 1
+    finally:
+        _end_process_group()
     if result.output is not None:
         sys.stdout.write(f"{result.output}\n")
     return 0

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from training import sharding
 from training.experts import ExpertPair, share_network
 from wan_core.loading.checkpoint import peek_shapes, read_metadata, save_safetensors
 from wan_core.lora.formats import save_lora
@@ -293,9 +294,23 @@ class Trainable:
         if self.shadow is not None:
             self.shadow.eval()
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the trained parameters are FSDP shards (full fine-tuning of a sharded DiT)."""
+        params = self.parameters()
+        return bool(params) and sharding.is_sharded(params[0])
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything needed to restore the trained weights exactly (LoRA down/up/alpha, or the whole DiT)."""
+        """Everything needed to restore the trained weights exactly (LoRA down/up/alpha, or the whole DiT); this
+        process's shards when sharded."""
         return {k: v.detach() for k, v in self.module.state_dict().items()}
+
+    def full_state_dict(self, everywhere: bool = False) -> dict[str, torch.Tensor]:
+        """`state_dict` with sharded tensors gathered (a collective: every process calls it): on the main process
+        only ({} elsewhere), or with `everywhere` on every process. Unsharded: `state_dict()` on every process."""
+        if not self.sharded:
+            return self.state_dict()
+        return sharding.gather_model_state(self.module, everywhere)
 
     def load_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
         expected = self.module.state_dict()
@@ -308,16 +323,21 @@ class Trainable:
             raise ValueError(f"the training state does not fit this run's {'DiT' if self.is_full else 'LoRA'}: "
                              f"{len(missing)} missing, {len(unexpected)} unexpected and {len(wrong)} mis-shaped keys"
                              f"{shape}; was it saved with other network settings?")
-        self.module.load_state_dict(dict(sd))
+        if self.sharded:  # full tensors on every process: each keeps its shard
+            sharding.load_model_state(self.module, sd)
+        else:
+            self.module.load_state_dict(dict(sd))
 
     def save(self, path: Path, fmt: str, metadata: Mapping[str, str], dtype: torch.dtype,
-             dit_metadata: Mapping[str, str]) -> Path:
-        """Write the trained weights atomically (LoRA in `fmt`, or the full DiT with its config)."""
+             dit_metadata: Mapping[str, str], weights: Mapping[str, torch.Tensor] | None = None) -> Path:
+        """Write the trained weights atomically (LoRA in `fmt`, or the full DiT with its config); `weights`: the
+        full state dict when it was gathered from shards (`full_state_dict`)."""
         if self.network is not None:
             return save_lora(self.network.adapters(), path, fmt, metadata=metadata, dtype=dtype)
         keep = {k: v for k, v in dit_metadata.items() if k.startswith("wantuner_")}
         meta = {**keep, **metadata, CONFIG_METADATA_KEY: config_to_json(self.model.config)}
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.state_dict().items()}
+        state = self.state_dict() if weights is None else weights
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         return save_safetensors(tensors, path, meta)
 
 
