@@ -101,14 +101,16 @@ def test_an_fsdp_config_with_one_process_is_refused_before_loading(tmp_path: Pat
     assert "\n" not in str(info.value)
 
 
-NO_PROBLEM = {"fp8": False, "blocks_to_swap": None, "given_model": False, "previews": False, "validation": False}
+NO_PROBLEM = {"fp8": False, "blocks_to_swap": None, "given_model": False, "previews": False, "validation": False,
+              "expert_pair": False}
 
 
 @pytest.mark.parametrize(("setting", "named"), [({"fp8": True}, "--fp8_base"),
                                                 ({"blocks_to_swap": 1}, "--blocks_to_swap"),
                                                 ({"given_model": True}, "a DiT loaded by the caller"),
                                                 ({"previews": True}, "--sample_prompts"),
-                                                ({"validation": True}, "--validation_split")])
+                                                ({"validation": True}, "--validation_split"),
+                                                ({"expert_pair": True}, "--dit_high_noise")])
 def test_settings_a_sharded_run_cannot_do_are_named(setting: dict, named: str) -> None:
     sharding.check_sharded_run(2, **NO_PROBLEM)
     with pytest.raises(ValueError, match=re.escape(named)):

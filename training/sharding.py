@@ -98,14 +98,15 @@ def _check_choice(env: Mapping[str, str], name: str, key: str, allowed: tuple[st
 
 
 def check_sharded_run(world: int, *, fp8: bool, blocks_to_swap: int | None, given_model: bool, previews: bool,
-                      validation: bool) -> None:
+                      validation: bool, expert_pair: bool = False) -> None:
     """Refuse, before the DiT is loaded, what a sharded run cannot do; one line naming the setting."""
     if world < 2:
         raise ValueError(f"an FSDP config needs 2 or more processes (num_processes), got {world}; to train in one "
                          f"process, launch without the FSDP config")
     problems = {"--fp8_base": fp8, "--blocks_to_swap": blocks_to_swap is not None,
                 "a DiT loaded by the caller": given_model, "--sample_prompts": previews,
-                "validation (--validation_split / --validation_dataset_config)": validation}
+                "validation (--validation_split / --validation_dataset_config)": validation,
+                "a Wan2.2 expert pair (--dit_high_noise; train each expert alone on its range)": expert_pair}
     for name, present in problems.items():
         if present:
             raise ValueError(f"{name} is not supported with an FSDP config (sharded training); remove it or train "

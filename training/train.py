@@ -183,13 +183,11 @@ def _make_accelerator(cfg: TrainConfig) -> Accelerator:
 def _check_sharding(cfg: TrainConfig, world: int, given_model: bool) -> None:
     """A sharded run's settings, checked before anything is loaded."""
     monitor = cfg.monitor
-    if cfg.model.dit_high_noise:
-        raise ValueError("FSDP sharding does not train a Wan2.2 expert pair (--dit_high_noise); train each expert "
-                         "alone with its timestep range (--min_timestep / --max_timestep)")
     sharding.check_sharded_run(world, fp8=bool(cfg.memory.fp8_base), blocks_to_swap=cfg.memory.blocks_to_swap,
                                given_model=given_model, previews=bool(monitor.sample_prompts),
                                validation=monitor.validation_split is not None
-                               or bool(monitor.validation_dataset_config))
+                               or bool(monitor.validation_dataset_config),
+                               expert_pair=bool(cfg.model.dit_high_noise))
 
 
 def setup_run(cfg: TrainConfig, model: torch.nn.Module | None = None,
