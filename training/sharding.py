@@ -27,6 +27,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +125,6 @@ def check_sharded_run(world: int, *, fp8: bool, blocks_to_swap: int | None, give
 
 def shard_dit(model: nn.Module, sharding: ShardingConfig, device: torch.device) -> None:
     """`fully_shard` every block, then the whole DiT, over all processes (in place: parameters become DTensors)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     blocks = [m for m in model.modules() if type(m).__name__ == BLOCK_CLASS]
     for block in blocks:
@@ -129,8 +136,6 @@ def shard_dit(model: nn.Module, sharding: ShardingConfig, device: torch.device) 
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
     return isinstance(tensor, DTensor)
 
 
@@ -141,36 +146,26 @@ def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _options(**kwargs: bool):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
     return StateDictOptions(full_state_dict=True, **kwargs)
 
 
 def gather_model_state(model: nn.Module, everywhere: bool) -> dict[str, torch.Tensor]:
     """The full state dict of a sharded module (collective): on the CPU of the main process only, or, with
     `everywhere`, on every process."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
     state = get_model_state_dict(model, options=_options(cpu_offload=not everywhere))
     return {k: v.detach() for k, v in state.items()}
 
 
 def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Load a full state dict (given on every process) into a sharded module: each process keeps its shard."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
     set_model_state_dict(model, dict(state), options=_options())
 
 
 def gather_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The full optimizer state of a sharded module (keyed by parameter names), on the main process (collective)."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
     return get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load a full optimizer state (given on every process) into the optimizer of a sharded module."""
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
     set_optimizer_state_dict(model, optimizer, state, options=_options())
