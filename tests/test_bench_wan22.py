@@ -40,7 +40,7 @@ def test_vae_bench_tiny_wan22(tmp_path, capsys) -> None:
     assert _within_float32(result["timing"]), result["timing"]
     summary = result["summary"]
     assert summary["time_ratio"] > 0 and summary["ours_peak_ratio"] > 0
-    assert summary["peak_ratio_ours_over_diffusers_13"] > 0
+    assert summary["peak_ratio_ours_over_diffusers_13"] > 0 and summary["working_set_ratio_ours_over_diffusers_13"] > 0
     text = capsys.readouterr().out
     assert "Wan2.2 (tiny config) VAE decode - dim 8, decoder 12, z 48, patch 2" in text
     assert "ours: peak RSS 13 / 5 frames" in text
