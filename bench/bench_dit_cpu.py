@@ -1,16 +1,24 @@
 """DiT benchmarks on the CPU against diffusers on the same weights (issue: model stack).
 
-1. forward: a 1.3B-wide config (dim 1536, 12 heads, ffn 8960, 2 layers, ~1,560 video tokens + 512 text tokens),
-   ours vs diffusers' WanTransformer3DModel in the same process, fp32, best of N -> time ratio (goal <= 1.0).
+1. forward: ours vs diffusers' WanTransformer3DModel in the same process, fp32, best of N -> time ratio (goal
+   <= 1.0), for two 2-layer configs of the real widths:
+   - 1.3B-wide (dim 1536, 12 heads, ffn 8960, in/out 16), one timestep per sample;
+   - 5B-wide (Wan2.2 TI2V-5B: dim 3072, 24 heads, ffn 14336, in/out 48) with per-token timesteps [B, L] as its
+     image-to-video uses them (the first latent frame's tokens at t = 0, the others at t = 700);
+   each on 4 latent frames of 30 x 52 (1,560 video tokens) + 20 text tokens (diffusers gets them zero-padded to
+   512, as its pipeline does).
 2. load: a full-size random bf16 1.3B checkpoint written to disk (~2.8 GB); each loader runs in a fresh
    subprocess and reports its peak RSS (VmHWM) and wall time: ours `load_dit` vs diffusers `from_single_file`.
 
-    python bench/bench_dit_cpu.py [--quick] [--skip-load] [--threads N]
+    python bench/bench_dit_cpu.py [--quick] [--forward 1.3B 5B] [--skip-load] [--threads N] [--json out.json]
+    python bench/bench_dit_cpu.py --tiny    # tiny configs of both kinds, no load case: every path in seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -29,9 +37,26 @@ sys.path.insert(0, str(ROOT / "bench"))
 from random_dit import random_dit  # noqa: E402
 
 from wan_core.loading.convert import DIT_DIFFUSERS, rename  # noqa: E402
-from wan_core.models.config import TASKS, DiTConfig  # noqa: E402
+from wan_core.models.config import TASKS, WAN22_TI2V_5B_DIT, DiTConfig  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardCase:
+    label: str
+    cfg: DiTConfig
+    per_token_t: bool  # Wan2.2 TI2V: t of shape [B, L], 0 on the first latent frame
+
 
 WIDE = DiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=2)
+WIDE_5B = dataclasses.replace(WAN22_TI2V_5B_DIT, num_layers=2)
+FORWARD = {"1.3B": ForwardCase("1.3B-wide 2-layer", WIDE, per_token_t=False),
+           "5B": ForwardCase("5B-wide 2-layer, per-token t", WIDE_5B, per_token_t=True)}
+_TINY = DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2)
+TINY_FORWARD = {"1.3B": ForwardCase("tiny (1.3B kind)", _TINY, per_token_t=False),
+                "5B": ForwardCase("tiny (5B kind), per-token t", dataclasses.replace(_TINY, in_dim=48, out_dim=48),
+                                  per_token_t=True)}
+LATENT_HW = (30, 52)
+TINY_LATENT_HW = (4, 6)
 
 
 def diffusers_from(ours: torch.nn.Module, cfg: DiTConfig):
@@ -54,20 +79,44 @@ def _best(fn, repeats: int) -> float:
     return min(times)
 
 
-def bench_forward(repeats: int, frames: int) -> dict:
-    ours = random_dit(WIDE, dtype=torch.float32)
-    ref = diffusers_from(ours, WIDE)
+def _timesteps(case: ForwardCase, frames: int, tokens: int) -> torch.Tensor:
+    if not case.per_token_t:
+        return torch.tensor([700.0])
+    t = torch.full((1, tokens), 700.0)
+    t[:, : tokens // frames] = 0.0  # the first latent frame holds the encoded start image
+    return t
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+def bench_forward(case: ForwardCase, repeats: int, frames: int, latent_hw: tuple[int, int] = LATENT_HW,
+                  float64: bool = False) -> dict:
+    """Time ours and diffusers on the same weights and inputs; with `float64`, also compare both with diffusers run
+    in float64 (its own float32 error is the scale the two float32 results may differ by)."""
+    cfg = case.cfg
+    ours = random_dit(cfg, dtype=torch.float32)
+    ref = diffusers_from(ours, cfg)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, frames, 30, 52, generator=gen)
-    context = torch.randn(1, 20, 4096, generator=gen)
-    padded = torch.cat([context, context.new_zeros(1, 492, 4096)], dim=1)
-    t = torch.tensor([700.0])
+    x = torch.randn(1, cfg.in_dim, frames, *latent_hw, generator=gen)
+    context = torch.randn(1, 20, cfg.text_dim, generator=gen)
+    padded = torch.cat([context, context.new_zeros(1, cfg.text_len - 20, cfg.text_dim)], dim=1)
+    _, ph, pw = cfg.patch_size
+    tokens = frames * (latent_hw[0] // ph) * (latent_hw[1] // pw)
+    t = _timesteps(case, frames, tokens)
     with torch.no_grad():
         ours_s = _best(lambda: ours(x, t, [context[0]]), repeats)
         ref_s = _best(lambda: ref(x, t, padded, return_dict=False), repeats)
-        diff = (ours(x, t, [context[0]]) - ref(x, t, padded, return_dict=False)[0]).abs().max().item()
-    tokens = frames * 15 * 26
-    return {"tokens": tokens, "ours_s": ours_s, "diffusers_s": ref_s, "ratio": ours_s / ref_s, "max_abs_diff": diff}
+        a, b = ours(x, t, [context[0]]), ref(x, t, padded, return_dict=False)[0]
+    result = {"case": case.label, "tokens": tokens, "ours_s": ours_s, "diffusers_s": ref_s, "ratio": ours_s / ref_s,
+              "max_abs_diff": (a - b).abs().max().item(), "rel_diff": _rel(a, b)}
+    if float64:
+        with torch.no_grad():
+            want = copy.deepcopy(ref).double()(x.double(), t.double(), padded.double(), return_dict=False)[0]
+        result.update(ours_err_vs_float64=_rel(a, want), ref_err_vs_float64=_rel(b, want))
+    return result
 
 
 CHILD = r"""
@@ -112,22 +161,38 @@ def bench_load(folder: Path) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, 2 latent frames")
+    parser.add_argument("--tiny", action="store_true", help="tiny configs of both kinds, no load case (seconds)")
+    parser.add_argument("--forward", nargs="*", choices=tuple(FORWARD), default=list(FORWARD),
+                        help="forward cases to run (default: all; none: only the load case)")
     parser.add_argument("--skip-load", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--folder", default=None, help="where to write the 2.8 GB checkpoint (default: a temp dir)")
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    fwd = bench_forward(repeats=2 if args.quick else 5, frames=2 if args.quick else 4)
-    print(f"forward, {fwd['tokens']} video tokens, 1.3B-wide 2-layer fp32: ours {fwd['ours_s'] * 1000:.0f} ms, "
-          f"diffusers {fwd['diffusers_s'] * 1000:.0f} ms, ratio {fwd['ratio']:.3f} (goal <= 1.0), "
-          f"max |diff| {fwd['max_abs_diff']:.2e}")
-    if args.skip_load:
-        return
-    with tempfile.TemporaryDirectory(dir=args.folder) as tmp:
+    cases = TINY_FORWARD if args.tiny else FORWARD
+    repeats, frames = (1, 2) if args.quick or args.tiny else (3 if "5B" in args.forward else 5, 4)
+    results: dict = {"forward": []}
+    for name in args.forward:
+        fwd = bench_forward(cases[name], repeats, frames, TINY_LATENT_HW if args.tiny else LATENT_HW,
+                            float64=args.tiny)
+        results["forward"].append(fwd)
+        print(f"forward, {fwd['tokens']} video tokens, {fwd['case']} fp32: ours {fwd['ours_s'] * 1000:.0f} ms, "
+              f"diffusers {fwd['diffusers_s'] * 1000:.0f} ms, ratio {fwd['ratio']:.3f} (goal <= 1.0), "
+              f"max |diff| {fwd['max_abs_diff']:.2e} (rel. {fwd['rel_diff']:.2e}), best of {repeats}", flush=True)
+    if not (args.skip_load or args.tiny):
+        results["load"] = _load_report(args.folder)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def _load_report(folder: str | None) -> dict:
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
         load = bench_load(Path(tmp))
     size = load["file_bytes"]
     for which in ("ours", "diffusers"):
@@ -135,7 +200,8 @@ def main() -> None:
         print(f"load {which:9s}: {r['seconds']:.2f} s, peak RSS {r['vmhwm_kb'] * 1024 / 1e9:.2f} GB = "
               f"{r['vmhwm_kb'] * 1024 / size:.2f} x file size ({size / 1e9:.2f} GB)")
     print(f"load time ratio ours/diffusers: {load['ours']['seconds'] / load['diffusers']['seconds']:.2f}")
+    return load
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,7 +1,8 @@
 """DiT speed and memory on one GPU: 1.3B T2V at 480x832x81 in every configuration, diffusers on the same weights,
-and 14B at 720x1280x81 with fp8 + block swap under a 24 GB budget.
+Wan2.2 TI2V-5B at 704x1280x121, and 14B at 720x1280x81 with fp8 + block swap under a 24 GB budget (Wan2.1 14B, and
+the Wan2.2 A14B pair of experts). Sizes are height x width x frames.
 
-    python bench/bench_gpu.py [--steps 3] [--skip-14b] [--no-compile] [--json out.json]
+    python bench/bench_gpu.py [--steps 3] [--skip-14b] [--skip-ti2v] [--no-compile] [--json out.json]
     python bench/bench_gpu.py --smoke        # CPU, tiny model, every code path in seconds (run by the tests)
     torchrun --nproc_per_node N bench/bench_gpu.py [--smoke]   # N-GPU rows (sequence / CFG parallel, FSDP)
 
@@ -19,6 +20,13 @@ from_pretrained(torch_dtype=torch.bfloat16) loads it; its default attention).
 margin), one warm-up forward and --steps-14b steps; goal: peak reserved below 24 GB.
 N GPUs (under torchrun, rank 0 prints): the 1.3B case as Ulysses x ring over all N ranks (Ulysses as large as the
 heads allow), CFG parallel x sequence parallel, and the same with the DiT sharded (FSDP); one step = both forwards.
+
+TI2V-5B (Wan2.2, 48-channel latents of the 16-pixel-stride Wan2.2 VAE): bf16 sdpa, per-token timesteps as its
+image-to-video runs them (the first latent frame at t = 0), --steps steps after --warmup; skipped past --budget-s.
+A14B (Wan2.2, two 14B experts switched at the T2V boundary 0.875 by `ExpertSwitch`): both experts fp8_scaled and
+resident with block swap, one swap count for both, the smallest whose two resident weight sets plus one forward
+fit 23 GiB (1 GiB margin); a step alternates a high-noise (t = 900) and a low-noise (t = 500) CFG step, one warm-up
+forward per expert, then --steps-14b such pairs; the column is seconds per step. --skip-14b skips both 14B cases.
 """
 
 from __future__ import annotations
@@ -52,11 +60,22 @@ from wan_core.parallel import CfgParallel, ParallelConfig, SequenceParallel, bui
 from wan_core.parallel.fsdp import shard_blocks  # noqa: E402
 from wan_core.runtime.compile import compile_blocks  # noqa: E402
 from wan_core.runtime.fp8 import apply_fp8, is_dit_target  # noqa: E402
-from wan_core.runtime.offload import GIB, choose_blocks_to_swap, enable_block_swap, estimate_peak_bytes, video_tokens  # noqa: E402
+from wan_core.runtime.offload import (  # noqa: E402
+    GIB,
+    MemoryEstimate,
+    choose_blocks_to_swap,
+    enable_block_swap,
+    estimate_peak_bytes,
+    video_tokens,
+)
+from wan_core.sampling.experts import ExpertSwitch  # noqa: E402
 
 PRACTICAL_TFLOPS = 798.0  # measured H100 bf16 GEMM rate
 SMOKE = DiTConfig(dim=128, ffn_dim=256, num_heads=1, num_layers=4, text_dim=64)
 SMOKE_14B = dataclasses.replace(SMOKE, num_layers=6)
+SMOKE_5B = dataclasses.replace(SMOKE, in_dim=48, out_dim=48)
+WAN21_STRIDE = 8  # pixels per latent cell of the Wan2.1 VAE (the 1.3B and 14B DiTs' latents)
+A14B_BOUNDARY = TASKS["t2v-A14B"].boundary
 
 
 @dataclass(frozen=True)
@@ -91,6 +110,19 @@ class Setup:
     steps: int
     warmup: int
     compile_backend: str
+    stride: int = WAN21_STRIDE  # pixels per latent cell of the model's VAE (16 for Wan2.2 TI2V-5B)
+    per_token_t: bool = False  # timesteps [1, L] with the first latent frame at 0 (TI2V image-to-video)
+
+    @property
+    def planner_size(self) -> tuple[int, int, int]:
+        """(height, width, frames) for the memory planner, which counts latent cells at the Wan2.1 VAE's 8-pixel
+        stride: with a 16-pixel VAE the latent of H x W pixels is that of (H/2) x (W/2) at stride 8."""
+        scale = self.stride // WAN21_STRIDE
+        return self.height // scale, self.width // scale, self.frames
+
+    @property
+    def tokens(self) -> int:
+        return video_tokens(self.cfg, *self.planner_size)
 
 
 def flops_per_forward(cfg: DiTConfig, tokens: int, text_tokens: int = 512) -> float:
@@ -103,11 +135,16 @@ def flops_per_forward(cfg: DiTConfig, tokens: int, text_tokens: int = 512) -> fl
 def _inputs(setup: Setup, dtype: torch.dtype = torch.bfloat16):
     cfg, dev = setup.cfg, setup.device
     gen = torch.Generator(device=dev).manual_seed(1)
-    shape = (1, cfg.in_dim, (setup.frames - 1) // 4 + 1, setup.height // 8, setup.width // 8)
+    latent_frames = (setup.frames - 1) // 4 + 1
+    shape = (1, cfg.in_dim, latent_frames, setup.height // setup.stride, setup.width // setup.stride)
     latents = torch.randn(shape, generator=gen, device=dev)
     positive = torch.randn(40, cfg.text_dim, generator=gen, device=dev, dtype=dtype) * 0.5
     negative = torch.randn(60, cfg.text_dim, generator=gen, device=dev, dtype=dtype) * 0.5
-    return latents, torch.tensor([500.0], device=dev), positive, negative
+    t = torch.tensor([500.0], device=dev)
+    if setup.per_token_t:
+        t = torch.full((1, setup.tokens), 500.0, device=dev)
+        t[:, : setup.tokens // latent_frames] = 0.0
+    return latents, t, positive, negative
 
 
 def _sync(device: torch.device) -> None:
@@ -192,7 +229,7 @@ def run_case(case: Case, master: dict[str, torch.Tensor], setup: Setup) -> tuple
 
         def forward(context):
             return model(latents, t, context)
-        estimate = estimate_peak_bytes(model, setup.height, setup.width, setup.frames, case.swap).total
+        estimate = estimate_peak_bytes(model, *setup.planner_size, case.swap).total
 
     with torch.no_grad():
         out = forward(pos).float()
@@ -261,15 +298,16 @@ def run_1_3b(setup: Setup, args: argparse.Namespace, started: float) -> list[Res
     return results
 
 
-def build_fp8_model_blockwise(cfg: DiTConfig, device: torch.device, mode: str = "fp8_scaled") -> WanModel:
+def build_fp8_model_blockwise(cfg: DiTConfig, device: torch.device, mode: str = "fp8_scaled",
+                              seed: int = 0) -> WanModel:
     """A big random model without holding it in bf16: non-block parts on the device, each block materialised on
-    the device, quantised there and moved to the CPU."""
+    the device, quantised there and moved to the CPU. Another `seed` gives other weights (a second expert)."""
     model = build_on_meta(lambda: WanModel(cfg))
     for name, child in model.named_children():
         if child is not model.blocks:
-            materialize_(child, cfg.dim, torch.bfloat16, device, seed=1, prefix=name)
+            materialize_(child, cfg.dim, torch.bfloat16, device, seed=1 + 1000 * seed, prefix=name)
     for i, block in enumerate(model.blocks):
-        materialize_(block, cfg.dim, torch.bfloat16, device, seed=100 + i, prefix=f"blocks.{i}")
+        materialize_(block, cfg.dim, torch.bfloat16, device, seed=100 + i + 1000 * seed, prefix=f"blocks.{i}")
         apply_fp8(block, mode, is_target=lambda name, i=i: is_dit_target(f"blocks.{i}.{name}"))
         block.to("cpu")
     return model.eval()
@@ -348,6 +386,72 @@ def run_parallel(setup: Setup, world: int) -> list[Result]:
     return results
 
 
+def run_ti2v_5b(setup: Setup, args: argparse.Namespace, started: float) -> Result:
+    name = f"TI2V-5B {setup.height}x{setup.width}x{setup.frames} bf16"
+    if time.perf_counter() - started > args.budget_s:
+        return Result(name, note="skipped: time budget")
+    model = random_dit(setup.cfg, torch.bfloat16, setup.device, seed=0)
+    master = {k: v.cpu() for k, v in model.state_dict().items()}
+    del model
+    _free(setup.device)
+    result, _ = run_case(Case(name), master, setup)
+    result.note = f"per-token t (first latent frame at 0), {setup.tokens} tokens"
+    return result
+
+
+def plan_two_experts(high: WanModel, low: WanModel, setup: Setup, free: int,
+                     margin: int = GIB) -> tuple[int, int]:
+    """(blocks_to_swap, estimated peak bytes): the smallest swap count, the same for both experts, with which both
+    resident weight sets plus the larger forward's activations and workspace fit `free` minus `margin`."""
+    for count in range(len(low.blocks)):
+        a, b = (estimate_peak_bytes(m, *setup.planner_size, count) for m in (high, low))
+        total = max(a.total + b.weight_bytes, b.total + a.weight_bytes)
+        if total <= free - margin:
+            return count, total
+    raise RuntimeError(f"two experts do not fit {free / GIB:.2f} GiB even swapping {count} blocks each: "
+                       f"{total / GIB:.2f} GiB")
+
+
+def _smoke_free(high: WanModel, low: WanModel, setup: Setup) -> int:
+    """A budget that forces swapping about half of each expert's blocks."""
+    half: list[MemoryEstimate] = [estimate_peak_bytes(m, *setup.planner_size, setup.cfg.num_layers // 2)
+                                  for m in (high, low)]
+    return half[0].total + half[1].weight_bytes + GIB
+
+
+def run_a14b(setup: Setup, args: argparse.Namespace) -> Result:
+    """The Wan2.2 A14B pair: two fp8_scaled experts, both block-swapped, switched by timestep."""
+    high, low = (build_fp8_model_blockwise(setup.cfg, setup.device, seed=s) for s in (1, 2))
+    free = _smoke_free(high, low, setup) if args.smoke else 23 * GIB
+    swap, estimate = plan_two_experts(high, low, setup, free)
+    print(f"A14B plan: blocks_to_swap {swap} per expert, estimated peak {estimate / GIB:.2f} GiB", flush=True)
+    swappers = [enable_block_swap(m, swap, setup.device) for m in (high, low)]
+    switch = ExpertSwitch(high, low, A14B_BOUNDARY, 4.0, 3.0, setup.device)
+    latents, _, positive, negative = _inputs(setup)
+    t_high, t_low = (torch.tensor([v], device=setup.device) for v in (900.0, 500.0))
+    with torch.no_grad():
+        def step() -> None:
+            for t in (t_high, t_low):
+                switch(latents, t, [positive])
+                switch(latents, t, [negative])
+        t0 = time.perf_counter()
+        for t in (t_high, t_low):  # one warm-up forward per expert
+            switch(latents, t, [positive])
+        _sync(setup.device)
+        warm = time.perf_counter() - t0
+        pairs = dataclasses.replace(setup, steps=args.steps_14b, warmup=0)
+        per_pair, _, alloc, reserved = _measure(step, pairs)
+    if switch.used[-4:] != ["high", "high", "low", "low"]:
+        raise RuntimeError(f"the expert switch ran {switch.used[-4:]} for t = 900, 900, 500, 500")
+    for swapper in swappers:
+        if swapper is not None:
+            swapper.remove()
+    note = (f"2 experts, blocks_to_swap {swap} each ({free / GIB:.1f} GiB free); weights "
+            f"{2 * weight_bytes(low) / 1e9:.1f} GB in all; s/step = mean of a high- and a low-noise step")
+    return Result(f"A14B {setup.height}x{setup.width}x{setup.frames} fp8_scaled+swap", per_pair / 2, warm, alloc,
+                  reserved, estimate, note)
+
+
 def _gb(value: int | None) -> str:
     return "-" if value is None else f"{value / GIB:.2f}"
 
@@ -355,8 +459,7 @@ def _gb(value: int | None) -> str:
 def _row(r: Result, cfg: DiTConfig, setup: Setup) -> str:
     if r.seconds_per_step is None:
         return f"{r.name:34s} {r.note}"
-    tokens = video_tokens(cfg, setup.height, setup.width, setup.frames)
-    tflops = 2 * flops_per_forward(cfg, tokens) / r.seconds_per_step / 1e12
+    tflops = 2 * flops_per_forward(cfg, setup.tokens) / r.seconds_per_step / 1e12
     return (f"{r.name:34s} {r.seconds_per_step:8.3f} {r.warmup_seconds:8.1f} {_gb(r.peak_allocated):>9s} "
             f"{_gb(r.peak_reserved):>9s} {_gb(r.estimate):>9s} {50 * r.seconds_per_step:8.1f} {tflops:8.1f}  {r.note}")
 
@@ -371,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per 1.3B case")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up steps per 1.3B case")
     parser.add_argument("--steps-14b", type=int, default=1, help="timed steps of the 14B case")
-    parser.add_argument("--skip-14b", action="store_true")
+    parser.add_argument("--skip-14b", action="store_true", help="skip both 14B cases (Wan2.1 14B, Wan2.2 A14B)")
+    parser.add_argument("--skip-ti2v", action="store_true", help="skip the Wan2.2 TI2V-5B case")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--budget-s", type=float, default=330.0, help="skip the remaining 1.3B cases after this")
     parser.add_argument("--json", type=Path)
@@ -381,12 +485,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
         device, size, backend = torch.device("cpu"), (64, 64, 5), "eager"
         cfg13, cfg14, size14 = SMOKE, SMOKE_14B, (64, 96, 5)
+        cfg5, size5, cfg_a14, size_a14 = SMOKE_5B, (64, 96, 5), SMOKE_14B, (64, 96, 5)
         args.steps, args.steps_14b = 1, 1
     else:
         if not torch.cuda.is_available():
             parser.error("no CUDA device: run with --smoke for the CPU check")
         device, size, backend = torch.device("cuda"), (480, 832, 81), "inductor"
         cfg13, cfg14, size14 = TASKS["t2v-1.3B"].dit, TASKS["t2v-14B"].dit, (720, 1280, 81)
+        cfg5, size5, cfg_a14, size_a14 = TASKS["ti2v-5B"].dit, (704, 1280, 121), TASKS["t2v-A14B"].dit, (720, 1280, 81)
         print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, backends {available_backends()}")
     setup = Setup(cfg13, *size, device, args.steps, args.warmup, backend)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -402,12 +508,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{label} at {size[0]}x{size[1]}x{size[2]} ({video_tokens(cfg13, *size)} tokens)")
     print(HEADER, flush=True)
     results = run_1_3b(setup, args, started)
+    if not args.skip_ti2v:
+        setup5 = Setup(cfg5, *size5, device, args.steps, args.warmup, backend,
+                       stride=TASKS["ti2v-5B"].vae.space_stride, per_token_t=True)
+        results.append(run_ti2v_5b(setup5, args, started))
+        _free(device)
+        print(_row(results[-1], cfg5, setup5), flush=True)
     if not args.skip_14b:
         setup14 = Setup(cfg14, *size14, device, args.steps_14b, 0, backend)
         result = run_14b(setup14, args)
         _free(device)
         print(_row(result, cfg14, setup14), flush=True)
         results.append(result)
+        setup_a14 = Setup(cfg_a14, *size_a14, device, args.steps_14b, 0, backend)
+        results.append(run_a14b(setup_a14, args))
+        _free(device)
+        print(_row(results[-1], cfg_a14, setup_a14), flush=True)
     _summary(results, setup)
     if args.json:
         args.json.write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1))
@@ -417,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _summary(results: list[Result], setup: Setup) -> None:
     by_name = {r.name: r for r in results if r.seconds_per_step is not None}
-    ours = [r for r in by_name.values() if not r.name.startswith(("diffusers", "14B"))]
+    ours = [r for r in by_name.values() if not r.name.startswith(("diffusers", "14B", "A14B", "TI2V"))]
     ref = by_name.get("diffusers (reference)")
     base = by_name.get("bf16 sdpa")
     if ours:
@@ -426,9 +542,10 @@ def _summary(results: list[Result], setup: Setup) -> None:
     if ref and base:
         print(f"bf16 sdpa vs diffusers at equal settings: {ref.seconds_per_step / base.seconds_per_step:.2f}x "
               f"(goal >= 1.3x)")
-    big = next((r for r in results if r.name.startswith("14B") and r.peak_reserved), None)
-    if big:
-        print(f"14B peak reserved {big.peak_reserved / 1e9:.1f} GB (goal < 24 GB)")
+    for prefix in ("14B", "A14B"):
+        big = next((r for r in results if r.name.startswith(prefix) and r.peak_reserved), None)
+        if big:
+            print(f"{prefix} peak reserved {big.peak_reserved / 1e9:.1f} GB (goal < 24 GB)")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,11 @@ def test_gpu_bench_smoke_mode_runs_every_case(tmp_path, capsys) -> None:
     text = capsys.readouterr().out
     rows = {r["name"]: r for r in json.loads(out.read_text())}
     ran = ["bf16 sdpa", "bf16 sdpa compile", "fp8", "fp8_scaled", "bf16 swap 2", "bf16 swap 3",
-           "diffusers (reference)", "14B 64x96x5 fp8_scaled+swap"]
+           "diffusers (reference)", "14B 64x96x5 fp8_scaled+swap", "TI2V-5B 64x96x5 bf16",
+           "A14B 64x96x5 fp8_scaled+swap"]
     assert all(rows[name]["seconds_per_step"] > 0 for name in ran), rows
+    assert rows["TI2V-5B 64x96x5 bf16"]["note"] == "per-token t (first latent frame at 0), 12 tokens"
+    assert rows["A14B 64x96x5 fp8_scaled+swap"]["note"].startswith("2 experts, blocks_to_swap 3 each")
     assert rows["fp8_fast"]["note"].startswith("skipped")
     for name in ("bf16 sdpa compile", "bf16 swap 2", "bf16 swap 3"):
         assert rows[name]["diff_vs_bf16"] == 0.0, name  # compile and block swap change nothing
