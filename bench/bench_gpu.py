@@ -115,10 +115,8 @@ class Setup:
 
     @property
     def planner_size(self) -> tuple[int, int, int]:
-        """(height, width, frames) for the memory planner, which counts latent cells at the Wan2.1 VAE's 8-pixel
-        stride: with a 16-pixel VAE the latent of H x W pixels is that of (H/2) x (W/2) at stride 8."""
-        scale = self.stride // WAN21_STRIDE
-        return self.height // scale, self.width // scale, self.frames
+        """(height, width, frames) for the memory planner (it takes the VAE stride from the DiT's channels)."""
+        return self.height, self.width, self.frames
 
     @property
     def tokens(self) -> int:

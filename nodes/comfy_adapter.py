@@ -375,16 +375,20 @@ def file_key(path: Path) -> tuple[str, int, int]:
 def cached(kind: str, key: tuple, factory: Callable[[], Any], slots: int = 1,
            evict: Callable[[Any], None] | None = None) -> Any:
     """The value for `key`, built by `factory` unless one of the last `slots` loads of `kind` had the same key.
-    Before building, the least recently used entries beyond `slots - 1` are dropped (`evict(value)` runs on each),
-    so a changed input frees the previous model (DiTs keep two: a Wan2.2 pair of experts)."""
+    `key[0]` names the source file (`file_key`). Before building, an entry of the same file with other inputs and
+    the least recently used entries beyond `slots - 1` are dropped (`evict(value)` runs on each), so a changed input
+    frees the previous model (DiTs keep two files: a Wan2.2 pair of experts)."""
     entries = _CACHE.setdefault(kind, [])
     for index, (old_key, value) in enumerate(entries):
         if old_key == key:
             logger.info("reusing the loaded %s (inputs unchanged)", kind)
             entries.append(entries.pop(index))
             return value
+    same_file = [i for i, (old_key, _) in enumerate(entries) if old_key[0] == key[0]]
+    drop = [entries.pop(i)[1] for i in reversed(same_file)]
     while len(entries) >= slots:
-        _, dropped = entries.pop(0)
+        drop.append(entries.pop(0)[1])
+    for dropped in drop:
         if evict is not None:
             evict(dropped)
     value = factory()

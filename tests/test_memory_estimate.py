@@ -79,3 +79,13 @@ def test_cuda_quantize_rows_peak_matches_the_estimate() -> None:
     peak = torch.cuda.max_memory_allocated() - before
     estimate = ops.quantize_rows_bytes(4096, 5120)
     assert peak - 5 * 512 <= estimate <= peak, (peak, estimate)
+
+
+def test_video_tokens_follow_the_vae_stride_of_the_dit():
+    """TI2V-5B takes latents of the 16-pixel Wan2.2 VAE: 704x1280x121 is 31 x 44 x 80 / (2 x 2) = 27,280 tokens,
+    a quarter of what the Wan2.1 VAE's 8-pixel cells would give at the same size (the A14B experts keep 8)."""
+    ti2v, a14b = TASKS["ti2v-5B"].dit, TASKS["t2v-A14B"].dit
+    assert video_tokens(ti2v, 704, 1280, 121) == 31 * (704 // 32) * (1280 // 32) == 27280
+    assert video_tokens(a14b, 704, 1280, 121) == 4 * video_tokens(ti2v, 704, 1280, 121)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        video_tokens(ti2v, 720, 1280, 121)

@@ -114,6 +114,12 @@ WAN21_VAE = VAEConfig()
 WAN22_VAE = VAEConfig(dim=160, dec_dim=256, z_dim=48, patch_size=2, is_residual=True)
 
 
+def latent_space_stride(cfg: DiTConfig) -> int:
+    """Pixels per latent cell (H and W) of the VAE whose latents the DiT takes: 16 for the 48-channel Wan2.2 VAE
+    (TI2V-5B), 8 for the Wan2.1 VAE (every other DiT)."""
+    return WAN22_VAE.space_stride if cfg.out_dim == WAN22_VAE.z_dim else WAN21_VAE.space_stride
+
+
 @dataclass(frozen=True)
 class T5Config:
     """The umT5 encoder (official `umt5_xxl`, encoder only)."""

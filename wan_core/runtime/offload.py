@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from wan_core.models import dit as wan_model
-from wan_core.models.config import DiTConfig
+from wan_core.models.config import DiTConfig, latent_space_stride
 from wan_core.models.ops import FP8Linear, scaled_mm_workspace_bytes
 from wan_core.runtime.devices import canonical_device, same_device
 
@@ -477,13 +477,16 @@ def release_block_swap(model: nn.Module) -> None:
 
 
 def video_tokens(cfg: DiTConfig, height: int, width: int, frames: int) -> int:
-    """Tokens of one video: latent (1 + (frames-1)/4) x h/8 x w/8, patchified by 1x2x2 (32,760 at 480x832x81)."""
-    if height % 16 or width % 16:
-        raise ValueError(f"height and width must be multiples of 16, got {height}x{width}")
+    """Tokens of one video: latent (1 + (frames-1)/4) x h/s x w/s, patchified by 1x2x2 (32,760 at 480x832x81 with
+    the Wan2.1 VAE, s = 8; s = 16 for the Wan2.2 VAE of TI2V-5B: 27,280 at 704x1280x121)."""
+    stride = latent_space_stride(cfg)
+    pt, ph, pw = cfg.patch_size
+    if height % (stride * ph) or width % (stride * pw):
+        raise ValueError(f"height and width must be multiples of {stride * ph} for this DiT's VAE, got "
+                         f"{height}x{width}")
     if frames < 1 or (frames - 1) % 4:
         raise ValueError(f"frames must be 4k+1 (1, 5, ..., 81), got {frames}")
-    pt, ph, pw = cfg.patch_size
-    return ((frames - 1) // 4 + 1) // pt * (height // 8 // ph) * (width // 8 // pw)
+    return ((frames - 1) // 4 + 1) // pt * (height // stride // ph) * (width // stride // pw)
 
 
 def self_attention_phase_bytes(cfg: DiTConfig, tokens: int, batch: int, s: int) -> int:
