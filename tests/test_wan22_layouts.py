@@ -20,6 +20,7 @@ from tests.tiny import TINY_DIT, randomize_
 from wan_core.generate.cli import main
 from wan_core.generate.outputs import load_latent
 from wan_core.loading.checkpoint import CheckpointError, load_state_dict
+from wan_core.loading.convert import DIT_DIFFUSERS, rename
 from wan_core.models.dit import WanModel
 from wan_core.models.ops import dequantize_weight
 from wan_core.models.vae import WanVAEModel, load_vae
@@ -81,10 +82,14 @@ def files(tmp_path_factory) -> dict[str, Path]:
     for name, sd in experts.items():
         paths[name] = _plain(folder / f"{name}.safetensors", sd)
         _sharded_folder(folder / "Wan2.2-T2V-A14B" / f"{name}_noise_model", sd)
+        diffusers = rename(sd, DIT_DIFFUSERS, to_ours=False, what="test")
+        _sharded_folder(folder / "Wan2.2-T2V-A14B-Diffusers" / ("transformer" if name == "high" else "transformer_2"),
+                        diffusers)
         paths[f"{name}_fp8"], deq = _comfy_fp8_scaled(folder / f"wan2.2_t2v_{name}_noise_14B_fp8_scaled.safetensors",
                                                       sd)
         paths[f"{name}_deq"] = _plain(folder / f"{name}_dequantised.safetensors", deq)
     paths["root"] = folder / "Wan2.2-T2V-A14B"
+    paths["diffusers_root"] = folder / "Wan2.2-T2V-A14B-Diffusers"
     ti2v = randomize_(WanModel(DETECTABLE_TI2V), 23, scale=0.05).state_dict()
     paths["ti2v"] = _plain(folder / "ti2v.safetensors", ti2v)
     paths["ti2v_fp8"], deq = _comfy_fp8_scaled(folder / "wan2.2_ti2v_5B_fp8_scaled.safetensors", ti2v)
@@ -121,6 +126,17 @@ def test_official_root_folder_as_dit_uses_both_experts(files, tmp_path, caplog):
     assert "switching to the low-noise expert" in caplog.text
     assert torch.equal(root, _t2v(files, tmp_path / "named", *_folders(files, "high", "low")))
     assert not torch.equal(root, _t2v(files, tmp_path / "swapped", *_folders(files, "low", "high")))
+
+
+def test_diffusers_pipeline_folder_as_dit_uses_transformer_high_and_transformer_2_low(files, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    root = _t2v(files, tmp_path / "root", "--dit", str(files["diffusers_root"]))
+    assert "is a diffusers Wan2.2 pipeline folder: using both experts" in caplog.text
+    folder = files["diffusers_root"]
+    named = ("--dit", str(folder / "transformer_2"), "--dit_high_noise", str(folder / "transformer"))
+    assert torch.equal(root, _t2v(files, tmp_path / "named", *named))
+    swapped = ("--dit", named[3], "--dit_high_noise", named[1])
+    assert not torch.equal(root, _t2v(files, tmp_path / "swapped", *swapped))
 
 
 def test_official_root_folder_picks_each_expert_by_its_folder_name(files, tmp_path):

@@ -163,25 +163,43 @@ def check_model_file(path: str | Path, kind: str, flag: str) -> None:
         raise ValueError(f"{flag} {path} is a {KIND_NAMES[found]} file; {flag} expects a {KIND_NAMES[kind]} file")
 
 
-OFFICIAL_EXPERT_FOLDERS = {"dit_high": "high_noise_model", "dit": "low_noise_model"}  # official Wan2.2 A14B
+# Root folders that hold a Wan2.2 A14B pair of experts: layout name -> subfolder of each expert (flag -> folder).
+EXPERT_FOLDER_LAYOUTS: dict[str, dict[str, str]] = {
+    "the official Wan2.2 expert folder": {"dit_high": "high_noise_model", "dit": "low_noise_model"},
+    "a diffusers Wan2.2 pipeline folder": {"dit_high": "transformer", "dit": "transformer_2"},  # transformer: t >= b
+}
+
+
+def expert_layout(path: str | Path | None) -> tuple[str, dict[str, str]] | None:
+    """(layout name, flag -> subfolder) of a root folder holding both experts, else None."""
+    if path is None:
+        return None
+    for name, folders in EXPERT_FOLDER_LAYOUTS.items():
+        if all((Path(path) / sub).is_dir() for sub in folders.values()):
+            return name, folders
+    return None
 
 
 def is_expert_root(path: str | Path | None) -> TypeGuard[str | Path]:
-    """True for the official Wan2.2 A14B folder, which holds `high_noise_model/` and `low_noise_model/`."""
-    return path is not None and all((Path(path) / sub).is_dir() for sub in OFFICIAL_EXPERT_FOLDERS.values())
+    """True for a root folder holding both Wan2.2 A14B experts (`EXPERT_FOLDER_LAYOUTS`)."""
+    return expert_layout(path) is not None
 
 
 def expert_paths(dit: str | None, dit_high: str | None) -> tuple[str | None, str | None]:
-    """(--dit, --dit_high_noise) with the official Wan2.2 root folder resolved to the expert each flag names by
-    its subfolder; the root given as --dit alone gives both experts."""
-    resolved_high = str(Path(dit_high) / OFFICIAL_EXPERT_FOLDERS["dit_high"]) if is_expert_root(dit_high) else dit_high
-    if not is_expert_root(dit):
+    """(--dit, --dit_high_noise) with a root folder of both experts (the official one: high_noise_model/ and
+    low_noise_model/; diffusers': transformer/ = high noise, transformer_2/ = low noise) resolved to the expert each
+    flag names; the root given as --dit alone gives both experts."""
+    high_layout = expert_layout(dit_high)
+    resolved_high = dit_high if high_layout is None else str(Path(str(dit_high)) / high_layout[1]["dit_high"])
+    layout = expert_layout(dit)
+    if layout is None:
         return dit, resolved_high
-    low = str(Path(dit) / OFFICIAL_EXPERT_FOLDERS["dit"])
+    name, folders = layout
+    low = str(Path(str(dit)) / folders["dit"])
     if resolved_high is None:
-        resolved_high = str(Path(dit) / OFFICIAL_EXPERT_FOLDERS["dit_high"])
-        logger.info("--dit %s is the official Wan2.2 expert folder: using both experts, high noise from %s/ and "
-                    "low noise from %s/", dit, OFFICIAL_EXPERT_FOLDERS["dit_high"], OFFICIAL_EXPERT_FOLDERS["dit"])
+        resolved_high = str(Path(str(dit)) / folders["dit_high"])
+        logger.info("--dit %s is %s: using both experts, high noise from %s/ and low noise from %s/", dit, name,
+                    folders["dit_high"], folders["dit"])
     return low, resolved_high
 
 
