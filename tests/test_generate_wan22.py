@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from wan_core.generate.cli import main, vae_latent_channels
 from wan_core.generate.outputs import load_latent
 from wan_core.loading import model_set
 from wan_core.loading.checkpoint import save_safetensors
+from wan_core.lora.formats import LowRank, save_lora
 from wan_core.media.io import image_to_tensor, read_image
 from wan_core.models.config import VAEConfig
 from wan_core.models.dit import WanModel
@@ -28,6 +31,7 @@ TINY_I2V_A14B = dataclasses.replace(TINY_DIT, in_dim=36)  # mask + image latents
 TINY_TI2V = dataclasses.replace(TINY_DIT, in_dim=48, out_dim=48)
 TINY_VAE22 = VAEConfig(dim=8, dec_dim=12, z_dim=48, patch_size=2, is_residual=True)
 assert TINY_T5.dim == TINY_DIT.text_dim
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +174,77 @@ def test_vae_latent_channels_from_shapes_without_metadata(tmp_path):
     for cfg, want in ((TINY_VAE22, 48), (VAEConfig(dim=8), 16)):
         path = save_safetensors(dict(WanVAEModel(cfg).state_dict()), tmp_path / f"vae{want}.safetensors")
         assert vae_latent_channels(path) == want
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Wan2.1 sampling options on the Wan2.2 tasks: CFG skipping, SLG, LoRA regex, batch and interactive modes
+# ----------------------------------------------------------------------------------------------------------------
+
+GUIDANCE_OPTIONS = ("--cfg_skip_mode", "alternate", "--slg_mode", "uncond", "--slg_layers", "0", "--slg_start", "0",
+                    "--slg_end", "1")
+
+
+def test_cfg_skip_and_slg_apply_to_an_expert_pair_as_to_one_dit(models, tmp_path):
+    """At boundary 0 the pair is its high-noise expert on every step, so with the same CFG skipping and SLG it must
+    equal that expert alone; the options change the result (they are applied, not dropped)."""
+    assert _run(models, tmp_path / "pair", *_experts(models, "t2v"), "--timestep_boundary", "0",
+                *GUIDANCE_OPTIONS) == 0
+    assert _run(models, tmp_path / "one", "--task", "t2v-A14B", "--dit", str(models["t2v_high"]),
+                "--guidance_scale", "4.0", *GUIDANCE_OPTIONS) == 0
+    assert _run(models, tmp_path / "plain", *_experts(models, "t2v"), "--timestep_boundary", "0") == 0
+    pair = _latent(tmp_path / "pair")
+    assert torch.equal(pair, _latent(tmp_path / "one"))
+    assert not torch.equal(pair, _latent(tmp_path / "plain"))
+
+
+def _block_lora(blocks: range, seed: int = 5) -> dict[str, LowRank]:
+    gen = torch.Generator().manual_seed(seed)
+    dim = TINY_DIT.dim
+    return {f"blocks.{i}.self_attn.q": LowRank(torch.randn(4, dim, generator=gen), torch.randn(dim, 4, generator=gen),
+                                               2.0) for i in blocks}
+
+
+def test_lora_include_patterns_on_each_expert(models, tmp_path):
+    """--include_patterns keeps only block 0 of a LoRA on every layer: equal to a LoRA holding block 0 alone, on
+    the low-noise expert and (the same file) on the high-noise expert."""
+    full = _block_lora(range(TINY_DIT.num_layers))
+    every = str(save_lora(full, tmp_path / "every.safetensors", "musubi"))
+    first = str(save_lora({k: v for k, v in full.items() if k.startswith("blocks.0.")}, tmp_path / "first.safetensors",
+                          "musubi"))
+    assert _run(models, tmp_path / "regex", *_experts(models, "t2v"), "--lora_weight", every, "--include_patterns",
+                "blocks_0_", "--lora_weight_high_noise", first) == 0
+    assert _run(models, tmp_path / "block0", *_experts(models, "t2v"), "--lora_weight", first,
+                "--lora_weight_high_noise", first) == 0
+    assert _run(models, tmp_path / "all", *_experts(models, "t2v"), "--lora_weight", every,
+                "--lora_weight_high_noise", first) == 0
+    assert torch.equal(_latent(tmp_path / "regex"), _latent(tmp_path / "block0"))
+    assert not torch.equal(_latent(tmp_path / "regex"), _latent(tmp_path / "all"))
+
+
+def _latents_by_seed(folder: Path) -> dict[int, torch.Tensor]:
+    return {int(p.name.split("_")[-2]): load_latent(p)[0] for p in folder.glob("*_latent.safetensors")}
+
+
+def test_batch_file_runs_ti2v_text_and_image_jobs_as_single_runs(models, tmp_path):
+    ti2v = ["--task", "ti2v-5B", "--dit", str(models["ti2v"]), "--vae", str(models["vae22"])]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"a red square --d 1\na blue circle --d 2 --i {models['start']}\n")
+    assert _run(models, tmp_path / "batch", *ti2v, "--from_file", str(prompts)) == 0
+    batch = _latents_by_seed(tmp_path / "batch")
+    assert _run(models, tmp_path / "text", *ti2v, "--seed", "1") == 0
+    assert _run(models, tmp_path / "image", *ti2v, "--seed", "2", "--image_path", str(models["start"]),
+                "--prompt", "a blue circle") == 0  # the last --prompt wins
+    assert sorted(batch) == [1, 2]
+    assert torch.equal(batch[1], _latent(tmp_path / "text"))
+    assert torch.equal(batch[2], _latent(tmp_path / "image"))
+
+
+def test_interactive_mode_with_an_expert_pair(models, tmp_path):
+    argv = [sys.executable, "-m", "wan_core.generate", "--vae", str(models["vae"]), "--t5", str(models["t5"]),
+            "--video_size", "32", "32", "--video_length", "5", "--infer_steps", "4", "--output_type", "latent",
+            "--save_path", str(tmp_path), "--device", "cpu", *_experts(models, "t2v"), "--interactive"]
+    result = subprocess.run(argv, input="a red square --d 1\na blue circle --d 2\n", capture_output=True, text=True,
+                            cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "switching to the low-noise expert" in result.stderr
+    assert sorted(_latents_by_seed(tmp_path)) == [1, 2]
