@@ -63,10 +63,35 @@ MAX_STEP_SHARE = 0.4
 BACKWARD_TOL = 1.0
 BACKGROUND_MAD = 3.0  # 0..255 levels
 
+# The toy-world design the targets apply to: the recipe stamps it into the VAE and T2V DiT files it builds; files
+# without the stamp (or with a lower one) predate these targets.
+DESIGN_METADATA_KEY = "wantuner_toy_design"
+DESIGN_VERSION = 2
+
 # Targets: field of the figures -> (lowest, highest) allowed value
 VAE_TARGETS = {"shape": (0.95, 1.0), "background_mad": (0.0, BACKGROUND_MAD)}
 T2V_TARGETS = {"shape": (0.8, 1.0), "still_ok": (0.9, 1.0), "smooth": (0.8, 1.0), "forward": (0.8, 1.0),
                "colour_motion": (0.95, 1.0), "heldout_colour_motion": (0.95, 1.0)}
+
+
+
+
+def design_version(path: str | Path) -> int:
+    """The toy design a file was built for (`DESIGN_METADATA_KEY`; 1 when the file has no stamp)."""
+    from wan_core.loading.checkpoint import read_metadata
+
+    value = read_metadata(path).get(DESIGN_METADATA_KEY, "1")
+    if not value.isdigit():
+        raise ValueError(f"{path}: {DESIGN_METADATA_KEY} is {value!r}; expected a whole number")
+    return int(value)
+
+
+def stamp_design(path: str | Path) -> None:
+    """Mark `path` (a safetensors file) as built for `DESIGN_VERSION`, keeping its tensors and other metadata."""
+    from wan_core.loading.checkpoint import load_state_dict, read_metadata, save_safetensors
+
+    meta = read_metadata(path) | {DESIGN_METADATA_KEY: str(DESIGN_VERSION)}
+    save_safetensors(dict(load_state_dict(path)), path, meta)
 
 
 # ----------------------------------------------------------------------------------------------------------------
