@@ -56,6 +56,9 @@ def test_blurred_shapes_are_blobs() -> None:
             blobs += audit.audit_clip(_gaussian_blur(frames, 4.0), "still").shape != shape
             mild += audit.audit_clip(_gaussian_blur(frames, 0.7), "still").shape == shape
     assert blobs >= 9 and mild == 12
+    blurred = [_gaussian_blur(_clip(Combo("red", "square", "still"), 40 + s)[0], 4.0) for s in range(6)]
+    figures = audit.summarise([audit.audit_clip(b, "still") for b in blurred], [Combo("red", "square", "still")] * 6)
+    assert sum(figures["shape_calls"].values()) == 6 and figures["shape_calls"].get("square->square", 0) <= 1
 
 
 def test_chunked_motion_is_a_jump_and_a_shift_back_is_backwards() -> None:

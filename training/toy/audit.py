@@ -231,9 +231,9 @@ def _rate(flags: Sequence[bool]) -> float:
     return float(np.mean(flags)) if len(flags) else float("nan")
 
 
-def summarise(audits: Sequence[ClipAudit], combos: Sequence[Combo]) -> dict[str, float]:
+def summarise(audits: Sequence[ClipAudit], combos: Sequence[Combo]) -> dict[str, object]:
     """Rates over clips: colour, shape, motion, colour_motion, still_ok (still captions), smooth and forward
-    (moving captions), and n."""
+    (moving captions); medians of the step share and the still drift; n; shape_calls ('true->called': count)."""
     pairs = list(zip(audits, combos))
     moving = [(a, c) for a, c in pairs if c.motion != "still"]
     still = [(a, c) for a, c in pairs if c.motion == "still"]
@@ -248,10 +248,12 @@ def summarise(audits: Sequence[ClipAudit], combos: Sequence[Combo]) -> dict[str,
         "forward": _rate([a.present and a.min_step >= -BACKWARD_TOL for a, _ in moving]),
         "median_step_share": float(np.median([a.max_step_share for a, _ in moving])) if moving else float("nan"),
         "median_still_drift": float(np.median([a.max_drift for a, _ in still])) if still else float("nan"),
+        "shape_calls": {f"{c.shape}->{a.shape}": sum(1 for b, d in pairs if (d.shape, b.shape) == (c.shape, a.shape))
+                        for a, c in pairs},
     }
 
 
-def check_targets(figures: dict[str, float], targets: dict[str, tuple[float, float]]) -> list[str]:
+def check_targets(figures: dict[str, object], targets: dict[str, tuple[float, float]]) -> list[str]:
     """The targets `figures` misses, as 'name value not in [low, high]' lines (a missing figure misses)."""
     missed = []
     for name, (low, high) in targets.items():
@@ -278,7 +280,7 @@ def ground_truth(seeds: int = 2, placement: str = "centred") -> tuple[list[np.nd
     return clips, combos, backgrounds
 
 
-def audit_vae(vae: object, seeds: int = 2, placement: str = "centred", batch: int = 10) -> dict[str, float]:
+def audit_vae(vae: object, seeds: int = 2, placement: str = "centred", batch: int = 10) -> dict[str, object]:
     """Encode + decode ground-truth clips with `vae` (`WanVAE`); audit figures plus the background MAD."""
     import torch
 
@@ -328,7 +330,7 @@ def generate_t2v(dit_path: Path, vae_path: Path, t5_path: Path, combos: Sequence
     return clips
 
 
-def audit_t2v(dit_path: Path, vae_path: Path, t5_path: Path, seeds: int = 2) -> dict[str, float]:
+def audit_t2v(dit_path: Path, vae_path: Path, t5_path: Path, seeds: int = 2) -> dict[str, object]:
     """Every base combination x `seeds` noise seeds; figures overall and on the held-out combinations."""
     combos = [c for c in all_combos() for _ in range(seeds)]
     noise = [AUDIT_SEED_BASE + 100 * (i // seeds) + i % seeds for i in range(len(combos))]
