@@ -115,3 +115,10 @@ def test_audit_does_not_import_the_training_scorer() -> None:
     names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert not any("score" in (n or "") or "vae_train" in (n or "") or "evaluate" in (n or "") for n in names)
+
+
+def test_cli_names_a_missing_file_and_a_bad_seed_count(tmp_path, capsys) -> None:
+    assert audit.main(["vae", "--vae", str(tmp_path / "nope.safetensors")]) == 2
+    assert "nope.safetensors, which does not exist" in capsys.readouterr().err
+    assert audit.main(["vae", "--seeds", "0"]) == 2
+    assert "--seeds must be >= 1, got 0" in capsys.readouterr().err

@@ -299,9 +299,10 @@ def audit_vae(vae: object, seeds: int = 2, placement: str = "centred", batch: in
     return figures
 
 
-def generate_t2v(dit_path: Path, vae_path: Path, t5_path: Path, combos: Sequence[Combo],
-                 seeds: Sequence[int]) -> list[np.ndarray]:
-    """T2V samples (uint8-range float [T, H, W, 3]) with the DiT file's stored sampling defaults."""
+def generate_t2v(dit_path: Path, vae_path: Path, t5_path: Path, combos: Sequence[Combo], seeds: Sequence[int],
+                 overrides: dict[str, float] | None = None) -> list[np.ndarray]:
+    """T2V samples (uint8-range float [T, H, W, 3]) with the DiT file's stored sampling defaults, updated with
+    `overrides` (keys of the `wantuner_sampling` metadata: infer_steps, guidance_scale, flow_shift)."""
     import torch
 
     from wan_core.loading.model_set import sampling_defaults
@@ -311,7 +312,7 @@ def generate_t2v(dit_path: Path, vae_path: Path, t5_path: Path, combos: Sequence
     from wan_core.sampling.conditioning import text_to_video
     from wan_core.sampling.pipeline import SamplerSettings, decode_latents, denoise, encode_prompts
 
-    meta = sampling_defaults(dit_path)
+    meta = sampling_defaults(dit_path) | dict(overrides or {})
     dit, vae, t5 = load_dit(dit_path, dtype=torch.float32), load_vae(vae_path), load_t5(t5_path)
     negative = str(meta.get("negative_prompt", ""))
     prompts = sorted({c.caption for c in combos} | {negative})
@@ -330,11 +331,12 @@ def generate_t2v(dit_path: Path, vae_path: Path, t5_path: Path, combos: Sequence
     return clips
 
 
-def audit_t2v(dit_path: Path, vae_path: Path, t5_path: Path, seeds: int = 2) -> dict[str, object]:
+def audit_t2v(dit_path: Path, vae_path: Path, t5_path: Path, seeds: int = 2,
+              overrides: dict[str, float] | None = None) -> dict[str, object]:
     """Every base combination x `seeds` noise seeds; figures overall and on the held-out combinations."""
     combos = [c for c in all_combos() for _ in range(seeds)]
     noise = [AUDIT_SEED_BASE + 100 * (i // seeds) + i % seeds for i in range(len(combos))]
-    clips = generate_t2v(dit_path, vae_path, t5_path, combos, noise)
+    clips = generate_t2v(dit_path, vae_path, t5_path, combos, noise, overrides)
     audits = [audit_clip(clip, c.motion) for clip, c in zip(clips, combos)]
     figures = summarise(audits, combos)
     held = [(a, c) for a, c in zip(audits, combos) if c in set(HELDOUT)]
@@ -355,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dit", default=None, help="T2V DiT file (default: the folder's)")
     p.add_argument("--seeds", type=int, default=2, help="clips (vae) or noise seeds (t2v) per combination")
     p.add_argument("--placement", choices=("centred", "free"), default="centred", help="vae: ground-truth paths")
+    p.add_argument("--steps", type=int, default=None, help="t2v: sampling steps (default: the DiT file's)")
+    p.add_argument("--guidance", type=float, default=None, help="t2v: guidance scale (default: the DiT file's)")
+    p.add_argument("--shift", type=float, default=None, help="t2v: flow shift (default: the DiT file's)")
     p.add_argument("--json", default=None, help="write the figures to this file")
     return p
 
@@ -369,14 +374,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     dit_path = Path(args.dit) if args.dit else folder / TOY_FILES["dit"]
     needed = [vae_path] + ([dit_path, folder / TOY_FILES["t5"]] if args.what == "t2v" else [])
     missing = [str(p) for p in needed if not p.is_file()]
-    if missing or args.seeds < 1:
-        sys.stderr.write(f"error: missing files {missing} or --seeds {args.seeds} < 1\n")
+    if missing:
+        sys.stderr.write(f"error: {args.what} audit needs {', '.join(missing)}, which does not exist\n")
+        return 2
+    if args.seeds < 1:
+        sys.stderr.write(f"error: --seeds must be >= 1, got {args.seeds}\n")
         return 2
     start = time.perf_counter()
     if args.what == "vae":
         figures, targets = audit_vae(load_vae(vae_path), args.seeds, args.placement), VAE_TARGETS
     else:
-        figures, targets = audit_t2v(dit_path, vae_path, folder / TOY_FILES["t5"], args.seeds), T2V_TARGETS
+        overrides = {k: v for k, v in (("infer_steps", args.steps), ("guidance_scale", args.guidance),
+                                       ("flow_shift", args.shift)) if v is not None}
+        figures = audit_t2v(dit_path, vae_path, folder / TOY_FILES["t5"], args.seeds, overrides)
+        targets = T2V_TARGETS
     figures = {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}
     figures.update(seconds=round(time.perf_counter() - start, 1), missed=check_targets(figures, targets))
     sys.stdout.write(json.dumps(figures, indent=1) + "\n")
