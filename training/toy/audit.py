@@ -320,15 +320,15 @@ def generate_t2v(dit_path: Path, vae_path: Path, t5_path: Path, combos: Sequence
     height, width = meta.get("video_size", (64, 64))
     cond = text_to_video(int(height), int(width), int(meta.get("video_length", 9)))
     guidance = float(meta.get("guidance_scale", 5.0))
-    clips = []
+    latents = []
     for combo, seed in zip(combos, seeds):
         settings = SamplerSettings(steps=int(meta.get("infer_steps", 20)), guidance_scale=guidance,
                                    flow_shift=float(meta.get("flow_shift", 3.0)), seed=int(seed),
                                    solver=str(meta.get("sample_solver", "unipc")))
-        latents = denoise(dit, cond, [embeds[combo.caption]], [embeds[negative]] if guidance != 1.0 else None,
-                          settings)
-        clips.append(decode_latents(vae, latents)[0].numpy() * 255.0)
-    return clips
+        latents.append(denoise(dit, cond, [embeds[combo.caption]], [embeds[negative]] if guidance != 1.0 else None,
+                               settings))
+    batches = [decode_latents(vae, torch.cat(latents[i : i + 16])) for i in range(0, len(latents), 16)]
+    return [clip.numpy() * 255.0 for batch in batches for clip in batch]
 
 
 def audit_t2v(dit_path: Path, vae_path: Path, t5_path: Path, seeds: int = 2,
