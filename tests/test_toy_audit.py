@@ -122,3 +122,14 @@ def test_cli_names_a_missing_file_and_a_bad_seed_count(tmp_path, capsys) -> None
     assert "nope.safetensors, which does not exist" in capsys.readouterr().err
     assert audit.main(["vae", "--seeds", "0"]) == 2
     assert "--seeds must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_t2v_samples_come_back_per_pair_in_pixel_range() -> None:
+    from wan_core.loading.model_set import TOY_FILES, TOY_MODEL_DIR
+
+    combos = [Combo("red", "square", "right"), Combo("blue", "circle", "still")]
+    clips = audit.generate_t2v(TOY_MODEL_DIR / TOY_FILES["dit"], TOY_MODEL_DIR / TOY_FILES["vae"],
+                               TOY_MODEL_DIR / TOY_FILES["t5"], combos, [1, 2], {"infer_steps": 2})
+    assert len(clips) == 2 and all(c.shape == (9, 64, 64, 3) for c in clips)
+    assert min(float(c.min()) for c in clips) >= 0.0 and max(float(c.max()) for c in clips) <= 255.0
+    assert not np.array_equal(clips[0], clips[1])
