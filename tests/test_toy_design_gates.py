@@ -50,3 +50,41 @@ def test_design_stamp_round_trip_keeps_tensors_and_metadata(tmp_path: Path) -> N
     save_safetensors({"w": torch.zeros(1)}, path, {audit.DESIGN_METADATA_KEY: "two"})
     with pytest.raises(ValueError, match="wantuner_toy_design is 'two'"):
         audit.design_version(path)
+
+
+def test_recipe_vae_stage_trains_with_the_design_losses_and_stamps_the_file(tmp_path: Path, monkeypatch) -> None:
+    from training.toy import recipe
+
+    calls = []
+
+    def fake_run(args, log):  # stands in for the vae_train subprocess: records its arguments, writes its outputs
+        calls.append([str(a) for a in args])
+        out = Path(args[args.index("--out") + 1])
+        save_safetensors({"w": torch.zeros(1)}, out, {"other": "kept"})
+        Path(args[args.index("--report") + 1]).write_text('{"psnr": 1.0}')
+
+    monkeypatch.setattr(recipe, "run", fake_run)
+    cfg = recipe.RecipeConfig()
+    rec = recipe.Recipe(cfg, tmp_path / "out", tmp_path / "work")
+    (tmp_path / "out").mkdir()
+    rec.stage_vae()
+    args = calls[0]
+    assert args[args.index("--edge_weight") + 1] == str(cfg.vae_edge_weight) and cfg.vae_edge_weight > 0
+    assert args[args.index("--l1_weight") + 1] == str(cfg.vae_l1_weight) and cfg.vae_l1_weight > 0
+    for path in (rec.path("vae"), tmp_path / "work" / "vae" / TOY_FILES["vae"]):
+        assert audit.design_version(path) == audit.DESIGN_VERSION and read_metadata(path)["other"] == "kept"
+
+
+def test_recipe_dit_stage_stamps_the_t2v_dit(tmp_path: Path, monkeypatch) -> None:
+    from training.toy import recipe
+
+    def fake_run(args, log):  # stands in for the trainer: writes the trained file where the recipe expects it
+        folder, name = Path(args[args.index("--output_dir") + 1]), args[args.index("--output_name") + 1]
+        save_safetensors({"w": torch.ones(2)}, folder / f"{name}.safetensors", {"other": "kept"})
+
+    monkeypatch.setattr(recipe, "run", fake_run)
+    rec = recipe.Recipe(recipe.RecipeConfig(), tmp_path / "out", tmp_path / "work")
+    (tmp_path / "out").mkdir()
+    rec.stage_dit()
+    assert audit.design_version(rec.path("dit")) == audit.DESIGN_VERSION
+    assert torch.equal(load_state_dict(rec.path("dit"))["w"], torch.ones(2))
