@@ -81,6 +81,8 @@ class VAETrainConfig:
     min_lr_ratio: float = 0.05
     warmup_steps: int = 20
     object_weight: float = 4.0
+    edge_weight: float = 0.0  # L1 between the finite differences (x, y, t) of reconstruction and clip: sharp edges
+    l1_weight: float = 0.0  # weighted L1 pixel error beside the squared one: flat backgrounds, no faint grid
     kl_weight: float = 1e-4
     latent_noise: float = 0.0  # > 0: decoder inputs get N(0, (u * spread_c)^2) noise, u ~ U(0, latent_noise)
     max_grad_norm: float = 1.0
@@ -276,10 +278,25 @@ def vae_loss(model: WanVAEModel, video: torch.Tensor, mask: torch.Tensor, cfg: V
         z = z + torch.randn(mu.shape, generator=generator) * spread * level
     recon = decode_train(model, z)
     weight = 1.0 + cfg.object_weight * mask  # [B, 1, T, H, W]
-    rec = (weight * (recon - video).square()).mean() / weight.mean()
+    err = recon - video
+    rec = (weight * err.square()).mean() / weight.mean()
+    if cfg.l1_weight > 0:
+        rec = rec + cfg.l1_weight * (weight * err.abs()).mean() / weight.mean()
+    if cfg.edge_weight > 0:
+        rec = rec + cfg.edge_weight * edge_error(recon, video)
     kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).mean()
     mse = F.mse_loss(recon.detach().clamp(-1, 1), video).item()
     return rec + cfg.kl_weight * kl, {"rec": rec.item(), "kl": kl.item(), "psnr": _psnr(mse / 4.0)}
+
+
+def edge_error(recon: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+    """Mean L1 distance between the neighbour differences of `recon` and `video` [B, 3, T, H, W] along W, H and T
+    (each axis once): a blurred edge, a grid seam or a jump between frames all show as differences."""
+    total = recon.new_zeros(())
+    for dim in (4, 3, 2):
+        if recon.shape[dim] > 1:
+            total = total + (torch.diff(recon, dim=dim) - torch.diff(video, dim=dim)).abs().mean()
+    return total
 
 
 def _psnr(mse01: float) -> float:

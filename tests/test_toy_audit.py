@@ -1,0 +1,135 @@
+"""The independent toy audit (training/toy/audit.py): right on ground-truth clips, wrong on broken ones.
+
+Broken clips are made here with their own simple operations (a box blur, frame repetition, a drifting shift), so
+the audit's calls are checked against facts of the edit, not against the audit's own output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.toy import audit
+from wan_core.toy.world import COLOURS, SHAPES, Combo, all_combos, render_params, sample_params
+
+
+def _clip(combo: Combo, seed: int, placement: str = "centred") -> tuple[np.ndarray, tuple[float, ...]]:
+    params = sample_params(combo, seed=seed, placement=placement)
+    return render_params(combo, params), params.background_rgb
+
+
+def _gaussian_blur(frames: np.ndarray, sigma: float) -> np.ndarray:
+    """Isotropic gaussian blur of [T, H, W, 3] (edge-padded): at sigma 4 px a 16-22 px object becomes a round blob."""
+    radius = int(np.ceil(3 * sigma))
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    kernel /= kernel.sum()
+    x = np.pad(frames.astype(np.float64), ((0, 0), (radius, radius), (radius, radius), (0, 0)), mode="edge")
+    h, w = frames.shape[1:3]
+    rows = sum(k * x[:, :, i : i + w] for i, k in enumerate(kernel))
+    return sum(k * rows[:, i : i + h] for i, k in enumerate(kernel))
+
+
+@pytest.mark.parametrize("placement", ["centred", "free"])
+def test_ground_truth_clips_are_called_right(placement: str) -> None:
+    combos = all_combos(colours=COLOURS)
+    audits = [audit.audit_clip(_clip(c, 900 + i, placement)[0], c.motion) for i, c in enumerate(combos)]
+    figures = audit.summarise(audits, combos)
+    for name in ("colour", "shape", "motion", "colour_motion", "still_ok", "smooth", "forward"):
+        assert figures[name] == 1.0, (name, figures)
+    # The world's motion is uniform: every step is 1/8 of the 8-step path.
+    moving = [a for a, c in zip(audits, combos) if c.motion != "still"]
+    assert max(a.max_step_share for a in moving) == pytest.approx(1 / 8, abs=0.02)
+
+
+def test_shape_ratio_of_ground_truth_matches_geometry() -> None:
+    for shape in SHAPES:
+        ratios = [audit.audit_clip(_clip(Combo("blue", shape, "still"), s)[0], "still").shape_ratio
+                  for s in range(10)]
+        assert np.median(ratios) == pytest.approx(audit.SHAPE_RATIOS[shape], abs=0.06), shape
+
+
+def test_blurred_shapes_are_blobs() -> None:
+    """Squares and triangles blurred into round blobs must not be called right (a mild blur keeps them)."""
+    blobs = mild = 0
+    for i, shape in enumerate(("square", "triangle")):
+        for seed in range(6):
+            frames, _ = _clip(Combo("red", shape, "still"), 40 + 10 * i + seed)
+            blobs += audit.audit_clip(_gaussian_blur(frames, 4.0), "still").shape != shape
+            mild += audit.audit_clip(_gaussian_blur(frames, 0.7), "still").shape == shape
+    assert blobs >= 9 and mild == 12
+    blurred = [_gaussian_blur(_clip(Combo("red", "square", "still"), 40 + s)[0], 4.0) for s in range(6)]
+    figures = audit.summarise([audit.audit_clip(b, "still") for b in blurred], [Combo("red", "square", "still")] * 6)
+    assert sum(figures["shape_calls"].values()) == 6 and figures["shape_calls"].get("square->square", 0) <= 1
+
+
+def test_chunked_motion_is_a_jump_and_a_shift_back_is_backwards() -> None:
+    combo = Combo("green", "circle", "right")
+    frames, _ = _clip(combo, 5)
+    # frame 0 alone, then frames 1-4 and 5-8 each showing one frame: two jumps of four steps each.
+    chunked = frames[[0, 2, 2, 2, 2, 6, 6, 6, 6]]
+    jumpy = audit.audit_clip(chunked, "right")
+    assert jumpy.max_step_share > audit.MAX_STEP_SHARE
+    backwards = frames[[0, 1, 2, 3, 2, 5, 6, 7, 8]]
+    assert audit.audit_clip(backwards, "right").min_step < -audit.BACKWARD_TOL
+    assert audit.audit_clip(frames, "right").min_step > 0
+
+
+def test_drifting_still_object_fails_and_background_noise_counts() -> None:
+    frames, background = _clip(Combo("yellow", "square", "still"), 77)
+    drift = np.stack([np.roll(f, t // 2, axis=1) for t, f in enumerate(frames)])  # 4 px by the last frame
+    checked = audit.audit_clip(drift, "still")
+    assert checked.max_drift == pytest.approx(4.0, abs=0.3) and checked.max_drift > audit.STILL_RADIUS
+    assert audit.background_mad(frames, frames, background) == 0.0
+    noisy = np.clip(frames.astype(np.float64) + 5.0 * np.sign(np.random.default_rng(0).standard_normal(frames.shape)),
+                    0, 255)
+    assert audit.background_mad(noisy, frames, background) == pytest.approx(5.0, abs=0.01)
+
+
+def test_empty_frames_have_no_object_and_fail_every_target() -> None:
+    frames, _ = _clip(Combo("red", "square", "still"), 3)
+    flat = np.broadcast_to(frames[:, :1, :1], frames.shape).copy()
+    checked = audit.audit_clip(flat, "still")
+    assert not checked.present and checked.shape == "none"
+    figures = audit.summarise([checked], [Combo("red", "square", "still")])
+    assert figures["still_ok"] == 0.0 and figures["shape"] == 0.0
+
+
+def test_float_frames_in_unit_range_are_read_like_uint8() -> None:
+    frames, _ = _clip(Combo("purple", "triangle", "up"), 12)
+    a, b = audit.audit_clip(frames, "up"), audit.audit_clip(frames.astype(np.float32) / 255.0, "up")
+    assert (a.colour, a.shape, a.motion) == (b.colour, b.shape, b.motion) == ("purple", "triangle", "up")
+    assert a.path == pytest.approx(b.path, abs=1e-4)
+
+
+def test_check_targets_names_what_is_missed() -> None:
+    assert audit.check_targets({"shape": 0.97, "background_mad": 2.0}, audit.VAE_TARGETS) == []
+    missed = audit.check_targets({"shape": 0.5, "background_mad": 4.0}, audit.VAE_TARGETS)
+    assert [m.split()[0] for m in missed] == ["shape", "background_mad"]
+    assert audit.check_targets({}, {"smooth": (0.8, 1.0)})[0].startswith("smooth nan")
+
+
+def test_audit_does_not_import_the_training_scorer() -> None:
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(audit))
+    names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any("score" in (n or "") or "vae_train" in (n or "") or "evaluate" in (n or "") for n in names)
+
+
+def test_cli_names_a_missing_file_and_a_bad_seed_count(tmp_path, capsys) -> None:
+    assert audit.main(["vae", "--vae", str(tmp_path / "nope.safetensors")]) == 2
+    assert "nope.safetensors, which does not exist" in capsys.readouterr().err
+    assert audit.main(["vae", "--seeds", "0"]) == 2
+    assert "--seeds must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_t2v_samples_come_back_per_pair_in_pixel_range() -> None:
+    from wan_core.loading.model_set import TOY_FILES, TOY_MODEL_DIR
+
+    combos = [Combo("red", "square", "right"), Combo("blue", "circle", "still")]
+    clips = audit.generate_t2v(TOY_MODEL_DIR / TOY_FILES["dit"], TOY_MODEL_DIR / TOY_FILES["vae"],
+                               TOY_MODEL_DIR / TOY_FILES["t5"], combos, [1, 2], {"infer_steps": 2})
+    assert len(clips) == 2 and all(c.shape == (9, 64, 64, 3) for c in clips)
+    assert min(float(c.min()) for c in clips) >= 0.0 and max(float(c.max()) for c in clips) <= 255.0
+    assert not np.array_equal(clips[0], clips[1])
