@@ -309,11 +309,21 @@ def generate_t2v(dit_path: Path, vae_path: Path, t5_path: Path, combos: Sequence
     from wan_core.models.dit import load_dit
     from wan_core.models.t5 import load_t5
     from wan_core.models.vae import load_vae
+
+    meta = sampling_defaults(dit_path) | dict(overrides or {})
+    return sample_t2v(load_dit(dit_path, dtype=torch.float32), load_vae(vae_path), load_t5(t5_path), meta, combos,
+                      seeds)
+
+
+def sample_t2v(dit: object, vae: object, t5: object, meta: dict, combos: Sequence[Combo],
+               seeds: Sequence[int]) -> list[np.ndarray]:
+    """T2V samples (uint8-range float [T, H, W, 3]) of loaded models with the settings `meta` (the keys of the
+    `wantuner_sampling` metadata); `dit` is one DiT or a `wan_core.sampling.experts.ExpertSwitch`."""
+    import torch
+
     from wan_core.sampling.conditioning import text_to_video
     from wan_core.sampling.pipeline import SamplerSettings, decode_latents, denoise, encode_prompts
 
-    meta = sampling_defaults(dit_path) | dict(overrides or {})
-    dit, vae, t5 = load_dit(dit_path, dtype=torch.float32), load_vae(vae_path), load_t5(t5_path)
     negative = str(meta.get("negative_prompt", ""))
     prompts = sorted({c.caption for c in combos} | {negative})
     embeds = dict(zip(prompts, encode_prompts(t5, prompts)))
@@ -331,17 +341,31 @@ def generate_t2v(dit_path: Path, vae_path: Path, t5_path: Path, combos: Sequence
     return [clip.numpy() * 255.0 for batch in batches for clip in batch]
 
 
-def audit_t2v(dit_path: Path, vae_path: Path, t5_path: Path, seeds: int = 2,
-              overrides: dict[str, float] | None = None) -> dict[str, object]:
-    """Every base combination x `seeds` noise seeds; figures overall and on the held-out combinations."""
+def audit_models(dit: object, vae: object, t5: object, meta: dict, seeds: int = 2) -> dict[str, object]:
+    """`audit_t2v` of loaded models with the settings `meta` (`dit`: one DiT or an expert switch)."""
+    combos, noise = audit_jobs(seeds)
+    return _audit_figures(sample_t2v(dit, vae, t5, meta, combos, noise), combos)
+
+
+def audit_jobs(seeds: int) -> tuple[list[Combo], list[int]]:
+    """Every base combination x `seeds`, with their noise seeds."""
     combos = [c for c in all_combos() for _ in range(seeds)]
-    noise = [AUDIT_SEED_BASE + 100 * (i // seeds) + i % seeds for i in range(len(combos))]
-    clips = generate_t2v(dit_path, vae_path, t5_path, combos, noise, overrides)
+    return combos, [AUDIT_SEED_BASE + 100 * (i // seeds) + i % seeds for i in range(len(combos))]
+
+
+def _audit_figures(clips: Sequence[np.ndarray], combos: Sequence[Combo]) -> dict[str, object]:
     audits = [audit_clip(clip, c.motion) for clip, c in zip(clips, combos)]
     figures = summarise(audits, combos)
     held = [(a, c) for a, c in zip(audits, combos) if c in set(HELDOUT)]
     figures.update({f"heldout_{k}": v for k, v in summarise(*zip(*held)).items()})
     return figures
+
+
+def audit_t2v(dit_path: Path, vae_path: Path, t5_path: Path, seeds: int = 2,
+              overrides: dict[str, float] | None = None) -> dict[str, object]:
+    """Every base combination x `seeds` noise seeds; figures overall and on the held-out combinations."""
+    combos, noise = audit_jobs(seeds)
+    return _audit_figures(generate_t2v(dit_path, vae_path, t5_path, combos, noise, overrides), combos)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ Stages, one after another (each timed; the figures go to `<work>/recipe_report.j
     6. evaluate  pick the sampling defaults on a small grid, store them in the DiT file, behaviour figures
     7. lora      purple LoRA with python -m training train, its figures
     8. variants  toy CLIP vision + I2V / FLF2V / Fun-Control DiTs fine-tuned from the T2V DiT (training.toy.variants)
+    9. wan22     Wan2.2 T2V-A14B high- and low-noise experts fine-tuned from the T2V DiT on its dataset, each on its
+                 side of a boundary taken from the T2V DiT's sampling defaults (training.toy.wan22)
 
 Subprocess stages run with OMP_WAIT_POLICY=PASSIVE unless set: on a shared 2-core machine, spinning OpenMP threads
 make every other process (and themselves) several times slower.
@@ -44,6 +46,7 @@ from training.toy.evaluate import (
 )
 from training.toy.text import build_toy_text_encoder
 from training.toy.variants import build_variants
+from training.toy.wan22 import Wan22Config, build_wan22
 from wan_core.loading.checkpoint import save_safetensors
 from wan_core.loading.model_set import TOY_FILES
 from wan_core.models.config import CONFIG_METADATA_KEY, DiTConfig, config_to_json
@@ -55,7 +58,7 @@ logger = logging.getLogger(__name__)
 TOY_DIT_CONFIG = DiTConfig(dim=128, ffn_dim=512, num_heads=2, num_layers=4, in_dim=16, out_dim=16, text_dim=64,
                            freq_dim=256, text_len=32)
 LORA_FILE = TOY_FILES["lora"]
-STAGES = ("text", "vae", "data", "cache", "dit", "evaluate", "lora", "variants")
+STAGES = ("text", "vae", "data", "cache", "dit", "evaluate", "lora", "variants", "wan22")
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,10 @@ class RecipeConfig:
     lora_steps: int = 1200
     lora_lr: float = 2e-3
     lora_rank: int = 16
+    wan22_steps: int = Wan22Config.steps  # per expert
+    wan22_lr: float = Wan22Config.lr
+    wan22_high_share: float = Wan22Config.high_share
+    wan22_audit_seeds: int = Wan22Config.audit_seeds
     grid_steps: tuple[int, ...] = (12, 20)
     grid_shift: tuple[float, ...] = (3.0,)
     grid_guidance: tuple[float, ...] = (3.0, 5.0)
@@ -260,6 +267,18 @@ class Recipe:
         result = build_variants(self.out, self.work / "variants", self.path("dit"), self.path("vae"), self.path("t5"),
                                 seed=self.cfg.seed)
         self.report.figures["variants"] = result
+
+    def stage_wan22(self) -> None:
+        cfg = self.cfg
+        toml = self.work / "data_base" / "dataset.toml"
+        if not toml.exists():  # the T2V DiT's dataset and caches (stages data and cache)
+            self.stage_data()
+            self._cache("data_base")
+        config = Wan22Config(seed=cfg.seed, high_share=cfg.wan22_high_share, steps=cfg.wan22_steps, lr=cfg.wan22_lr,
+                             timestep_sampling=cfg.dit_timestep_sampling, flow_shift=cfg.dit_flow_shift,
+                             caption_dropout=cfg.caption_dropout, audit_seeds=cfg.wan22_audit_seeds)
+        self.report.figures["wan22"] = build_wan22(self.out, self.work / "wan22", self.path("dit"), self.path("vae"),
+                                                   self.path("t5"), toml, config)
 
     def run(self, stages: Sequence[str]) -> Report:
         self.out.mkdir(parents=True, exist_ok=True)

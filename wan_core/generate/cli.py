@@ -33,9 +33,9 @@ from wan_core.loading.model_set import (
     ModelSpec,
     check_model_file,
     expert_paths,
-    is_expert_root,
     read_dit_config,
     sampling_defaults,
+    with_toy_experts,
 )
 from wan_core.media.io import frames_to_tensor, image_to_tensor, read_image, read_video
 from wan_core.models.config import (
@@ -278,21 +278,23 @@ def resolve_job(job: Job, args: argparse.Namespace, task: str, defaults: dict) -
                       preset.negative_prompt)
     fps = _first(args.fps, defaults.get("fps"), preset.fps)
     _check_inputs(task, image, end_image, control)
-    boundary, guidance_high = _expert_settings(args, preset, settings.guidance_scale)
+    boundary, guidance_high = _expert_settings(args, preset, settings.guidance_scale, defaults)
     return Resolved(job, task, height, width, frames, settings, negative, fps, image, end_image, control, boundary,
                     guidance_high)
 
 
-def _expert_settings(args: argparse.Namespace, preset: TaskPreset, guidance: float) -> tuple[float | None,
-                                                                                              float | None]:
-    """(boundary, high-noise guidance) of a Wan2.2 A14B task; (None, None) for single-DiT tasks."""
+def _expert_settings(args: argparse.Namespace, preset: TaskPreset, guidance: float,
+                     defaults: dict) -> tuple[float | None, float | None]:
+    """(boundary, high-noise guidance) of a Wan2.2 A14B task: command line > the DiT file's defaults
+    (`timestep_boundary`, `guidance_scale_high_noise`) > the task preset; (None, None) for single-DiT tasks."""
     if preset.boundary is None:
         if args.dit_high_noise or args.timestep_boundary is not None or args.guidance_scale_high_noise is not None:
             raise ValueError(f"--dit_high_noise / --timestep_boundary / --guidance_scale_high_noise are for the "
                              f"Wan2.2 A14B tasks (t2v-A14B, i2v-A14B); task is {preset.name}")
         return None, None
-    boundary = boundary_fraction(_first(args.timestep_boundary, preset.boundary))
-    return boundary, _first(args.guidance_scale_high_noise, preset.guide_scale_high, guidance)
+    boundary = boundary_fraction(_first(args.timestep_boundary, defaults.get("timestep_boundary"), preset.boundary))
+    return boundary, _first(args.guidance_scale_high_noise, defaults.get("guidance_scale_high_noise"),
+                            preset.guide_scale_high, guidance)
 
 
 def _check_inputs(task: str, image, end_image, control) -> None:
@@ -340,9 +342,9 @@ def spec_from_args(args: argparse.Namespace) -> ModelSpec:
     tokenizer = args.tokenizer or (str(Path(args.ckpt_dir) / "google" / "umt5-xxl") if args.ckpt_dir else None)
     vae_dtype = getattr(torch, args.vae_dtype) if args.vae_dtype else None
     high = _loras(args.lora_weight_high_noise, args.lora_multiplier_high_noise, "--lora_multiplier_high_noise")
-    if high and not args.dit_high_noise and not is_expert_root(args.dit):
+    dit, dit_high = with_toy_experts(args.task, *expert_paths(args.dit, args.dit_high_noise))
+    if high and not dit_high:
         raise ValueError("--lora_weight_high_noise needs the high-noise expert (--dit_high_noise)")
-    dit, dit_high = expert_paths(args.dit, args.dit_high_noise)
     return ModelSpec(dit=dit, dit_high=dit_high, loras_high=high,
                      offload_inactive=args.offload_inactive_dit, lazy_loading=args.lazy_loading, vae=args.vae,
                      t5=args.t5, clip=args.clip,

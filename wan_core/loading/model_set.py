@@ -45,7 +45,13 @@ TOY_FILES = {
     "clip": "wan21_toy_clip_vision.safetensors",
     "lora": "wan21_toy_purple_lora.safetensors",
 }
+# The toy Wan2.2 expert pairs (task -> high-noise expert, low-noise expert): the default for the task when no DiT is
+# given and both files are in the toy folder
+TOY_EXPERT_FILES = {
+    "t2v-A14B": ("wan22_toy_t2v_high_noise_dit.safetensors", "wan22_toy_t2v_low_noise_dit.safetensors"),
+}
 SAMPLING_METADATA_KEY = "wantuner_sampling"  # JSON of default settings stored in a DiT file (the toy models)
+TOY_RECIPE = "python -m training.toy.recipe --out wan_core/toy_models --seed 0"
 
 
 def toy_path(kind: str) -> Path:
@@ -109,11 +115,33 @@ def toy_dit_key(task: str) -> str:
     """The TOY_FILES key of the toy DiT that stands in for `task` (T2V, I2V, FLF2V or Fun-Control)."""
     preset = get_task(task)
     if preset.is_wan22:
-        raise ValueError(f"there is no embedded toy model for the Wan2.2 task {task}: give its DiT with --dit")
+        built = (f" (the toy experts {' and '.join(TOY_EXPERT_FILES[preset.name])} are not in {TOY_MODEL_DIR}; "
+                 f"the recipe's wan22 stage builds them: {TOY_RECIPE} --stages wan22)"
+                 if preset.name in TOY_EXPERT_FILES else "")
+        raise ValueError(f"there is no embedded toy model for the Wan2.2 task {task}: give its DiT with --dit{built}")
     dit = preset.dit
     if dit.in_dim == 48:
         return "dit_fun_control"
     return {"i2v": "dit_i2v", "flf2v": "dit_flf2v"}.get(dit.model_type, "dit")
+
+
+def toy_expert_pair(task: str | None) -> tuple[Path, Path] | None:
+    """(high-noise, low-noise) toy expert files of `task` when both are in the toy folder, else None."""
+    if task is None or get_task(task).name not in TOY_EXPERT_FILES:
+        return None
+    high, low = (TOY_MODEL_DIR / name for name in TOY_EXPERT_FILES[get_task(task).name])
+    return (high, low) if high.is_file() and low.is_file() else None
+
+
+def with_toy_experts(task: str | None, dit: str | None, dit_high: str | None) -> tuple[str | None, str | None]:
+    """(--dit, --dit_high_noise) with the toy expert pair of `task` filled in when neither is given and both toy
+    files exist; otherwise as given (a missing toy pair is reported when the DiT is looked up: `toy_dit_key`)."""
+    pair = None if dit or dit_high else toy_expert_pair(task)
+    if pair is None:
+        return dit, dit_high
+    logger.info("task %s with no --dit: the toy expert pair, high noise %s, low noise %s", task, pair[0].name,
+                pair[1].name)
+    return str(pair[1]), str(pair[0])
 
 
 def sampling_defaults(dit_path: Path) -> dict[str, Any]:
@@ -239,8 +267,8 @@ class ModelSet:
     def _check(self, kind: str) -> Path:
         path = self.spec.path(kind)
         if not path.exists():
-            hint = (" (the embedded toy models are missing: rebuild them with `python -m training.toy.recipe "
-                    "--out wan_core/toy_models --seed 0`)" if path.parent == TOY_MODEL_DIR else "")
+            hint = (f" (the embedded toy models are missing: rebuild them with `{TOY_RECIPE}`)"
+                    if path.parent == TOY_MODEL_DIR else "")
             raise FileNotFoundError(f"{kind} checkpoint not found: {path}{hint}")
         return path
 
