@@ -236,3 +236,21 @@ def test_a_given_dit_is_not_replaced_by_the_toy_pair(tiny, tmp_path, monkeypatch
     assert model_set.with_toy_experts("t2v-14B", None, None) == (None, None)
     high, low = (str(model_set.TOY_MODEL_DIR / n) for n in TOY_EXPERT_FILES["t2v-A14B"])
     assert model_set.with_toy_experts("t2v-A14B", None, None) == (low, high)
+
+
+def test_recipe_runs_wan22_after_variants_with_its_config_and_the_t2v_dataset(tmp_path, monkeypatch) -> None:
+    from training.toy import recipe
+
+    assert recipe.STAGES[-2:] == ("variants", "wan22")
+    calls = []
+    monkeypatch.setattr(recipe, "build_wan22", lambda *args: calls.append(args) or {"stages": {}, "figures": {}})
+    (tmp_path / "work" / "data_base").mkdir(parents=True)
+    (tmp_path / "work" / "data_base" / "dataset.toml").write_text("")
+    cfg = recipe.RecipeConfig(seed=3, wan22_steps=7, wan22_high_share=0.6, wan22_lr=1e-4, wan22_audit_seeds=2)
+    recipe.Recipe(cfg, tmp_path / "out", tmp_path / "work").run(["wan22"])
+    ((out, work, t2v, vae, t5, toml, config),) = calls
+    assert (out, work, toml) == (tmp_path / "out", tmp_path / "work" / "wan22",
+                                 tmp_path / "work" / "data_base" / "dataset.toml")
+    assert (t2v.name, vae.name, t5.name) == (model_set.TOY_FILES["dit"], model_set.TOY_FILES["vae"],
+                                             model_set.TOY_FILES["t5"])
+    assert config == wan22.Wan22Config(seed=3, high_share=0.6, steps=7, lr=1e-4, audit_seeds=2)
