@@ -163,7 +163,8 @@ def test_ti2v_5b_image_to_video_puts_the_image_latent_in_frame_0(models, tmp_pat
      "--vae vae22.safetensors has 48 latent channels; task t2v-A14B needs the Wan2.1 VAE (wan_2.1_vae) with 16"),
     (["--task", "ti2v-5B", "--dit", "{ti2v}", "--vae", "{vae22}", "--image_path", "{start}", "--end_image_path",
       "{start}"], "task ti2v-5B takes a start image only (--image_path, the first frame); drop --end_image_path"),
-    (["--task", "t2v-A14B"], "there is no embedded toy model for the Wan2.2 task t2v-A14B: give its DiT with --dit"),
+    # t2v-A14B has a toy expert pair (tests/test_toy_wan22.py covers it with and without the files)
+    (["--task", "i2v-A14B"], "there is no embedded toy model for the Wan2.2 task i2v-A14B: give its DiT with --dit"),
 ])
 def test_wrong_wan22_input_is_one_clear_error(models, tmp_path, capsys, argv, message):
     assert _run(models, tmp_path, *[a.format(**{k: str(v) for k, v in models.items()}) for a in argv]) == 2
