@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wan_core.loading.model_set import sampling_defaults
 from wan_core.lora.apply import applied_loras
 from wan_core.media.layouts import (
     fit_latent_rgb,
@@ -177,11 +179,13 @@ class WanTunerSampler:
                                       "then the low-noise expert. It runs the steps whose timestep is at or above "
                                       "the boundary."),
                 "boundary": inp("FLOAT", "Wan2.2 A14B expert boundary: a fraction (0-1) or a timestep (1-1000); -1 "
-                                "= the task's (0.875 T2V-A14B, 0.9 I2V-A14B).", default=TASK_DEFAULT, min=-1.0,
+                                "= the one stored in the low-noise expert's file (the toy pair's), else the task's "
+                                "(0.875 T2V-A14B, 0.9 I2V-A14B).", default=TASK_DEFAULT, min=-1.0,
                                 max=1000.0, step=0.001),
                 "guidance_scale_high_noise": inp("FLOAT", "Guidance scale of the high-noise expert (guidance_scale "
-                                                 "is the low-noise one's); -1 = the task's (4.0 T2V-A14B, 3.5 "
-                                                 "I2V-A14B).", default=TASK_DEFAULT, min=-1.0, max=30.0, step=0.1),
+                                                 "is the low-noise one's); -1 = the one stored in the low-noise "
+                                                 "expert's file, else the task's (4.0 T2V-A14B, 3.5 I2V-A14B).",
+                                                 default=TASK_DEFAULT, min=-1.0, max=30.0, step=0.1),
                 "start_step": inp("INT", "First step of the schedule to run. > 0 continues the still-noisy latent "
                                   "of a sampler whose end_step is this step (no noise is added; seed unused).",
                                   default=0, min=0, max=LAST_STEP),
@@ -271,12 +275,15 @@ def a14b_task(dit: DiTHandle) -> str:
 
 
 def _expert_settings(low: DiTHandle, high: DiTHandle, boundary: float, guidance_high: float) -> tuple[float, float]:
-    """(boundary, high-noise guidance) of an expert pair, -1 replaced by the task's value."""
+    """(boundary, high-noise guidance) of an expert pair, -1 replaced by the value stored in the low-noise expert's
+    file (`wantuner_sampling`: timestep_boundary, guidance_scale_high_noise), else by the task's."""
     if low.config.out_dim == WAN22_VAE.z_dim:
         raise ValueError(f"{low.name} is a TI2V-5B DiT, which has no high-noise expert; disconnect high_noise_dit")
     preset = TASKS[a14b_task(low)]
-    chosen = (preset.boundary if boundary == TASK_DEFAULT else boundary,
-              preset.guide_scale_high if guidance_high == TASK_DEFAULT else guidance_high)
+    stored = sampling_defaults(Path(low.path)) if low.path else {}
+    chosen = (stored.get("timestep_boundary", preset.boundary) if boundary == TASK_DEFAULT else boundary,
+              stored.get("guidance_scale_high_noise", preset.guide_scale_high) if guidance_high == TASK_DEFAULT
+              else guidance_high)
     logger.info("%s experts: high-noise %s above boundary %g (guidance %g), low-noise %s below", preset.name,
                 high.name, chosen[0], chosen[1], low.name)
     return chosen  # type: ignore[return-value]

@@ -14,6 +14,8 @@ from nodes import NODE_CLASS_MAPPINGS as N
 from nodes import comfy_adapter as adapter
 from nodes.sampler import HANDOVER
 from tests import tiny_model_set as tms
+from wan_core.loading.checkpoint import load_state_dict, read_metadata, save_safetensors
+from wan_core.loading.model_set import SAMPLING_METADATA_KEY
 from wan_core.lora.apply import applied_loras
 from wan_core.media.layouts import image_to_wan, latent_to_comfy
 from wan_core.runtime.step_cache import CALIBRATION_FORMAT, CALIBRATION_VERSION, calibration_path
@@ -114,6 +116,24 @@ def test_sampler_with_a_high_noise_dit_runs_the_expert_switch(models: Path) -> N
     assert switch.used.count("high") == 2 * switch_step(6, 12.0, 0.875) > 0 and "low" in switch.used
     alone = sample(low, text)["samples"]
     assert (got - alone).abs().max() > 1e-3
+
+
+def test_sampler_takes_the_boundary_and_high_noise_guidance_stored_in_the_low_noise_expert(models: Path) -> None:
+    """-1 (the default) means the low-noise expert file's `wantuner_sampling` values (the toy pair stores its own
+    boundary), else the task's; given values win."""
+    folder = models / "models" / "diffusion_models"
+    stored = {"timestep_boundary": 0.95, "guidance_scale_high_noise": 2.5}  # 3 of the 6 steps at shift 12
+    meta = read_metadata(folder / T2V_LOW) | {SAMPLING_METADATA_KEY: json.dumps(stored)}
+    save_safetensors(dict(load_state_dict(folder / T2V_LOW)), folder / "low_with_defaults.safetensors", meta)
+    high, low, text = dit(T2V_HIGH), dit("low_with_defaults.safetensors"), embeds()
+    settings = SamplerSettings(steps=6, guidance_scale=3.0, flow_shift=12.0, seed=7, solver="euler")
+    for inputs, boundary, guidance_high in (({}, 0.95, 2.5), ({"boundary": 0.9, "guidance_scale_high_noise": 4.0},
+                                                             0.9, 4.0)):
+        got = sample(low, text, high_noise_dit=high, **inputs)["samples"]
+        switch = ExpertSwitch(high.model.obj, low.model.obj, boundary, guidance_high, 3.0, torch.device("cpu"))
+        direct = denoise(switch, text_to_video(32, 32, 5), [text.positive], [text.negative], settings)
+        assert torch.equal(got, latent_to_comfy(direct)), inputs
+        assert switch.used.count("high") == 2 * switch_step(6, 12.0, boundary) > 0 and "low" in switch.used
 
 
 @pytest.mark.parametrize("solver", ["euler", "flowmatch_distill"])
