@@ -117,6 +117,14 @@ def test_stage_writes_both_experts_trained_on_their_sides_of_the_boundary(tiny, 
     assert not torch.equal(load_dit(high).blocks[0].ffn[0].weight, load_dit(low).blocks[0].ffn[0].weight)
 
 
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("high_share", 0.0, r"high_share must be in \(0, 1\), got 0.0"), ("steps", 0, "steps must be >= 1, got 0"),
+    ("audit_seeds", 0, "audit_seeds must be >= 1, got 0"), ("lr", 0.0, "lr must be > 0, got 0.0")])
+def test_config_refuses_bad_values(field, value, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        wan22.Wan22Config(**{field: value})
+
+
 def test_stage_refuses_a_t2v_dit_without_sampling_defaults(tiny, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(wan22, "run", lambda *a: pytest.fail("trained before checking the T2V file"))
     with pytest.raises(ValueError, match="has no wantuner_sampling infer_steps, flow_shift, guidance_scale"):

@@ -69,6 +69,15 @@ class Wan22Config:
     eval_train_count: int = 24
     audit_seeds: int = 1  # audit: every base combination x this many noise seeds
 
+    def __post_init__(self) -> None:
+        if not 0.0 < self.high_share < 1.0:
+            raise ValueError(f"high_share must be in (0, 1), got {self.high_share}")
+        for name in ("steps", "audit_seeds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0.0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Boundary and metadata
