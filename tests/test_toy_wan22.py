@@ -147,10 +147,13 @@ def test_evaluation_samples_the_single_dit_the_pair_and_the_swapped_pair(tiny, t
     assert set(figures) == set(wan22.SETUPS)
     for setup in ("pair", "swapped"):
         for judge in ("score", "audit"):
-            drop = {"seconds", "high_noise_calls", "low_noise_calls"}
+            drop = {"seconds"}
             got, want = ({k: v for k, v in figures[n][judge].items() if k not in drop} for n in (setup, "single"))
             assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True), (setup, judge)  # NaN too
-    assert figures["pair"]["audit"]["high_noise_calls"] > 0 and figures["pair"]["audit"]["low_noise_calls"] > 0
+    samples = 12 + len(jobs[0][:: 6])  # scorer pairs + audit clips, 2 steps x (prompt, negative) each
+    assert figures["pair"]["expert_calls"] == figures["swapped"]["expert_calls"] == {"high": 2 * samples,
+                                                                                     "low": 2 * samples}
+    assert "expert_calls" not in figures["single"]
     assert wan22.claims(figures) == {"pair_at_least_single_score": True, "pair_at_least_single_audit": True,
                                      "swap_hurts_score": False, "swap_hurts_audit": False}
     rows = wan22.readme_rows(figures)

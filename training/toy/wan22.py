@@ -163,10 +163,9 @@ def evaluate_setups(t2v: Path, high: Path, low: Path, vae: Path, t5: Path,
         looked = audit.audit_models(model, vae_model, t5_model, meta, cfg.audit_seeds)
         looked = {k: round(v, 4) if isinstance(v, float) else v for k, v in looked.items()}
         looked["seconds"] = round(time.perf_counter() - start, 1)
-        if isinstance(model, ExpertSwitch):
-            looked["high_noise_calls"] = model.used.count("high")
-            looked["low_noise_calls"] = model.used.count("low")
         figures[setup] = {"score": score, "audit": looked}
+        if isinstance(model, ExpertSwitch):  # model calls per expert, scorer and audit together
+            figures[setup]["expert_calls"] = {name: model.used.count(name) for name in EXPERTS}
         logger.info("%s: scorer colour+motion %.3f, audit colour+motion %.3f", setup, score["colour_motion"],
                     looked["colour_motion"])
     return figures
