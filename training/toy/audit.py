@@ -39,7 +39,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from wan_core.loading.checkpoint import load_state_dict, read_metadata, save_safetensors
+from wan_core.loading.model_set import TOY_FILES, TOY_MODEL_DIR, sampling_defaults
+from wan_core.models.dit import load_dit
+from wan_core.models.t5 import load_t5
+from wan_core.models.vae import load_vae
+from wan_core.sampling.conditioning import text_to_video
+from wan_core.sampling.pipeline import SamplerSettings, decode_latents, denoise, encode_prompts
 from wan_core.toy.world import (
     COLOURS,
     HELDOUT,
@@ -74,12 +82,8 @@ T2V_TARGETS = {"shape": (0.8, 1.0), "still_ok": (0.9, 1.0), "smooth": (0.8, 1.0)
                "colour_motion": (0.95, 1.0), "heldout_colour_motion": (0.95, 1.0)}
 
 
-
-
 def design_version(path: str | Path) -> int:
     """The toy design a file was built for (`DESIGN_METADATA_KEY`; 1 when the file has no stamp)."""
-    from wan_core.loading.checkpoint import read_metadata
-
     value = read_metadata(path).get(DESIGN_METADATA_KEY, "1")
     if not value.isdigit():
         raise ValueError(f"{path}: {DESIGN_METADATA_KEY} is {value!r}; expected a whole number")
@@ -88,8 +92,6 @@ def design_version(path: str | Path) -> int:
 
 def stamp_design(path: str | Path) -> None:
     """Mark `path` (a safetensors file) as built for `DESIGN_VERSION`, keeping its tensors and other metadata."""
-    from wan_core.loading.checkpoint import load_state_dict, read_metadata, save_safetensors
-
     meta = read_metadata(path) | {DESIGN_METADATA_KEY: str(DESIGN_VERSION)}
     save_safetensors(dict(load_state_dict(path)), path, meta)
 
@@ -282,8 +284,6 @@ def ground_truth(seeds: int = 2, placement: str = "centred") -> tuple[list[np.nd
 
 def audit_vae(vae: object, seeds: int = 2, placement: str = "centred", batch: int = 10) -> dict[str, object]:
     """Encode + decode ground-truth clips with `vae` (`WanVAE`); audit figures plus the background MAD."""
-    import torch
-
     clips, combos, backgrounds = ground_truth(seeds, placement)
     recon = []
     for i in range(0, len(clips), batch):
@@ -303,12 +303,7 @@ def generate_t2v(dit_path: Path, vae_path: Path, t5_path: Path, combos: Sequence
                  overrides: dict[str, float] | None = None) -> list[np.ndarray]:
     """T2V samples (uint8-range float [T, H, W, 3]) with the DiT file's stored sampling defaults, updated with
     `overrides` (keys of the `wantuner_sampling` metadata: infer_steps, guidance_scale, flow_shift)."""
-    import torch
 
-    from wan_core.loading.model_set import sampling_defaults
-    from wan_core.models.dit import load_dit
-    from wan_core.models.t5 import load_t5
-    from wan_core.models.vae import load_vae
 
     meta = sampling_defaults(dit_path) | dict(overrides or {})
     return sample_t2v(load_dit(dit_path, dtype=torch.float32), load_vae(vae_path), load_t5(t5_path), meta, combos,
@@ -319,10 +314,7 @@ def sample_t2v(dit: object, vae: object, t5: object, meta: dict, combos: Sequenc
                seeds: Sequence[int]) -> list[np.ndarray]:
     """T2V samples (uint8-range float [T, H, W, 3]) of loaded models with the settings `meta` (the keys of the
     `wantuner_sampling` metadata); `dit` is one DiT or a `wan_core.sampling.experts.ExpertSwitch`."""
-    import torch
 
-    from wan_core.sampling.conditioning import text_to_video
-    from wan_core.sampling.pipeline import SamplerSettings, decode_latents, denoise, encode_prompts
 
     negative = str(meta.get("negative_prompt", ""))
     prompts = sorted({c.caption for c in combos} | {negative})
@@ -389,8 +381,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from wan_core.loading.model_set import TOY_FILES, TOY_MODEL_DIR
-    from wan_core.models.vae import load_vae
 
     args = build_parser().parse_args(argv)
     folder = Path(args.models) if args.models else TOY_MODEL_DIR
