@@ -48,7 +48,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from wan_core.loading.model_set import TOY_FILES, TOY_MODEL_DIR
+from wan_core.loading.model_set import TOY_EXPERT_FILES, TOY_FILES, TOY_MODEL_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,11 @@ def _toy_folder_of(key: str) -> str:
 
 
 def toy_names(folder: str) -> list[str]:
-    return sorted(name for key, name in TOY_FILES.items() if _toy_folder_of(key) == folder)
+    """The toy files a loader of `folder` offers (the Wan2.2 expert pairs are diffusion models too)."""
+    names = {name for key, name in TOY_FILES.items() if _toy_folder_of(key) == folder}
+    if folder == "diffusion_models":
+        names.update(name for pair in TOY_EXPERT_FILES.values() for name in pair)
+    return sorted(names)
 
 
 def register_toy_folder() -> None:

@@ -15,6 +15,7 @@ import torch
 from nodes import NODE_CLASS_MAPPINGS as N
 from nodes import comfy_adapter as adapter
 from tests import tiny_model_set as tms
+from wan_core.loading.model_set import TOY_EXPERT_FILES
 
 
 class Interrupted(BaseException):
@@ -178,3 +179,17 @@ def test_save_video_uses_comfyui_naming(comfy: FakeComfy) -> None:
     out = N["WanTunerSaveVideo"]().save(images=torch.rand(5, 16, 16, 3), fps=16, filename_prefix="WanTuner/x", crf=20)
     assert out["ui"]["images"] == [{"filename": "x_00007_.mp4", "subfolder": "WanTuner", "type": "output"}]
     assert Path(out["result"][0]).is_file()
+
+
+def test_the_toy_expert_pair_is_offered_by_the_dit_loader_once_it_is_in_the_toy_folder(tmp_path: Path,
+                                                                                       monkeypatch) -> None:
+    pair = TOY_EXPERT_FILES["t2v-A14B"]
+    assert set(pair) <= set(adapter.toy_names("diffusion_models"))
+    assert not set(pair) & set(adapter.toy_names("vae"))
+    monkeypatch.setattr(adapter, "TOY_MODEL_DIR", tmp_path)
+    monkeypatch.setenv(adapter.MODELS_DIR_ENV, str(tmp_path / "models"))
+    assert adapter.list_models("diffusion_models") == []
+    for name in pair:
+        (tmp_path / name).write_bytes(b"")
+    assert adapter.list_models("diffusion_models") == sorted(pair)
+    assert adapter.model_path("diffusion_models", pair[0]) == tmp_path / pair[0]
