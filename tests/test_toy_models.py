@@ -20,7 +20,9 @@ from training.toy.vae_train import (
     evaluation_clips,
     fold_latent_statistics,
     identity_path_init,
+    latent_cells,
     raw_latent_statistics,
+    shape_probe_loss,
     to_video,
     train_vae,
 )
@@ -228,6 +230,48 @@ def test_identity_path_init_is_a_working_coarse_autoencoder() -> None:
     clips, combos = evaluation_clips(seed=5, count=6)
     report = evaluate_reconstruction(WanVAE(model.eval()), clips, combos)
     assert report.psnr > 22.0 and report.colour == 1.0 and report.motion == 1.0, report
+
+
+def test_colour_only_init_keeps_the_colour_path_and_gives_detail_channels_random_rows() -> None:
+    torch.manual_seed(0)
+    full, colour = WanVAEModel(VAEConfig(dim=8)), WanVAEModel(VAEConfig(dim=8))
+    colour.load_state_dict(full.state_dict())
+    identity_path_init(full)
+    identity_path_init(colour, colour_only=True)
+    down_full, down_colour = full.encoder.downsamples[2].resample[1], colour.encoder.downsamples[2].resample[1]
+    assert torch.equal(down_full.weight[:4], down_colour.weight[:4])  # colour + constant: the 2x2 average
+    assert torch.count_nonzero(down_full.weight[4:, :4]) == 0  # identity init: detail rows average their own channel
+    assert torch.count_nonzero(down_colour.weight[4:, :4]) > 0  # colour-only: a random strided conv of all inputs
+    clips, combos = evaluation_clips(seed=5, count=6)
+    report = evaluate_reconstruction(WanVAE(colour.eval()), clips, combos)
+    assert report.psnr > 22.0 and report.colour == 1.0 and report.motion == 1.0, report
+
+
+def test_latent_cells_follow_the_causal_chunks_and_the_shape_probe_reads_them() -> None:
+    mask = torch.zeros(1, 1, 5, 16, 16)  # frames 0 | 1..4 -> latent frames 0 | 1; 2 x 2 latent cells
+    mask[:, :, 0, :8, :8] = 1.0  # frame 0: the whole top-left cell
+    mask[:, :, 3, 8:, 8:12] = 1.0  # one frame of the second chunk: half of the bottom-right cell
+    mask[:, :, 1, 8:10, :8] = 1.0  # a quarter of the bottom-left cell: not more than 0.25
+    cells = latent_cells(mask)
+    assert cells.shape == (1, 2, 2, 2)
+    assert cells.nonzero().tolist() == [[0, 0, 0, 0], [0, 1, 1, 1]]
+    mu = torch.zeros(1, 16, 2, 2, 2, requires_grad=True)
+    probe = torch.nn.Linear(16, 3)
+    loss = shape_probe_loss(probe, mu, mask, torch.tensor([2]))
+    expected = torch.nn.functional.cross_entropy(probe(torch.zeros(2, 16)), torch.tensor([2, 2]))
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert torch.count_nonzero(mu.grad) == 2 * 16  # only the two object cells
+    assert shape_probe_loss(probe, mu, torch.zeros_like(mask), torch.tensor([0])).item() == 0.0
+
+
+def test_the_shape_probe_trains_alongside_and_is_not_saved() -> None:
+    cfg = VAETrainConfig(dim=8, steps=2, batch_size=2, crop=16, full_fraction=0.5, full_batch_size=1, lr=1e-3,
+                         warmup_steps=1, shape_weight=0.1)
+    with_probe, without = train_vae(cfg), train_vae(VAETrainConfig(**{**cfg.__dict__, "shape_weight": 0.0}))
+    assert with_probe.state_dict().keys() == without.state_dict().keys()
+    assert any(not torch.equal(a, b) for a, b in zip(with_probe.state_dict().values(),
+                                                       without.state_dict().values()))
 
 
 def test_folding_latent_statistics_normalises_and_leaves_decoding_unchanged() -> None:

@@ -84,9 +84,10 @@ class VAETrainConfig:
     edge_weight: float = 0.0  # L1 between the finite differences (x, y, t) of reconstruction and clip: sharp edges
     l1_weight: float = 0.0  # weighted L1 pixel error beside the squared one: flat backgrounds, no faint grid
     kl_weight: float = 1e-4
+    shape_weight: float = 0.0  # cross-entropy of a linear shape probe on the latent cells the object covers
     latent_noise: float = 0.0  # > 0: decoder inputs get N(0, (u * spread_c)^2) noise, u ~ U(0, latent_noise)
     max_grad_norm: float = 1.0
-    init: str = "identity"  # "identity" (identity_path_init) or "default" (PyTorch's initialisation)
+    init: str = "identity"  # "identity" / "colour" (identity_path_init, all or colour-only paths) or "default"
     latent_scale: str = "channel"  # normalised latents: unit std per "channel" or one "common" scale (see docstring)
     seed: int = 0
 
@@ -99,8 +100,8 @@ class VAETrainConfig:
             raise ValueError(f"full_fraction must be in [0, 1], got {self.full_fraction}")
         if self.latent_scale not in ("common", "channel"):
             raise ValueError(f"latent_scale must be 'common' or 'channel', got {self.latent_scale!r}")
-        if self.init not in ("identity", "default"):
-            raise ValueError(f"init must be 'identity' or 'default', got {self.init!r}")
+        if self.init not in ("identity", "colour", "default"):
+            raise ValueError(f"init must be 'identity', 'colour' or 'default', got {self.init!r}")
         if self.steps < 1 or self.batch_size < 1 or self.full_batch_size < 1:
             raise ValueError("steps, batch_size and full_batch_size must be >= 1")
 
@@ -116,8 +117,9 @@ class VAETrainConfig:
 ALL_COMBOS: tuple[Combo, ...] = tuple(Combo(c, s, m) for c in COLOURS for s in SHAPES for m in MOTIONS)
 
 
-def render_sample(rng: np.random.Generator, frames: int, crop: int) -> tuple[np.ndarray, np.ndarray]:
-    """One random clip -> (pixels [T, crop, crop, 3] float32 in [-1, 1], object weight mask [T, crop, crop] 0/1).
+def render_sample(rng: np.random.Generator, frames: int, crop: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """One random clip -> (pixels [T, crop, crop, 3] float32 in [-1, 1], object weight mask [T, crop, crop] 0/1,
+    the index of its shape in SHAPES).
 
     Crops are centred on the object's mean position, jittered by up to a quarter of the crop."""
     combo = ALL_COMBOS[int(rng.integers(len(ALL_COMBOS)))]
@@ -130,15 +132,16 @@ def render_sample(rng: np.random.Generator, frames: int, crop: int) -> tuple[np.
         x0 = int(np.clip(round(cx - crop / 2), 0, DEFAULT_SIZE - crop))
         y0 = int(np.clip(round(cy - crop / 2), 0, DEFAULT_SIZE - crop))
         clip, mask = clip[:, y0 : y0 + crop, x0 : x0 + crop], mask[:, y0 : y0 + crop, x0 : x0 + crop]
-    return clip / 127.5 - 1.0, mask
+    return clip / 127.5 - 1.0, mask, SHAPES.index(combo.shape)
 
 
-def render_batch(rng: np.random.Generator, batch: int, frames: int, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> video [B, 3, T, S, S] in [-1, 1], mask [B, 1, T, S, S]."""
+def render_batch(rng: np.random.Generator, batch: int, frames: int,
+                 crop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> video [B, 3, T, S, S] in [-1, 1], mask [B, 1, T, S, S], shape indices [B]."""
     samples = [render_sample(rng, frames, crop) for _ in range(batch)]
     video = torch.from_numpy(np.stack([s[0] for s in samples])).permute(0, 4, 1, 2, 3).contiguous()
     mask = torch.from_numpy(np.stack([s[1] for s in samples]))[:, None]
-    return video, mask
+    return video, mask, torch.tensor([s[2] for s in samples])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -174,6 +177,7 @@ def decode_train(model: WanVAEModel, mu: torch.Tensor) -> torch.Tensor:
 RGB = 3  # feature channels 0..2 carry the colour (offset by COLOUR_OFFSET), channel 3 a large constant
 COLOUR_OFFSET = 3.0
 CONSTANT = 20.0
+DETAIL_INIT_SCALE = 0.1  # init "colour": the random rows of the detail channels, relative to PyTorch's init
 SILU_TARGET = 6.0  # pre-SiLU value of a zero colour after an RMSNorm: SiLU is nearly linear around it
 
 
@@ -215,14 +219,49 @@ def _normalised_head(norm: torch.nn.Module, conv: torch.nn.Module, outputs: int)
         b[c] = -COLOUR_OFFSET
 
 
+def _colour_rows(channels: int, paired: bool = False) -> torch.Tensor:
+    """Boolean mask over `channels` output rows: the colour and constant channels 0..3 (both halves when the rows
+    are two frames' worth, as in the temporal upsampler)."""
+    rows = torch.zeros(channels, dtype=torch.bool)
+    rows[: RGB + 1] = True
+    if paired:
+        rows[channels // 2 : channels // 2 + RGB + 1] = True
+    return rows
+
+
 @torch.no_grad()
-def identity_path_init(model: WanVAEModel) -> None:
+def _restore_detail_rows(module: torch.nn.Module, fresh: dict[str, torch.Tensor], paired: bool = False) -> None:
+    """Give the output rows other than the colour path back their random initialisation `fresh`, scaled by
+    DETAIL_INIT_SCALE (full-size random rows grow the detail channels until they dominate the RMS norms that the
+    colour path's scale relies on)."""
+    rows = ~_colour_rows(module.weight.shape[0], paired)
+    module.weight[rows] = fresh["weight"][rows] * DETAIL_INIT_SCALE
+    module.bias[rows] = fresh["bias"][rows] * DETAIL_INIT_SCALE
+
+
+@torch.no_grad()
+def identity_path_init(model: WanVAEModel, colour_only: bool = False) -> None:
     """Start from an autoencoder that already works coarsely: colour travels through channels 0..2 of every level
     (8x8 average pooling and 4-frame averaging in the encoder, nearest upsampling and frame repetition in the
     decoder), every residual branch and attention projection starts at zero (identity blocks, as in SkipInit), and
     the remaining channels keep their random initialisation for training to put detail into. The architecture and
-    key names are unchanged; only the starting point differs."""
+    key names are unchanged; only the starting point differs.
+
+    `colour_only`: only the colour and constant channels 0..3 get the identity path; the other rows of the
+    residual branches' output convs and of the spatial and temporal resampling convs keep their random
+    initialisation, so detail channels see sub-cell structure (a random strided conv, not an average) from the
+    first step."""
     z = model.config.z_dim
+    fresh = {}
+    if colour_only:
+        for module in model.modules():
+            if isinstance(module, ResidualBlock):
+                fresh[id(module.residual[6])] = (module.residual[6], False)
+            elif isinstance(module, Resample):
+                fresh[id(module.resample[1])] = (module.resample[1], False)
+                if module.mode in ("downsample3d", "upsample3d"):
+                    fresh[id(module.time_conv)] = (module.time_conv, module.mode == "upsample3d")
+        saved = {key: {"weight": m.weight.clone(), "bias": m.bias.clone()} for key, (m, _) in fresh.items()}
     for module in model.modules():
         if isinstance(module, ResidualBlock):
             module.residual[6].weight.zero_()
@@ -254,6 +293,8 @@ def identity_path_init(model: WanVAEModel) -> None:
                     w[i, i, 2] = 1.0
                     w[c + i, i, 2] = 1.0
                 module.time_conv.bias.zero_()
+    for key, (module, paired) in fresh.items():
+        _restore_detail_rows(module, saved[key], paired)
     _colour_in(model.encoder.conv1, 1.0, COLOUR_OFFSET)
     _normalised_head(model.encoder.head[0], model.encoder.head[2], RGB)
     head = model.encoder.head[2]
@@ -267,8 +308,27 @@ def identity_path_init(model: WanVAEModel) -> None:
     _normalised_head(model.decoder.head[0], model.decoder.head[2], 3)
 
 
+def latent_cells(mask: torch.Tensor, threshold: float = 0.25) -> torch.Tensor:
+    """Object mask [B, 1, T, H, W] -> [B, F, H/8, W/8] bool: latent cells whose frames (frame 0, then chunks of 4)
+    the object covers by more than `threshold` of the cell in at least one frame."""
+    chunks = [mask[:, :, :1], *(mask[:, :, t : t + 4] for t in range(1, mask.shape[2], 4))]
+    per_frame = torch.cat([c.amax(dim=2, keepdim=True) for c in chunks], dim=2)  # [B, 1, F, H, W]
+    return F.avg_pool3d(per_frame, (1, 8, 8))[:, 0] > threshold
+
+
+def shape_probe_loss(probe: torch.nn.Module, mu: torch.Tensor, mask: torch.Tensor,
+                     shapes: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of a linear shape classifier applied to each object-covered latent cell of mu [B, z, F, h, w]:
+    it pulls the shape into the latent linearly, where a small DiT and the decoder can use it."""
+    cells = latent_cells(mask)  # [B, F, h, w]
+    feats = mu.permute(0, 2, 3, 4, 1)[cells]  # [N, z]
+    labels = shapes.view(-1, 1, 1, 1).expand_as(cells)[cells]  # [N]
+    return F.cross_entropy(probe(feats), labels) if len(labels) else mu.new_zeros(())
+
+
 def vae_loss(model: WanVAEModel, video: torch.Tensor, mask: torch.Tensor, cfg: VAETrainConfig,
-             generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+             generator: torch.Generator, shapes: torch.Tensor | None = None,
+             probe: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     mu, logvar = encode_train(model, video)
     logvar = logvar.clamp(-30.0, 20.0)
     z = mu + torch.randn(mu.shape, generator=generator) * torch.exp(0.5 * logvar) if cfg.kl_weight > 0 else mu
@@ -286,7 +346,11 @@ def vae_loss(model: WanVAEModel, video: torch.Tensor, mask: torch.Tensor, cfg: V
         rec = rec + cfg.edge_weight * edge_error(recon, video)
     kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).mean()
     mse = F.mse_loss(recon.detach().clamp(-1, 1), video).item()
-    return rec + cfg.kl_weight * kl, {"rec": rec.item(), "kl": kl.item(), "psnr": _psnr(mse / 4.0)}
+    total, logs = rec + cfg.kl_weight * kl, {"rec": rec.item(), "kl": kl.item(), "psnr": _psnr(mse / 4.0)}
+    if probe is not None and shapes is not None and cfg.shape_weight > 0:
+        probe_loss = shape_probe_loss(probe, mu, mask, shapes)
+        total, logs["shape_ce"] = total + cfg.shape_weight * probe_loss, probe_loss.item()
+    return total, logs
 
 
 def edge_error(recon: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
@@ -316,22 +380,25 @@ def train_vae(cfg: VAETrainConfig, log_every: int = 10) -> WanVAEModel:
     """Train a fresh `WanVAEModel(cfg.vae_config)` and return it (eval mode, raw latent statistics)."""
     torch.manual_seed(cfg.seed)
     model = WanVAEModel(cfg.vae_config)
-    if cfg.init == "identity":
-        identity_path_init(model)
+    if cfg.init != "default":
+        identity_path_init(model, colour_only=cfg.init == "colour")
     model.train()
     rng = np.random.default_rng(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     full_steps = set(np.flatnonzero(np.random.default_rng(cfg.seed + 1).random(cfg.steps) < cfg.full_fraction))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    # the shape probe (cfg.shape_weight > 0) trains alongside and is not saved
+    probe = torch.nn.Linear(cfg.z_dim, len(SHAPES)) if cfg.shape_weight > 0 else None
+    params = [*model.parameters(), *(probe.parameters() if probe is not None else ())]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     start, recent = time.perf_counter(), []
     for step in range(cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         if step in full_steps:
-            video, mask = render_batch(rng, cfg.full_batch_size, cfg.full_frames, DEFAULT_SIZE)
+            video, mask, shapes = render_batch(rng, cfg.full_batch_size, cfg.full_frames, DEFAULT_SIZE)
         else:
-            video, mask = render_batch(rng, cfg.batch_size, cfg.crop_frames, cfg.crop)
-        loss, logs = vae_loss(model, video, mask, cfg, generator)
+            video, mask, shapes = render_batch(rng, cfg.batch_size, cfg.crop_frames, cfg.crop)
+        loss, logs = vae_loss(model, video, mask, cfg, generator, shapes, probe)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.max_grad_norm > 0:
@@ -340,8 +407,10 @@ def train_vae(cfg: VAETrainConfig, log_every: int = 10) -> WanVAEModel:
         recent = (recent + [logs])[-log_every:]
         if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
             mean = {k: float(np.mean([r[k] for r in recent])) for k in recent[0]}
-            logger.info("vae step %d/%d  rec %.5f  kl %.3f  psnr %.2f dB  lr %.2e  %.0f s", step + 1, cfg.steps,
-                        mean["rec"], mean["kl"], mean["psnr"], lr_at(step, cfg), time.perf_counter() - start)
+            logger.info("vae step %d/%d  rec %.5f  kl %.3f  psnr %.2f dB%s  lr %.2e  %.0f s", step + 1, cfg.steps,
+                        mean["rec"], mean["kl"], mean["psnr"],
+                        f"  shape ce {mean['shape_ce']:.3f}" if "shape_ce" in mean else "", lr_at(step, cfg),
+                        time.perf_counter() - start)
     return model.eval()
 
 
