@@ -73,6 +73,7 @@ class RecipeConfig:
     # (largest frame step 24.5% -> 51% of the path) and did not draw shapes (shape 0.35 either way).
     vae_edge_weight: float = 0.0
     vae_l1_weight: float = 0.0
+    vae_shape_weight: float = 0.0  # linear shape probe on the object's latent cells (vae_train --shape_weight)
     clips_per_combo: int = 20
     dit_steps: int = 2500
     dit_lr: float = 1e-3
@@ -159,6 +160,7 @@ class Recipe:
         target.parent.mkdir(parents=True, exist_ok=True)
         run(["-m", "training.toy.vae_train", "--out", target, "--seed", self.cfg.seed, "--steps", self.cfg.vae_steps,
              "--lr", self.cfg.vae_lr, "--edge_weight", self.cfg.vae_edge_weight, "--l1_weight", self.cfg.vae_l1_weight,
+             "--shape_weight", self.cfg.vae_shape_weight,
              "--report", self.work / "vae" / "report.json"], self.log)
         stamp_design(target)
         shutil.copyfile(target, self.path("vae"))
