@@ -298,3 +298,12 @@ def test_vae_training_is_reproducible_from_its_seed() -> None:
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(a, b), name
     assert any(not torch.equal(a, c) for a, c in zip(first.state_dict().values(), other.state_dict().values()))
+
+
+def test_image_steps_train_the_first_frame_path_and_bad_fractions_are_refused() -> None:
+    with pytest.raises(ValueError, match="image_fraction must be in"):
+        VAETrainConfig(image_fraction=1.5)
+    cfg = VAETrainConfig(dim=8, steps=2, batch_size=2, crop=16, full_fraction=0.0, lr=1e-3, warmup_steps=1,
+                         image_fraction=1.0, image_batch_size=3)
+    images, clips = train_vae(cfg), train_vae(VAETrainConfig(**{**cfg.__dict__, "image_fraction": 0.0}))
+    assert any(not torch.equal(a, b) for a, b in zip(images.state_dict().values(), clips.state_dict().values()))

@@ -77,6 +77,8 @@ class VAETrainConfig:
     full_fraction: float = 0.2  # fraction of steps on whole 64 px clips of `full_frames` frames
     full_frames: int = 9
     full_batch_size: int = 2
+    image_fraction: float = 0.0  # fraction of the other steps on single frames (object-centred crops, the first-frame
+    image_batch_size: int = 16  # path): spatial detail at a fifth of a clip's cost per sample
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 20
@@ -96,14 +98,15 @@ class VAETrainConfig:
             raise ValueError(f"crop must be a multiple of 8 in [16, {DEFAULT_SIZE}], got {self.crop}")
         for name in ("crop_frames", "full_frames"):
             latent_frames(getattr(self, name))  # 4n+1 check with a clear message
-        if not 0.0 <= self.full_fraction <= 1.0:
-            raise ValueError(f"full_fraction must be in [0, 1], got {self.full_fraction}")
+        for name in ("full_fraction", "image_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.latent_scale not in ("common", "channel"):
             raise ValueError(f"latent_scale must be 'common' or 'channel', got {self.latent_scale!r}")
         if self.init not in ("identity", "colour", "default"):
             raise ValueError(f"init must be 'identity', 'colour' or 'default', got {self.init!r}")
-        if self.steps < 1 or self.batch_size < 1 or self.full_batch_size < 1:
-            raise ValueError("steps, batch_size and full_batch_size must be >= 1")
+        if min(self.steps, self.batch_size, self.full_batch_size, self.image_batch_size) < 1:
+            raise ValueError("steps, batch_size, full_batch_size and image_batch_size must be >= 1")
 
     @property
     def vae_config(self) -> VAEConfig:
@@ -385,7 +388,9 @@ def train_vae(cfg: VAETrainConfig, log_every: int = 10) -> WanVAEModel:
     model.train()
     rng = np.random.default_rng(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    full_steps = set(np.flatnonzero(np.random.default_rng(cfg.seed + 1).random(cfg.steps) < cfg.full_fraction))
+    draws = np.random.default_rng(cfg.seed + 1).random(cfg.steps)
+    full_steps = set(np.flatnonzero(draws < cfg.full_fraction))
+    image_steps = set(np.flatnonzero(draws >= 1.0 - (1.0 - cfg.full_fraction) * cfg.image_fraction)) - full_steps
     # the shape probe (cfg.shape_weight > 0) trains alongside and is not saved
     probe = torch.nn.Linear(cfg.z_dim, len(SHAPES)) if cfg.shape_weight > 0 else None
     params = [*model.parameters(), *(probe.parameters() if probe is not None else ())]
@@ -396,6 +401,8 @@ def train_vae(cfg: VAETrainConfig, log_every: int = 10) -> WanVAEModel:
             group["lr"] = lr_at(step, cfg)
         if step in full_steps:
             video, mask, shapes = render_batch(rng, cfg.full_batch_size, cfg.full_frames, DEFAULT_SIZE)
+        elif step in image_steps:
+            video, mask, shapes = render_batch(rng, cfg.image_batch_size, 1, cfg.crop)
         else:
             video, mask, shapes = render_batch(rng, cfg.batch_size, cfg.crop_frames, cfg.crop)
         loss, logs = vae_loss(model, video, mask, cfg, generator, shapes, probe)
