@@ -1,14 +1,20 @@
-"""The independent toy audit (training/toy/audit.py): right on ground-truth clips, wrong on broken ones.
+"""The independent toy audit (training/toy/audit.py): right on ground-truth clips, wrong on broken ones; the toy
+builds' stage timing and JSON reports (training/toy/commands.py).
 
 Broken clips are made here with their own simple operations (a box blur, frame repetition, a drifting shift), so
 the audit's calls are checked against facts of the edit, not against the audit's own output."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from training.toy import audit
+from training.toy.commands import TimedStages, emit_json
 from wan_core.toy.world import COLOURS, SHAPES, Combo, all_combos, render_params, sample_params
 
 
@@ -133,3 +139,25 @@ def test_t2v_samples_come_back_per_pair_in_pixel_range() -> None:
     assert len(clips) == 2 and all(c.shape == (9, 64, 64, 3) for c in clips)
     assert min(float(c.min()) for c in clips) >= 0.0 and max(float(c.max()) for c in clips) <= 255.0
     assert not np.array_equal(clips[0], clips[1])
+
+
+@dataclasses.dataclass
+class _Build(TimedStages):
+    REPORT_NAME = "build_report.json"
+    work: Path
+    stages: dict = dataclasses.field(default_factory=dict)
+    figures: dict = dataclasses.field(default_factory=dict)
+
+
+def test_timed_stages_record_seconds_and_rewrite_the_report_and_emit_json_writes_what_it_prints(tmp_path,
+                                                                                               capsys) -> None:
+    build = _Build(tmp_path)
+    assert build.timed("double", lambda x: 2 * x, 21) == 42
+    build.figures["answer"] = 42
+    build.save()
+    report = json.loads((tmp_path / "build_report.json").read_text())
+    assert list(report["stages"]) == ["double"] and report["stages"]["double"] >= 0.0
+    assert report["figures"] == {"answer": 42}
+    emit_json({"a": 1.5}, tmp_path / "f.json")
+    assert json.loads(capsys.readouterr().out) == {"a": 1.5} == json.loads((tmp_path / "f.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build_report.json", "f.json"]  # no temporary file left

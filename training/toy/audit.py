@@ -30,7 +30,6 @@ Seeds (`AUDIT_SEED_BASE`) are ones no recipe stage uses.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -41,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training.toy.commands import emit_json
 from wan_core.loading.checkpoint import load_state_dict, read_metadata, save_safetensors
 from wan_core.loading.model_set import TOY_FILES, TOY_MODEL_DIR, sampling_defaults
 from wan_core.models.dit import load_dit
@@ -404,9 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         targets = T2V_TARGETS
     figures = {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}
     figures.update(seconds=round(time.perf_counter() - start, 1), missed=check_targets(figures, targets))
-    sys.stdout.write(json.dumps(figures, indent=1) + "\n")
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
+    emit_json(figures, args.json)
     return 0
 
 

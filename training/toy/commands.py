@@ -1,5 +1,6 @@
 """Running the project's own commands (`python -m training ...`, `python -m training.toy.vae_train ...`) as
-subprocesses of the toy recipe, each appending its output to a log file.
+subprocesses of the toy recipe, each appending its output to a log file; timing the stages of a toy build and
+writing its figures.
 
 Subprocesses run with OMP_WAIT_POLICY=PASSIVE unless set: on a shared 2-core machine, spinning OpenMP threads make
 every other process (and themselves) several times slower.
@@ -7,12 +8,17 @@ every other process (and themselves) several times slower.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+from wan_core.loading.checkpoint import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -35,3 +41,34 @@ def run(args: Sequence[str], log: Path) -> None:
         done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=_env(), check=False)
     if done.returncode:
         raise RuntimeError(f"`{' '.join(command[1:4])} ...` failed with exit code {done.returncode}; see {log}")
+
+
+def emit_json(figures: dict[str, Any], path: str | Path | None = None) -> None:
+    """Print `figures` as indented JSON and, with `path`, write the same text there (temporary file, then rename)."""
+    text = json.dumps(figures, indent=1) + "\n"
+    sys.stdout.write(text)
+    if path:
+        write_text_atomic(path, text)
+
+
+class TimedStages:
+    """Stage timing and the JSON report of a toy build (a dataclass with `work`, `stages` and `figures` fields);
+    the report is `work / REPORT_NAME`, rewritten after every stage."""
+
+    REPORT_NAME = "report.json"
+    work: Path
+    stages: dict[str, float]
+    figures: dict[str, object]
+
+    def timed(self, name: str, fn: Callable[..., Any], *args: object) -> Any:
+        start = time.perf_counter()
+        logger.info("== %s", name)
+        result = fn(*args)
+        self.stages[name] = round(time.perf_counter() - start, 1)
+        self.save()
+        logger.info("== %s done in %.1f s", name, self.stages[name])
+        return result
+
+    def save(self) -> None:
+        write_text_atomic(self.work / self.REPORT_NAME,
+                          json.dumps({"stages": self.stages, "figures": self.figures}, indent=1) + "\n")

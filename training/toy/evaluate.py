@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from training.toy.commands import emit_json
 from wan_core.loading.checkpoint import load_state_dict, read_metadata, save_safetensors
 from wan_core.loading.model_set import SAMPLING_METADATA_KEY, TOY_FILES, TOY_MODEL_DIR, sampling_defaults
 from wan_core.lora.apply import apply_loras
@@ -191,9 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pairs = base_pairs() if args.set == "base" else purple_pairs()
     report = evaluate(models, pairs, sampling)
     figures = report.as_dict() | {"purple_rate": colour_rate(report.overall, "purple")}
-    sys.stdout.write(json.dumps(figures, indent=1) + "\n")
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
+    emit_json(figures, args.json)
     return 0
 
 

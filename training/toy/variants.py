@@ -45,7 +45,7 @@ from training.cache.latents import load_pixels
 from training.cache.store import LatentSettings, latent_entries, load_latent_entry, read_entry_info, save_latent_entry
 from training.dataset.items import scan_dataset_group
 from training.dataset.schema import load_dataset_config
-from training.toy.commands import run
+from training.toy.commands import TimedStages, run
 from training.toy.evaluate import sampling_from_file
 from wan_core.loading.checkpoint import read_metadata, save_safetensors
 from wan_core.loading.model_set import SAMPLING_METADATA_KEY, TOY_FILES
@@ -425,7 +425,9 @@ def evaluate_variant(kind: str, models: VariantModels, pairs: Sequence[VariantPa
 
 
 @dataclass
-class VariantBuild:
+class VariantBuild(TimedStages):
+    REPORT_NAME = "variants_report.json"
+
     cfg: VariantConfig
     out: Path
     work: Path
@@ -441,19 +443,6 @@ class VariantBuild:
 
     def path(self, kind: str) -> Path:
         return self.out / VARIANT_FILES[kind]
-
-    def timed(self, name: str, fn: object, *args: object) -> object:
-        start = time.perf_counter()
-        logger.info("== %s", name)
-        result = fn(*args)  # type: ignore[operator]
-        self.stages[name] = round(time.perf_counter() - start, 1)
-        self.save()
-        logger.info("== %s done in %.1f s", name, self.stages[name])
-        return result
-
-    def save(self) -> None:
-        text = json.dumps({"stages": self.stages, "figures": self.figures}, indent=1) + "\n"
-        (self.work / "variants_report.json").write_text(text)
 
     def dataset(self, kind: str) -> Path:
         return self.work / f"data_{kind}" / "dataset.toml"

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from training.toy import audit
-from training.toy.commands import run
+from training.toy.commands import TimedStages, run
 from training.toy.evaluate import Sampling, ToySet, base_pairs, evaluate
 from wan_core.loading.checkpoint import load_state_dict, read_metadata, save_safetensors
 from wan_core.loading.model_set import SAMPLING_METADATA_KEY, TOY_EXPERT_FILES, TOY_FILES, sampling_defaults
@@ -202,7 +202,9 @@ def readme_rows(figures: dict[str, object]) -> list[str]:
 
 
 @dataclass
-class Wan22Build:
+class Wan22Build(TimedStages):
+    REPORT_NAME = "wan22_report.json"
+
     cfg: Wan22Config
     out: Path
     work: Path
@@ -219,18 +221,6 @@ class Wan22Build:
 
     def path(self, expert: str) -> Path:
         return self.out / EXPERT_FILES[expert]
-
-    def timed(self, name: str, fn: object, *args: object) -> object:
-        start = time.perf_counter()
-        logger.info("== wan22 %s", name)
-        result = fn(*args)  # type: ignore[operator]
-        self.stages[name] = round(time.perf_counter() - start, 1)
-        self.save()
-        return result
-
-    def save(self) -> None:
-        text = json.dumps({"stages": self.stages, "figures": self.figures}, indent=1) + "\n"
-        (self.work / "wan22_report.json").write_text(text)
 
     def sampling(self) -> dict:
         """The experts' sampling defaults (boundary from the T2V file's own defaults)."""
