@@ -255,16 +255,16 @@ def identity_path_init(model: WanVAEModel, colour_only: bool = False) -> None:
     initialisation, so detail channels see sub-cell structure (a random strided conv, not an average) from the
     first step."""
     z = model.config.z_dim
-    fresh = {}
+    detail_convs = {}  # id -> (conv, rows in two frame halves)
     if colour_only:
         for module in model.modules():
             if isinstance(module, ResidualBlock):
-                fresh[id(module.residual[6])] = (module.residual[6], False)
+                detail_convs[id(module.residual[6])] = (module.residual[6], False)
             elif isinstance(module, Resample):
-                fresh[id(module.resample[1])] = (module.resample[1], False)
+                detail_convs[id(module.resample[1])] = (module.resample[1], False)
                 if module.mode in ("downsample3d", "upsample3d"):
-                    fresh[id(module.time_conv)] = (module.time_conv, module.mode == "upsample3d")
-        saved = {key: {"weight": m.weight.clone(), "bias": m.bias.clone()} for key, (m, _) in fresh.items()}
+                    detail_convs[id(module.time_conv)] = (module.time_conv, module.mode == "upsample3d")
+        saved = {key: {"weight": m.weight.clone(), "bias": m.bias.clone()} for key, (m, _) in detail_convs.items()}
     for module in model.modules():
         if isinstance(module, ResidualBlock):
             module.residual[6].weight.zero_()
@@ -296,7 +296,7 @@ def identity_path_init(model: WanVAEModel, colour_only: bool = False) -> None:
                     w[i, i, 2] = 1.0
                     w[c + i, i, 2] = 1.0
                 module.time_conv.bias.zero_()
-    for key, (module, paired) in fresh.items():
+    for key, (module, paired) in detail_convs.items():
         _restore_detail_rows(module, saved[key], paired)
     _colour_in(model.encoder.conv1, 1.0, COLOUR_OFFSET)
     _normalised_head(model.encoder.head[0], model.encoder.head[2], RGB)
