@@ -16,6 +16,7 @@ from training.toy.recipe import LORA_FILE, TOY_DIT_CONFIG
 from training.toy.text import TOY_T5_CONFIG, caption_words, train_tokenizer
 from training.toy.vae_train import (
     VAETrainConfig,
+    build_parser,
     evaluate_reconstruction,
     evaluation_clips,
     fold_latent_statistics,
@@ -223,10 +224,11 @@ def test_tokenizer_training_is_reproducible_and_keeps_caption_words_whole() -> N
     assert tok.tokenize("a pink dog")[-1] == tok.eos_id  # unknown words are spelled, not dropped
 
 
-def test_identity_path_init_is_a_working_coarse_autoencoder() -> None:
+@pytest.mark.parametrize("late_constant", [False, True])
+def test_identity_path_init_is_a_working_coarse_autoencoder(late_constant: bool) -> None:
     torch.manual_seed(0)
     model = WanVAEModel(VAEConfig(dim=8))
-    identity_path_init(model)
+    identity_path_init(model, late_constant=late_constant)
     clips, combos = evaluation_clips(seed=5, count=6)
     report = evaluate_reconstruction(WanVAE(model.eval()), clips, combos)
     assert report.psnr > 22.0 and report.colour == 1.0 and report.motion == 1.0, report
@@ -245,6 +247,31 @@ def test_colour_only_init_keeps_the_colour_path_and_gives_detail_channels_random
     clips, combos = evaluation_clips(seed=5, count=6)
     report = evaluate_reconstruction(WanVAE(colour.eval()), clips, combos)
     assert report.psnr > 22.0 and report.colour == 1.0 and report.motion == 1.0, report
+
+
+def test_late_constant_keeps_the_constant_out_of_the_trunk() -> None:
+    """With late_constant the residual branches of the trunk see no constant channel; the heads still do."""
+    torch.manual_seed(0)
+    model = WanVAEModel(VAEConfig(dim=8))
+    identity_path_init(model, late_constant=True)
+    seen: dict[str, float] = {}
+
+    def record(name: str):  # forward hook: the largest |channel 3| at the module's input
+        def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            seen[name] = max(seen.get(name, 0.0), inputs[0][:, 3].abs().max().item())
+        return hook
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in model.named_modules()
+             if n.endswith("residual.0") or n.endswith("head.0")]
+    clips, _ = evaluation_clips(seed=5, count=2)
+    with torch.no_grad():
+        WanVAE(model.eval()).decode(WanVAE(model).encode(to_video(clips)))
+    for hook in hooks:
+        hook.remove()
+    assert seen["encoder.head.0"] > 10.0 and seen["decoder.head.0"] > 10.0, seen
+    trunk = {n: v for n, v in seen.items() if "residual" in n}
+    assert max(trunk.values()) < 1.0, trunk
+    assert build_parser().parse_args(["--out", "x", "--late_constant"]).late_constant is True
 
 
 def test_latent_cells_follow_the_causal_chunks_and_the_shape_probe_reads_them() -> None:

@@ -90,6 +90,7 @@ class VAETrainConfig:
     latent_noise: float = 0.0  # > 0: decoder inputs get N(0, (u * spread_c)^2) noise, u ~ U(0, latent_noise)
     max_grad_norm: float = 1.0
     init: str = "identity"  # "identity" / "colour" (identity_path_init, all or colour-only paths) or "default"
+    late_constant: bool = False  # identity inits: the head's constant channel comes from the block before each head
     latent_scale: str = "channel"  # normalised latents: unit std per "channel" or one "common" scale (see docstring)
     seed: int = 0
 
@@ -191,16 +192,16 @@ def _identity_(weight: torch.Tensor, channels: int, tap: tuple[int, ...], value:
         weight[(c, c, *tap)] = value
 
 
-def _colour_in(conv: torch.nn.Module, gain: float, offset: float) -> None:
-    """Output channels 0..2 = gain x input channels 0..2 (current frame, centre tap) + offset; channel 3 = CONSTANT.
-    The other output channels keep their random initialisation."""
+def _colour_in(conv: torch.nn.Module, gain: float, offset: float, constant: float = CONSTANT) -> None:
+    """Output channels 0..2 = gain x input channels 0..2 (current frame, centre tap) + offset; channel 3 =
+    `constant`. The other output channels keep their random initialisation."""
     w, b = conv.weight, conv.bias  # [out, in, kt, kh, kw]
     centre = (w.shape[2] - 1, w.shape[3] // 2, w.shape[4] // 2)
     w[: RGB + 1].zero_()
     for c in range(RGB):
         w[(c, c, *centre)] = gain
     b[:RGB] = offset
-    b[RGB] = CONSTANT
+    b[RGB] = constant
 
 
 def _normalised_head(norm: torch.nn.Module, conv: torch.nn.Module, outputs: int) -> None:
@@ -243,7 +244,7 @@ def _restore_detail_rows(module: torch.nn.Module, fresh: dict[str, torch.Tensor]
 
 
 @torch.no_grad()
-def identity_path_init(model: WanVAEModel, colour_only: bool = False) -> None:
+def identity_path_init(model: WanVAEModel, colour_only: bool = False, late_constant: bool = False) -> None:
     """Start from an autoencoder that already works coarsely: colour travels through channels 0..2 of every level
     (8x8 average pooling and 4-frame averaging in the encoder, nearest upsampling and frame repetition in the
     decoder), every residual branch and attention projection starts at zero (identity blocks, as in SkipInit), and
@@ -253,7 +254,13 @@ def identity_path_init(model: WanVAEModel, colour_only: bool = False) -> None:
     `colour_only`: only the colour and constant channels 0..3 get the identity path; the other rows of the
     residual branches' output convs and of the spatial and temporal resampling convs keep their random
     initialisation, so detail channels see sub-cell structure (a random strided conv, not an average) from the
-    first step."""
+    first step.
+
+    `late_constant`: channel 3 is zero through the trunk and the output conv bias of the last residual block before
+    each head (encoder middle, decoder last level) adds CONSTANT there. Only the heads' RMSNorms need the constant
+    (the colour travels on the un-normalised residual stream); carried through the trunk it dominates the norm at
+    every residual branch's input (RMS ~20 against ~0.3 for the detail channels of a trained decoder's low-resolution
+    blocks), which keeps the branches that would draw detail nearly silent."""
     z = model.config.z_dim
     detail_convs = {}  # id -> (conv, rows in two frame halves)
     if colour_only:
@@ -298,7 +305,8 @@ def identity_path_init(model: WanVAEModel, colour_only: bool = False) -> None:
                 module.time_conv.bias.zero_()
     for key, (module, paired) in detail_convs.items():
         _restore_detail_rows(module, saved[key], paired)
-    _colour_in(model.encoder.conv1, 1.0, COLOUR_OFFSET)
+    constant = 0.0 if late_constant else CONSTANT
+    _colour_in(model.encoder.conv1, 1.0, COLOUR_OFFSET, constant)
     _normalised_head(model.encoder.head[0], model.encoder.head[2], RGB)
     head = model.encoder.head[2]
     head.weight[z:].mul_(0.1)
@@ -307,8 +315,13 @@ def identity_path_init(model: WanVAEModel, colour_only: bool = False) -> None:
     model.conv1.bias.zero_()
     _identity_(model.conv2.weight, z, (0, 0, 0))
     model.conv2.bias.zero_()
-    _colour_in(model.decoder.conv1, 1.0, COLOUR_OFFSET)
+    _colour_in(model.decoder.conv1, 1.0, COLOUR_OFFSET, constant)
     _normalised_head(model.decoder.head[0], model.decoder.head[2], 3)
+    if late_constant:
+        for block in (model.encoder.middle[-1], model.decoder.upsamples[-1]):
+            if not isinstance(block, ResidualBlock):
+                raise TypeError(f"late_constant needs a residual block before each head, found {type(block).__name__}")
+            block.residual[6].bias[RGB] = CONSTANT
 
 
 def latent_cells(mask: torch.Tensor, threshold: float = 0.25) -> torch.Tensor:
@@ -384,7 +397,7 @@ def train_vae(cfg: VAETrainConfig, log_every: int = 10) -> WanVAEModel:
     torch.manual_seed(cfg.seed)
     model = WanVAEModel(cfg.vae_config)
     if cfg.init != "default":
-        identity_path_init(model, colour_only=cfg.init == "colour")
+        identity_path_init(model, colour_only=cfg.init == "colour", late_constant=cfg.late_constant)
     model.train()
     rng = np.random.default_rng(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -544,7 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.toy.vae_train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output .safetensors")
     for field, value in asdict(VAETrainConfig()).items():
-        p.add_argument(f"--{field}", type=type(value), default=value)
+        if isinstance(value, bool):
+            p.add_argument(f"--{field}", action=argparse.BooleanOptionalAction, default=value)
+        else:
+            p.add_argument(f"--{field}", type=type(value), default=value)
     p.add_argument("--save_dtype", choices=sorted(SAVE_DTYPES), default="float16")
     p.add_argument("--eval_clips", type=int, default=75)
     p.add_argument("--report", default=None, help="write the training time and held-out figures to this JSON file")
