@@ -26,18 +26,46 @@ def _require_design(path: Path) -> None:
                     f"rebuild with python -m training.toy.recipe")
 
 
-def test_shipped_vae_keeps_shapes_and_flat_backgrounds() -> None:
+# Targets the shipped build does not meet yet (measured figures in wan_core/toy_models/README.md, "Does it look
+# right?"). Each is a strict xfail: the test still runs and reports, and a rebuild that meets the target turns it into
+# a failure until it is taken off this list.
+OPEN_VAE_TARGETS: frozenset[str] = frozenset()
+OPEN_T2V_TARGETS: frozenset[str] = frozenset()
+
+
+def _params(targets: dict[str, tuple[float, float]], still_open: frozenset[str]) -> list:
+    reason = "target not met by the shipped toy build yet (toy README, 'Does it look right?')"
+    return [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=reason)) if name in still_open else name
+            for name in targets]
+
+
+@pytest.fixture(scope="module")
+def vae_figures() -> dict[str, object]:
     _require_design(VAE_FILE)
-    figures = audit.audit_vae(load_vae(VAE_FILE), seeds=1)
-    assert audit.check_targets(figures, audit.VAE_TARGETS) == [], figures
+    return audit.audit_vae(load_vae(VAE_FILE), seeds=1)
+
+
+@pytest.fixture(scope="module")
+def t2v_figures() -> dict[str, object]:
+    _require_design(DIT_FILE)
+    _require_design(VAE_FILE)
+    return audit.audit_t2v(DIT_FILE, VAE_FILE, TOY_MODEL_DIR / TOY_FILES["t5"], seeds=2)
+
+
+@pytest.mark.parametrize("target", _params(audit.VAE_TARGETS, OPEN_VAE_TARGETS))
+def test_shipped_vae_keeps_shapes_and_flat_backgrounds(vae_figures: dict[str, object], target: str) -> None:
+    assert audit.check_targets(vae_figures, {target: audit.VAE_TARGETS[target]}) == [], vae_figures
 
 
 @pytest.mark.slow
-def test_shipped_t2v_draws_shapes_keeps_still_objects_still_and_moves_smoothly() -> None:
-    _require_design(DIT_FILE)
-    _require_design(VAE_FILE)
-    figures = audit.audit_t2v(DIT_FILE, VAE_FILE, TOY_MODEL_DIR / TOY_FILES["t5"], seeds=2)
-    assert audit.check_targets(figures, audit.T2V_TARGETS) == [], figures
+@pytest.mark.parametrize("target", _params(audit.T2V_TARGETS, OPEN_T2V_TARGETS))
+def test_shipped_t2v_draws_shapes_keeps_still_objects_still_and_moves_smoothly(t2v_figures: dict[str, object],
+                                                                              target: str) -> None:
+    assert audit.check_targets(t2v_figures, {target: audit.T2V_TARGETS[target]}) == [], t2v_figures
+
+
+def test_open_targets_are_targets() -> None:
+    assert OPEN_VAE_TARGETS <= set(audit.VAE_TARGETS) and OPEN_T2V_TARGETS <= set(audit.T2V_TARGETS)
 
 
 def test_design_stamp_round_trip_keeps_tensors_and_metadata(tmp_path: Path) -> None:
