@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from training.toy import evaluate as ev
+from training.toy import wan22
 from training.toy.recipe import LORA_FILE, TOY_DIT_CONFIG
 from training.toy.text import TOY_T5_CONFIG, caption_words, train_tokenizer
 from training.toy.vae_train import (
@@ -28,8 +29,15 @@ from training.toy.vae_train import (
     train_vae,
 )
 from wan_core.loading.checkpoint import read_metadata
-from wan_core.loading.model_set import SAMPLING_METADATA_KEY, TOY_FILES, TOY_MODEL_DIR
+from wan_core.loading.model_set import (
+    SAMPLING_METADATA_KEY,
+    TOY_EXPERT_FILES,
+    TOY_FILES,
+    TOY_MODEL_DIR,
+    sampling_defaults,
+)
 from wan_core.models.config import CONFIG_METADATA_KEY, VAEConfig, config_from_json
+from wan_core.models.dit import load_dit
 from wan_core.models.vae import WanVAE, WanVAEModel
 
 T2V_FILES = ("dit", "vae", "t5")
@@ -121,6 +129,29 @@ def test_purple_lora_teaches_a_colour_the_base_never_saw(toy: ev.ToySet, samplin
     assert without <= 0.20, without
     assert with_lora >= 0.70, with_lora
     assert base_with.overall.colour_motion >= base_report.overall.colour_motion - 0.10, base_with.as_dict()
+
+
+TOY_PAIR_FILES = [TOY_MODEL_DIR / name for name in TOY_EXPERT_FILES["t2v-A14B"]]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not all(p.is_file() for p in TOY_PAIR_FILES),
+                    reason="the toy Wan2.2 expert pair is not in wan_core/toy_models yet (recipe stage wan22)")
+def test_shipped_expert_pair_scores_at_least_as_well_as_the_single_dit_and_swapping_hurts(
+        toy: ev.ToySet, base_report: ev.BehaviourReport) -> None:
+    """The toy Wan2.2 T2V-A14B pair switched at its stored boundary against the T2V DiT it was fine-tuned from, on
+    the same prompts and noise seeds; the pair with high and low swapped must score worse (the switch is real)."""
+    high_path, low_path = TOY_PAIR_FILES
+    stored = sampling_defaults(low_path)
+    assert stored["task"] == "t2v-A14B" and 0.0 < float(stored["timestep_boundary"]) < 1.0
+    high, low = load_dit(high_path, dtype=torch.float32), load_dit(low_path, dtype=torch.float32)
+    rates = {}
+    for setup in ("pair", "swapped"):
+        model = wan22.setup_model(setup, toy.dit, high, low, stored)
+        pair_set = ev.ToySet(model, toy.vae, toy.t5, low_path)  # type: ignore[arg-type]
+        rates[setup] = ev.evaluate(pair_set, ev.base_pairs(), ev.sampling_from_file(low_path)).overall.colour_motion
+    assert rates["pair"] >= base_report.overall.colour_motion, (rates, base_report.as_dict())
+    assert rates["swapped"] < rates["pair"], rates
 
 
 def test_lora_through_the_comfyui_lora_node_gives_the_same_samples(toy: ev.ToySet, sampling: ev.Sampling,
