@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from tests.model_set import DIT_KINDS, write_model_set
+from wan_core.generate import cli
 from wan_core.generate.cli import main
 from wan_core.generate.outputs import load_latent
 from wan_core.lora.formats import LowRank, save_lora
@@ -336,6 +338,28 @@ def test_sigint_while_sampling_prints_one_line_and_exits_130(models, tmp_path):
     last = text.rstrip("\n").split("\n")[-1].split("\r")[-1]  # the progress bar redraws with carriage returns
     assert re.fullmatch(r"interrupted at step \d+ of 1000000 \(video 1 of 1\), nothing written", last), text
     assert text.count("interrupted") == 1 and stdout == b"" and list(out.iterdir()) == []
+
+
+def test_ctrl_c_that_a_library_turns_into_another_error_is_still_reported_as_the_interrupt(monkeypatch, capsys):
+    def loading(args):  # a C extension checking signals inside a call can replace the KeyboardInterrupt
+        try:
+            cli._on_sigint(signal.SIGINT, None)
+        except KeyboardInterrupt:
+            raise RuntimeError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+
+    monkeypatch.setattr(cli, "spec_from_args", loading)
+    assert main(["--prompt", "a cat"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "interrupted while loading models, nothing written" and "error:" not in err
+    assert signal.getsignal(signal.SIGINT) is not cli._on_sigint  # the previous handler is back
+
+
+def test_ctrl_c_swallowed_before_sampling_stops_the_run_at_the_next_step(monkeypatch) -> None:
+    monkeypatch.setattr(cli, "STATUS", cli.RunStatus(interrupted=True))  # e.g. raised in a finalizer: only printed
+    progress = cli.Progress(5, "sampling", disable=True)
+    with pytest.raises(KeyboardInterrupt):
+        progress(type("Info", (), {"i": 0, "total": 5})())
+    assert cli.STATUS.step == 0
 
 
 def test_leftovers_of_killed_writes_are_cleaned_on_the_next_run(models, tmp_path):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -402,6 +404,7 @@ class RunStatus:
     steps: int = 0
     written: int = 0
     bar: tqdm | None = None  # the open progress bar, closed before the message
+    interrupted: bool = False  # Ctrl-C arrived (set by the SIGINT handler even if a library swallows the exception)
 
     def describe(self) -> str:
         where = (f"at step {self.step} of {self.steps} (video {self.video} of {self.videos})"
@@ -411,6 +414,19 @@ class RunStatus:
 
 
 STATUS = RunStatus()
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    """Remember the interrupt, then raise KeyboardInterrupt as Python's own handler does. C extensions that check for
+    signals inside a call (tensor loading) can turn the KeyboardInterrupt into another error, and exceptions raised
+    in finalizers are only printed; the flag lets `run` and the step callback still end the run as interrupted."""
+    STATUS.interrupted = True
+    raise KeyboardInterrupt
+
+
+def _check_interrupt() -> None:
+    if STATUS.interrupted:
+        raise KeyboardInterrupt
 
 
 def _per_lora(patterns: list[str] | None, count: int, flag: str) -> list[str | None]:
@@ -429,6 +445,7 @@ class Progress:
         STATUS.bar = self.bar
 
     def __call__(self, info) -> None:
+        _check_interrupt()  # an interrupt that a library swallowed stops the run at the next step
         STATUS.step = info.i + 1
         self.bar.update(1)
         if info.i + 1 == info.total:
@@ -672,13 +689,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     global STATUS
     STATUS = RunStatus()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _on_sigint) if in_main_thread else None
     try:
-        return run(args)
+        code = run(args)
+        _check_interrupt()
+        return code
     except KeyboardInterrupt:
         if STATUS.bar is not None:
             STATUS.bar.close()  # clears its line (leave=False)
         print(STATUS.describe(), file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread and previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -703,6 +727,7 @@ def run(args: argparse.Namespace) -> int:
         finish_parallel(mesh)
         return 0
     except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as exc:
+        _check_interrupt()  # the error is what a library made of Ctrl-C: report the interrupt, not the error
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
