@@ -680,6 +680,7 @@ def interactive(models: ModelSet, args: argparse.Namespace, spec: ModelSpec, str
             run_jobs(models, jobs_from_lines([line], args, spec), args, keep_loaded=True, cache=cache)
             count += 1
         except (ValueError, FileNotFoundError) as exc:
+            _check_interrupt()  # Ctrl-C that a library turned into this error ends the session, as in `run`
             print(f"error: {exc}", file=sys.stderr)
 
 
