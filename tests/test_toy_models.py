@@ -21,8 +21,11 @@ from training.toy.vae_train import (
     evaluate_reconstruction,
     evaluation_clips,
     fold_latent_statistics,
+    haar_channels,
+    haar_path_init,
     identity_path_init,
     latent_cells,
+    param_groups,
     raw_latent_statistics,
     shape_probe_loss,
     to_video,
@@ -278,6 +281,61 @@ def test_colour_only_init_keeps_the_colour_path_and_gives_detail_channels_random
     clips, combos = evaluation_clips(seed=5, count=6)
     report = evaluate_reconstruction(WanVAE(colour.eval()), clips, combos)
     assert report.psnr > 22.0 and report.colour == 1.0 and report.motion == 1.0, report
+
+
+def _block_means(video: torch.Tensor, chunk_mean: bool) -> torch.Tensor:
+    """[B, 3, T, H, W] -> each frame's 8 x 8 px cell means (nearest upsampled), or those of its causal chunk's mean
+    frame (frame 0, then chunks of 4 frames)."""
+    if chunk_mean:
+        chunks = [video[:, :, :1]] + [video[:, :, t : t + 4] for t in range(1, video.shape[2], 4)]
+        video = torch.cat([c.mean(dim=2, keepdim=True).expand_as(c) for c in chunks], dim=2)
+    cells = torch.nn.functional.avg_pool3d(video, (1, 8, 8))
+    return torch.nn.functional.interpolate(cells, scale_factor=(1, 8, 8), mode="nearest")
+
+
+def test_haar_init_carries_each_frame_where_the_identity_path_carries_the_chunk_mean() -> None:
+    """At init the identity path reconstructs the cell means of each 4-frame chunk's mean frame (a moving object
+    smeared over its chunk); the Haar paths give each frame's own cell means back (up to the heads' normalisation,
+    which is not exactly linear)."""
+    clips, combos = evaluation_clips(seed=5, count=6)
+    video = to_video([c for c, k in zip(clips, combos) if k.motion != "still"])
+    errors = {}
+    for init in ("identity", "haar"):
+        torch.manual_seed(0)
+        model = WanVAEModel(VAEConfig(dim=8))
+        identity_path_init(model)
+        if init == "haar":
+            haar_path_init(model)
+        vae = WanVAE(model.eval())
+        with torch.no_grad():
+            recon = vae.decode(vae.encode(video))
+        errors[init] = {kind: float((recon - _block_means(video, kind == "chunk")).abs().max())
+                        for kind in ("frame", "chunk")}
+        if init == "haar":
+            report = evaluate_reconstruction(vae, clips, combos)
+            assert report.psnr > 22.0 and report.colour == 1.0 and report.motion == 1.0, report
+    assert errors["haar"]["frame"] < errors["identity"]["frame"] / 3, errors
+    assert errors["identity"]["chunk"] < errors["haar"]["chunk"] / 3, errors
+
+
+def test_haar_channels_need_room_and_the_config_takes_the_init() -> None:
+    assert haar_channels(WanVAEModel(VAEConfig(dim=8))) == {"d1": [8, 9, 10], "d1b": [16, 17, 18],
+                                                             "d2": [19, 20, 21]}
+    with pytest.raises(ValueError, match="the Haar init needs z_dim >= 12"):
+        haar_channels(WanVAEModel(VAEConfig(dim=8, z_dim=8)))
+    assert VAETrainConfig(init="haar").init == "haar"
+    with pytest.raises(ValueError, match="init must be one of"):
+        VAETrainConfig(init="wavelet")
+
+
+def test_fan_in_lr_scales_the_rate_of_wide_weights_only() -> None:
+    conv, norm_gamma = torch.nn.Conv3d(64, 8, 3), torch.nn.Parameter(torch.ones(64))
+    groups = param_groups([conv.weight, conv.bias, norm_gamma], 16)
+    assert [g["lr_scale"] for g in groups] == [16 / (64 * 27), 1.0, 1.0]
+    assert [g["lr_scale"] for g in param_groups([conv.weight], 0)] == [1.0]
+    assert [g["lr_scale"] for g in param_groups([torch.nn.Parameter(torch.ones(4, 8))], 16)] == [1.0]
+    with pytest.raises(ValueError, match="fan_in_lr must be >= 0, got -1"):
+        VAETrainConfig(fan_in_lr=-1)
 
 
 def test_late_constant_keeps_the_constant_out_of_the_trunk() -> None:

@@ -160,6 +160,46 @@ def test_evaluation_samples_the_single_dit_the_pair_and_the_swapped_pair(tiny, t
     assert len(rows) == 5 and rows[2].startswith("| single | ")
 
 
+def test_denoising_errors_split_the_schedule_at_the_boundary_and_tell_experts_apart(tiny) -> None:
+    """Each model's fixed-noise velocity error over the schedule's timesteps on each side of the boundary: equal
+    weights give equal errors (not specialised); an expert whose weights are perturbed is worse on both sides."""
+    sampling = wan22.expert_sampling(sampling_defaults(tiny["dit_t2v"]), wan22.toy_boundary(12, 3.0, "unipc", 0.5),
+                                     3.0)
+    single = load_dit(tiny["dit_t2v"], dtype=torch.float32)
+    same = wan22.denoising_errors({"single": single, "high": single, "low": single}, tiny["dataset"], sampling, 1, 0)
+    timesteps = [round(float(t)) for t in get_schedule("unipc", 12, 3.0).timesteps]
+    assert same["timesteps"] == {"high": timesteps[:6], "low": timesteps[6:]} and same["clips"] == 3
+    assert same["errors"]["single"] == same["errors"]["high"] == same["errors"]["low"]
+    assert all(v > 0 for v in same["errors"]["single"].values())
+    assert not wan22.specialised(same)
+    worse = load_dit(tiny["dit_t2v"], dtype=torch.float32)
+    with torch.no_grad():
+        worse.head.head.weight.add_(torch.randn_like(worse.head.head.weight))
+    mixed = wan22.denoising_errors({"single": single, "high": single, "low": worse}, tiny["dataset"], sampling, 1, 0)
+    assert mixed["errors"]["high"] == same["errors"]["single"]  # same noise, same clips: the same numbers
+    assert all(mixed["errors"]["low"][side] > mixed["errors"]["high"][side] for side in wan22.EXPERTS)
+    assert not wan22.specialised(mixed)  # the low-noise expert is not better on its own side
+    assert wan22.specialised({"errors": {"high": {"high": 1.0, "low": 2.0}, "low": {"high": 1.5, "low": 0.5}}})
+
+
+def test_build_with_evaluation_reports_setups_and_denoising_errors(tiny, tmp_path, monkeypatch) -> None:
+    _record_training_timesteps(monkeypatch)
+    small = sampling_defaults(tiny["dit_t2v"]) | {"infer_steps": 2, "video_size": [32, 32], "video_length": 5}
+    t2v = wan22.write_expert_init(tiny["dit_t2v"], tmp_path / "t2v.safetensors", small)
+    jobs = audit.audit_jobs(1)
+    monkeypatch.setattr(audit, "audit_jobs", lambda seeds: (jobs[0][:: 12], jobs[1][:: 12]))
+    cfg = wan22.Wan22Config(steps=2, eval_heldout_seeds=1, eval_train_count=0, error_every=1)
+    report = wan22.build_wan22(tmp_path / "out", tmp_path / "work", t2v, tiny["vae"], tiny["t5"], tiny["dataset"],
+                               cfg)
+    figures = report["figures"]
+    assert set(figures["setups"]) == set(wan22.SETUPS) and "errors" in report["stages"]
+    assert set(figures["denoising"]["errors"]) == {"single", "high", "low"}
+    assert figures["denoising"]["clips"] == 3 and len(figures["denoising"]["timesteps"]["high"]) == 1
+    assert isinstance(figures["claims"]["experts_specialised"], bool)
+    saved = json.loads((tmp_path / "work" / wan22.Wan22Build.REPORT_NAME).read_text())
+    assert saved["figures"]["denoising"] == figures["denoising"]
+
+
 def test_swapped_setup_runs_the_low_noise_expert_above_the_boundary() -> None:
     from tests.tiny import TINY_DIT
 

@@ -62,6 +62,7 @@ from wan_core.toy.world import COLOURS, DEFAULT_SIZE, MOTIONS, SHAPES, Combo, re
 logger = logging.getLogger(__name__)
 
 SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+INITS = ("identity", "colour", "haar", "default")
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,9 @@ class VAETrainConfig:
     shape_weight: float = 0.0  # cross-entropy of a linear shape probe on the latent cells the object covers
     latent_noise: float = 0.0  # > 0: decoder inputs get N(0, (u * spread_c)^2) noise, u ~ U(0, latent_noise)
     max_grad_norm: float = 1.0
-    init: str = "identity"  # "identity" / "colour" (identity_path_init, all or colour-only paths) or "default"
+    fan_in_lr: int = 0  # > 0: a weight whose rows have fan-in f > this gets lr x fan_in_lr / f (see param_groups)
+    init: str = "identity"  # "identity" / "colour" (identity_path_init, all or colour-only paths), "haar"
+    # (identity plus temporal Haar paths: each frame's colour, not the 4-frame mean, reaches the decoder) or "default"
     late_constant: bool = False  # identity inits: the head's constant channel comes from the block before each head
     latent_scale: str = "channel"  # normalised latents: unit std per "channel" or one "common" scale (see docstring)
     seed: int = 0
@@ -104,8 +107,10 @@ class VAETrainConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.latent_scale not in ("common", "channel"):
             raise ValueError(f"latent_scale must be 'common' or 'channel', got {self.latent_scale!r}")
-        if self.init not in ("identity", "colour", "default"):
-            raise ValueError(f"init must be 'identity', 'colour' or 'default', got {self.init!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.fan_in_lr < 0:
+            raise ValueError(f"fan_in_lr must be >= 0, got {self.fan_in_lr}")
         if min(self.steps, self.batch_size, self.full_batch_size, self.image_batch_size) < 1:
             raise ValueError("steps, batch_size, full_batch_size and image_batch_size must be >= 1")
 
@@ -204,23 +209,27 @@ def _colour_in(conv: torch.nn.Module, gain: float, offset: float, constant: floa
     b[RGB] = constant
 
 
-def _normalised_head(norm: torch.nn.Module, conv: torch.nn.Module, outputs: int) -> None:
-    """RMSNorm -> SiLU -> conv whose outputs 0..outputs-1 give back the colour of feature channels 0..2.
+def _normalised_head(norm: torch.nn.Module, conv: torch.nn.Module, outputs: int,
+                     extra: Sequence[tuple[int, int]] = ()) -> None:
+    """RMSNorm -> SiLU -> conv whose outputs 0..outputs-1 give back the colour of feature channels 0..2, and each
+    (input, output) pair of `extra` the offset value of that input channel (the temporal Haar paths).
 
-    With the constant channel dominating the norm, normalised colour channels are ~ (colour + OFFSET) x scale; the
-    gain puts a zero colour at SILU_TARGET where SiLU is nearly the identity, the conv undoes the scale and offset."""
+    With the constant channel dominating the norm, normalised offset channels are ~ (value + OFFSET) x scale; the
+    gain puts a zero value at SILU_TARGET where SiLU is nearly the identity, the conv undoes the scale and offset."""
+    pairs = [(c, c) for c in range(min(outputs, RGB))] + list(extra)
     channels = norm.gamma.shape[0]
-    typical_norm = math.sqrt(CONSTANT**2 + RGB * COLOUR_OFFSET**2)
+    typical_norm = math.sqrt(CONSTANT**2 + len(pairs) * COLOUR_OFFSET**2)
     gain = SILU_TARGET * typical_norm / (COLOUR_OFFSET * math.sqrt(channels))
-    norm.gamma[:RGB] = gain
-    scale = SILU_TARGET / COLOUR_OFFSET  # normalised, gained colour channel = (colour + OFFSET) * scale
+    scale = SILU_TARGET / COLOUR_OFFSET  # normalised, gained offset channel = (value + OFFSET) * scale
     w, b = conv.weight, conv.bias
     centre = (w.shape[2] - 1, w.shape[3] // 2, w.shape[4] // 2)
     w[:outputs].zero_()
     b[:outputs] = 0.0
-    for c in range(min(outputs, RGB)):
-        w[(c, c, *centre)] = 1.0 / scale
-        b[c] = -COLOUR_OFFSET
+    for src, dst in pairs:
+        norm.gamma[src] = gain
+        w[dst].zero_()
+        w[(dst, src, *centre)] = 1.0 / scale
+        b[dst] = -COLOUR_OFFSET
 
 
 def _colour_rows(channels: int, paired: bool = False) -> torch.Tensor:
@@ -324,6 +333,89 @@ def identity_path_init(model: WanVAEModel, colour_only: bool = False, late_const
             block.residual[6].bias[RGB] = CONSTANT
 
 
+HAAR_Z = 3  # latent channels 3..11: the temporal Haar paths (fine differences of both frame pairs, coarse difference)
+HAAR_GAIN = 10.0  # latent scale of the Haar paths: cell-mean colour differences are small (std ~0.03 at init), and
+# the posterior noise at init (std 0.018) would drown them
+
+
+def _resamples(module: torch.nn.Module, mode: str) -> list[Resample]:
+    return [m for m in module.modules() if isinstance(m, Resample) and m.mode == mode]
+
+
+def haar_channels(model: WanVAEModel) -> dict[str, list[int]]:
+    """Feature channels of the temporal Haar paths: `d1` (the colour difference within a frame pair) from the first
+    temporal downsampling on, `d1b` (the second pair's) and `d2` (between the pairs) at the second; each set of 3
+    sits where no shortcut of the identity path writes (the upper half of the channels at that level)."""
+    downs, ups = _resamples(model.encoder, "downsample3d"), _resamples(model.decoder, "upsample3d")
+    if len(downs) != 2 or len(ups) != 2:
+        raise ValueError(f"the Haar init needs 2 temporal down- and 2 upsamplings, found {len(downs)} / {len(ups)}")
+    h1, h2 = downs[0].time_conv.weight.shape[0] // 2, downs[1].time_conv.weight.shape[0] // 2
+    chans = {"d1": [h1 + c for c in range(RGB)], "d1b": [h2 + c for c in range(RGB)],
+             "d2": [h2 + RGB + c for c in range(RGB)]}
+    u1, u2 = ups[0].time_conv.weight.shape[1], ups[1].time_conv.weight.shape[1]
+    if model.config.z_dim < HAAR_Z + 3 * RGB or h1 + RGB > min(h2, u1 // 2) or h2 + 2 * RGB > min(u1, 2 * h2):
+        raise ValueError(f"the Haar init needs z_dim >= {HAAR_Z + 3 * RGB} and room for its channels, got z_dim "
+                         f"{model.config.z_dim}, channels {2 * h1} / {2 * h2} (encoder) and {u1} / {u2} (decoder)")
+    return chans
+
+
+def _haar_rows(w: torch.Tensor, row: int, channel: int, sign: float, own: bool) -> None:
+    """Time conv row `row` (taps past / earlier / later frame) += sign x half the (later - earlier) difference of
+    `channel`; `own`: the row keeps its own channel's average, otherwise it holds only the difference."""
+    if not own:
+        w[row].zero_()
+    w[row, channel, 2] += 0.5 * sign
+    w[row, channel, 1] -= 0.5 * sign
+
+
+@torch.no_grad()
+def haar_path_init(model: WanVAEModel) -> None:
+    """On top of `identity_path_init`: temporal Haar paths so that every frame's colour, not the mean of its 4-frame
+    chunk, reaches the decoder (the plain identity path averages the frames of a chunk and repeats the mean, which
+    smears a moving object into a blob that training has to undo). The encoder's temporal downsamplings write
+    half the colour difference within each frame pair (d1), then keep both pairs' d1 and add the difference between
+    the pairs (d2); latent channels 3..11 carry them; the decoder's temporal upsamplings invert the steps (earlier
+    frame = mean - difference, later = mean + difference). Every path channel carries COLOUR_OFFSET like the colour,
+    also on frame 0 (no difference), so the heads' normalisation treats them alike."""
+    ch = haar_channels(model)
+    down1, down2 = _resamples(model.encoder, "downsample3d")
+    up1, up2 = _resamples(model.decoder, "upsample3d")
+    for c in range(RGB):  # encoder: d1 = (f2 - f1) / 2, then d1 of each pair and d2 = (g2 - g1) / 2
+        down1.resample[1].bias[ch["d1"][c]] = COLOUR_OFFSET
+        _haar_rows(down1.time_conv.weight, ch["d1"][c], c, 1.0, own=True)
+        for key in ("d1b", "d2"):
+            down2.resample[1].bias[ch[key][c]] = COLOUR_OFFSET
+        w = down2.time_conv.weight  # [C, C, 3, 1, 1]
+        w[ch["d1"][c]].zero_()
+        w[ch["d1"][c], ch["d1"][c], 1] = 1.0  # the first pair's d1
+        w[ch["d1b"][c]].zero_()
+        w[ch["d1b"][c], ch["d1"][c], 2] = 1.0  # the second pair's d1
+        _haar_rows(w, ch["d2"][c], c, 1.0, own=True)
+    extra = [(ch[key][c], HAAR_Z + RGB * i + c) for i, key in enumerate(("d1", "d1b", "d2")) for c in range(RGB)]
+    _normalised_head(model.encoder.head[0], model.encoder.head[2], RGB, extra)
+    for _, z_c in extra:
+        model.encoder.head[2].weight[z_c] *= HAAR_GAIN
+        model.encoder.head[2].bias[z_c] *= HAAR_GAIN
+    dec = model.decoder.conv1
+    centre = (dec.weight.shape[2] - 1, dec.weight.shape[3] // 2, dec.weight.shape[4] // 2)
+    for src, dst in ((z_c, feat) for feat, z_c in extra):
+        dec.weight[dst].zero_()
+        dec.weight[(dst, src, *centre)] = 1.0 / HAAR_GAIN
+        dec.bias[dst] = COLOUR_OFFSET
+    for up, diff in ((up1, ch["d2"]), (up2, ch["d1"])):  # earlier frame = mean - diff, later = mean + diff
+        w, b = up.time_conv.weight, up.time_conv.bias  # [2C, C, 3, 1, 1]: first half -> earlier frame
+        half = w.shape[1]
+        for c in range(RGB):
+            for row, sign in ((c, -1.0), (half + c, 1.0)):
+                w[row, diff[c], 2] = sign
+                b[row] = -sign * COLOUR_OFFSET
+    for c in range(RGB):  # at the first upsampling the later pair's d1 goes to the later frame
+        w = up1.time_conv.weight
+        half = w.shape[1]
+        w[half + ch["d1"][c]].zero_()
+        w[half + ch["d1"][c], ch["d1b"][c], 2] = 1.0
+
+
 def latent_cells(mask: torch.Tensor, threshold: float = 0.25) -> torch.Tensor:
     """Object mask [B, 1, T, H, W] -> [B, F, H/8, W/8] bool: latent cells whose frames (frame 0, then chunks of 4)
     the object covers by more than `threshold` of the cell in at least one frame."""
@@ -392,12 +484,29 @@ def lr_at(step: int, cfg: VAETrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def param_groups(params: Sequence[torch.nn.Parameter], fan_in_lr: int) -> list[dict]:
+    """Optimizer groups with a relative rate `lr_scale` per tensor: 1, or fan_in_lr / f for a weight of fan-in f >
+    fan_in_lr (fan_in_lr 0: all 1).
+
+    Adam's steps have about the same size on every weight, so a conv's output moves by ~lr x its fan-in x its input
+    size per step when its inputs share one sign; in the identity-path VAE every conv input is a SiLU of normalised
+    features dominated by large positive channels, and one plain Adam step at lr 1e-3 (1e-4) takes a fresh model's
+    reconstruction from 20.8 dB to 5.9 dB (7.7 dB)."""
+    groups = []
+    for p in params:
+        fan = p[0].numel() if p.dim() > 1 else 1
+        groups.append({"params": [p], "lr_scale": fan_in_lr / fan if 0 < fan_in_lr < fan else 1.0})
+    return groups
+
+
 def train_vae(cfg: VAETrainConfig, log_every: int = 10) -> WanVAEModel:
     """Train a fresh `WanVAEModel(cfg.vae_config)` and return it (eval mode, raw latent statistics)."""
     torch.manual_seed(cfg.seed)
     model = WanVAEModel(cfg.vae_config)
     if cfg.init != "default":
         identity_path_init(model, colour_only=cfg.init == "colour", late_constant=cfg.late_constant)
+    if cfg.init == "haar":
+        haar_path_init(model)
     model.train()
     rng = np.random.default_rng(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -407,11 +516,11 @@ def train_vae(cfg: VAETrainConfig, log_every: int = 10) -> WanVAEModel:
     # the shape probe (cfg.shape_weight > 0) trains alongside and is not saved
     probe = torch.nn.Linear(cfg.z_dim, len(SHAPES)) if cfg.shape_weight > 0 else None
     params = [*model.parameters(), *(probe.parameters() if probe is not None else ())]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(param_groups(params, cfg.fan_in_lr), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     start, recent = time.perf_counter(), []
     for step in range(cfg.steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr_at(step, cfg) * group["lr_scale"]
         if step in full_steps:
             video, mask, shapes = render_batch(rng, cfg.full_batch_size, cfg.full_frames, DEFAULT_SIZE)
         elif step in image_steps:

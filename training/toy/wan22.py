@@ -15,7 +15,10 @@ Steps (each timed; figures to `<work>/wan22_report.json`):
                  `--preserve_distribution_shape`: the T2V DiT's own timestep distribution, cut to the range)
     4. evaluate  the single T2V DiT, the pair switched at the boundary, and the pair with the experts swapped
                  (high <-> low, same per-step guidance), on the same prompts and noise seeds: the toy scorer
-                 (`training.toy.evaluate`) and the independent pixel audit (`training.toy.audit`)
+                 (`training.toy.evaluate`) and the independent pixel audit (`training.toy.audit`); and what each
+                 expert learnt: the velocity error of the single DiT and of each expert at the sampling schedule's
+                 timesteps on each side of the boundary, with fixed noise on every `error_every`-th cached clip
+                 (the trainer's validation loss, `training.validation`)
 """
 
 from __future__ import annotations
@@ -32,9 +35,13 @@ from pathlib import Path
 
 import torch
 
+from training.cache.store import open_training_source
+from training.step import StepConfig
+from training.timesteps import TimestepConfig
 from training.toy import audit
 from training.toy.commands import TimedStages, run
 from training.toy.evaluate import Sampling, ToySet, base_pairs, evaluate
+from training.validation import Validator
 from wan_core.loading.checkpoint import load_state_dict, read_metadata, save_safetensors
 from wan_core.loading.model_set import SAMPLING_METADATA_KEY, TOY_EXPERT_FILES, TOY_FILES, sampling_defaults
 from wan_core.models.dit import load_dit
@@ -68,11 +75,12 @@ class Wan22Config:
     eval_heldout_seeds: int = 2  # scorer pairs (training.toy.evaluate.base_pairs)
     eval_train_count: int = 24
     audit_seeds: int = 1  # audit: every base combination x this many noise seeds
+    error_every: int = 8  # denoising errors on every n-th cached clip of the dataset
 
     def __post_init__(self) -> None:
         if not 0.0 < self.high_share < 1.0:
             raise ValueError(f"high_share must be in (0, 1), got {self.high_share}")
-        for name in ("steps", "audit_seeds"):
+        for name in ("steps", "audit_seeds", "error_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0.0:
@@ -171,6 +179,36 @@ def evaluate_setups(t2v: Path, high: Path, low: Path, vae: Path, t5: Path,
     return figures
 
 
+def denoising_errors(models: dict[str, torch.nn.Module], dataset: Path, sampling: dict,
+                     every: int, seed: int) -> dict[str, object]:
+    """Mean velocity MSE of each model (fixed noise per clip, no caption dropout) over the sampling schedule's
+    timesteps on each side of the boundary, on every `every`-th cached clip of `dataset`: {"timesteps": {side:
+    [t]}, "clips": n, "errors": {model: {side: mse}}}. A pair whose experts specialised has each expert below the
+    other on its own side."""
+    schedule = get_schedule(str(sampling.get("sample_solver", "unipc")), int(sampling["infer_steps"]),
+                            float(sampling["flow_shift"]))
+    boundary = float(sampling["timestep_boundary"])
+    sides: dict[str, list[int]] = {name: [] for name in EXPERTS}
+    for t in schedule.timesteps:
+        sides[expert_for(float(t), boundary)].append(min(max(round(float(t)), 1), NUM_TRAIN_TIMESTEPS))
+    source = open_training_source(dataset, caption_dropout_rate=0.0)
+    items = source.items()[::every]
+    validator = Validator(source, items, seed, [t for ts in sides.values() for t in ts])
+    step_cfg = StepConfig(TimestepConfig())
+    errors = {}
+    for name, model in models.items():
+        logs = validator.run(model, step_cfg)
+        errors[name] = {side: round(sum(logs[f"val_loss/t{t:04d}"] for t in ts) / len(ts), 5)
+                        for side, ts in sides.items()}
+    return {"timesteps": sides, "clips": len(items), "errors": errors}
+
+
+def specialised(denoising: dict[str, object]) -> bool:
+    """Each expert's error on its own side of the boundary is below the other expert's there."""
+    err = denoising["errors"]  # type: ignore[index]
+    return all(err[own][own] < err[other][own] for own, other in (EXPERTS, EXPERTS[::-1]))  # type: ignore[index]
+
+
 def claims(figures: dict[str, dict[str, object]]) -> dict[str, bool]:
     """The pair scores at least as well as the single DiT, and swapping the experts scores worse than the pair
     (scorer and audit colour+motion)."""
@@ -249,6 +287,11 @@ class Wan22Build(TimedStages):
              "--caption_dropout_rate", cfg.caption_dropout], self.log)
         shutil.copyfile(folder / f"{name}.safetensors", self.path(expert))
 
+    def expert_errors(self, sampling: dict) -> dict[str, object]:
+        models = {"single": load_dit(self.t2v, dtype=torch.float32), "high": load_dit(self.path("high"),
+                  dtype=torch.float32), "low": load_dit(self.path("low"), dtype=torch.float32)}
+        return denoising_errors(models, self.dataset, sampling, self.cfg.error_every, self.cfg.seed)
+
     def run(self) -> dict[str, object]:
         self.out.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(parents=True, exist_ok=True)
@@ -271,6 +314,8 @@ class Wan22Build(TimedStages):
             self.figures["setups"] = setups
             self.figures["claims"] = claims(setups)  # type: ignore[arg-type]
             self.figures["readme_rows"] = readme_rows(setups)  # type: ignore[arg-type]
+            self.figures["denoising"] = self.timed("errors", self.expert_errors, sampling)
+            self.figures["claims"]["experts_specialised"] = specialised(self.figures["denoising"])  # type: ignore
         self.stages["total"] = round(time.perf_counter() - total, 1)
         self.figures["file_sizes"] = {self.path(e).name: self.path(e).stat().st_size for e in EXPERTS}
         self.save()
