@@ -74,6 +74,8 @@ class RecipeConfig:
     vae_edge_weight: float = 0.0
     vae_l1_weight: float = 0.0
     vae_shape_weight: float = 0.0  # linear shape probe on the object's latent cells (vae_train --shape_weight)
+    vae_init: str = "identity"  # vae_train --init ("haar": each frame's colour reaches the decoder)
+    vae_fan_in_lr: int = 0  # vae_train --fan_in_lr (0: one Adam rate for every weight)
     clips_per_combo: int = 20
     dit_steps: int = 2500
     dit_lr: float = 1e-3
@@ -160,7 +162,8 @@ class Recipe:
         target.parent.mkdir(parents=True, exist_ok=True)
         run(["-m", "training.toy.vae_train", "--out", target, "--seed", self.cfg.seed, "--steps", self.cfg.vae_steps,
              "--lr", self.cfg.vae_lr, "--edge_weight", self.cfg.vae_edge_weight, "--l1_weight", self.cfg.vae_l1_weight,
-             "--shape_weight", self.cfg.vae_shape_weight,
+             "--shape_weight", self.cfg.vae_shape_weight, "--init", self.cfg.vae_init, "--fan_in_lr",
+             self.cfg.vae_fan_in_lr,
              "--report", self.work / "vae" / "report.json"], self.log)
         stamp_design(target)
         shutil.copyfile(target, self.path("vae"))
