@@ -186,6 +186,30 @@ def test_control_dataset_pairs_every_clip_with_its_silhouette(tmp_path: Path) ->
         assert (lit == (object_px > 60)).mean() > 0.98
 
 
+def test_control_dataset_can_caption_a_share_of_its_clips_with_another_motion(tmp_path: Path) -> None:
+    """The control and the video keep the clip's motion; only the caption of the chosen clips names another one."""
+    combos = [Combo("red", "circle", "down"), Combo("blue", "square", "still"), Combo("green", "triangle", "left")]
+    plain = tv.write_control_dataset(tmp_path / "plain", combos, 4, seed=5, batch=2)
+    mixed = tv.write_control_dataset(tmp_path / "mixed", combos, 4, seed=5, batch=2, conflict=0.5)
+    changed = 0
+    for caption in sorted((mixed.parent / "videos").glob("*.txt")):
+        motion = caption.stem.split("_")[3]  # NNNNN_<colour>_<shape>_<motion>
+        combo = Combo(*caption.stem.split("_")[1:3], motion)
+        text = caption.read_text().strip()
+        original = (plain.parent / "videos" / caption.name).read_text().strip()
+        assert original == combo.caption
+        if text != original:
+            changed += 1
+            assert text.startswith(f"a {combo.colour} {combo.shape} ") and combo.caption[len("a ") :] not in text
+        assert (mixed.parent / "control" / caption.stem).is_dir()
+    assert 2 <= changed <= 10  # about half of the 12 clips
+    for name in ("videos", "control"):
+        a, b = (sorted(p.name for p in (t.parent / name).rglob("*")) for t in (plain, mixed))
+        assert a == b
+    with pytest.raises(ValueError, match=r"conflict must be in \[0, 1\], got 1.5"):
+        tv.write_control_dataset(tmp_path / "bad", combos, 1, seed=5, batch=2, conflict=1.5)
+
+
 def test_flf2v_cache_entries_hold_the_official_flf2v_layout(tmp_path: Path) -> None:
     from training.cache.latents import cache_latents, load_pixels
     from training.cache.store import latent_entries, load_latent_entry, open_training_source
@@ -282,3 +306,14 @@ def test_shipped_variant_follows_its_conditioning(kind: str) -> None:
             "fun_control": ("track_in_place", "motion")}[kind]
     for key in bars:
         assert figures[key] >= 0.75, (key, figures)
+
+
+def test_recipe_passes_the_fun_control_conflict_share_to_the_variant_build(tmp_path: Path, monkeypatch) -> None:
+    from training.toy import recipe
+
+    calls = []
+    monkeypatch.setattr(recipe, "build_variants", lambda *args, **kwargs: calls.append(kwargs) or {"stages": {}})
+    rec = recipe.Recipe(recipe.RecipeConfig(seed=3, fun_control_conflict=0.3), tmp_path / "out", tmp_path / "work")
+    rec.stage_variants()
+    assert calls[0]["seed"] == 3 and calls[0]["config"].conflict_captions == 0.3
+    assert tv.VariantConfig().conflict_captions == 0.0  # the default build captions every clip with its motion

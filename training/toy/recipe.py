@@ -45,7 +45,7 @@ from training.toy.evaluate import (
     write_sampling,
 )
 from training.toy.text import build_toy_text_encoder
-from training.toy.variants import build_variants
+from training.toy.variants import VariantConfig, build_variants
 from training.toy.wan22 import Wan22Config, build_wan22
 from wan_core.loading.checkpoint import save_safetensors
 from wan_core.loading.model_set import TOY_FILES
@@ -90,6 +90,7 @@ class RecipeConfig:
     lora_steps: int = 1200
     lora_lr: float = 2e-3
     lora_rank: int = 16
+    fun_control_conflict: float = 0.0  # variants --conflict_captions: Fun-Control clips captioned with another motion
     wan22_steps: int = Wan22Config.steps  # per expert
     wan22_lr: float = Wan22Config.lr
     wan22_high_share: float = Wan22Config.high_share
@@ -271,7 +272,8 @@ class Recipe:
 
     def stage_variants(self) -> None:
         result = build_variants(self.out, self.work / "variants", self.path("dit"), self.path("vae"), self.path("t5"),
-                                seed=self.cfg.seed)
+                                seed=self.cfg.seed,
+                                config=VariantConfig(conflict_captions=self.cfg.fun_control_conflict))
         self.report.figures["variants"] = result
 
     def stage_wan22(self) -> None:

@@ -47,7 +47,7 @@ from training.dataset.items import scan_dataset_group
 from training.dataset.schema import load_dataset_config
 from training.toy.commands import TimedStages, run
 from training.toy.evaluate import sampling_from_file
-from wan_core.loading.checkpoint import read_metadata, save_safetensors
+from wan_core.loading.checkpoint import read_metadata, save_safetensors, write_text_atomic
 from wan_core.loading.model_set import SAMPLING_METADATA_KEY, TOY_FILES
 from wan_core.models.clip import CLIPVision, load_clip_vision
 from wan_core.models.config import CONFIG_METADATA_KEY, CLIPVisionConfig, DiTConfig, config_to_json
@@ -102,6 +102,7 @@ class VariantConfig:
     lr: float = 1e-3
     batch: int = 8
     caption_dropout: float = 0.1
+    conflict_captions: float = 0.0  # Fun-Control: share of training clips whose caption names another motion
     timestep_sampling: str = "uniform"
     save_precision: str = "fp16"
     eval_pairs: int = 12
@@ -215,9 +216,14 @@ def write_image_dataset(out: Path, combos: Sequence[Combo], clips_per_combo: int
     return out / "dataset.toml"
 
 
-def write_control_dataset(out: Path, combos: Sequence[Combo], clips_per_combo: int, seed: int, batch: int) -> Path:
+def write_control_dataset(out: Path, combos: Sequence[Combo], clips_per_combo: int, seed: int, batch: int,
+                          conflict: float = 0.0) -> Path:
     """Fun-Control dataset, musubi layout: mp4 clips in videos/ (+ captions) and, in control/, a frame folder per
-    clip named like its stem holding the object's silhouette; the toml names `control_directory`."""
+    clip named like its stem holding the object's silhouette; the toml names `control_directory`. `conflict`: that
+    share of the clips (seeded choice) gets a caption naming another motion (seeded) than the clip and its control
+    show, so that the model learns to take the motion from the control when the two disagree."""
+    if not 0.0 <= conflict <= 1.0:
+        raise ValueError(f"conflict must be in [0, 1], got {conflict}")
     paths = write_dataset(out, combos, clips_per_combo, seed=seed, fmt="mp4", batch_size=batch)
     # write_dataset gives clip i the i-th seed spawned from SeedSequence(seed) (its documented rule)
     jobs = [combo for combo in combos for _ in range(int(clips_per_combo))]
@@ -226,6 +232,12 @@ def write_control_dataset(out: Path, combos: Sequence[Combo], clips_per_combo: i
     control.mkdir()
     for path, combo, clip_seed in zip(paths, jobs, seeds):
         _write_frames(control / path.stem, silhouette(combo, clip_seed))
+    rng = np.random.default_rng([seed, 7])
+    for i in np.flatnonzero(rng.random(len(jobs)) < conflict):
+        combo = jobs[i]
+        other = str(rng.choice([m for m in MOTIONS if m != combo.motion]))
+        caption = Combo(combo.colour, combo.shape, other).caption
+        write_text_atomic(paths[i].with_suffix(".txt"), caption + "\n")
     toml = out / "dataset.toml"
     text = toml.read_text(encoding="utf-8").rstrip("\n")
     toml.write_text(f"{text}\ncontrol_directory = {json.dumps(str(control.resolve()))}\n", encoding="utf-8")
@@ -453,14 +465,19 @@ class VariantBuild(TimedStages):
         out = self.dataset(kind).parent
         recipe = {"kind": kind, "clips_per_combo": cfg.clips_per_combo, "seed": cfg.seed + 31 + KINDS.index(kind),
                   "batch": cfg.batch, "combos": [asdict(c) for c in train_combos()]}
+        if kind == "fun_control" and cfg.conflict_captions:
+            recipe["conflict_captions"] = cfg.conflict_captions
         marker = out / "variants_data.json"
         if marker.is_file() and json.loads(marker.read_text()) == recipe:
             logger.info("reusing the %s dataset in %s", kind, out)
             return
         if out.exists():
             shutil.rmtree(out)
-        writer = write_control_dataset if kind == "fun_control" else write_image_dataset
-        writer(out, train_combos(), cfg.clips_per_combo, recipe["seed"], cfg.batch)
+        if kind == "fun_control":
+            write_control_dataset(out, train_combos(), cfg.clips_per_combo, recipe["seed"], cfg.batch,
+                                  cfg.conflict_captions)
+        else:
+            write_image_dataset(out, train_combos(), cfg.clips_per_combo, recipe["seed"], cfg.batch)
         marker.write_text(json.dumps(recipe) + "\n")
 
     def stage_cache(self, kind: str) -> None:
