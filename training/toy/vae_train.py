@@ -13,6 +13,12 @@ Design for colour (a tiny VAE otherwise keeps shape and motion but loses hue):
     * the forward pass is the official chunked causal one (frame 0, then chunks of 4 frames, with the feature cache),
       with autograd through the cache.
 
+Starting points (`--init`): "identity" (`identity_path_init`: colour carried through every level, residual branches
+at zero), "haar" (the same plus temporal Haar paths, `haar_path_init`: each frame's colour reaches the decoder, not
+the mean of its 4-frame chunk), "colour" (identity path on the colour channels only) or "default" (PyTorch's init).
+`--fan_in_lr` scales the Adam rate of wide weights down (`param_groups`): plain Adam steps at lr 1e-3 undo the
+identity path in one step.
+
 After training, `fold_latent_statistics` makes the file use the official latent normalisation: the raw encoder mean
 mu of the toy VAE has its own per-channel mean m and std s; rows of `conv1` (the mu half) are rescaled so that the
 new mu' = (mu - m) / s * VAE_STD + VAE_MEAN, and `conv2` (which the decoder applies to the de-normalised latent) gets
