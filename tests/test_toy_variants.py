@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -313,7 +314,29 @@ def test_recipe_passes_the_fun_control_conflict_share_to_the_variant_build(tmp_p
 
     calls = []
     monkeypatch.setattr(recipe, "build_variants", lambda *args, **kwargs: calls.append(kwargs) or {"stages": {}})
-    rec = recipe.Recipe(recipe.RecipeConfig(seed=3, fun_control_conflict=0.3), tmp_path / "out", tmp_path / "work")
-    rec.stage_variants()
+    cfg = recipe.RecipeConfig(seed=3, fun_control_conflict=0.3, fun_control_steps=2000)
+    recipe.Recipe(cfg, tmp_path / "out", tmp_path / "work").stage_variants()
     assert calls[0]["seed"] == 3 and calls[0]["config"].conflict_captions == 0.3
+    assert calls[0]["config"].fun_control_steps == 2000
     assert tv.VariantConfig().conflict_captions == 0.0  # the default build captions every clip with its motion
+
+
+def test_each_variant_trains_for_its_own_step_count(tmp_path: Path, monkeypatch) -> None:
+    t2v_path = save_safetensors(_t2v().state_dict(), tmp_path / "t2v.safetensors",
+                                {CONFIG_METADATA_KEY: config_to_json(TINY_DIT)})
+    steps = {}
+
+    def record(args, log) -> None:  # stands in for the trainer: keeps the step count, writes the output file
+        args = [str(a) for a in args]
+        kind = args[args.index("--output_name") + 1]
+        steps[kind] = int(args[args.index("--max_train_steps") + 1])
+        shutil.copyfile(t2v_path, Path(args[args.index("--output_dir") + 1]) / f"{kind}.safetensors")
+
+    monkeypatch.setattr(tv, "run", record)
+    for fc_steps, want in ((0, 5), (9, 9)):
+        cfg = tv.VariantConfig(steps=5, flf2v_steps=7, fun_control_steps=fc_steps)
+        build = tv.VariantBuild(cfg, tmp_path / "out", tmp_path / "work", t2v_path, t2v_path, t2v_path)
+        (tmp_path / "out").mkdir(exist_ok=True)
+        for kind in tv.KINDS:
+            build.stage_train(kind)
+        assert steps == {"i2v": 5, "flf2v": 7, "fun_control": want}

@@ -91,6 +91,7 @@ class RecipeConfig:
     lora_lr: float = 2e-3
     lora_rank: int = 16
     fun_control_conflict: float = 0.0  # variants --conflict_captions: Fun-Control clips captioned with another motion
+    fun_control_steps: int = 0  # variants --fun_control_steps (0: the variants' common step count)
     wan22_steps: int = Wan22Config.steps  # per expert
     wan22_lr: float = Wan22Config.lr
     wan22_high_share: float = Wan22Config.high_share
@@ -273,7 +274,8 @@ class Recipe:
     def stage_variants(self) -> None:
         result = build_variants(self.out, self.work / "variants", self.path("dit"), self.path("vae"), self.path("t5"),
                                 seed=self.cfg.seed,
-                                config=VariantConfig(conflict_captions=self.cfg.fun_control_conflict))
+                                config=VariantConfig(conflict_captions=self.cfg.fun_control_conflict,
+                                                     fun_control_steps=self.cfg.fun_control_steps))
         self.report.figures["variants"] = result
 
     def stage_wan22(self) -> None:

@@ -99,6 +99,7 @@ class VariantConfig:
     clips_per_combo: int = 4
     steps: int = 800
     flf2v_steps: int = 3000  # the last frame is learnt more slowly (1600 steps: last frame in place 0.42, 3000: 0.75)
+    fun_control_steps: int = 0  # > 0: Fun-Control's own step count (0: `steps`)
     lr: float = 1e-3
     batch: int = 8
     caption_dropout: float = 0.1
@@ -493,7 +494,7 @@ class VariantBuild(TimedStages):
 
     def stage_train(self, kind: str) -> None:
         cfg = self.cfg
-        steps = cfg.flf2v_steps if kind == "flf2v" else cfg.steps
+        steps = {"flf2v": cfg.flf2v_steps, "fun_control": cfg.fun_control_steps or cfg.steps}.get(kind, cfg.steps)
         folder = self.work / f"train_{kind}"
         folder.mkdir(parents=True, exist_ok=True)
         init = write_variant_init(self.t2v, kind, TOY_CLIP_CONFIG.dim, cfg.seed + 41 + KINDS.index(kind),
