@@ -340,3 +340,32 @@ def test_each_variant_trains_for_its_own_step_count(tmp_path: Path, monkeypatch)
         for kind in tv.KINDS:
             build.stage_train(kind)
         assert steps == {"i2v": 5, "flf2v": 7, "fun_control": want}
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("conflict_captions", 1.5, r"conflict_captions must be in \[0, 1\], got 1.5"),
+    ("fun_control_steps", -1, "fun_control_steps must be >= 0, got -1")])
+def test_variant_and_recipe_configs_refuse_bad_fun_control_settings_before_any_stage(field, value, message,
+                                                                                      tmp_path, capsys) -> None:
+    from training.toy import recipe
+
+    with pytest.raises(ValueError, match=message):
+        tv.VariantConfig(**{field: value})
+    recipe_field = {"conflict_captions": "fun_control_conflict"}.get(field, field)
+    with pytest.raises(ValueError, match=message):
+        recipe.RecipeConfig(**{recipe_field: value})
+    assert recipe.main(["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
+                        f"--{recipe_field}", str(value)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {message.replace(chr(92), '')}"]
+    assert not (tmp_path / "work").exists()  # no stage ran
+    assert tv.main(["--out", str(tmp_path / "out"), "--work", str(tmp_path / "w2"), f"--{field}", str(value)]) == 1
+    assert not (tmp_path / "w2").exists()
+
+
+def test_recipe_refuses_an_unknown_vae_init_before_any_stage(tmp_path, capsys) -> None:
+    from training.toy import recipe
+
+    argv = ["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--vae_init", "wavelet"]
+    assert recipe.main(argv) == 2
+    assert "init must be one of ('identity', 'colour', 'haar', 'default'), got 'wavelet'" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()

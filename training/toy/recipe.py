@@ -45,6 +45,7 @@ from training.toy.evaluate import (
     write_sampling,
 )
 from training.toy.text import build_toy_text_encoder
+from training.toy.vae_train import VAETrainConfig
 from training.toy.variants import VariantConfig, build_variants
 from training.toy.wan22 import Wan22Config, build_wan22
 from wan_core.loading.checkpoint import save_safetensors
@@ -99,6 +100,13 @@ class RecipeConfig:
     grid_steps: tuple[int, ...] = (12, 20)
     grid_shift: tuple[float, ...] = (3.0,)
     grid_guidance: tuple[float, ...] = (3.0, 5.0)
+
+    def __post_init__(self) -> None:  # what later stages would refuse, refused before the first stage runs
+        VAETrainConfig(init=self.vae_init, fan_in_lr=self.vae_fan_in_lr)
+        self.variant_config()
+
+    def variant_config(self) -> VariantConfig:
+        return VariantConfig(conflict_captions=self.fun_control_conflict, fun_control_steps=self.fun_control_steps)
 
 
 @dataclass
@@ -273,9 +281,7 @@ class Recipe:
 
     def stage_variants(self) -> None:
         result = build_variants(self.out, self.work / "variants", self.path("dit"), self.path("vae"), self.path("t5"),
-                                seed=self.cfg.seed,
-                                config=VariantConfig(conflict_captions=self.cfg.fun_control_conflict,
-                                                     fun_control_steps=self.cfg.fun_control_steps))
+                                seed=self.cfg.seed, config=self.cfg.variant_config())
         self.report.figures["variants"] = result
 
     def stage_wan22(self) -> None:
@@ -320,7 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     fields = {k: getattr(args, k) for k in asdict(RecipeConfig()) if hasattr(args, k)}
-    cfg = RecipeConfig(**fields)
+    try:
+        cfg = RecipeConfig(**fields)
+    except ValueError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
     out = Path(args.out).resolve()
     work = Path(args.work).resolve() if args.work else Path(tempfile.gettempdir()) / f"wantuner_toyrun_{cfg.seed}"
     stages = args.stages or list(STAGES)

@@ -196,6 +196,11 @@ DETAIL_INIT_SCALE = 0.1  # init "colour": the random rows of the detail channels
 SILU_TARGET = 6.0  # pre-SiLU value of a zero colour after an RMSNorm: SiLU is nearly linear around it
 
 
+def _centre(weight: torch.Tensor) -> tuple[int, int, int]:
+    """The current-frame, centre tap of a causal conv weight [out, in, kt, kh, kw]."""
+    return weight.shape[2] - 1, weight.shape[3] // 2, weight.shape[4] // 2
+
+
 def _identity_(weight: torch.Tensor, channels: int, tap: tuple[int, ...], value: float = 1.0) -> None:
     """weight [out, in, *k]: zero, then `value` at `tap` from input channel c to output channel c (c < channels)."""
     weight.zero_()
@@ -207,7 +212,7 @@ def _colour_in(conv: torch.nn.Module, gain: float, offset: float, constant: floa
     """Output channels 0..2 = gain x input channels 0..2 (current frame, centre tap) + offset; channel 3 =
     `constant`. The other output channels keep their random initialisation."""
     w, b = conv.weight, conv.bias  # [out, in, kt, kh, kw]
-    centre = (w.shape[2] - 1, w.shape[3] // 2, w.shape[4] // 2)
+    centre = _centre(w)
     w[: RGB + 1].zero_()
     for c in range(RGB):
         w[(c, c, *centre)] = gain
@@ -228,7 +233,7 @@ def _normalised_head(norm: torch.nn.Module, conv: torch.nn.Module, outputs: int,
     gain = SILU_TARGET * typical_norm / (COLOUR_OFFSET * math.sqrt(channels))
     scale = SILU_TARGET / COLOUR_OFFSET  # normalised, gained offset channel = (value + OFFSET) * scale
     w, b = conv.weight, conv.bias
-    centre = (w.shape[2] - 1, w.shape[3] // 2, w.shape[4] // 2)
+    centre = _centre(w)
     w[:outputs].zero_()
     b[:outputs] = 0.0
     for src, dst in pairs:
@@ -365,13 +370,11 @@ def haar_channels(model: WanVAEModel) -> dict[str, list[int]]:
     return chans
 
 
-def _haar_rows(w: torch.Tensor, row: int, channel: int, sign: float, own: bool) -> None:
-    """Time conv row `row` (taps past / earlier / later frame) += sign x half the (later - earlier) difference of
-    `channel`; `own`: the row keeps its own channel's average, otherwise it holds only the difference."""
-    if not own:
-        w[row].zero_()
-    w[row, channel, 2] += 0.5 * sign
-    w[row, channel, 1] -= 0.5 * sign
+def _add_half_difference(w: torch.Tensor, row: int, channel: int) -> None:
+    """Time conv row `row` (taps past / earlier / later frame) += half the (later - earlier) difference of
+    `channel`; the row keeps what it had (the average of its own channel, which carries COLOUR_OFFSET)."""
+    w[row, channel, 2] += 0.5
+    w[row, channel, 1] -= 0.5
 
 
 @torch.no_grad()
@@ -388,7 +391,7 @@ def haar_path_init(model: WanVAEModel) -> None:
     up1, up2 = _resamples(model.decoder, "upsample3d")
     for c in range(RGB):  # encoder: d1 = (f2 - f1) / 2, then d1 of each pair and d2 = (g2 - g1) / 2
         down1.resample[1].bias[ch["d1"][c]] = COLOUR_OFFSET
-        _haar_rows(down1.time_conv.weight, ch["d1"][c], c, 1.0, own=True)
+        _add_half_difference(down1.time_conv.weight, ch["d1"][c], c)
         for key in ("d1b", "d2"):
             down2.resample[1].bias[ch[key][c]] = COLOUR_OFFSET
         w = down2.time_conv.weight  # [C, C, 3, 1, 1]
@@ -396,18 +399,17 @@ def haar_path_init(model: WanVAEModel) -> None:
         w[ch["d1"][c], ch["d1"][c], 1] = 1.0  # the first pair's d1
         w[ch["d1b"][c]].zero_()
         w[ch["d1b"][c], ch["d1"][c], 2] = 1.0  # the second pair's d1
-        _haar_rows(w, ch["d2"][c], c, 1.0, own=True)
+        _add_half_difference(w, ch["d2"][c], c)
     extra = [(ch[key][c], HAAR_Z + RGB * i + c) for i, key in enumerate(("d1", "d1b", "d2")) for c in range(RGB)]
     _normalised_head(model.encoder.head[0], model.encoder.head[2], RGB, extra)
     for _, z_c in extra:
         model.encoder.head[2].weight[z_c] *= HAAR_GAIN
         model.encoder.head[2].bias[z_c] *= HAAR_GAIN
     dec = model.decoder.conv1
-    centre = (dec.weight.shape[2] - 1, dec.weight.shape[3] // 2, dec.weight.shape[4] // 2)
-    for src, dst in ((z_c, feat) for feat, z_c in extra):
-        dec.weight[dst].zero_()
-        dec.weight[(dst, src, *centre)] = 1.0 / HAAR_GAIN
-        dec.bias[dst] = COLOUR_OFFSET
+    for feat, z_c in extra:  # the decoder reads latent channel z_c back into feature channel feat
+        dec.weight[feat].zero_()
+        dec.weight[(feat, z_c, *_centre(dec.weight))] = 1.0 / HAAR_GAIN
+        dec.bias[feat] = COLOUR_OFFSET
     for up, diff in ((up1, ch["d2"]), (up2, ch["d1"])):  # earlier frame = mean - diff, later = mean + diff
         w, b = up.time_conv.weight, up.time_conv.bias  # [2C, C, 3, 1, 1]: first half -> earlier frame
         half = w.shape[1]
@@ -415,11 +417,9 @@ def haar_path_init(model: WanVAEModel) -> None:
             for row, sign in ((c, -1.0), (half + c, 1.0)):
                 w[row, diff[c], 2] = sign
                 b[row] = -sign * COLOUR_OFFSET
-    for c in range(RGB):  # at the first upsampling the later pair's d1 goes to the later frame
-        w = up1.time_conv.weight
-        half = w.shape[1]
-        w[half + ch["d1"][c]].zero_()
-        w[half + ch["d1"][c], ch["d1b"][c], 2] = 1.0
+            if up is up1:  # the later frame takes the later pair's d1
+                w[half + ch["d1"][c]].zero_()
+                w[half + ch["d1"][c], ch["d1b"][c], 2] = 1.0
 
 
 def latent_cells(mask: torch.Tensor, threshold: float = 0.25) -> torch.Tensor:

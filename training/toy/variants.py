@@ -109,6 +109,12 @@ class VariantConfig:
     eval_pairs: int = 12
     kinds: tuple[str, ...] = KINDS
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.conflict_captions <= 1.0:
+            raise ValueError(f"conflict_captions must be in [0, 1], got {self.conflict_captions}")
+        if self.fun_control_steps < 0:
+            raise ValueError(f"fun_control_steps must be >= 0, got {self.fun_control_steps}")
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Toy CLIP vision tower
@@ -568,8 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     fields = {k: getattr(args, k) for k in asdict(VariantConfig()) if k not in ("seed", "kinds")}
-    cfg = VariantConfig(**fields, kinds=tuple(args.kinds))
     try:
+        cfg = VariantConfig(**fields, kinds=tuple(args.kinds))
         report = build_variants(out, Path(args.work), Path(args.t2v or out / TOY_FILES["dit"]),
                                 Path(args.vae or out / TOY_FILES["vae"]), Path(args.t5 or out / TOY_FILES["t5"]),
                                 args.seed, args.steps, cfg)
