@@ -143,18 +143,25 @@ TOY_PAIR_FILES = [TOY_MODEL_DIR / name for name in TOY_EXPERT_FILES["t2v-A14B"]]
 def test_shipped_expert_pair_scores_at_least_as_well_as_the_single_dit_and_swapping_hurts(
         toy: ev.ToySet, base_report: ev.BehaviourReport) -> None:
     """The toy Wan2.2 T2V-A14B pair switched at its stored boundary against the T2V DiT it was fine-tuned from, on
-    the same prompts and noise seeds; the pair with high and low swapped must score worse (the switch is real)."""
+    the same prompts and noise seeds: the pair scores at least as well; with high and low swapped the samples are
+    worse, by colour+motion or visibly noisier (the recipe's `swap_hurts_*` claims; the switch is real)."""
     high_path, low_path = TOY_PAIR_FILES
     stored = sampling_defaults(low_path)
     assert stored["task"] == "t2v-A14B" and 0.0 < float(stored["timestep_boundary"]) < 1.0
     high, low = load_dit(high_path, dtype=torch.float32), load_dit(low_path, dtype=torch.float32)
-    rates = {}
+    figures = {}
     for setup in ("pair", "swapped"):
         model = wan22.setup_model(setup, toy.dit, high, low, stored)
         pair_set = ev.ToySet(model, toy.vae, toy.t5, low_path)  # type: ignore[arg-type]
-        rates[setup] = ev.evaluate(pair_set, ev.base_pairs(), ev.sampling_from_file(low_path)).overall.colour_motion
+        report = ev.evaluate(pair_set, ev.base_pairs(), ev.sampling_from_file(low_path))
+        figures[setup] = {"score": report.as_dict() | {"clip_noise": ev.clip_noise(report.overall)}}
+    rates = {setup: f["score"]["colour_motion"] for setup, f in figures.items()}
     assert rates["pair"] >= base_report.overall.colour_motion, (rates, base_report.as_dict())
-    assert rates["swapped"] < rates["pair"], rates
+    noise = {setup: f["score"]["background_noise"] for setup, f in figures.items()}
+    cleaner = wan22.cleaner_share(figures, "pair", "swapped")
+    worse = rates["swapped"] < rates["pair"]
+    noisier = noise["swapped"] > noise["pair"] and cleaner >= wan22.CLEANER_SHARE
+    assert worse or noisier, (rates, noise, cleaner)
 
 
 def test_lora_through_the_comfyui_lora_node_gives_the_same_samples(toy: ev.ToySet, sampling: ev.Sampling,

@@ -155,7 +155,9 @@ def test_evaluation_samples_the_single_dit_the_pair_and_the_swapped_pair(tiny, t
                                                                                      "low": 2 * samples}
     assert "expert_calls" not in figures["single"]
     assert wan22.claims(figures) == {"pair_at_least_single_score": True, "pair_at_least_single_audit": True,
-                                     "swap_hurts_score": False, "swap_hurts_audit": False}
+                                     "swap_hurts_score": False, "swap_hurts_audit": False,
+                                     "swap_hurts_noise": False}
+    assert wan22.cleaner_share(figures, "pair", "swapped") == 0.0  # equal noise is not cleaner
     rows = wan22.readme_rows(figures)
     assert len(rows) == 5 and rows[2].startswith("| single | ")
 

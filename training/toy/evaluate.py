@@ -124,11 +124,17 @@ class BehaviourReport:
 
     def as_dict(self) -> dict[str, float]:
         out = {"n": self.overall.n, "colour_motion": self.overall.colour_motion, "motion": self.overall.motion,
-               "colour": self.overall.colour, "shape": self.overall.shape, "seconds": round(self.seconds, 1)}
+               "colour": self.overall.colour, "shape": self.overall.shape,
+               "background_noise": round(self.overall.background_noise, 3), "seconds": round(self.seconds, 1)}
         if self.heldout is not None:
             out.update(heldout_n=self.heldout.n, heldout_colour_motion=self.heldout.colour_motion,
                        heldout_motion=self.heldout.motion)
         return out
+
+
+def clip_noise(summary: ScoreSummary) -> list[float]:
+    """Each scored clip's background noise (0..255, `wan_core.toy.score` step 5), in scoring order."""
+    return [round(s.detection.background_noise, 3) for s in summary.scores]
 
 
 def colour_rate(summary: ScoreSummary, colour: str) -> float:

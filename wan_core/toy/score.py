@@ -20,7 +20,10 @@ Method:
     4. Shape from complex moments of alpha around the centroid, E[z^k] with z = dx + i dy: an isotropic blur leaves
        E[z^3] and E[z^4] unchanged, so |E[z^3]| / m2^1.5 (triangle ~0.79, others ~0) and -Re E[z^4] / m2^2
        (square ~0.6, others ~0) stay separable on blurry frames; neither strong means circle.
-    5. Motion: least-squares slope of the centroid track times (T - 1) = total displacement. "still" if its
+    5. Background noise: mean absolute RGB deviation (0..255) from the frame's background median over the pixels
+       farther than ``NOISE_MARGIN`` px from the object mask (alpha > 0), averaged over frames. A clean toy frame
+       measures ~0; residual sampling noise, halos and grid seams raise it.
+    6. Motion: least-squares slope of the centroid track times (T - 1) = total displacement. "still" if its
        largest component is below ``STILL_FRACTION`` of the frame width, else the dominant axis and sign
        (y grows downwards, so negative dy is "up").
 """
@@ -49,6 +52,7 @@ STILL_FRACTION = 0.1  # total displacement below this fraction of the width mean
 TRIANGLE_F3 = 0.79  # |E[z^3]| / m2^1.5 of a sharp toy triangle
 SQUARE_F4 = 0.6  # -Re E[z^4] / m2^2 of a sharp toy square
 SHAPE_THRESHOLD = 0.35  # a normalised shape feature below this for both shapes means "circle"
+NOISE_MARGIN = 3  # px around the object mask left out of the background-noise measure (its anti-aliased edge)
 
 
 def _chroma(rgb: np.ndarray) -> np.ndarray:
@@ -73,6 +77,7 @@ class Detection:
     motion: str | None  # None also when T == 1 (not measurable)
     centroids: np.ndarray = field(compare=False)  # [T, 2] (x, y) in pixels, pixel centres at +0.5; NaN = not found
     confidence: float  # colour vote share x fraction of frames where the object was found, in [0, 1]
+    background_noise: float = float("nan")  # mean |RGB - background| (0..255) away from the object (step 5)
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,7 @@ class ScoreSummary:
     motion: float
     colour: float
     shape: float
+    background_noise: float  # median over the clips of Detection.background_noise (0..255)
     scores: tuple[ClipScore, ...] = field(repr=False)
 
 
@@ -200,6 +206,30 @@ def _classify_shape(features: np.ndarray) -> str:
     return "triangle" if f3 > f4 else "square"
 
 
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Square dilation of a boolean mask [T, H, W] by `radius` px (no wrap-around at the frame border)."""
+    out = mask.copy()
+    for axis in (1, 2):
+        grown = out.copy()
+        size = out.shape[axis]
+        for shift in range(1, radius + 1):
+            lead = [slice(None)] * 3
+            lag = [slice(None)] * 3
+            lead[axis], lag[axis] = slice(shift, size), slice(0, size - shift)
+            grown[tuple(lead)] |= out[tuple(lag)]
+            grown[tuple(lag)] |= out[tuple(lead)]
+        out = grown
+    return out
+
+
+def _background_noise(rgb: np.ndarray, background: np.ndarray, alpha: np.ndarray | None) -> float:
+    """Step 5: rgb [T, H, W, 3] in [0, 1], background [T, 3], alpha [T, H, W] (None: no object) -> 0..255."""
+    deviation = np.abs(rgb - background[:, None, None, :]).mean(axis=-1) * 255.0  # [T, H, W]
+    away = np.ones(deviation.shape, dtype=bool) if alpha is None else ~_dilate(alpha > 0.0, NOISE_MARGIN)
+    per_frame = [float(d[a].mean()) for d, a in zip(deviation, away) if a.any()]
+    return float(np.mean(per_frame)) if per_frame else float("nan")
+
+
 def _classify_motion(centroids: np.ndarray, width: int) -> str | None:
     """Motion label from the centroid track [T, 2] (NaN rows ignored); None if fewer than 2 valid frames."""
     valid = ~np.isnan(centroids[:, 0])
@@ -222,11 +252,13 @@ def analyze_clip(frames: object) -> Detection:
     background = np.median(rgb.reshape(num_frames, -1, 3), axis=1)  # [T, 3]
     diff = _chroma(rgb) - _chroma(background)[:, None, None, :]  # [T, H, W, 2]
     magnitude = np.linalg.norm(diff, axis=-1)  # [T, H, W]
-    nothing = Detection(None, None, None, np.full((num_frames, 2), np.nan), 0.0)
+    nothing = Detection(None, None, None, np.full((num_frames, 2), np.nan), 0.0,
+                        _background_noise(rgb, background, None))
     colour, share = _vote_colour(diff, magnitude)
     if colour is None:
         return nothing
     alpha = _object_alpha(diff, magnitude, colour)
+    noise = _background_noise(rgb, background, alpha)
     centroids = np.full((num_frames, 2), np.nan)
     features = []
     for t in range(num_frames):
@@ -235,11 +267,11 @@ def analyze_clip(frames: object) -> Detection:
             centroids[t], feature = found
             features.append(feature)
     if not features:
-        return nothing
+        return Detection(None, None, None, centroids, 0.0, noise)
     shape = _classify_shape(np.median(np.stack(features), axis=0))
     motion = _classify_motion(centroids, width)
     confidence = share * len(features) / num_frames
-    return Detection(colour, shape, motion, centroids, float(confidence))
+    return Detection(colour, shape, motion, centroids, float(confidence), noise)
 
 
 def score_clip(frames: object, caption: str | Combo) -> ClipScore:
@@ -276,5 +308,6 @@ def score_many(clips: Sequence[object], captions: Sequence[str | Combo]) -> Scor
         motion=_rate([s.motion_ok for s in scores]),
         colour=_rate([s.colour_ok for s in scores]),
         shape=_rate([s.shape_ok for s in scores]),
+        background_noise=float(np.nanmedian([s.detection.background_noise for s in scores])),
         scores=scores,
     )
