@@ -27,7 +27,9 @@ from training.toy.vae_train import (
     latent_cells,
     param_groups,
     raw_latent_statistics,
+    scale_detail_gain,
     shape_probe_loss,
+    step_kinds,
     to_video,
     train_vae,
 )
@@ -343,6 +345,47 @@ def test_fan_in_lr_scales_the_rate_of_wide_weights_only() -> None:
     assert [g["lr_scale"] for g in param_groups([torch.nn.Parameter(torch.ones(4, 8))], 16)] == [1.0]
     with pytest.raises(ValueError, match="fan_in_lr must be >= 0, got -1"):
         VAETrainConfig(fan_in_lr=-1)
+
+
+def test_detail_gain_scales_the_branch_norms_of_detail_channels_and_keeps_the_initial_model() -> None:
+    """The residual branches start at zero, so scaling their input norms' gains leaves the fresh model's output
+    bit for bit; only the gains of channels 4.. (not the colour and constant channels 0..3) change."""
+    clips, _ = evaluation_clips(seed=5, count=2)
+    outputs, gammas = {}, {}
+    for gain in (1.0, 3.0):
+        torch.manual_seed(0)
+        model = WanVAEModel(VAEConfig(dim=8))
+        identity_path_init(model)
+        haar_path_init(model)
+        if gain != 1.0:
+            scale_detail_gain(model, gain)
+        gammas[gain] = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("gamma")}
+        vae = WanVAE(model.eval())
+        with torch.no_grad():
+            outputs[gain] = vae.decode(vae.encode(to_video(clips)))
+    assert torch.equal(outputs[1.0], outputs[3.0])
+    branch = [n for n in gammas[1.0] if ".residual." in n]
+    assert branch and all(n.startswith(("encoder.", "decoder.")) for n in branch)
+    for name, before in gammas[1.0].items():
+        after, flat = gammas[3.0][name].view(-1), before.view(-1)
+        if name in branch:
+            assert torch.equal(after[:4], flat[:4]) and torch.equal(after[4:], 3.0 * flat[4:]), name
+        else:
+            assert torch.equal(after, flat), name  # heads and attention keep their gains
+    with pytest.raises(ValueError, match="detail_gain must be > 0, got 0.0"):
+        VAETrainConfig(detail_gain=0.0)
+
+
+def test_image_first_steps_come_before_the_mix_of_clips_and_frames() -> None:
+    mix = VAETrainConfig(steps=400, full_fraction=0.2, image_fraction=0.5)
+    kinds = step_kinds(mix)
+    shares = {k: kinds.count(k) / len(kinds) for k in ("full", "image", "crop")}
+    assert abs(shares["full"] - 0.2) < 0.06 and abs(shares["image"] - 0.4) < 0.07, shares  # binomial, n = 400
+    first = step_kinds(VAETrainConfig(steps=400, full_fraction=0.2, image_fraction=0.5, image_first=150))
+    assert first[:150] == ["image"] * 150 and first[150:] == kinds[150:]
+    assert step_kinds(VAETrainConfig(steps=10, image_first=10)) == ["image"] * 10
+    with pytest.raises(ValueError, match=r"image_first must be in \[0, steps = 10\], got 11"):
+        VAETrainConfig(steps=10, image_first=11)
 
 
 def test_late_constant_keeps_the_constant_out_of_the_trunk() -> None:

@@ -77,6 +77,9 @@ class RecipeConfig:
     vae_shape_weight: float = 0.0  # linear shape probe on the object's latent cells (vae_train --shape_weight)
     vae_init: str = "identity"  # vae_train --init ("haar": each frame's colour reaches the decoder)
     vae_fan_in_lr: int = 0  # vae_train --fan_in_lr (0: one Adam rate for every weight)
+    vae_detail_gain: float = 1.0  # vae_train --detail_gain (branch norm gain of the detail channels)
+    vae_image_first: int = 0  # vae_train --image_first (single-frame steps before the clips)
+    vae_image_fraction: float = 0.0  # vae_train --image_fraction (single-frame share of the later crop steps)
     clips_per_combo: int = 20
     dit_steps: int = 2500
     dit_lr: float = 1e-3
@@ -102,7 +105,9 @@ class RecipeConfig:
     grid_guidance: tuple[float, ...] = (3.0, 5.0)
 
     def __post_init__(self) -> None:  # what later stages would refuse, refused before the first stage runs
-        VAETrainConfig(init=self.vae_init, fan_in_lr=self.vae_fan_in_lr)
+        VAETrainConfig(steps=self.vae_steps, init=self.vae_init, fan_in_lr=self.vae_fan_in_lr,
+                       detail_gain=self.vae_detail_gain, image_first=self.vae_image_first,
+                       image_fraction=self.vae_image_fraction)
         self.variant_config()
 
     def variant_config(self) -> VariantConfig:
@@ -173,7 +178,8 @@ class Recipe:
         run(["-m", "training.toy.vae_train", "--out", target, "--seed", self.cfg.seed, "--steps", self.cfg.vae_steps,
              "--lr", self.cfg.vae_lr, "--edge_weight", self.cfg.vae_edge_weight, "--l1_weight", self.cfg.vae_l1_weight,
              "--shape_weight", self.cfg.vae_shape_weight, "--init", self.cfg.vae_init, "--fan_in_lr",
-             self.cfg.vae_fan_in_lr,
+             self.cfg.vae_fan_in_lr, "--detail_gain", self.cfg.vae_detail_gain, "--image_first",
+             self.cfg.vae_image_first, "--image_fraction", self.cfg.vae_image_fraction,
              "--report", self.work / "vae" / "report.json"], self.log)
         stamp_design(target)
         shutil.copyfile(target, self.path("vae"))
