@@ -93,7 +93,8 @@ def test_recipe_vae_stage_trains_with_the_design_losses_and_stamps_the_file(tmp_
 
     monkeypatch.setattr(recipe, "run", fake_run)
     cfg = recipe.RecipeConfig(vae_edge_weight=2.0, vae_l1_weight=1.0, vae_shape_weight=0.1, vae_init="haar",
-                              vae_fan_in_lr=64, vae_detail_gain=3.0, vae_image_first=300, vae_image_fraction=0.3)
+                              vae_fan_in_lr=64, vae_detail_gain=3.0, vae_image_first=300, vae_image_fraction=0.3,
+                              vae_frame_wise=True)
     rec = recipe.Recipe(cfg, tmp_path / "out", tmp_path / "work")
     (tmp_path / "out").mkdir()
     rec.stage_vae()
@@ -102,7 +103,9 @@ def test_recipe_vae_stage_trains_with_the_design_losses_and_stamps_the_file(tmp_
     assert args[args.index("--shape_weight") + 1] == "0.1"
     assert args[args.index("--init") + 1] == "haar" and args[args.index("--fan_in_lr") + 1] == "64"
     assert args[args.index("--detail_gain") + 1] == "3.0" and args[args.index("--image_first") + 1] == "300"
-    assert args[args.index("--image_fraction") + 1] == "0.3"
+    assert args[args.index("--image_fraction") + 1] == "0.3" and "--frame_wise" in args
+    assert recipe.build_parser().parse_args(["--out", "x", "--vae_frame_wise"]).vae_frame_wise is True
+    assert recipe.build_parser().parse_args(["--out", "x"]).vae_frame_wise is False
     with pytest.raises(ValueError, match="image_first must be in"):
         recipe.RecipeConfig(vae_steps=100, vae_image_first=300)
     for path in (rec.path("vae"), tmp_path / "work" / "vae" / TOY_FILES["vae"]):

@@ -32,6 +32,7 @@ from training.toy.vae_train import (
     step_kinds,
     to_video,
     train_vae,
+    zero_past_taps,
 )
 from wan_core.loading.checkpoint import read_metadata
 from wan_core.loading.model_set import (
@@ -43,7 +44,7 @@ from wan_core.loading.model_set import (
 )
 from wan_core.models.config import CONFIG_METADATA_KEY, VAEConfig, config_from_json
 from wan_core.models.dit import load_dit
-from wan_core.models.vae import WanVAE, WanVAEModel
+from wan_core.models.vae import CausalConv3d, WanVAE, WanVAEModel
 
 T2V_FILES = ("dit", "vae", "t5")
 MAX_TOTAL_BYTES = 30 * 1024 * 1024
@@ -374,6 +375,34 @@ def test_detail_gain_scales_the_branch_norms_of_detail_channels_and_keeps_the_in
             assert torch.equal(after, flat), name  # heads and attention keep their gains
     with pytest.raises(ValueError, match="detail_gain must be > 0, got 0.0"):
         VAETrainConfig(detail_gain=0.0)
+
+
+def test_frame_wise_init_zeroes_past_taps_of_spatial_convs_only_and_keeps_frame_zero() -> None:
+    """Frame 0 never sees a past tap (zero padding), so single frames reconstruct bit for bit as before; every
+    3x3x3 conv has zero past taps, the temporal resampling convs keep their averaging and Haar taps."""
+    torch.manual_seed(0)
+    model = WanVAEModel(VAEConfig(dim=8))
+    identity_path_init(model)
+    haar_path_init(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    clips, _ = evaluation_clips(seed=5, count=2)
+    frame = to_video(clips)[:, :, :1]
+    vae = WanVAE(model.eval())
+    with torch.no_grad():
+        first = vae.decode(vae.encode(frame))
+        zero_past_taps(model)
+        again = vae.decode(vae.encode(frame))
+    assert torch.equal(first, again)
+    spatial = [n for n, m in model.named_modules() if isinstance(m, CausalConv3d) and m.kernel_size == (3, 3, 3)]
+    assert "decoder.conv1" in spatial and any(".residual." in n for n in spatial)
+    for name, param in model.named_parameters():
+        module = name.rsplit(".", 1)[0]
+        if module in spatial and name.endswith("weight"):
+            assert not param[:, :, :-1].any() and torch.equal(param[:, :, -1], before[name][:, :, -1]), name
+        else:
+            assert torch.equal(param, before[name]), name
+    assert any(before[f"{n}.weight"][:, :, :-1].any() for n in spatial)  # there was something to zero
+    assert build_parser().parse_args(["--out", "x", "--frame_wise"]).frame_wise is True
 
 
 def test_image_first_steps_come_before_the_mix_of_clips_and_frames() -> None:

@@ -80,6 +80,7 @@ class RecipeConfig:
     vae_detail_gain: float = 1.0  # vae_train --detail_gain (branch norm gain of the detail channels)
     vae_image_first: int = 0  # vae_train --image_first (single-frame steps before the clips)
     vae_image_fraction: float = 0.0  # vae_train --image_fraction (single-frame share of the later crop steps)
+    vae_frame_wise: bool = False  # vae_train --frame_wise (3x3x3 convs start with zero past-frame taps)
     clips_per_combo: int = 20
     dit_steps: int = 2500
     dit_lr: float = 1e-3
@@ -180,6 +181,7 @@ class Recipe:
              "--shape_weight", self.cfg.vae_shape_weight, "--init", self.cfg.vae_init, "--fan_in_lr",
              self.cfg.vae_fan_in_lr, "--detail_gain", self.cfg.vae_detail_gain, "--image_first",
              self.cfg.vae_image_first, "--image_fraction", self.cfg.vae_image_fraction,
+             "--frame_wise" if self.cfg.vae_frame_wise else "--no-frame_wise",
              "--report", self.work / "vae" / "report.json"], self.log)
         stamp_design(target)
         shutil.copyfile(target, self.path("vae"))
@@ -324,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "training one: the text stage and every stage after vae then run as usual")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=None, help="run only these stages (default: all)")
     for name, value in asdict(RecipeConfig()).items():
-        if name != "seed" and not isinstance(value, tuple):
+        if isinstance(value, bool):
+            p.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=value)
+        elif name != "seed" and not isinstance(value, tuple):
             p.add_argument(f"--{name}", type=type(value), default=value)
     return p
 

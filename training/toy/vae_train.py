@@ -54,6 +54,7 @@ from wan_core.models.vae import (
     VAE_MEAN,
     VAE_STD,
     AttentionBlock,
+    CausalConv3d,
     FeatureCache,
     Resample,
     ResidualBlock,
@@ -102,6 +103,7 @@ class VAETrainConfig:
     late_constant: bool = False  # identity inits: the head's constant channel comes from the block before each head
     detail_gain: float = 1.0  # identity inits: RMSNorm gain of the residual branches' detail channels (see docstring)
     image_first: int = 0  # the first this many steps train on single frames only (spatial detail first)
+    frame_wise: bool = False  # identity inits: 3x3x3 convs start with zero past-frame taps (`zero_past_taps`)
     latent_scale: str = "channel"  # normalised latents: unit std per "channel" or one "common" scale (see docstring)
     seed: int = 0
 
@@ -365,6 +367,17 @@ def scale_detail_gain(model: WanVAEModel, gain: float) -> None:
                     sub.gamma.view(-1)[RGB + 1 :] *= gain
 
 
+@torch.no_grad()
+def zero_past_taps(model: WanVAEModel) -> None:
+    """Zero the past-frame taps of every 3x3x3 causal conv (the temporal resampling convs keep theirs): each frame
+    then goes through the spatial convs on its own, as frame 0 does. Single-frame steps train only the current
+    taps (the past ones see zero padding), so after `image_first` steps random past taps would add noise to every
+    later frame; starting them at zero, the clip steps begin from the frame-wise model the image steps trained."""
+    for module in model.modules():
+        if isinstance(module, CausalConv3d) and tuple(module.kernel_size) == (3, 3, 3):
+            module.weight[:, :, :-1] = 0.0
+
+
 HAAR_Z = 3  # latent channels 3..11: the temporal Haar paths (fine differences of both frame pairs, coarse difference)
 HAAR_GAIN = 10.0  # latent scale of the Haar paths: cell-mean colour differences are small (std ~0.03 at init), and
 # the posterior noise at init (std 0.018) would drown them
@@ -546,6 +559,8 @@ def train_vae(cfg: VAETrainConfig, log_every: int = 10) -> WanVAEModel:
         haar_path_init(model)
     if cfg.init != "default" and cfg.detail_gain != 1.0:
         scale_detail_gain(model, cfg.detail_gain)
+    if cfg.init != "default" and cfg.frame_wise:
+        zero_past_taps(model)
     model.train()
     rng = np.random.default_rng(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
