@@ -375,6 +375,8 @@ def test_detail_gain_scales_the_branch_norms_of_detail_channels_and_keeps_the_in
             assert torch.equal(after, flat), name  # heads and attention keep their gains
     with pytest.raises(ValueError, match="detail_gain must be > 0, got 0.0"):
         VAETrainConfig(detail_gain=0.0)
+    with pytest.raises(ValueError, match="init 'default' takes neither, got detail_gain 3.0, frame_wise False"):
+        VAETrainConfig(init="default", detail_gain=3.0)
 
 
 def test_frame_wise_init_zeroes_past_taps_of_spatial_convs_only_and_keeps_frame_zero() -> None:

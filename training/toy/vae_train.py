@@ -123,6 +123,9 @@ class VAETrainConfig:
             raise ValueError(f"fan_in_lr must be >= 0, got {self.fan_in_lr}")
         if self.detail_gain <= 0.0:
             raise ValueError(f"detail_gain must be > 0, got {self.detail_gain}")
+        if self.init == "default" and (self.detail_gain != 1.0 or self.frame_wise):
+            raise ValueError("detail_gain and frame_wise shape the identity inits; init 'default' takes neither, got "
+                             f"detail_gain {self.detail_gain}, frame_wise {self.frame_wise}")
         if not 0 <= self.image_first <= self.steps:
             raise ValueError(f"image_first must be in [0, steps = {self.steps}], got {self.image_first}")
         if min(self.steps, self.batch_size, self.full_batch_size, self.image_batch_size) < 1:
@@ -557,9 +560,9 @@ def train_vae(cfg: VAETrainConfig, log_every: int = 10) -> WanVAEModel:
         identity_path_init(model, colour_only=cfg.init == "colour", late_constant=cfg.late_constant)
     if cfg.init == "haar":
         haar_path_init(model)
-    if cfg.init != "default" and cfg.detail_gain != 1.0:
+    if cfg.detail_gain != 1.0:
         scale_detail_gain(model, cfg.detail_gain)
-    if cfg.init != "default" and cfg.frame_wise:
+    if cfg.frame_wise:
         zero_past_taps(model)
     model.train()
     rng = np.random.default_rng(cfg.seed)
