@@ -21,6 +21,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+from wan_core.loading.model_set import TOY_EXPERT_FILES, TOY_MODEL_DIR, sampling_defaults  # noqa: E402
 from wan_core.models.config import DEFAULT_NEGATIVE_PROMPT  # noqa: E402
 from wan_core.sampling.experts import expert_for  # noqa: E402
 from wan_core.sampling.solvers import get_schedule  # noqa: E402
@@ -37,7 +38,8 @@ NATIVE: dict[str, tuple[dict[str, str], list[str], list[tuple[str, str]]]] = {
 TOY = {"t2v": "wan21_toy_t2v_dit.safetensors", "i2v": "wan21_toy_i2v_dit.safetensors",
        "flf2v": "wan21_toy_flf2v_dit.safetensors", "fc": "wan21_toy_fun_control_dit.safetensors",
        "t5": "wan21_toy_umt5.safetensors", "vae": "wan21_toy_vae.safetensors",
-       "clip": "wan21_toy_clip_vision.safetensors", "lora": "wan21_toy_purple_lora.safetensors"}
+       "clip": "wan21_toy_clip_vision.safetensors", "lora": "wan21_toy_purple_lora.safetensors",
+       "t2v_high": TOY_EXPERT_FILES["t2v-A14B"][0], "t2v_low": TOY_EXPERT_FILES["t2v-A14B"][1]}
 SIZE = {"width": 64, "height": 64, "length": 9}  # the toy world: 64x64 clips of 9 frames
 NOTE_FILES = (
     "The loaders point at the embedded toy models (wan21_toy_*), which run anywhere in seconds and draw simple "
@@ -225,27 +227,36 @@ def _official_loaders(dit: str, task: str, vae: str) -> list[Node]:
 
 NOTE_T2V_A14B = (
     "Wan2.2 T2V-A14B: two experts of the Wan2.1 14B architecture. The high-noise expert runs the steps whose "
-    "timestep is at or above the boundary (0.875 of 1000), the low-noise expert the rest; each has its own "
-    "guidance scale (4.0 high, 3.0 low; -1 in the sampler takes these task defaults) and its own LoRA chain. "
-    "No toy expert pair ships yet, so both loaders point at the toy T2V DiT here (the switch runs, the two halves "
-    "are the same model). For the real models put wan2.2_t2v_high_noise_14B_fp16.safetensors and "
+    "timestep is at or above the boundary, the low-noise expert the rest; each has its own guidance scale and its "
+    "own LoRA chain. The loaders point at the toy expert pair (wan22_toy_t2v_*), fine-tuned from the toy T2V DiT on "
+    "the two sides of its boundary; boundary and high-noise guidance at -1 take the values stored in the low-noise "
+    "expert's file (for the official models, the task's: boundary 0.875 of 1000, guidance 4.0 high / 3.0 low). "
+    "For the real models put wan2.2_t2v_high_noise_14B_fp16.safetensors and "
     "wan2.2_t2v_low_noise_14B_fp16.safetensors (or the fp8_scaled files) in models/diffusion_models, "
     "wan_2.1_vae.safetensors in models/vae and umt5_xxl_fp16.safetensors in models/text_encoders; then 1280x720 "
-    "(or 832x480), 81 frames, 40 steps, shift 12. With both experts resident a 14B pair needs about twice the "
-    "memory of one DiT: on smaller GPUs use blocks_to_swap, fp8, or two chained samplers (see the I2V-A14B "
+    "(or 832x480), 81 frames, 40 steps, shift 12, guidance 3.0. With both experts resident a 14B pair needs about "
+    "twice the memory of one DiT: on smaller GPUs use blocks_to_swap, fp8, or two chained samplers (see the I2V-A14B "
     "example), which let ComfyUI offload the idle expert."
 )
 
 
+def toy_pair_sampling() -> dict[str, float | int]:
+    """Steps, shift and low-noise guidance stored in the shipped toy low-noise expert (the recipe's choice)."""
+    stored = sampling_defaults(TOY_MODEL_DIR / TOY["t2v_low"])
+    if not stored:
+        raise FileNotFoundError(f"{TOY['t2v_low']} (with its wantuner_sampling metadata) is not in {TOY_MODEL_DIR}")
+    return {"steps": int(stored["infer_steps"]), "shift": float(stored["flow_shift"]),
+            "guidance_scale": float(stored["guidance_scale"])}
+
+
 def t2v_a14b() -> list[Node]:
-    """One sampler with both experts (the toy T2V DiT stands in for each until a toy pair ships)."""
-    loaders = _loaders("t2v", clip=False)
+    """One sampler with both toy experts; boundary and high-noise guidance from the low-noise expert's file."""
+    loaders = _loaders("t2v_low", clip=False)
     loaders[0].title = "DiT (low-noise expert)"
     return [
         *loaders,
-        _dit_loader(6, TOY["t2v"], "auto", "DiT (high-noise expert)"),
-        _sampler(10, (1, 0), None, shift=12.0, guidance_scale=3.0, high_noise_dit=(6, 0), boundary=0.875,
-                 guidance_scale_high_noise=4.0),
+        _dit_loader(6, TOY["t2v_high"], "auto", "DiT (high-noise expert)"),
+        _sampler(10, (1, 0), None, **toy_pair_sampling(), high_noise_dit=(6, 0)),
         *_decode_save(11, 10, "t2v_a14b"),
         Node(20, "Note", {"text": NOTE_T2V_A14B}, title="Wan2.2 T2V-A14B: two experts"),
     ]

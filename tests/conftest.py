@@ -65,7 +65,7 @@ def listed_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     from nodes import comfy_adapter as adapter
     from tests import tiny_model_set as tms
 
-    for folder, name in [*tms.FILES.values(), tms.LORA]:
+    for folder, name in [*tms.FILES.values(), tms.LORA, *tms.TOY_PAIR]:
         (tmp_path / folder).mkdir(exist_ok=True)
         (tmp_path / folder / name).touch()
     monkeypatch.setenv(adapter.MODELS_DIR_ENV, str(tmp_path))

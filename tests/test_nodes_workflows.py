@@ -90,7 +90,8 @@ def test_every_toy_file_the_examples_name_ships_in_the_toy_model_folder() -> Non
     from wan_core.loading.model_set import TOY_MODEL_DIR
 
     named = {value for name in (*NAMES, *TRAINING_NAMES) for node in _api(name).values()
-             for value in node["inputs"].values() if isinstance(value, str) and value.startswith("wan21_toy_")}
+             for value in node["inputs"].values() if isinstance(value, str) and value.startswith(("wan21_toy_",
+                                                                                                  "wan22_toy_"))}
     assert named, "the example workflows name no toy model file"
     missing = sorted(n for n in named if not (TOY_MODEL_DIR / n).is_file())
     assert not missing, f"example workflows name toy files that are not shipped in {TOY_MODEL_DIR}: {missing}"
@@ -302,8 +303,22 @@ def test_official_wan22_workflows_name_the_official_files_and_defaults() -> None
     assert sampler["conditioning"] == ["8", 0] and start["inputs"]["start_image"] == ["6", 0]
     assert (start["inputs"]["height"], start["inputs"]["width"], start["inputs"]["length"]) == (
         sampler["height"], sampler["width"], sampler["length"])
-    t2v = _api("wantuner_t2v_a14b")["10"]["inputs"]
-    assert t2v["high_noise_dit"] == ["6", 0] and (t2v["boundary"], t2v["guidance_scale_high_noise"]) == (0.875, 4.0)
+
+
+def test_t2v_a14b_workflow_loads_the_toy_pair_with_its_stored_settings() -> None:
+    """The T2V-A14B example loads the toy expert pair; boundary and high-noise guidance are left at -1 (the low-noise
+    expert's stored values), steps / shift / guidance are the ones stored in its file."""
+    from nodes.sampler import TASK_DEFAULT
+    from wan_core.loading.model_set import TOY_EXPERT_FILES, TOY_MODEL_DIR, sampling_defaults
+
+    graph = _api("wantuner_t2v_a14b")
+    t2v, (high, low) = graph["10"]["inputs"], TOY_EXPERT_FILES["t2v-A14B"]
+    assert (graph["6"]["inputs"]["model_name"], graph["1"]["inputs"]["model_name"]) == (high, low)
+    assert t2v["high_noise_dit"] == ["6", 0] and t2v["dit"] == ["1", 0]
+    assert (t2v["boundary"], t2v["guidance_scale_high_noise"]) == (TASK_DEFAULT, TASK_DEFAULT)
+    stored = sampling_defaults(TOY_MODEL_DIR / low)
+    assert (t2v["steps"], t2v["shift"], t2v["guidance_scale"]) == (
+        stored["infer_steps"], stored["flow_shift"], stored["guidance_scale"])
 
 
 @pytest.mark.slow

@@ -29,8 +29,8 @@ def _require_design(path: Path) -> None:
 # Targets the shipped build does not meet yet (measured figures in wan_core/toy_models/README.md, "Does it look
 # right?"). Each is a strict xfail: the test still runs and reports, and a rebuild that meets the target turns it into
 # a failure until it is taken off this list.
-OPEN_VAE_TARGETS: frozenset[str] = frozenset()
-OPEN_T2V_TARGETS: frozenset[str] = frozenset()
+OPEN_VAE_TARGETS: frozenset[str] = frozenset({"shape", "background_mad"})
+OPEN_T2V_TARGETS: frozenset[str] = frozenset({"shape"})
 
 
 def _params(targets: dict[str, tuple[float, float]], still_open: frozenset[str]) -> list:
@@ -104,8 +104,8 @@ def test_recipe_vae_stage_trains_with_the_design_losses_and_stamps_the_file(tmp_
     assert args[args.index("--init") + 1] == "haar" and args[args.index("--fan_in_lr") + 1] == "64"
     assert args[args.index("--detail_gain") + 1] == "3.0" and args[args.index("--image_first") + 1] == "300"
     assert args[args.index("--image_fraction") + 1] == "0.3" and "--frame_wise" in args
-    assert recipe.build_parser().parse_args(["--out", "x", "--vae_frame_wise"]).vae_frame_wise is True
-    assert recipe.build_parser().parse_args(["--out", "x"]).vae_frame_wise is False
+    assert recipe.build_parser().parse_args(["--out", "x"]).vae_frame_wise is True
+    assert recipe.build_parser().parse_args(["--out", "x", "--no-vae_frame_wise"]).vae_frame_wise is False
     with pytest.raises(ValueError, match="image_first must be in"):
         recipe.RecipeConfig(vae_steps=100, vae_image_first=300)
     for path in (rec.path("vae"), tmp_path / "work" / "vae" / TOY_FILES["vae"]):

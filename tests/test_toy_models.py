@@ -505,3 +505,35 @@ def test_image_steps_train_the_first_frame_path_and_bad_fractions_are_refused() 
                          image_fraction=1.0, image_batch_size=3)
     images, clips = train_vae(cfg), train_vae(VAETrainConfig(**{**cfg.__dict__, "image_fraction": 0.0}))
     assert any(not torch.equal(a, b) for a, b in zip(images.state_dict().values(), clips.state_dict().values()))
+
+
+def test_scale_lora_file_folds_the_strength_into_the_alphas(tmp_path: Path) -> None:
+    """The recipe stores the chosen purple-LoRA strength in the file: the scaled file at multiplier 1 changes a layer
+    exactly as the original at that multiplier, and its metadata and sshs hash describe the new file."""
+    from tests.tiny import TINY_DIT, randomize_
+    from tests.tiny_model_set import write_lora
+    from training.toy.recipe import scale_lora_file
+    from wan_core.loading.checkpoint import load_state_dict, save_safetensors
+    from wan_core.lora.apply import apply_loras
+    from wan_core.lora.formats import safetensors_hashes
+    from wan_core.models.dit import WanModel
+
+    original = write_lora(tmp_path / "a.safetensors")
+    scaled = Path(shutil.copy(original, tmp_path / "b.safetensors"))
+    scale_lora_file(scaled, 0.6)
+    model = randomize_(WanModel(TINY_DIT), seed=1)
+    x = torch.randn(3, TINY_DIT.dim)
+    plain = model.blocks[0].self_attn.q(x)
+    outputs = []
+    for path, multiplier in ((original, 0.6), (scaled, 1.0)):
+        handle = apply_loras(model, [str(path)], [multiplier])
+        outputs.append(model.blocks[0].self_attn.q(x))  # the wrapped layer
+        handle.remove()
+    assert (outputs[0] - plain).abs().max() > 1e-3
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-6, atol=1e-6)
+    meta, tensors = read_metadata(scaled), load_state_dict(scaled)
+    assert meta["wantuner_lora_strength"] == "0.6"
+    assert (meta["sshs_model_hash"], meta["sshs_legacy_hash"]) == safetensors_hashes(tensors, meta)
+    no_alpha = save_safetensors({k: v for k, v in tensors.items() if not k.endswith(".alpha")}, tmp_path / "c.st")
+    with pytest.raises(ValueError, match="has no .alpha tensors"):
+        scale_lora_file(no_alpha, 0.5)

@@ -16,6 +16,7 @@ import torch
 from tests import model_set
 from tests.tiny import TINY_DIT, randomize_
 from wan_core.loading.checkpoint import save_safetensors
+from wan_core.loading.model_set import TOY_EXPERT_FILES
 from wan_core.models.config import VAEConfig
 from wan_core.models.dit import WanModel
 from wan_core.models.vae import WanVAEModel
@@ -30,6 +31,8 @@ FILES = {  # tests/model_set.py key -> (ComfyUI folder, file name used by the ex
     "clip": ("clip_vision", "wan21_toy_clip_vision.safetensors"),
 }
 LORA = ("loras", "wan21_toy_purple_lora.safetensors")
+# The toy Wan2.2 T2V-A14B pair's names (high, low): copies of the tiny T2V DiT
+TOY_PAIR = tuple(("diffusion_models", name) for name in TOY_EXPERT_FILES["t2v-A14B"])
 LORA_MODULES = ("blocks.0.self_attn.q", "blocks.0.cross_attn.k", "blocks.1.ffn.0")  # layers of the t2v DiT
 LORA_UNMATCHED_MODULE = "blocks.7.self_attn.q"  # the tiny DiT has 2 blocks: reported as unmatched
 
@@ -59,6 +62,8 @@ def write_model_set(root: Path) -> dict[str, Path]:
         paths[name] = Path(shutil.move(flat[key], root / folder / name))
     shutil.rmtree(root / ".flat")
     paths[LORA[1]] = write_lora(root / LORA[0] / LORA[1])
+    for folder, name in TOY_PAIR:
+        paths[name] = Path(shutil.copy(paths[FILES["dit_t2v"][1]], root / folder / name))
     return paths
 
 
