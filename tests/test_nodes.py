@@ -72,7 +72,7 @@ def sample(model, text, **overrides) -> torch.Tensor:
 
 def test_loaders_list_the_models_folder_and_cache_unchanged_inputs(models: Path) -> None:
     listed = N["WanTunerDiTLoader"].INPUT_TYPES()["required"]["model_name"][0]
-    assert sorted(listed) == sorted([T2V, I2V, FLF, FC])
+    assert sorted(listed) == sorted([T2V, I2V, FLF, FC, *(name for _, name in tms.TOY_PAIR)])
     first, again = dit(), dit()
     assert again.model is first.model
     assert dit(dtype="fp32").model is not first.model  # a changed input loads anew
