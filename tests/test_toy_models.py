@@ -537,3 +537,18 @@ def test_scale_lora_file_folds_the_strength_into_the_alphas(tmp_path: Path) -> N
     no_alpha = save_safetensors({k: v for k, v in tensors.items() if not k.endswith(".alpha")}, tmp_path / "c.st")
     with pytest.raises(ValueError, match="has no .alpha tensors"):
         scale_lora_file(no_alpha, 0.5)
+
+
+def test_lora_strength_rule_keeps_the_base_prompts_and_needs_purple() -> None:
+    """The lora stage's rule on the figures measured for the shipped LoRA (base 1.000 without it): strengths 1.0 and
+    0.9 lose the base prompts, 0.8 passes, 0.7 draws too little purple; an empty or out-of-range list is refused."""
+    from training.toy.recipe import RecipeConfig, lora_strength_keeps_base
+
+    cfg = RecipeConfig()
+    figures = {1.0: (0.8125, 1.0), 0.9: (0.8958, 1.0), 0.8: (0.9792, 0.8), 0.7: (1.0, 0.5)}
+    passed = [s for s, (base, purple) in figures.items()
+              if lora_strength_keeps_base({"base_colour_motion_with": base, "purple_rate_with": purple}, 1.0, cfg)]
+    assert passed == [0.8]
+    for bad in ((), (1.0, 0.0), (1.5,)):
+        with pytest.raises(ValueError, match="lora_strengths must be one or more values in"):
+            RecipeConfig(lora_strengths=bad)

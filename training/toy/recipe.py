@@ -119,6 +119,8 @@ class RecipeConfig:
                        detail_gain=self.vae_detail_gain, image_first=self.vae_image_first,
                        image_fraction=self.vae_image_fraction, frame_wise=self.vae_frame_wise)
         self.variant_config()
+        if not self.lora_strengths or not all(0.0 < x <= 1.0 for x in self.lora_strengths):
+            raise ValueError(f"lora_strengths must be one or more values in (0, 1], got {self.lora_strengths}")
 
     def variant_config(self) -> VariantConfig:
         return VariantConfig(conflict_captions=self.fun_control_conflict, fun_control_steps=self.fun_control_steps)
@@ -163,6 +165,13 @@ def scale_lora_file(path: Path, strength: float) -> None:
     meta["wantuner_lora_strength"] = str(strength)
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = safetensors_hashes(tensors, meta)
     save_safetensors(tensors, path, meta)
+
+
+def lora_strength_keeps_base(figures: dict[str, float], base_without: float, cfg: RecipeConfig) -> bool:
+    """Whether a LoRA strength's figures pass the lora stage's rule: base colour+motion within
+    `cfg.lora_base_tolerance` of the DiT alone and purple drawn in at least `cfg.lora_min_purple` of purple prompts."""
+    return (figures["base_colour_motion_with"] >= base_without - cfg.lora_base_tolerance
+            and figures["purple_rate_with"] >= cfg.lora_min_purple)
 
 
 def lora_combos() -> list[Combo]:
@@ -301,7 +310,7 @@ class Recipe:
         base_without = self.report.figures.get("behaviour", {}).get("colour_motion")
         if base_without is None or self.report.figures.get("sampling") != asdict(sampling):
             base_without = evaluate(models, base_pairs(), sampling).overall.colour_motion
-        tried = {}
+        tried: dict[float, dict[str, float]] = {}
         for strength in cfg.lora_strengths:
             handle = apply_lora_file(models, self.out / LORA_FILE, strength)
             with_lora, base_with = evaluate(models, purple_pairs(), sampling), evaluate(models, base_pairs(), sampling)
@@ -311,8 +320,7 @@ class Recipe:
                                "base_colour_motion_with": base_with.overall.colour_motion,
                                "base_motion_with": base_with.overall.motion}
             logger.info("purple LoRA at strength %g: %s", strength, tried[strength])
-            if (tried[strength]["base_colour_motion_with"] >= base_without - cfg.lora_base_tolerance
-                    and tried[strength]["purple_rate_with"] >= cfg.lora_min_purple):
+            if lora_strength_keeps_base(tried[strength], base_without, cfg):
                 break
         else:
             raise RuntimeError(f"no LoRA strength in {cfg.lora_strengths} keeps the base prompts (colour+motion "
