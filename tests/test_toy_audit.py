@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from training.toy import audit
-from training.toy.commands import TimedStages, emit_json
+from training.toy.commands import TimedStages, emit_json, run_all
 from wan_core.toy.world import COLOURS, SHAPES, Combo, all_combos, render_params, sample_params
 
 
@@ -65,6 +65,40 @@ def test_blurred_shapes_are_blobs() -> None:
     blurred = [_gaussian_blur(_clip(Combo("red", "square", "still"), 40 + s)[0], 4.0) for s in range(6)]
     figures = audit.summarise([audit.audit_clip(b, "still") for b in blurred], [Combo("red", "square", "still")] * 6)
     assert sum(figures["shape_calls"].values()) == 6 and figures["shape_calls"].get("square->square", 0) <= 1
+
+
+def test_softened_shapes_keep_their_template() -> None:
+    """A 2 px blur rounds corners and the triangle's apex but leaves the shape a person reads: the template rule keeps
+    all three; the area / bounding-box rule calls most of those triangles circles (why it no longer decides)."""
+    box_triangles = 0
+    for i, shape in enumerate(SHAPES):
+        for seed in range(6):
+            frames = _clip(Combo("green", shape, "still"), 70 + 10 * i + seed)[0]
+            checked = audit.audit_clip(_gaussian_blur(frames, 2.0), "still")
+            assert checked.shape == shape, (shape, seed, checked)
+            box_triangles += shape == "triangle" and checked.shape_box == "triangle"
+    assert box_triangles <= 2
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_shape_template_has_the_shape_area_and_centroid(shape: str) -> None:
+    side, centroid = 18.0, (30.3, 33.7)
+    template = audit.shape_template(shape, centroid, side, (64, 64))
+    # S x S samples per pixel place each edge within 1 / (2S) px: the side within 1 / S, the centroid within 1 / (2S).
+    quantum = 1.0 / audit.TEMPLATE_SUPERSAMPLING
+    assert template.sum() == pytest.approx(audit.SHAPE_RATIOS[shape] * side * side, rel=2 * quantum / side + 1e-9)
+    ys, xs = np.indices(template.shape)
+    got = ((template * (xs + 0.5)).sum() / template.sum(), (template * (ys + 0.5)).sum() / template.sum())
+    assert got == pytest.approx(centroid, abs=quantum / 2)
+    # Its own half-covered mask fits it best, by a clear margin (the other two shapes at most 0.84).
+    fits = list(audit.shape_fits(template >= 0.5))
+    own = fits.pop(SHAPES.index(shape))
+    assert own > 0.9 and own - max(fits) > 0.1
+
+
+def test_shape_template_refuses_an_unknown_shape() -> None:
+    with pytest.raises(ValueError, match="unknown shape 'hexagon'"):
+        audit.shape_template("hexagon", (10.0, 10.0), 8.0, (32, 32))
 
 
 def test_chunked_motion_is_a_jump_and_a_shift_back_is_backwards() -> None:
@@ -161,3 +195,14 @@ def test_timed_stages_record_seconds_and_rewrite_the_report_and_emit_json_writes
     emit_json({"a": 1.5}, tmp_path / "f.json")
     assert json.loads(capsys.readouterr().out) == {"a": 1.5} == json.loads((tmp_path / "f.json").read_text())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["build_report.json", "f.json"]  # no temporary file left
+
+
+def test_run_all_runs_jobs_at_once_logs_each_and_names_the_failed_log(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    ok, bad = tmp_path / "ok.log", tmp_path / "bad.log"
+    code = "import os, sys; print('threads', os.environ['OMP_NUM_THREADS']); sys.exit(int(sys.argv[1]))"
+    run_all([(["-c", code, "0"], ok), (["-c", code, "0"], bad)])
+    assert "threads " in ok.read_text() and "threads " in bad.read_text()
+    with pytest.raises(RuntimeError, match=r"exit code 3, see .*bad\.log") as failure:
+        run_all([(["-c", code, "0"], ok), (["-c", code, "3"], bad)])
+    assert "ok.log" not in str(failure.value)

@@ -88,6 +88,7 @@ def _record_training_timesteps(monkeypatch: pytest.MonkeyPatch) -> list[list[flo
 
     monkeypatch.setattr(WanModel, "forward", spy)
     monkeypatch.setattr(wan22, "run", run)
+    monkeypatch.setattr(wan22, "run_all", lambda jobs: [run(args, log) for args, log in jobs])  # one after another
     return runs
 
 
@@ -115,6 +116,32 @@ def test_stage_writes_both_experts_trained_on_their_sides_of_the_boundary(tiny, 
         start = load_dit(tiny["dit_t2v"], dtype=torch.float16).state_dict()
         assert sd.keys() == start.keys() and any(not torch.equal(sd[k], start[k]) for k in sd)  # trained
     assert not torch.equal(load_dit(high).blocks[0].ffn[0].weight, load_dit(low).blocks[0].ffn[0].weight)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_experts_train_at_once_with_their_own_logs_or_one_after_another(tiny, tmp_path, monkeypatch,
+                                                                        parallel: bool) -> None:
+    calls = []
+    monkeypatch.setattr(wan22, "run", lambda args, log: calls.append(("run", [str(a) for a in args], log)))
+    monkeypatch.setattr(wan22, "run_all", lambda jobs: calls.append(("run_all", [[str(a) for a in args]
+                                                                                  for args, _ in jobs],
+                                                                                 [log for _, log in jobs])))
+    monkeypatch.setattr(wan22.Wan22Build, "keep", lambda self, expert: None)
+    monkeypatch.setattr(wan22.Wan22Build, "save", lambda self: None)
+    build = wan22.Wan22Build(wan22.Wan22Config(steps=3, parallel=parallel), tmp_path / "out", tmp_path / "work",
+                             tiny["dit_t2v"], tiny["vae"], tiny["t5"], tiny["dataset"])
+    init = tmp_path / "init.safetensors"
+    if parallel:
+        build.train_both(init, 0.778)
+        ((kind, args, logs),) = calls
+        assert kind == "run_all" and logs == [tmp_path / "work" / f"train_{e}.log" for e in wan22.EXPERTS]
+    else:
+        for expert in wan22.EXPERTS:
+            build.stage_train(expert, init, 0.778)
+        assert [c[0] for c in calls] == ["run", "run"] and {c[2] for c in calls} == {build.log}
+        args = [c[1] for c in calls]
+    ranges = [(a[a.index("--min_timestep") + 1], a[a.index("--max_timestep") + 1]) for a in args]
+    assert ranges == [("778", "1000"), ("0", "778")]
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
@@ -156,7 +183,7 @@ def test_evaluation_samples_the_single_dit_the_pair_and_the_swapped_pair(tiny, t
     assert "expert_calls" not in figures["single"]
     assert wan22.claims(figures) == {"pair_at_least_single_score": True, "pair_at_least_single_audit": True,
                                      "swap_hurts_score": False, "swap_hurts_audit": False,
-                                     "swap_hurts_noise": False}
+                                     "swap_hurts_noise": False, "swap_hurts_shape": False}
     assert wan22.cleaner_share(figures, "pair", "swapped") == 0.0  # equal noise is not cleaner
     rows = wan22.readme_rows(figures)
     assert len(rows) == 5 and rows[2].startswith("| single | ")

@@ -43,6 +43,30 @@ def run(args: Sequence[str], log: Path) -> None:
         raise RuntimeError(f"`{' '.join(command[1:4])} ...` failed with exit code {done.returncode}; see {log}")
 
 
+def run_all(jobs: Sequence[tuple[Sequence[object], Path]]) -> None:
+    """Run `python <args>` of every (args, log) job at once, each appending to its own log, and wait for all. Without
+    OMP_NUM_THREADS in the environment each job gets cpu count // jobs threads (at least 1). Any failure raises
+    RuntimeError naming the failed jobs' logs, after every job has ended."""
+    env = _env()
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, len(jobs)))))
+    running = []
+    for args, log in jobs:
+        command = [sys.executable, *map(str, args)]
+        logger.info("$ %s &", " ".join(command[1:]))
+        f = open(log, "a", encoding="utf-8")  # noqa: SIM115 (closed below, after the process ends)
+        f.write(f"\n$ {' '.join(command)}\n")
+        f.flush()
+        running.append((command, log, f, subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env)))
+    failed = []
+    for command, log, f, process in running:
+        code = process.wait()
+        f.close()
+        if code:
+            failed.append(f"`{' '.join(command[1:4])} ...` exit code {code}, see {log}")
+    if failed:
+        raise RuntimeError("; ".join(failed))
+
+
 def emit_json(figures: dict[str, Any], path: str | Path | None = None) -> None:
     """Print `figures` as indented JSON and, with `path`, write the same text there (temporary file, then rename)."""
     text = json.dumps(figures, indent=1) + "\n"
