@@ -615,3 +615,18 @@ def test_polishing_a_file_keeps_its_metadata_and_records_the_polish(tmp_path: Pa
         polish_toy_vae(_polish_cfg(polish_steps=0), source, tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="polish_steps must be >= 0, polish_lr > 0"):
         _polish_cfg(polish_lr=0.0)
+
+
+def test_vae_training_and_polish_stop_on_a_non_finite_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    from training.toy import vae_train
+
+    def nan_loss(*args, **kwargs):
+        return torch.tensor(float("nan"), requires_grad=True), {"rec": 0.0, "kl": 0.0, "psnr": 0.0,
+                                                                "background_l1": 0.0}
+
+    monkeypatch.setattr(vae_train, "vae_loss", nan_loss)
+    with pytest.raises(RuntimeError, match="vae step 1: the loss is nan"):
+        train_vae(_polish_cfg())
+    monkeypatch.setattr(vae_train, "polish_loss", nan_loss)
+    with pytest.raises(RuntimeError, match="vae polish step 1: the loss is nan"):
+        polish_decoder(WanVAEModel(VAEConfig(dim=8)), _polish_cfg())
