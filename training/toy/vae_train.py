@@ -568,6 +568,29 @@ def step_kinds(cfg: VAETrainConfig) -> list[str]:
     return ["image"] * cfg.image_first + kinds[cfg.image_first :]
 
 
+def render_step(rng: np.random.Generator, kind: str,
+                cfg: VAETrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch of one step of `kind` (`step_kinds`): whole clips, single-frame crops or clip crops."""
+    if kind == "full":
+        return render_batch(rng, cfg.full_batch_size, cfg.full_frames, DEFAULT_SIZE)
+    if kind == "image":
+        return render_batch(rng, cfg.image_batch_size, 1, cfg.crop)
+    return render_batch(rng, cfg.batch_size, cfg.crop_frames, cfg.crop)
+
+
+def update(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params: Sequence[torch.nn.Parameter],
+           max_grad_norm: float, what: str) -> None:
+    """One optimiser step on `loss` (gradients of `params` clipped to `max_grad_norm` when > 0); a non-finite loss
+    stops the run before the update, naming `what`."""
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"{what}: the loss is {loss.item()} (not finite); stopped before the update")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+
+
 def train_vae(cfg: VAETrainConfig, log_every: int = 10) -> WanVAEModel:
     """Train a fresh `WanVAEModel(cfg.vae_config)` and return it (eval mode, raw latent statistics)."""
     torch.manual_seed(cfg.seed)
@@ -592,21 +615,9 @@ def train_vae(cfg: VAETrainConfig, log_every: int = 10) -> WanVAEModel:
     for step in range(cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg) * group["lr_scale"]
-        if kinds[step] == "full":
-            video, mask, shapes = render_batch(rng, cfg.full_batch_size, cfg.full_frames, DEFAULT_SIZE)
-        elif kinds[step] == "image":
-            video, mask, shapes = render_batch(rng, cfg.image_batch_size, 1, cfg.crop)
-        else:
-            video, mask, shapes = render_batch(rng, cfg.batch_size, cfg.crop_frames, cfg.crop)
+        video, mask, shapes = render_step(rng, kinds[step], cfg)
         loss, logs = vae_loss(model, video, mask, cfg, generator, shapes, probe)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"vae step {step + 1}: the loss is {loss.item()} (not finite); stopped before the "
-                               "update")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
+        update(optimizer, loss, list(model.parameters()), cfg.max_grad_norm, f"vae step {step + 1}")
         recent = (recent + [logs])[-log_every:]
         if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
             mean = {k: float(np.mean([r[k] for r in recent])) for k in recent[0]}
@@ -652,19 +663,9 @@ def polish_decoder(model: WanVAEModel, cfg: VAETrainConfig, log_every: int = 50)
     for step, kind in enumerate(kinds):
         for group in optimizer.param_groups:
             group["lr"] = cfg.polish_lr * 0.5 * (1.0 + math.cos(math.pi * step / cfg.polish_steps))
-        frames, crop, batch = {"full": (cfg.full_frames, DEFAULT_SIZE, cfg.full_batch_size),
-                               "image": (1, cfg.crop, cfg.image_batch_size)}.get(
-                                   kind, (cfg.crop_frames, cfg.crop, cfg.batch_size))
-        video, mask, _ = render_batch(rng, batch, frames, crop)
+        video, mask, _ = render_step(rng, kind, cfg)
         loss, logs = polish_loss(model, video, mask, cfg)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"vae polish step {step + 1}: the loss is {loss.item()} (not finite); stopped before "
-                               "the update")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
+        update(optimizer, loss, params, cfg.max_grad_norm, f"vae polish step {step + 1}")
         recent = (recent + [logs])[-log_every:]
         if (step + 1) % log_every == 0 or step + 1 == cfg.polish_steps:
             mean = {k: float(np.mean([r[k] for r in recent])) for k in recent[0]}
