@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from training.toy import audit
-from training.toy.commands import TimedStages, emit_json, run_all
+from training.toy.commands import TimedStages, emit_json, run, run_all
 from wan_core.toy.world import COLOURS, SHAPES, Combo, all_combos, render_params, sample_params
 
 
@@ -206,3 +206,12 @@ def test_run_all_runs_jobs_at_once_logs_each_and_names_the_failed_log(tmp_path: 
     with pytest.raises(RuntimeError, match=r"exit code 3, see .*bad\.log") as failure:
         run_all([(["-c", code, "0"], ok), (["-c", code, "3"], bad)])
     assert "ok.log" not in str(failure.value)
+
+
+def test_run_appends_the_command_and_its_output_and_names_the_log_on_failure(tmp_path: Path) -> None:
+    log = tmp_path / "stage.log"
+    run(["-c", "print('first run')"], log)
+    with pytest.raises(RuntimeError, match=r"failed with exit code 4; see .*stage\.log"):
+        run(["-c", "import sys; print('second run'); sys.exit(4)"], log)
+    text = log.read_text()
+    assert text.count("\n$ ") == 2 and text.index("first run") < text.index("second run")

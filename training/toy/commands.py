@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from wan_core.loading.checkpoint import write_text_atomic
 
@@ -31,16 +31,37 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run(args: Sequence[str], log: Path) -> None:
-    """Run `python <args>` with its output appended to `log`; a failure raises RuntimeError naming the log."""
+def _start(args: Sequence[object], log: Path, env: dict[str, str], tag: str = "") -> tuple[list[str], IO[str],
+                                                                                       subprocess.Popen[bytes]]:
+    """Start `python <args>` with its output appended to `log` (after a `$ command` line); returns the command, the
+    open log (the caller closes it once the process has ended) and the process."""
     command = [sys.executable, *map(str, args)]
-    logger.info("$ %s", " ".join(command[1:]))
-    with open(log, "a", encoding="utf-8") as f:
-        f.write(f"\n$ {' '.join(command)}\n")
-        f.flush()
-        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=_env(), check=False)
-    if done.returncode:
-        raise RuntimeError(f"`{' '.join(command[1:4])} ...` failed with exit code {done.returncode}; see {log}")
+    logger.info("$ %s%s", " ".join(command[1:]), tag)
+    f = open(log, "a", encoding="utf-8")  # noqa: SIM115 (closed by the caller, after the process ends)
+    f.write(f"\n$ {' '.join(command)}\n")
+    f.flush()
+    return command, f, subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env)
+
+
+def _finish(f: IO[str], process: subprocess.Popen[bytes]) -> int:
+    """Wait for `process`, close its log `f` and return the exit code; an exception while waiting (an interrupt)
+    kills the process first, as `subprocess.run` does."""
+    try:
+        return process.wait()
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    finally:
+        f.close()
+
+
+def run(args: Sequence[object], log: Path) -> None:
+    """Run `python <args>` with its output appended to `log`; a failure raises RuntimeError naming the log."""
+    command, f, process = _start(args, log, _env())
+    code = _finish(f, process)
+    if code:
+        raise RuntimeError(f"`{' '.join(command[1:4])} ...` failed with exit code {code}; see {log}")
 
 
 def run_all(jobs: Sequence[tuple[Sequence[object], Path]]) -> None:
@@ -49,18 +70,10 @@ def run_all(jobs: Sequence[tuple[Sequence[object], Path]]) -> None:
     RuntimeError naming the failed jobs' logs, after every job has ended."""
     env = _env()
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, len(jobs)))))
-    running = []
-    for args, log in jobs:
-        command = [sys.executable, *map(str, args)]
-        logger.info("$ %s &", " ".join(command[1:]))
-        f = open(log, "a", encoding="utf-8")  # noqa: SIM115 (closed below, after the process ends)
-        f.write(f"\n$ {' '.join(command)}\n")
-        f.flush()
-        running.append((command, log, f, subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env)))
+    running = [(_start(args, log, env, " &"), log) for args, log in jobs]
     failed = []
-    for command, log, f, process in running:
-        code = process.wait()
-        f.close()
+    for (command, f, process), log in running:
+        code = _finish(f, process)
         if code:
             failed.append(f"`{' '.join(command[1:4])} ...` exit code {code}, see {log}")
     if failed:
